@@ -1,0 +1,15 @@
+"""seqpar: exact sequence-parallel attention and long-sequence training on torch.distributed.
+
+    ctx = seqpar.init("wallfacer", teams=2, layout="zigzag")
+    q, k, v = (ctx.shard(t) for t in (q_full, k_full, v_full))
+    out = ctx.attention(q, k, v, causal=True)
+"""
+from .comm import CommStats
+from .context import SeqParallel, init
+from .kernels import available_kernels, get_kernel
+from .layout import LAYOUTS, TokenLayout
+from .attention import STRATEGIES
+
+__version__ = "0.1.0"
+__all__ = ["init", "SeqParallel", "CommStats", "TokenLayout", "LAYOUTS", "STRATEGIES", "get_kernel",
+           "available_kernels", "__version__"]

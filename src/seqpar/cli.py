@@ -1,0 +1,43 @@
+"""`seqpar` command line: train | plan | verify | bench.
+
+Each subcommand lives in its own module exposing `add_arguments(parser)` and
+`main(args) -> int`; modules are imported only when their subcommand runs.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "train": ("seqpar.train", "train a Llama-style model with sequence parallelism (default: local gloo world)"),
+    "plan": ("seqpar.plan", "rank strategies and degrees by predicted step time and memory"),
+    "verify": ("seqpar.verify", "check a strategy's exactness against single-device attention"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seqpar", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(importlib.import_module(args._module).main(args) or 0)
+    except (ValueError, FileNotFoundError) as e:  # configuration / input errors: no traceback
+        print(f"seqpar {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

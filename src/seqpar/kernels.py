@@ -1,0 +1,305 @@
+"""Block attention kernels that return the log-sum-exp, and the LSE merge.
+
+Every strategy computes attention as a sum of *blocks*: a slice of queries against
+a slice of keys/values. A kernel computes one block forward, returning the block's
+output and its log-sum-exp, and one block backward given the *global* output and
+LSE (the flash-attention identity dS = P * (dP - rowsum(dO * O)) holds per block when
+P is normalised by the global LSE), so partial gradients of all blocks add up exactly.
+
+Tensor layout everywhere: q [batch, seq_q, heads, head_dim], k/v [batch, seq_k,
+kv_heads, head_dim] (heads % kv_heads == 0: GQA/MQA), out like q, lse [batch, heads,
+seq_q] in `accum_dtype(q.dtype)`. ``causal`` is top-left aligned and needs
+seq_q == seq_k (strategies slice blocks so this always holds).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BlockKernel", "MathKernel", "CpuFlashKernel", "SdpaFlashKernel", "SdpaEfficientKernel",
+    "FlashAttnKernel", "get_kernel", "available_kernels", "accum_dtype", "LseAccumulator",
+    "merge_lse", "default_scale",
+]
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype for outputs/LSE accumulation: fp64 stays fp64, everything else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_scale(head_dim: int, scale: float | None) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def _check_block(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"expected [batch, seq, heads, head_dim] tensors, got q{tuple(q.shape)} "
+                         f"k{tuple(k.shape)} v{tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k{tuple(k.shape)} and v{tuple(v.shape)} must have the same shape")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"batch/head_dim mismatch: q{tuple(q.shape)} vs k{tuple(k.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"heads ({q.shape[2]}) must be a multiple of kv_heads ({k.shape[2]})")
+    if causal and q.shape[1] != k.shape[1]:
+        raise ValueError(f"causal block needs seq_q == seq_k, got {q.shape[1]} and {k.shape[1]}")
+
+
+def _expand_kv(x: Tensor, heads: int) -> Tensor:
+    """[b, s, hkv, d] -> [b, s, heads, d] by repeating each kv head for its query group."""
+    rep = heads // x.shape[2]
+    return x if rep == 1 else x.repeat_interleave(rep, dim=2)
+
+
+def _fold_kv_grad(dx: Tensor, kv_heads: int) -> Tensor:
+    """Inverse of _expand_kv for gradients: sum each query group back onto its kv head."""
+    b, s, h, d = dx.shape
+    return dx if h == kv_heads else dx.view(b, s, kv_heads, h // kv_heads, d).sum(3)
+
+
+class BlockKernel:
+    """Interface: one attention block, forward and backward."""
+
+    name = "base"
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+        """-> out [b, sq, h, d] in q.dtype, lse [b, h, sq] in accum_dtype(q.dtype)."""
+        raise NotImplementedError
+
+    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                 causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        """-> dq, dk, dv shaped like q, k, v (dtype: accum_dtype). out/lse are the global ones."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class MathKernel(BlockKernel):
+    """Plain PyTorch reference (any device, any dtype); computes in accum_dtype."""
+
+    name = "math"
+
+    def supports(self, device, dtype):
+        return True
+
+    def _probs(self, q, k, causal, scale, lse=None):
+        acc = accum_dtype(q.dtype)
+        s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), _expand_kv(k, q.shape[2]).to(acc)) * scale
+        if causal:
+            mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()
+            s = s.masked_fill(~mask, float("-inf"))
+        if lse is None:
+            lse = torch.logsumexp(s, dim=-1)
+        finite = torch.isfinite(lse)
+        p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
+        p = torch.where(finite.unsqueeze(-1), p, torch.zeros_like(p))
+        return p, lse
+
+    def forward(self, q, k, v, causal, scale):
+        _check_block(q, k, v, causal)
+        p, lse = self._probs(q, k, causal, scale)
+        out = torch.einsum("bhqk,bkhd->bqhd", p, _expand_kv(v, q.shape[2]).to(p.dtype))
+        return out.to(q.dtype), lse
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        acc = accum_dtype(q.dtype)
+        p, _ = self._probs(q, k, causal, scale, lse=lse.to(acc))
+        do = dout.to(acc)
+        ve = _expand_kv(v, q.shape[2]).to(acc)
+        dv = torch.einsum("bhqk,bqhd->bkhd", p, do)
+        dp = torch.einsum("bqhd,bkhd->bhqk", do, ve)
+        delta = (do * out.to(acc)).sum(-1).transpose(1, 2).unsqueeze(-1)  # [b, h, q, 1]
+        ds = p * (dp - delta) * scale
+        dq = torch.einsum("bhqk,bkhd->bqhd", ds, _expand_kv(k, q.shape[2]).to(acc))
+        dk = torch.einsum("bhqk,bqhd->bkhd", ds, q.to(acc))
+        return dq, _fold_kv_grad(dk, k.shape[2]), _fold_kv_grad(dv, k.shape[2])
+
+
+def _bhsd(x: Tensor) -> Tensor:
+    return x.transpose(1, 2)
+
+
+class CpuFlashKernel(BlockKernel):
+    """torch's flash attention for CPU (`_scaled_dot_product_flash_attention_for_cpu`)."""
+
+    name = "cpu_flash"
+
+    def supports(self, device, dtype):
+        return device.type == "cpu" and dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+    def forward(self, q, k, v, causal, scale):
+        _check_block(q, k, v, causal)
+        if q.shape[1] == 0 or k.shape[1] == 0:
+            return _empty_block(q)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, scale=scale)
+        return _bhsd(out), lse.to(accum_dtype(q.dtype))
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        acc = accum_dtype(q.dtype)
+        if q.shape[1] == 0 or k.shape[1] == 0:
+            return q.new_zeros(q.shape, dtype=acc), k.new_zeros(k.shape, dtype=acc), v.new_zeros(v.shape, dtype=acc)
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _bhsd(dout.to(q.dtype)), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out.to(q.dtype)),
+            lse.to(lse_dtype).contiguous(), 0.0, causal, scale=scale)
+        return _bhsd(dq).to(acc), _bhsd(dk).to(acc), _bhsd(dv).to(acc)
+
+
+def _empty_block(q: Tensor) -> tuple[Tensor, Tensor]:
+    b, s, h, d = q.shape
+    return q.new_zeros(b, s, h, d), torch.full((b, h, s), float("-inf"), dtype=accum_dtype(q.dtype),
+                                                device=q.device)
+
+
+class SdpaFlashKernel(BlockKernel):
+    """CUDA flash attention shipped with torch (`_scaled_dot_product_flash_attention`)."""
+
+    name = "sdpa_flash"
+
+    def supports(self, device, dtype):
+        return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+    def forward(self, q, k, v, causal, scale):
+        _check_block(q, k, v, causal)
+        h = q.shape[2]
+        res = torch.ops.aten._scaled_dot_product_flash_attention(
+            _bhsd(q), _bhsd(_expand_kv(k, h)), _bhsd(_expand_kv(v, h)), 0.0, causal, False, scale=scale)
+        return _bhsd(res[0]), res[1].float()
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        h = q.shape[2]
+        ke, ve = _expand_kv(k, h), _expand_kv(v, h)
+        sq, sk = q.shape[1], k.shape[1]
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            _bhsd(dout.to(q.dtype)), _bhsd(q), _bhsd(ke), _bhsd(ve), _bhsd(out.to(q.dtype)),
+            lse.float().contiguous(), None, None, sq, sk, 0.0, causal, seed, seed, scale=scale)
+        return (_bhsd(dq).float(), _fold_kv_grad(_bhsd(dk).float(), k.shape[2]),
+                _fold_kv_grad(_bhsd(dv).float(), k.shape[2]))
+
+
+class SdpaEfficientKernel(BlockKernel):
+    """CUDA memory-efficient attention shipped with torch (fp32/fp16/bf16)."""
+
+    name = "sdpa_efficient"
+
+    def supports(self, device, dtype):
+        return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+    def forward(self, q, k, v, causal, scale):
+        _check_block(q, k, v, causal)
+        h, sq = q.shape[2], q.shape[1]
+        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+            _bhsd(q), _bhsd(_expand_kv(k, h)), _bhsd(_expand_kv(v, h)), None, True, 0.0, causal, scale=scale)
+        return _bhsd(out), lse[..., :sq].float()
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        h = q.shape[2]
+        ke, ve = _expand_kv(k, h), _expand_kv(v, h)
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            _bhsd(dout.to(q.dtype)), _bhsd(q), _bhsd(ke), _bhsd(ve), None, _bhsd(out.to(q.dtype)),
+            lse.float().contiguous(), seed, seed, 0.0, [True, True, True, False], causal, scale=scale)
+        return (_bhsd(dq).float(), _fold_kv_grad(_bhsd(dk).float(), k.shape[2]),
+                _fold_kv_grad(_bhsd(dv).float(), k.shape[2]))
+
+
+class FlashAttnKernel(BlockKernel):
+    """The `flash-attn` package (Dao-AILab), when installed; native GQA."""
+
+    name = "flash_attn"
+
+    def supports(self, device, dtype):
+        if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+            return False
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def forward(self, q, k, v, causal, scale):
+        from flash_attn.flash_attn_interface import _flash_attn_forward
+        _check_block(q, k, v, causal)
+        res = _flash_attn_forward(q, k, v, 0.0, scale, causal=causal, window_size_left=-1,
+                                  window_size_right=-1, softcap=0.0, alibi_slopes=None, return_softmax=False)
+        return res[0], res[1].float()
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        from flash_attn.flash_attn_interface import _flash_attn_backward
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _flash_attn_backward(dout.to(q.dtype), q, k, v, out.to(q.dtype), lse.float().contiguous(), dq, dk, dv,
+                             0.0, scale, causal, -1, -1, 0.0, None, False)
+        return dq.float(), dk.float(), dv.float()
+
+
+_KERNELS: dict[str, Callable[[], BlockKernel]] = {
+    k.name: k for k in (MathKernel, CpuFlashKernel, SdpaFlashKernel, SdpaEfficientKernel, FlashAttnKernel)
+}
+_AUTO_ORDER = ("flash_attn", "sdpa_flash", "cpu_flash", "sdpa_efficient", "math")
+
+
+def available_kernels() -> list[str]:
+    return sorted(_KERNELS)
+
+
+def get_kernel(name: str | BlockKernel = "auto", device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> BlockKernel:
+    """Pick a kernel by name, or the fastest one supporting (device, dtype) for "auto"."""
+    if isinstance(name, BlockKernel):
+        return name
+    device = torch.device(device)
+    if name == "auto":
+        for cand in _AUTO_ORDER:
+            kernel = _KERNELS[cand]()
+            if kernel.supports(device, dtype):
+                return kernel
+    if name not in _KERNELS:
+        raise ValueError(f"unknown attention kernel {name!r}; choose from {['auto'] + available_kernels()}")
+    kernel = _KERNELS[name]()
+    if not kernel.supports(device, dtype):
+        raise ValueError(f"kernel {name!r} does not support device={device.type} dtype={dtype}")
+    return kernel
+
+
+def merge_lse(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge two partial attentions over disjoint key sets (rows with lse=-inf are empty).
+
+    out_* [b, s, h, d], lse_* [b, h, s] -> (out, lse) in accum dtype of the inputs.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w_a = torch.exp(lse_a - safe).transpose(1, 2).unsqueeze(-1)
+    w_b = torch.exp(lse_b - safe).transpose(1, 2).unsqueeze(-1)
+    return w_a * out_a + w_b * out_b, lse
+
+
+class LseAccumulator:
+    """Online-softmax accumulator of block results for a fixed set of query rows.
+
+    Holds out [b, s, h, d] and lse [b, h, s] in accum dtype; `add` merges a block that
+    covers rows `rows` (a slice of the local queries).
+    """
+
+    def __init__(self, q: Tensor):
+        b, s, h, d = q.shape
+        acc = accum_dtype(q.dtype)
+        self.out = torch.zeros(b, s, h, d, dtype=acc, device=q.device)
+        self.lse = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
+
+    def add(self, out: Tensor, lse: Tensor, rows: slice = slice(None)) -> None:
+        o, l_ = merge_lse(self.out[:, rows], self.lse[:, :, rows], out.to(self.out.dtype), lse.to(self.lse.dtype))
+        self.out[:, rows] = o
+        self.lse[:, :, rows] = l_
+
+    def result(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return self.out.to(dtype), self.lse

@@ -1,0 +1,129 @@
+"""Token layouts: which global sequence positions each rank holds, and in what order.
+
+A layout is a two-level split of a sequence of N tokens over `outer * inner` ranks,
+rank = outer_rank * inner + inner_rank:
+
+1. the *outer* split balances causal work across the ranks that exchange K/V blocks
+   (ring ranks, WallFacer teams) with one of
+   - ``contiguous``: outer rank o holds [o*N/outer, (o+1)*N/outer);
+   - ``zigzag``: 2*outer chunks, outer rank o holds chunks o and 2*outer-1-o;
+   - ``striped``: token i goes to outer rank i % outer;
+2. the *inner* split cuts the outer rank's token list into `chunks` consecutive chunks,
+   each cut into `inner` equal pieces; the inner rank keeps its piece of every chunk
+   (inner = Ulysses degree / team size; chunks > 1 is FPDT's chunk interleaving).
+
+An all-to-all or all-gather inside the inner group therefore reassembles exactly the
+outer rank's token list, which is what the block-pair rules in `block_pairs` assume.
+Tokens, positions (RoPE) and labels all use the same `local_indices`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["LAYOUTS", "TokenLayout", "block_pairs"]
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    kind: str = "contiguous"
+    outer: int = 1
+    inner: int = 1
+    chunks: int = 1
+
+    def __post_init__(self):
+        if self.kind not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.kind!r}; choose from {LAYOUTS}")
+        for name in ("outer", "inner", "chunks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"layout {name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def size(self) -> int:
+        return self.outer * self.inner
+
+    def granularity(self) -> int:
+        """The sequence length must be a multiple of this."""
+        base = 2 * self.outer if self.kind == "zigzag" else self.outer
+        return base * self.inner * self.chunks
+
+    def check(self, seq_len: int) -> None:
+        g = self.granularity()
+        if seq_len <= 0 or seq_len % g:
+            raise ValueError(
+                f"sequence length {seq_len} is not divisible by {g} as the {self.kind} layout over "
+                f"{self.outer} x {self.inner} ranks" + (f" with {self.chunks} chunks" if self.chunks > 1 else "")
+                + f" requires; pad the sequence to a multiple of {g}")
+
+    def outer_indices(self, seq_len: int, outer_rank: int) -> Tensor:
+        """Global positions held by one outer rank, in local order (increasing positions)."""
+        self.check(seq_len)
+        n = self.outer
+        if self.kind == "contiguous":
+            per = seq_len // n
+            return torch.arange(outer_rank * per, (outer_rank + 1) * per)
+        if self.kind == "zigzag":
+            c = seq_len // (2 * n)
+            first = torch.arange(outer_rank * c, (outer_rank + 1) * c)
+            second = torch.arange((2 * n - 1 - outer_rank) * c, (2 * n - outer_rank) * c)
+            return torch.cat([first, second])
+        return torch.arange(outer_rank, seq_len, n)
+
+    def local_indices(self, seq_len: int, rank: int) -> Tensor:
+        """Global positions held by `rank` (0 <= rank < outer*inner), in local order."""
+        if not 0 <= rank < self.size:
+            raise ValueError(f"rank {rank} outside layout of {self.size} ranks")
+        outer_rank, inner_rank = divmod(rank, self.inner)
+        idx = self.outer_indices(seq_len, outer_rank)
+        return idx.view(self.chunks, self.inner, -1)[:, inner_rank].reshape(-1)
+
+    def all_indices(self, seq_len: int) -> Tensor:
+        """Concatenation of every rank's local indices in rank order (a permutation of 0..N-1)."""
+        return torch.cat([self.local_indices(seq_len, r) for r in range(self.size)])
+
+    def shard(self, x: Tensor, rank: int, dim: int = 1) -> Tensor:
+        idx = self.local_indices(x.shape[dim], rank).to(x.device)
+        if self.kind == "contiguous" and self.chunks == 1:
+            return x.narrow(dim, int(idx[0]), idx.numel())
+        return x.index_select(dim, idx)
+
+    def unpermute(self, gathered: Tensor, dim: int = 1) -> Tensor:
+        """Inverse of sharding: `gathered` is every rank's shard concatenated along dim in rank
+        order; returns the tensor in global sequence order."""
+        perm = self.all_indices(gathered.shape[dim]).to(gathered.device)
+        out = torch.empty_like(gathered)
+        return out.index_copy_(dim, perm, gathered)
+
+
+Pair = tuple[slice, slice, bool]
+_ALL = slice(None)
+
+
+def block_pairs(kind: str, causal: bool, q_rank: int, kv_rank: int, n_local: int) -> list[Pair]:
+    """Blocks to compute for queries of outer rank q_rank against K/V of outer rank kv_rank.
+
+    Both hold `n_local` tokens in their layout's local order. Returns a list of
+    (q_rows, kv_rows, causal) with seq_q == seq_k whenever causal (top-left diagonal
+    mask); an empty list means the whole block is masked out. This is the per-step rule
+    of load-balanced ring attention (TransformerEngine-style half blocks for zigzag).
+    """
+    if not causal:
+        return [(_ALL, _ALL, False)]
+    if q_rank == kv_rank:
+        return [(_ALL, _ALL, True)]
+    if kind == "contiguous":
+        return [(_ALL, _ALL, False)] if kv_rank < q_rank else []
+    if kind == "zigzag":
+        half = n_local // 2
+        if kv_rank < q_rank:  # KV's first chunk precedes both query chunks, its second follows both
+            return [(_ALL, slice(0, half), False)]
+        return [(slice(half, None), _ALL, False)]  # only the late query chunk sees this KV, all of it
+    if kind == "striped":
+        if kv_rank < q_rank:  # key kv_rank + P*b <= query q_rank + P*a  <=>  b <= a
+            return [(_ALL, _ALL, True)]
+        return [(slice(1, None), slice(0, n_local - 1), True)] if n_local > 1 else []  # b < a
+    raise ValueError(f"unknown layout {kind!r}")
