@@ -46,18 +46,27 @@ class SeqParallel:
     def layout(self):
         return self.strategy.layout
 
+    @property
+    def layout_rank(self) -> int:
+        """This rank's index in the token layout (differs from `rank` under topology-aware placement)."""
+        return self.strategy.layout_ranks()[self.rank]
+
     def shard(self, x: Tensor, dim: int = 1) -> Tensor:
         """This rank's shard of a full-sequence tensor (tokens, labels, activations)."""
-        return self.layout.shard(x, self.rank, dim)
+        return self.layout.shard(x, self.layout_rank, dim)
 
     def unshard(self, x: Tensor, dim: int = 1) -> Tensor:
         """Inverse of `shard`: gather every rank's shard and restore global order (not differentiable)."""
         gathered = self.comm.all_gather(x.detach().contiguous(), dim=dim)
+        order = self.strategy.layout_ranks()
+        if order != sorted(order):  # put shards in layout-rank order first
+            pieces = gathered.chunk(self.size, dim=dim)
+            gathered = torch.cat([pieces[order.index(r)] for r in range(self.size)], dim=dim)
         return self.layout.unpermute(gathered, dim)
 
     def positions(self, seq_len: int, device: torch.device | str | None = None) -> Tensor:
         """Global positions [seq_len / size] of the local tokens, for RoPE / position embeddings."""
-        return self.layout.local_indices(seq_len, self.rank).to(device or "cpu")
+        return self.layout.local_indices(seq_len, self.layout_rank).to(device or "cpu")
 
     def local_seq_len(self, seq_len: int) -> int:
         self.layout.check(seq_len)

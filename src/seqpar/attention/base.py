@@ -57,6 +57,10 @@ class Strategy:
         lse [b, h, s_local] (fp32/fp64) or None when not needed."""
         raise NotImplementedError
 
+    def layout_ranks(self) -> list[int]:
+        """Layout rank of each group rank (identity unless a strategy places ranks on a topology)."""
+        return list(range(self.sp.size))
+
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name, "layout": self.layout.kind}
 
