@@ -1,4 +1,4 @@
-"""`seqpar` command line: train | plan | verify | bench.
+"""`seqpar` command line: train | plan | verify.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and
 `main(args) -> int`; modules are imported only when their subcommand runs.
@@ -16,18 +16,22 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Parser with every subcommand listed; only `command`'s module is imported for its options."""
     parser = argparse.ArgumentParser(prog="seqpar", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(p)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
         p.set_defaults(_module=module)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in SUBCOMMANDS), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

@@ -20,8 +20,11 @@ class UspStrategy(Strategy):
         super().__init__(sp, cfg)
         self._forbid(teams=cfg.teams, chunks=cfg.chunks, offload=cfg.offload)
         size = sp.size
-        ud = cfg.ulysses
-        rd = cfg.ring if cfg.ring is not None else size // ud
+        ud, rd = cfg.ulysses, cfg.ring
+        if rd is None:
+            rd = size // ud
+        elif ud == 1 and rd and size % rd == 0:
+            ud = size // rd  # only the ring degree given: Ulysses takes the rest
         if ud < 1 or rd < 1 or ud * rd != size:
             raise ValueError(f"usp needs ulysses x ring = group size: {ud} x {rd} != {size}")
         self.ulysses_degree, self.ring_degree = ud, rd

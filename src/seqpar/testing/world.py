@@ -28,6 +28,11 @@ class WorkerError(RuntimeError):
         first = min(errors)
         super().__init__(f"{len(errors)} rank(s) failed; rank {first}:\n{errors[first]}")
 
+    @property
+    def summary(self) -> str:
+        """The exception line of the lowest failing rank (e.g. "ValueError: ...")."""
+        return self.errors[min(self.errors)].strip().splitlines()[-1]
+
 
 def _worker(rank: int, size: int, init_file: str, tasks, results, threads: int, pg_timeout: float) -> None:
     import torch
