@@ -8,26 +8,39 @@ second ring (its own tag) and arrives back at the owner after P sends.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
 from ..comm import RingComm
 from ..kernels import BlockKernel, LseAccumulator
-from ..layout import TokenLayout, block_pairs
+from ..layout import Pair, TokenLayout, block_pairs
 from . import register
 from .base import Strategy, backward_blocks, forward_blocks, grad_buffers
 from .local import local_attention
 
 
+PairsAt = Callable[[int], list[Pair]]
+
+
+def _ring_pairs(kind: str, causal: bool, ring: RingComm, n_local: int) -> PairsAt:
+    """Blocks of step s when ring positions are the layout's outer ranks (plain ring attention)."""
+    return lambda step: block_pairs(kind, causal, ring.rank, ring.source(step), n_local)
+
+
 def ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: RingComm, kind: str, causal: bool, scale: float,
-                 kernel: BlockKernel) -> tuple[Tensor, Tensor]:
-    """q [b, n, h, d], k/v [b, n, hkv, d] of this ring rank -> out [b, n, h, d], lse [b, h, n]."""
+                 kernel: BlockKernel, pairs_at: PairsAt | None = None) -> tuple[Tensor, Tensor]:
+    """q [b, n, h, d], k/v [b, n, hkv, d] of this ring rank -> out [b, n, h, d], lse [b, h, n].
+
+    pairs_at(step) gives the blocks to compute against the K/V held after `step` rotations
+    (default: the layout's block rule with ring positions as outer ranks)."""
     acc = LseAccumulator(q)
     kv = torch.stack([k, v])
+    pairs_at = pairs_at or _ring_pairs(kind, causal, ring, q.shape[1])
     for step in range(ring.size):
         pending = ring.send_recv(kv) if step + 1 < ring.size else None
-        pairs = block_pairs(kind, causal, ring.rank, ring.source(step), q.shape[1])
-        forward_blocks(acc, q, kv[0], kv[1], pairs, kernel, scale)
+        forward_blocks(acc, q, kv[0], kv[1], pairs_at(step), kernel, scale)
         if pending is not None:
             kv = pending.wait()
     return acc.result(q.dtype)
@@ -35,16 +48,16 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: RingComm, kind: str, cau
 
 def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, ring: RingComm,
                   grad_ring: RingComm, kind: str, causal: bool, scale: float,
-                  kernel: BlockKernel) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact dq, dk, dv (accum dtype) for ring_forward's inputs."""
+                  kernel: BlockKernel, pairs_at: PairsAt | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact dq, dk, dv (accum dtype) for ring_forward's inputs (same pairs_at)."""
     dq = grad_buffers(q)
     kv = torch.stack([k, v])
     incoming = None
+    pairs_at = pairs_at or _ring_pairs(kind, causal, ring, q.shape[1])
     for step in range(ring.size):
         pending = ring.send_recv(kv) if step + 1 < ring.size else None
         dkv = grad_buffers(k, 2)
-        pairs = block_pairs(kind, causal, ring.rank, ring.source(step), q.shape[1])
-        backward_blocks(dq, dkv[0], dkv[1], dout, q, kv[0], kv[1], out, lse, pairs, kernel, scale)
+        backward_blocks(dq, dkv[0], dkv[1], dout, q, kv[0], kv[1], out, lse, pairs_at(step), kernel, scale)
         if incoming is not None:
             dkv += incoming.wait()  # what earlier ranks accumulated for this block
         if ring.size > 1:
