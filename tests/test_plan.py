@@ -1,0 +1,184 @@
+"""`seqpar plan` and seqpar.costmodel.
+
+The bytes model is checked rank by rank against what CommStats counts on real gloo worlds
+(and FPDT's host copies against its OffloadStats); the WallFacer paper's example volumes
+are reproduced; ranking, validity reasons, input errors, the CLI and --profile are exercised.
+"""
+import json
+
+import pytest
+
+from seqpar import cli
+from seqpar.costmodel import (MODEL_PRESETS, Cluster, Config, GiB, ModelShape, PlanInput, attention_bytes, evaluate,
+                              fpdt_host_bytes, paper_block_volume, plan)
+from seqpar.plan import add_arguments, profile, profile_rank
+from seqpar.testing.plan_checks import fpdt_host_copies, measured_attention_bytes
+
+TINY = ModelShape(layers=1, hidden=64, heads=8, kv_heads=2, ffn_hidden=128, vocab=256)  # head_dim 8, GQA
+SHAPE = {"batch": 1, "heads": 8, "kv_heads": 2, "head_dim": 8}
+
+
+def tiny_input(world, seq, dtype="bfloat16", causal=True, **cluster):
+    return PlanInput(Cluster(world, **cluster), TINY, seq, 1, dtype, causal)
+
+
+def wallfacer(layout, teams, placement):
+    return Config("wallfacer", layout, teams=teams, placement=placement)
+
+
+CASES = {
+    4: [Config("ring"), Config("ring", "zigzag"), Config("ulysses"), Config("usp", "zigzag", ulysses=2, ring=2),
+        Config("allgather", "zigzag"), wallfacer("zigzag", 2, "collectives_intra"), wallfacer("striped", 2, "rings_intra"),
+        Config("fpdt", chunks=2), Config("fpdt", chunks=4, offload=True)],
+    8: [Config("ring", "striped"), Config("ulysses"), Config("usp", "zigzag", ulysses=2, ring=4),
+        Config("usp", ulysses=4, ring=2), Config("allgather"), wallfacer("zigzag", 2, "collectives_intra"),
+        wallfacer("contiguous", 2, "rings_intra"), Config("fpdt", chunks=2)],
+}
+
+
+@pytest.mark.parametrize("world,dtype,causal", [(4, "bfloat16", True), (8, "float32", False)])
+def test_predicted_bytes_equal_comm_stats(worlds, world, dtype, causal):
+    """bf16 makes gradient accumulators (fp32) differ from the activations; 8 ranks give
+    WallFacer C=2 a sub-ring of 2 and a non-trivial placement."""
+    cases, rpn = CASES[world], world // 2
+    configs = [(c.strategy, c.init_kwargs(rpn)) for c in cases]
+    measured = worlds.run(world, measured_attention_bytes, configs, seq=64, dtype=dtype, causal=causal, **SHAPE)
+    inp = tiny_input(world, 64, dtype, causal, ranks_per_node=rpn)
+    for i, cfg in enumerate(cases):
+        for rank in range(world):
+            assert measured[rank][i], f"{cfg.label}: rank {rank} moved nothing"
+            assert attention_bytes(inp, cfg, rank) == measured[rank][i], f"{cfg.label}, rank {rank}"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fpdt_host_copies_equal_offload_stats(worlds, causal):
+    got = worlds.run(4, fpdt_host_copies, 4, seq=64, dtype="bfloat16", causal=causal, **SHAPE)
+    predicted = fpdt_host_bytes(tiny_input(4, 64, causal=causal), Config("fpdt", chunks=4, offload=True))
+    assert all(g == predicted for g in got) and predicted["fwd"] > 0
+
+
+# -- the WallFacer paper's example ---------------------------------------------------------------
+def test_paper_example_volumes():
+    """llama-30B, N=65536, H=6656, P=64, C=4, bf16: ring 1.625 GB P2P; WallFacer 0.152 GB
+    collective + 0.406 GB P2P per block per rank (GB = GiB; forward, activation dtype)."""
+    p, c, n, h, e = 64, 4, 65536, 6656, 2
+    inp = PlanInput(Cluster(p, 8), MODEL_PRESETS["llama-30b"], n, 1, "bfloat16", True)
+    ring_cfg, wf_cfg = Config("ring", "zigzag"), wallfacer("zigzag", c, "collectives_intra")
+    ring, wf = paper_block_volume(inp, ring_cfg), paper_block_volume(inp, wf_cfg)
+    assert (round(ring["p2p"] / GiB, 3), ring["collective"]) == (1.625, 0)
+    assert (round(wf["collective"] / GiB, 3), round(wf["p2p"] / GiB, 3)) == (0.152, 0.406)
+    assert ring["p2p"] == 2 * n * h * e  # the paper's formulas, B = 1
+    assert wf["collective"] == 4 * n * h * (c - 1) // p * e and wf["p2p"] == 2 * n * h // c * e
+    # relation to the exact schedule: ring sends P-1 of its P blocks; a WallFacer rank that
+    # does not keep its own team's K/V sends P/C^2 blocks (placement + sub-ring steps)
+    assert attention_bytes(inp, ring_cfg, 0, phase="fwd")["p2p"] * p == ring["p2p"] * (p - 1)
+    assert attention_bytes(inp, wf_cfg, 1, phase="fwd")["p2p"] == wf["p2p"]
+
+
+# -- ranking --------------------------------------------------------------------------------------
+def test_fewer_heads_than_ranks_excludes_ulysses_with_reason():
+    model = ModelShape(2, 256, 4, 4, 512, 1000)
+    ranked = plan(PlanInput(Cluster(8, 8), model, 4096))
+    ulysses = next(c for c in ranked if c.config.strategy == "ulysses")
+    assert not ulysses.valid and "must divide the number of attention heads (4)" in ulysses.reason
+    assert not any(c.valid for c in ranked if c.config.strategy == "fpdt")
+    assert {c.config.ulysses for c in ranked if c.config.strategy == "usp" and c.valid} == {2, 4}
+    first_invalid = next(i for i, c in enumerate(ranked) if not c.valid)
+    assert all(not c.valid for c in ranked[first_invalid:])
+
+
+def test_ranked_by_time_with_memory_misfits_last():
+    inp = PlanInput(Cluster(16, 8, memory_gib=45), MODEL_PRESETS["llama-7b"], 131072, zero=3)
+    ranked = plan(inp)
+    fits = [c for c in ranked if c.valid and c.fits]
+    too_big = [c for c in ranked if c.valid and not c.fits]
+    assert fits and too_big and ranked[: len(fits)] == fits
+    assert [c.step_time for c in fits] == sorted(c.step_time for c in fits)
+    assert max(c.speedup_vs_ring for c in ranked if c.config.strategy == "ring" and c.valid) == 1.0
+    by_label = {c.label: c for c in ranked}
+    assert by_label["allgather zigzag"].memory["total"] > by_label["ring zigzag"].memory["total"]
+    assert (by_label["wallfacer C=4 rings_intra zigzag"].memory["total"]
+            > by_label["wallfacer C=2 rings_intra zigzag"].memory["total"])
+    assert (by_label["fpdt chunks=8 offload contiguous"].memory["total"]
+            < by_label["fpdt chunks=8 contiguous"].memory["total"])
+
+
+def best_wallfacer_teams(inter_lat):
+    inp = PlanInput(Cluster(64, 8, intra_bw=300, inter_bw=100, intra_lat=2, inter_lat=inter_lat),
+                    MODEL_PRESETS["llama-7b"], 32768, zero=3)
+    return next(c for c in plan(inp, ["wallfacer"]) if c.valid).config.teams
+
+
+def test_high_inter_node_latency_favours_larger_teams():
+    assert best_wallfacer_teams(2.0) < best_wallfacer_teams(2000.0) == 8
+
+
+def test_contiguous_causal_ring_pays_the_busiest_rank():
+    """Compute-bound: every step after the first waits for a full block on the last rank
+    (contiguous) instead of half blocks everywhere (zigzag)."""
+    inp = tiny_input(8, 4096, intra_bw=1e9, inter_bw=1e9, intra_lat=0, inter_lat=0)
+    t = {lay: evaluate(inp, Config("ring", lay)).attention_time for lay in ("contiguous", "zigzag")}
+    assert t["contiguous"] / t["zigzag"] == pytest.approx((0.5 + 7) / (0.5 + 7 * 0.5), rel=1e-3)
+
+
+# -- errors ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("build,match", [
+    (lambda: Cluster(1), "world size must be >= 2"),
+    (lambda: Cluster(12, 8), "not a multiple of ranks per node"),
+    (lambda: Cluster(8, inter_bw=0), "inter_bw must be > 0"),
+    (lambda: Cluster(8, efficiency=1.5), "efficiency"),
+    (lambda: ModelShape(2, 100, 8, 8, 10, 10), "not divisible by heads"),
+    (lambda: ModelShape(2, 64, 8, 3, 10, 10), "multiple of kv_heads"),
+    (lambda: PlanInput(Cluster(8), TINY, 100), "not divisible by the world size"),
+    (lambda: PlanInput(Cluster(8), TINY, 64, dtype="int8"), "unknown dtype"),
+    (lambda: plan(PlanInput(Cluster(8), TINY, 64), ["magic"]), "no cost model for strategy"),
+])
+def test_invalid_inputs_raise(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_invalid_layout_granularity_is_reported():
+    c = evaluate(tiny_input(8, 8), Config("ring", "zigzag"))
+    assert not c.valid and "not divisible by 16" in c.reason
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+def test_cli_json(capsys):
+    rc = cli.main(["plan", "--world", "16", "--ranks-per-node", "8", "--model", "llama-7b", "--seq-len", "65536",
+                   "--inter-lat", "50", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    cands = out["candidates"]
+    assert cands[0]["valid"] and cands[0]["step_time_s"] > 0
+    times = [c["step_time_s"] for c in cands if c["valid"] and c["fits"]]
+    assert times == sorted(times)
+    assert {c["strategy"] for c in cands} >= {"ring", "ulysses", "usp", "allgather", "wallfacer", "fpdt"}
+
+
+def test_cli_table_and_errors(capsys):
+    assert cli.main(["plan", "--world", "8", "--model", "tiny", "--seq-len", "1024", "--heads", "4",
+                     "--kv-heads", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "ring zigzag" in table and "invalid: Ulysses degree 8 must divide" in table
+    assert cli.main(["plan", "--world", "8", "--seq-len", "100"]) == 2
+    assert "not divisible by the world size 8" in capsys.readouterr().err
+
+
+def test_profile_ranks_by_measured_time(worlds):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--world", "4", "--ranks-per-node", "2", "--model", "tiny", "--seq-len", "256",
+                              "--profile-seq", "64", "--profile-top", "3", "--profile-iters", "2",
+                              "--profile-dtype", "float32"])
+    from seqpar.plan import plan_input_from_args
+    inp = plan_input_from_args(args)
+    ranked = profile(inp, plan(inp), args,
+                     runner=lambda world, configs, kw: worlds.run(world, profile_rank, configs, **kw)[0])
+    assert len(ranked) == 3
+    seconds = [c.measured["seconds"] for c in ranked]
+    assert all(s > 0 for s in seconds) and seconds == sorted(seconds)
+    for c in ranked:
+        assert c.measured["bytes"] == c.measured["predicted_bytes"] != {}
