@@ -1,0 +1,358 @@
+"""FPDT (arXiv 2408.16978): chunked Ulysses attention with host offload.
+
+Layout `TokenLayout("contiguous", outer=1, inner=P, chunks=u)`: the sequence of N tokens
+is cut into u chunks of C = N/u tokens and each chunk into P pieces of c = C/P tokens;
+rank r holds piece r of every chunk, so its local tensors [b, N/P, h, d] are u pieces of
+c tokens. One all-to-all per chunk (scatter heads, gather the sequence) turns piece j
+into the whole global chunk j for h/P heads. Causality is chunk-lower-triangular: chunk
+i attends chunks < i fully and itself with the causal diagonal mask.
+
+Forward (one autograd Function): for every query chunk i, online softmax of q_i over
+the K/V chunks it sees, then the inverse all-to-all of o_i (and of lse_i when asked).
+Backward: dO chunks are all-to-all'ed first; outer loop over K/V chunk j (dK_j, dV_j
+accumulate on the device and return to their owners with one all-to-all), inner loop
+over query chunks i (>= j when causal) with the global o_i / lse_i; dq_i accumulators
+(fp32, fp64 for fp64) live in the chunk store and return after the last K/V chunk.
+
+Every chunk (q, k/v, o, lse, dO, dq) lives in a `ChunkStore`: on the device without
+offload, in host memory with offload, fetched back one chunk at a time with the next
+one prefetched (double buffer), so the device working set is a few chunks whatever the
+sequence length. Communication volume equals Ulysses' exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, Iterator
+
+import torch
+from torch import Tensor
+
+from ..comm import Comm
+from ..kernels import BlockKernel, LseAccumulator, accum_dtype
+from ..layout import TokenLayout
+from . import register
+from .base import Strategy
+from .ulysses import kv_replication, scatter_heads
+
+__all__ = ["ChunkStore", "OffloadStats", "FpdtAttention", "FpdtStrategy"]
+
+
+# -- chunk store ------------------------------------------------------------------------------
+@dataclass
+class OffloadStats:
+    """Bytes held and moved by one ChunkStore (one attention call)."""
+
+    host_bytes: int = 0      # currently in host buffers
+    host_peak: int = 0
+    device_bytes: int = 0    # store contents kept on the device (offload off)
+    device_peak: int = 0
+    to_host: int = 0         # device -> host copies
+    to_device: int = 0       # host -> device copies (fetches and prefetches)
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class _NumpyHost:
+    """CPU "host memory": numpy-owned byte arrays, outside torch's CPU allocator.
+
+    On a CPU-only machine host and device are the same RAM; keeping offloaded chunks out
+    of torch's allocator keeps them apart from the tensors that stand in for device
+    memory (the memory benchmark measures that allocator), and every fetch is a real copy.
+    """
+
+    def to_host(self, t: Tensor):
+        flat = t.detach().contiguous().view(-1).view(torch.uint8)
+        return flat.numpy().copy(), t.dtype, t.shape
+
+    def to_device(self, handle) -> tuple[Tensor, None]:
+        data, dtype, shape = handle
+        return torch.from_numpy(data).view(dtype).view(shape).clone(), None
+
+    def ready(self, t: Tensor, event) -> None:
+        pass
+
+
+class _PinnedHost:
+    """CUDA host memory: pinned buffers; copies run on a side stream, ordered by events."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def to_host(self, t: Tensor) -> Tensor:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # t is ready
+        with torch.cuda.stream(self.stream):
+            host.copy_(t, non_blocking=True)
+        t.record_stream(self.stream)  # t's memory is not reused before the copy ends
+        return host
+
+    def to_device(self, host: Tensor) -> tuple[Tensor, torch.cuda.Event]:
+        with torch.cuda.stream(self.stream):
+            dev = host.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return dev, event
+
+    def ready(self, t: Tensor, event: torch.cuda.Event) -> None:
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        t.record_stream(current)  # allocated on the side stream, used on the current one
+
+
+class ChunkStore:
+    """Tensors of one FPDT call by key, on the device or offloaded to host memory.
+
+    `put(key, t)` stores t (a host copy when offloading); `prefetch(key)` starts copying
+    a stored chunk back to the device; `get(key)` returns it on the device (waiting for
+    its prefetch); keys absent from the store are ignored by prefetch. Without offload
+    the store keeps the device tensors themselves and get returns them.
+    """
+
+    def __init__(self, device: torch.device, offload: bool):
+        self.device, self.offload = torch.device(device), offload
+        self.stats = OffloadStats()
+        self._items: dict[Hashable, tuple[object, int]] = {}
+        self._prefetched: dict[Hashable, tuple[Tensor, object]] = {}
+        self._host = None
+        if offload:
+            self._host = _PinnedHost(self.device) if self.device.type == "cuda" else _NumpyHost()
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
+    def put(self, key: Hashable, t: Tensor) -> None:
+        self.discard(key)
+        n = _nbytes(t)
+        s = self.stats
+        if self._host is None:
+            self._items[key] = (t, n)
+            s.device_bytes += n
+            s.device_peak = max(s.device_peak, s.device_bytes)
+        else:
+            self._items[key] = (self._host.to_host(t), n)
+            s.host_bytes += n
+            s.host_peak = max(s.host_peak, s.host_bytes)
+            s.to_host += n
+
+    def prefetch(self, key: Hashable) -> None:
+        if self._host is None or key not in self._items or key in self._prefetched:
+            return
+        handle, n = self._items[key]
+        self._prefetched[key] = self._host.to_device(handle)
+        self.stats.to_device += n
+
+    def get(self, key: Hashable) -> Tensor:
+        if key not in self._items:
+            raise KeyError(f"chunk {key!r} is not in the store")
+        if self._host is None:
+            return self._items[key][0]
+        self.prefetch(key)
+        t, event = self._prefetched.pop(key)
+        self._host.ready(t, event)
+        return t
+
+    def discard(self, key: Hashable) -> None:
+        self._prefetched.pop(key, None)
+        if key in self._items:
+            _, n = self._items.pop(key)
+            if self._host is None:
+                self.stats.device_bytes -= n
+            else:
+                self.stats.host_bytes -= n
+
+    def clear(self) -> None:
+        for key in list(self._items):
+            self.discard(key)
+
+
+def _streamed(store: ChunkStore, groups: list[tuple[Hashable, ...]]) -> Iterator[list[Tensor | None]]:
+    """Yield each group's chunks (None for absent keys) while the next group is prefetched."""
+    for key in groups[0] if groups else ():
+        store.prefetch(key)
+    for n, group in enumerate(groups):
+        for key in groups[n + 1] if n + 1 < len(groups) else ():
+            store.prefetch(key)
+        yield [store.get(key) if key in store else None for key in group]
+
+
+# -- chunk plan and all-to-alls ---------------------------------------------------------------
+@dataclass(frozen=True)
+class _Plan:
+    chunks: int
+    piece: int  # local tokens per chunk (c = N / (P u))
+    causal: bool
+
+    def kv_for(self, i: int) -> range:
+        """K/V chunks query chunk i attends."""
+        return range(i + 1) if self.causal else range(self.chunks)
+
+    def q_for(self, j: int) -> range:
+        """Query chunks that attend K/V chunk j."""
+        return range(j, self.chunks) if self.causal else range(self.chunks)
+
+    def diagonal(self, i: int, j: int) -> bool:
+        return self.causal and i == j
+
+    def local(self, x: Tensor, j: int, dim: int = 1) -> Tensor:
+        """This rank's piece of chunk j of a local tensor (sequence along `dim`)."""
+        return x.narrow(dim, j * self.piece, self.piece)
+
+
+def _heads_to_seq(x: Tensor, comm: Comm) -> Tensor:
+    """[b, C, h/P, d] (one chunk, some heads) -> [b, C/P, h, d] (this rank's piece, all heads)."""
+    return comm.all_to_all(x.contiguous(), scatter_dim=1, gather_dim=2)
+
+
+def _seq_to_heads(x: Tensor, comm: Comm) -> Tensor:
+    """[b, C/P, h, d] -> [b, C, h/P, d]: inverse of _heads_to_seq."""
+    return comm.all_to_all(x.contiguous(), scatter_dim=2, gather_dim=1)
+
+
+@dataclass
+class _Call:
+    comm: Comm
+    plan: _Plan
+    scale: float
+    kernel: BlockKernel
+    store: ChunkStore
+    kv_rep: int        # K/V head replication for Ulysses (kv_heads < P)
+    need_lse: bool
+    keep: bool         # keep the chunks for backward
+
+
+# -- forward ---------------------------------------------------------------------------------
+def _scatter_chunk(q: Tensor, k: Tensor, v: Tensor, j: int, call: _Call) -> None:
+    """All-to-all chunk j (fused q, k, v) and store q_j [b, C, h/P, d], kv_j [2, b, C, hkv', d]."""
+    plan = call.plan
+    qh, kh, vh = scatter_heads(plan.local(q, j), plan.local(k, j), plan.local(v, j), call.comm)
+    call.store.put(("q", j), qh.contiguous())
+    call.store.put(("kv", j), torch.stack([kh, vh]))
+
+
+def _attend_chunk(i: int, call: _Call, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Online softmax of q chunk i over its visible K/V chunks -> o_i [b, C, h/P, d], lse_i [b, h/P, C]."""
+    plan, store = call.plan, call.store
+    qi = store.get(("q", i))
+    acc = LseAccumulator(qi)
+    kv_chunks = plan.kv_for(i)
+    for j, (kv,) in zip(kv_chunks, _streamed(store, [(("kv", j),) for j in kv_chunks])):
+        acc.add(*call.kernel.forward(qi, kv[0], kv[1], plan.diagonal(i, j), call.scale))
+    return acc.result(dtype)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, call: _Call) -> tuple[Tensor, Tensor]:
+    plan, store, comm = call.plan, call.store, call.comm
+    out = torch.empty_like(q)
+    b, s, h, _ = q.shape
+    lse = q.new_empty((b, h, s) if call.need_lse else (0,), dtype=accum_dtype(q.dtype))
+    scattered = 0
+    for i in range(plan.chunks):
+        while scattered <= plan.kv_for(i)[-1]:  # causal: just in time; otherwise all before chunk 0
+            _scatter_chunk(q, k, v, scattered, call)
+            scattered += 1
+        oi, lse_i = _attend_chunk(i, call, q.dtype)
+        plan.local(out, i).copy_(_heads_to_seq(oi, comm))
+        if call.need_lse:
+            plan.local(lse, i, dim=2).copy_(comm.all_to_all(lse_i, scatter_dim=2, gather_dim=1))
+        if call.keep:
+            store.put(("o", i), oi)
+            store.put(("lse", i), lse_i)
+    return out, lse
+
+
+# -- backward --------------------------------------------------------------------------------
+def _return_kv_grads(dkv: Tensor, j: int, dk: Tensor, dv: Tensor, call: _Call) -> None:
+    """dkv [2, b, C, hkv', d] of chunk j -> this rank's piece of dk/dv (one all-to-all)."""
+    local = call.comm.all_to_all(dkv.to(dk.dtype), scatter_dim=2, gather_dim=3)  # [2, b, c, hkv*rep, d]
+    if call.kv_rep > 1:
+        two, b, c, heads, d = local.shape
+        local = local.view(two, b, c, heads // call.kv_rep, call.kv_rep, d).sum(4)
+    call.plan.local(dk, j).copy_(local[0])
+    call.plan.local(dv, j).copy_(local[1])
+
+
+def _backward(dout: Tensor, q_meta: Tensor, kv_meta: Tensor, call: _Call) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv for the forward's inputs; q_meta / kv_meta are meta tensors shaped like q and k."""
+    plan, store, comm, kernel = call.plan, call.store, call.comm, call.kernel
+    for i in range(plan.chunks):
+        store.put(("do", i), _seq_to_heads(plan.local(dout, i).to(q_meta.dtype), comm))
+    dq = torch.empty_like(q_meta, device=dout.device)
+    dk, dv = torch.empty_like(kv_meta, device=dout.device), torch.empty_like(kv_meta, device=dout.device)
+    kv_groups = [(("kv", j),) for j in range(plan.chunks)]
+    for j, (kv,) in zip(range(plan.chunks), _streamed(store, kv_groups)):
+        dkv = torch.zeros(kv.shape, dtype=accum_dtype(kv.dtype), device=kv.device)
+        q_chunks = plan.q_for(j)
+        groups = [(("q", i), ("o", i), ("lse", i), ("do", i), ("dq", i)) for i in q_chunks]
+        for i, (qi, oi, lse_i, do_i, dq_i) in zip(q_chunks, _streamed(store, groups)):
+            gq, gk, gv = kernel.backward(do_i, qi, kv[0], kv[1], oi, lse_i, plan.diagonal(i, j), call.scale)
+            dkv[0] += gk
+            dkv[1] += gv
+            store.put(("dq", i), gq if dq_i is None else dq_i.add_(gq))
+        _return_kv_grads(dkv, j, dk, dv, call)
+    for i in range(plan.chunks):
+        plan.local(dq, i).copy_(_heads_to_seq(store.get(("dq", i)).to(dq.dtype), comm))
+    return dq, dk, dv
+
+
+class FpdtAttention(torch.autograd.Function):
+    """q [b, N/P, h, d], k/v [b, N/P, hkv, d] in the FPDT layout -> out like q, lse [b, h, N/P]
+    (an empty tensor unless need_lse)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, call: _Call):
+        out, lse = _forward(q, k, v, call)
+        if call.keep:  # everything backward needs is in the store; q/k/v themselves are not kept
+            ctx.call, ctx.metas = call, (q.to("meta"), k.to("meta"))
+        else:
+            call.store.clear()
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        call = ctx.call
+        grads = _backward(dout, *ctx.metas, call)
+        call.store.clear()
+        return (*grads, None)
+
+
+@register("fpdt")
+class FpdtStrategy(Strategy):
+    """FPDT over the whole group: Ulysses degree = group size, `chunks` chunks, optional offload.
+
+    `last_offload_stats` holds the OffloadStats of the latest attention call.
+    """
+
+    def __init__(self, sp, cfg):
+        super().__init__(sp, cfg)
+        self._forbid(teams=cfg.teams)
+        if cfg.ring not in (None, 1) or cfg.ulysses not in (1, sp.size):
+            raise ValueError(f"strategy 'fpdt' runs Ulysses over the whole group (degree {sp.size}); "
+                             f"got ulysses={cfg.ulysses}, ring={cfg.ring}")
+        if cfg.layout != "contiguous":
+            raise ValueError(f"strategy 'fpdt' needs layout='contiguous' (rank r holds piece r of every "
+                             f"chunk; causal balance comes from the chunking), got {cfg.layout!r}")
+        if not isinstance(cfg.offload, bool):
+            raise ValueError(f"offload must be True or False, got {cfg.offload!r}")
+        self.last_offload_stats: OffloadStats | None = None
+
+    @property
+    def layout(self):
+        return TokenLayout("contiguous", outer=1, inner=self.sp.size, chunks=self.cfg.chunks)
+
+    def describe(self):
+        return {**super().describe(), "ulysses": self.sp.size, "chunks": self.cfg.chunks,
+                "offload": self.cfg.offload}
+
+    def attention(self, q, k, v, causal, scale, need_lse):
+        kv_rep = kv_replication(q.shape[2], k.shape[2], self.sp.size)
+        store = ChunkStore(q.device, self.cfg.offload)
+        self.last_offload_stats = store.stats
+        keep = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        plan = _Plan(self.cfg.chunks, q.shape[1] // self.cfg.chunks, causal)
+        call = _Call(self.sp.comm, plan, scale, self.sp.kernel, store, kv_rep, need_lse, keep)
+        out, lse = FpdtAttention.apply(q, k, v, call)
+        return out, (lse if need_lse else None)
