@@ -1,0 +1,130 @@
+"""Training metrics: FLOPs / MFU, peak memory, JSON-lines log, progress bar, loss-curve plot."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any, Iterable
+
+import torch
+
+from .model import ModelConfig
+
+__all__ = ["training_flops_per_token", "default_peak_tflops", "peak_memory_mb", "JsonlLog", "ProgressBar",
+           "plot_loss_curve", "read_jsonl"]
+
+# dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment; fp32 uses half (TF32 rate)
+_GPU_PEAKS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40": 181.0, "A10": 125.0, "V100": 125.0}
+CPU_PEAK_TFLOPS = 0.1  # one AVX2/AVX-512 core with FMA: ~2 FMA x 8-16 lanes x 2 flops x ~3 GHz
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
+    """Model FLOPs of one training token (forward + backward = 3x forward; recompute not counted).
+
+    Forward: 2 per weight of every matmul (q/k/v/o, SwiGLU, LM head; embeddings are lookups)
+    plus attention scores and weighted sum, 2 * 2 * seq_len * n_heads * head_dim per layer,
+    halved for a causal mask.
+    """
+    attn_width = cfg.n_heads * cfg.head_dim
+    per_layer = cfg.dim * (2 * attn_width + 2 * cfg.n_kv_heads * cfg.head_dim) + 3 * cfg.dim * cfg.ffn_hidden
+    matmul_weights = cfg.n_layers * per_layer + cfg.dim * cfg.vocab_size
+    attention = 4 * seq_len * attn_width * cfg.n_layers * (0.5 if causal else 1.0)
+    return 3.0 * (2.0 * matmul_weights + attention)
+
+
+def default_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """A rough per-device peak for MFU: GPU table by name, CPU_PEAK_TFLOPS per CPU process."""
+    if device.type != "cuda":
+        return CPU_PEAK_TFLOPS
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in _GPU_PEAKS.items() if k in name), 100.0)
+    return peak if dtype in (torch.bfloat16, torch.float16) else peak / 2
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA max_memory_allocated, else max resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class JsonlLog:
+    """Append one JSON object per line; flushed after every record."""
+
+    def __init__(self, path: str | os.PathLike, keep_until_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_until_step is not None:  # resumed run: drop records the restart will redo
+            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= keep_until_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        elif self.path.exists():
+            self.path.unlink()
+        self._fh: IO[str] = open(self.path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class ProgressBar:
+    """`[#####.....] 50/100 text` redrawn in place on a terminal, one line per update otherwise."""
+
+    def __init__(self, total: int, stream: IO[str] | None = None, width: int = 30):
+        self.total, self.width = total, width
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.t0 = time.perf_counter()
+
+    def update(self, done: int, text: str = "") -> None:
+        filled = int(self.width * done / max(self.total, 1))
+        bar = "#" * filled + "." * (self.width - filled)
+        elapsed = time.perf_counter() - self.t0
+        line = f"[{bar}] {done}/{self.total} {elapsed:6.1f}s {text}"
+        self.stream.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def plot_loss_curve(records: Iterable[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
+    """Write train (and validation) loss vs step as a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = list(records)
+    train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("type") == "val"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,236 @@
+"""Models whose attention runs through a SeqParallel context.
+
+`Transformer(cfg, ctx)`: a Llama-style decoder (RMSNorm, RoPE on *global* positions,
+GQA, SwiGLU, untied LM head). Every rank holds `seq_local = seq_len / sp` tokens of each
+sample (`ctx.shard`), their global positions (`ctx.positions`) and their labels; all
+token-wise layers are local, and `ctx.attention` is the only place ranks talk to each
+other. Up to float rounding, the sharded model computes exactly what one process computes
+on the full sequence.
+
+`DiTBlock(dim, heads, ctx)`: a Diffusion-Transformer block (adaLN-Zero modulation by a
+per-sample conditioning vector, non-causal attention over patch tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .chunked import chunked_lm_loss, chunked_mlp
+from .context import SeqParallel
+
+__all__ = ["ModelConfig", "Transformer", "DiTBlock", "RMSNorm", "Attention", "SwiGLU", "Block",
+           "rope_tables", "apply_rope", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the decoder. ffn_dim 0 -> SwiGLU default (8/3 * dim rounded up to a multiple of 32)."""
+
+    vocab_size: int = 256
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    ffn_dim: int = 0
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    mlp_chunks: int = 1          # FPDT-style chunked MLP (seqpar.chunked), exact, recompute in backward
+    loss_chunks: int = 1         # chunked LM head + cross-entropy (seqpar.chunked)
+    activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        return self.ffn_dim or 32 * -(-(8 * self.dim) // (3 * 32))
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "mlp_chunks", "loss_chunks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model {name} must be >= 1, got {getattr(self, name)}")
+        if self.ffn_dim < 0:
+            raise ValueError(f"model ffn_dim must be >= 0 (0 = default), got {self.ffn_dim}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = dim / n_heads = {self.head_dim} must be even for RoPE")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- building blocks ---------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 (fp64 for fp64 inputs)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float() if x.dtype != torch.float64 else x
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.to(normed.dtype)).to(x.dtype)
+
+
+def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin [seq_local, 1, head_dim/2] for the *global* positions [seq_local] of the local tokens."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=work, device=positions.device) / head_dim)
+    angles = positions.to(work)[:, None] * inv_freq[None, :]
+    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+
+
+def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate x [batch, seq_local, heads, head_dim] (half-split pairs), computed in the tables' dtype."""
+    cos, sin = rope
+    x1, x2 = x.to(cos.dtype).chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head (GQA) self-attention whose core is `ctx.attention` over the sharded sequence."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, ctx: SeqParallel, causal: bool,
+                 bias: bool = False):
+        super().__init__()
+        self.ctx, self.causal = ctx, causal
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=bias)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x [batch, seq_local, dim] -> [batch, seq_local, dim]."""
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
+        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        with torch.autocast(x.device.type, enabled=False):  # q/k/v keep their (autocast) dtype
+            out = self.ctx.attention(q, k, v, causal=self.causal)
+        return self.wo(out.reshape(b, s, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)); x + mlp(norm(x)) on [batch, seq_local, dim]."""
+
+    def __init__(self, cfg: ModelConfig, ctx: SeqParallel):
+        super().__init__()
+        self.mlp_chunks = cfg.mlp_chunks
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, ctx, causal=True)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.dim, cfg.ffn_hidden)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), rope)
+        return x + chunked_mlp(self.mlp, self.mlp_norm(x), self.mlp_chunks)
+
+
+class Transformer(nn.Module):
+    """Llama-style causal LM over a sequence-parallel context."""
+
+    def __init__(self, cfg: ModelConfig, ctx: SeqParallel):
+        super().__init__()
+        self.cfg, self.ctx = cfg, ctx
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, ctx) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 n_layers)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            scaled = name.endswith(("wo.weight", "w2.weight"))
+            nn.init.normal_(p, 0.0, std / (2 * self.cfg.n_layers) ** 0.5 if scaled else std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, tokens: Tensor, positions: Tensor, labels: Tensor | None = None):
+        """tokens/labels [batch, seq_local] (int64), positions [seq_local] (global indices).
+
+        Without labels: logits [batch, seq_local, vocab]. With labels: (loss_sum, n_valid), the
+        *sum* of token cross-entropies of this rank's tokens (fp32/fp64) and the number of
+        labels != IGNORE_INDEX; the caller normalises by the global count (see train.py).
+        """
+        x = self.tok_embeddings(tokens)
+        rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for layer in self.layers:
+            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, rope, use_reentrant=False)
+            else:
+                x = layer(x, rope)
+        h = self.norm(x)
+        if labels is None:
+            return self.output(h)
+        return self._loss_sum(h, labels), (labels != IGNORE_INDEX).sum()
+
+    def _loss_sum(self, h: Tensor, labels: Tensor) -> Tensor:
+        """Sum of token cross-entropies (fp32, fp64 for fp64), chunked when loss_chunks > 1."""
+        return chunked_lm_loss(h, self.output.weight, labels, self.cfg.loss_chunks, ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+
+
+# -- vision ------------------------------------------------------------------------------------
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    """DiT block with adaLN-Zero: x [batch, seq_local, dim] patch tokens, c [batch, dim] conditioning.
+
+    The modulation projection starts at zero, so a fresh block is the identity (DiT's
+    adaLN-Zero); attention is non-causal over all patch tokens of the (sharded) sequence.
+    """
+
+    def __init__(self, dim: int, heads: int, ctx: SeqParallel, mlp_ratio: float = 4.0, kv_heads: int | None = None):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads, kv_heads or heads, ctx, causal=False, bias=True)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        nn.init.zeros_(self.adaLN_modulation[1].weight)
+        nn.init.zeros_(self.adaLN_modulation[1].bias)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)
+        x = x + gate_a * self.attn(_modulate(self.norm1(x), shift_a, scale_a))
+        return x + gate_m * self.mlp(_modulate(self.norm2(x), shift_m, scale_m))

@@ -1,0 +1,114 @@
+"""Per-rank checks of the model, data loader and training loop (run inside a ProcessWorld).
+
+Each function runs on every rank of a real gloo world and returns plain data (rank 0's
+full-sequence tensors are gathered with `ctx.unshard`), so a test compares an n-process
+run with a 1-process run of the same function.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import seqpar
+from seqpar.data import SequenceLoader, shard_batch
+from seqpar.model import IGNORE_INDEX, DiTBlock, ModelConfig, Transformer
+from seqpar.parallel import ParallelMesh, average_gradients
+from seqpar.train import TrainConfig, loss_and_backward, train
+
+TINY_MODEL = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
+
+
+def grad_mode(strategy: str) -> str:
+    """Gradient averaging the trainer uses: LSS's double averaging, flat otherwise."""
+    return "double" if strategy == "lss" else "flat"
+
+
+def transformer_step(strategy: str, init_kwargs: dict[str, Any] | None = None, *, model: dict | None = None,
+                     batch: int = 2, seq_len: int = 64, dp: int = 1, seed: int = 0) -> dict[str, Any]:
+    """One forward/backward of the Transformer on a global batch of dp * batch random sequences,
+    ~30% of labels ignored (so ranks count different numbers of tokens).
+
+    Returns rank 0's view: the global mean loss, logits of its dp rank's samples
+    [batch, seq_len, vocab] in global order, and every parameter's averaged gradient.
+    """
+    mesh = ParallelMesh(dist.get_world_size() // dp)
+    ctx = seqpar.init(strategy, group=mesh.sp_group, stats=mesh.stats, **(init_kwargs or {}))
+    cfg = ModelConfig(**{**TINY_MODEL, **(model or {})})
+    torch.manual_seed(seed)
+    net = Transformer(cfg, ctx).double()
+    gen = torch.Generator().manual_seed(seed + 1)
+    windows = torch.randint(0, cfg.vocab_size, (dp * batch, seq_len + 1), generator=gen)
+    ignored = torch.rand(dp * batch, seq_len, generator=gen) < 0.3  # uneven token counts per rank
+    rows = slice(mesh.dp_rank * batch, (mesh.dp_rank + 1) * batch)
+    tokens, labels, positions = shard_batch(ctx, windows[rows])
+    labels = labels.masked_fill(ctx.shard(ignored[rows]), IGNORE_INDEX)
+    loss = loss_and_backward(net, tokens, labels, positions, mesh.world_comm)
+    average_gradients(net.parameters(), mesh, mode=grad_mode(strategy))
+    with torch.no_grad():
+        logits = ctx.unshard(net(tokens, positions))
+    return {"loss": loss, "logits": logits, "grads": {n: p.grad.clone() for n, p in net.named_parameters()},
+            "dp_rank": mesh.dp_rank}
+
+
+def dit_step(strategy: str, init_kwargs: dict[str, Any] | None = None, *, batch: int = 2, seq: int = 32,
+             dim: int = 32, heads: int = 4, seed: int = 0) -> dict[str, Any]:
+    """Forward/backward of one DiTBlock on sharded patch tokens: out, dx, dc and parameter grads
+    of the loss sum(out * w) over the full sequence (partial grads summed over ranks)."""
+    ctx = seqpar.init(strategy, **(init_kwargs or {}))
+    torch.manual_seed(seed)
+    block = DiTBlock(dim, heads, ctx).double()
+    with torch.no_grad():  # adaLN-Zero starts as the identity: randomise it so every path counts
+        nn.init.normal_(block.adaLN_modulation[1].weight, std=0.3)
+        nn.init.normal_(block.adaLN_modulation[1].bias, std=0.3)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x, w = (torch.randn(batch, seq, dim, generator=gen, dtype=torch.float64) for _ in range(2))
+    c = torch.randn(batch, dim, generator=gen, dtype=torch.float64).requires_grad_()
+    x_local = ctx.shard(x).requires_grad_()
+    out = block(x_local, c)
+    (out * ctx.shard(w)).sum().backward()
+    summed = lambda t: ctx.comm.all_reduce(t.clone())  # noqa: E731 - sum of per-rank partial grads
+    return {"out": ctx.unshard(out.detach()), "dx": ctx.unshard(x_local.grad), "dc": summed(c.grad),
+            "grads": {n: summed(p.grad) for n, p in block.named_parameters()}}
+
+
+def loader_sharding(strategy: str, init_kwargs: dict[str, Any] | None = None, *, seq_len: int = 48,
+                    batch: int = 2, dp: int = 1, steps: int = 2) -> dict[str, Any]:
+    """Shard loader windows over a token array whose value is its own index, so every token tells
+    where it came from; returns consistency flags and the positions/offsets this rank used."""
+    mesh = ParallelMesh(dist.get_world_size() // dp)
+    ctx = seqpar.init(strategy, group=mesh.sp_group, stats=mesh.stats, **(init_kwargs or {}))
+    source = np.arange(10_000, dtype=np.int64)
+    loader = SequenceLoader(source, seq_len, batch, vocab_size=len(source), dp=mesh.dp, dp_rank=mesh.dp_rank,
+                            seed=7)
+    ok = {"tokens": True, "labels": True, "roundtrip": True}
+    offsets = []
+    for step in range(steps):
+        mine = loader.global_offsets(step)[mesh.dp_rank * batch:(mesh.dp_rank + 1) * batch]
+        window = loader.next()
+        tokens, labels, positions = shard_batch(ctx, window)
+        expect = torch.from_numpy(mine)[:, None] + positions[None, :]
+        ok["tokens"] &= bool(torch.equal(tokens, expect))
+        ok["labels"] &= bool(torch.equal(labels, expect + 1))
+        ok["roundtrip"] &= bool(torch.equal(ctx.unshard(tokens), window[:, :-1]))
+        offsets.append(mine.tolist())
+    return {**ok, "positions": positions.tolist(), "offsets": offsets, "dp_rank": mesh.dp_rank,
+            "sp_rank": mesh.sp_rank, "loader_state": loader.state_dict()}
+
+
+def run_training(cfg: dict[str, Any]) -> dict[str, Any]:
+    """train(TrainConfig(**cfg)) on this world; losses (identical on every rank) and val losses."""
+    result = train(TrainConfig(**cfg))
+    return {"losses": result["losses"], "val_losses": result["val_losses"], "records": result["records"]}
+
+
+def training_error(cfg: dict[str, Any]) -> str:
+    """The ValueError/FileNotFoundError message training raises on this rank ('' if it trains)."""
+    try:
+        train(TrainConfig(**cfg))
+    except (ValueError, FileNotFoundError) as e:
+        return f"{type(e).__name__}: {e}"
+    return ""

@@ -1,0 +1,104 @@
+"""The sharded Transformer and DiTBlock equal a 1-process full-sequence run (fp64, real gloo worlds).
+
+Tolerance: fp64, 1e-10 relative to the largest reference value (loss, logits, every
+parameter gradient after the trainer's gradient averaging).
+"""
+import pytest
+import torch
+
+from seqpar.model import ModelConfig, apply_rope, rope_tables
+from seqpar.testing.train_checks import dit_step, transformer_step
+
+TOL = 1e-10
+
+# (strategy, seqpar.init kwargs) on 4 processes: every strategy, with causal load balancing
+STRATEGY_CASES = [
+    ("ring", {"layout": "zigzag"}),
+    ("ulysses", {}),
+    ("usp", {"ulysses": 2, "layout": "zigzag"}),
+    ("allgather", {"layout": "striped"}),
+    ("wallfacer", {"teams": 2, "layout": "zigzag"}),
+    ("lss", {}),
+    ("fpdt", {"chunks": 2}),
+]
+
+
+def assert_close(got, ref, what):
+    bound = TOL * max(1.0, ref.abs().max().item())
+    err = (got - ref).abs().max().item()
+    assert err <= bound, f"{what}: max abs error {err:.3e} > {bound:.1e}"
+
+
+def assert_same_step(got, ref, rows=slice(None)):
+    assert abs(got["loss"] - ref["loss"]) <= TOL * abs(ref["loss"]), (got["loss"], ref["loss"])
+    assert_close(got["logits"], ref["logits"][rows], "logits")
+    assert got["grads"].keys() == ref["grads"].keys()
+    for name, g in got["grads"].items():
+        assert_close(g, ref["grads"][name], f"grad of {name}")
+
+
+@pytest.fixture(scope="module")
+def reference_step(worlds):
+    return worlds.run(1, transformer_step, "local", batch=2)[0]
+
+
+@pytest.mark.parametrize("strategy,kwargs", STRATEGY_CASES, ids=[s for s, _ in STRATEGY_CASES])
+def test_transformer_matches_one_process(worlds, reference_step, strategy, kwargs):
+    results = worlds.run(4, transformer_step, strategy, kwargs, batch=2)
+    for r in results:  # every rank holds the same averaged gradients
+        assert r["loss"] == results[0]["loss"]
+    assert_same_step(results[0], reference_step)
+    for name, g in results[0]["grads"].items():
+        assert torch.equal(g, results[3]["grads"][name]), f"ranks disagree on grad of {name}"
+
+
+def test_transformer_dp_x_sp_matches_one_process(worlds, reference_step):
+    """dp=2 x sp=2: each dp rank holds one sample; gradients are those of the 2-sample mean loss."""
+    results = worlds.run(4, transformer_step, "ring", {"layout": "zigzag"}, batch=1, dp=2)
+    assert [r["dp_rank"] for r in results] == [0, 0, 1, 1]
+    assert_same_step(results[0], reference_step, rows=slice(0, 1))
+    assert_close(results[2]["logits"], reference_step["logits"][1:2], "logits of dp rank 1")
+
+
+def test_chunked_mlp_loss_and_checkpointing_are_exact(worlds, reference_step):
+    options = {"mlp_chunks": 2, "loss_chunks": 3, "activation_checkpointing": True}
+    results = worlds.run(4, transformer_step, "usp", {"ulysses": 2, "layout": "zigzag"}, model=options)
+    assert_same_step(results[0], reference_step)
+
+
+@pytest.mark.parametrize("strategy,kwargs", [("ring", {"layout": "striped"}), ("ulysses", {}),
+                                             ("wallfacer", {"teams": 2})], ids=["ring", "ulysses", "wallfacer"])
+def test_dit_block_matches_one_process(worlds, strategy, kwargs):
+    ref = worlds.run(1, dit_step, "local")[0]
+    got = worlds.run(4, dit_step, strategy, kwargs)[0]
+    for key in ("out", "dx", "dc"):
+        assert_close(got[key], ref[key], key)
+    for name, g in got["grads"].items():
+        assert_close(g, ref["grads"][name], f"grad of {name}")
+    assert ref["grads"]["adaLN_modulation.1.weight"].abs().max() > 0  # the modulation path is exercised
+
+
+def test_rope_depends_only_on_relative_position():
+    """<rope(q, i), rope(k, j)> is a function of i - j: global positions must be used, not local ones."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8, dtype=torch.float64), torch.randn(1, 1, 1, 8, dtype=torch.float64)
+
+    def score(i, j):
+        qi = apply_rope(q, rope_tables(torch.tensor([i]), 8, 10000.0, torch.float64))
+        kj = apply_rope(k, rope_tables(torch.tensor([j]), 8, 10000.0, torch.float64))
+        return (qi * kj).sum().item()
+
+    assert abs(score(5, 2) - score(40, 37)) < 1e-12
+    assert abs(score(5, 2) - score(5, 3)) > 1e-6
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"dim": 30, "n_heads": 4}, "divisible by n_heads"),
+    ({"n_heads": 4, "n_kv_heads": 3}, "multiple of n_kv_heads"),
+    ({"dim": 12, "n_heads": 4, "n_kv_heads": 4}, "even for RoPE"),
+    ({"n_layers": 0}, "n_layers must be >= 1"),
+    ({"mlp_chunks": 0}, "mlp_chunks must be >= 1"),
+])
+def test_model_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**kwargs)
