@@ -133,6 +133,8 @@ def test_comm_bytes_match_formulas(worlds, ranks, teams):
         placed = grid.placement_target(t, a) != (t, a)
         assert fwd["all_gather"] == gather and fwd["reduce_scatter"] == scatter
         assert fwd.get("p2p", 0) == (g - 1 + placed) * kv_block
+        assert mine["forward_calls"].get("p2p", 0) == g - 1 + placed  # latency: P/C^2 steps, not P
+        assert theirs["forward_calls"]["p2p"] == ranks - 1
         ring_p2p = theirs["forward"]["p2p"]
         assert ring_p2p == (ranks - 1) * 2 * B * n * KV_HEADS * D * W
         ratios.append(fwd.get("p2p", 0) / ring_p2p)

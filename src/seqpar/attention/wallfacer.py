@@ -16,6 +16,8 @@ Backward mirrors it: all-gather dO and O in the team, ring backward on the sub-r
 the K/V placed in forward (kept: no second placement) and a dK/dV accumulator travelling
 one step behind, reduce-scatter of dQ in the team, dK/dV returned to their senders by
 the reverse placement (one P2P) and reduce-scattered in the team to the owners' rows.
+Memory: forward saves the team's Q and the placed K/V (C*n tokens each), about 3C x the
+local q/k/v like the paper's 3CA (ring: 3A), and saves re-sending K/V in backward.
 
 C = 1 is plain ring attention (identity placement, no collectives); C = sqrt(P) has
 G = 1: no sub-ring rotation, only the placement and the team collectives.
@@ -120,7 +122,8 @@ class WallFacerGrid:
 
 
 def _node_ids(mesh, ranks_per_node: int | None) -> list[Any]:
-    """Node label of each group rank: from ranks_per_node, else LOCAL_WORLD_SIZE, else hostnames."""
+    """Node label of each group rank: global rank // ranks_per_node (nodes hold consecutive
+    global ranks) from the option, else LOCAL_WORLD_SIZE (torchrun), else the hostnames."""
     if ranks_per_node is None and os.environ.get("LOCAL_WORLD_SIZE"):
         ranks_per_node = int(os.environ["LOCAL_WORLD_SIZE"])
     if ranks_per_node is not None:

@@ -10,14 +10,16 @@ import seqpar
 from .checks import DTYPES, make_inputs
 
 
-def _sent_by_kind(ctx) -> dict[str, int]:
-    return {kind: int(c["sent"]) for kind, c in ctx.comm_stats().items() if kind != "total"}
+def _sent_by_kind(ctx, field: str = "sent") -> dict[str, int]:
+    return {kind: int(c[field]) for kind, c in ctx.comm_stats().items() if kind != "total"}
 
 
 def comm_volume(strategy: str, init_kwargs: dict[str, Any] | None = None, *, batch: int = 1, seq: int = 64,
                 heads: int = 4, kv_heads: int | None = None, head_dim: int = 8, dtype: str = "float32",
                 causal: bool = False, seed: int = 0) -> dict[str, dict[str, int]]:
-    """Bytes this rank sent per kind during one attention call: {"forward": {...}, "backward": {...}}.
+    """Bytes this rank sent per kind during one attention call, {"forward": {kind: bytes},
+    "backward": {...}}, and the number of calls (messages, i.e. latency steps) per kind under
+    "forward_calls" / "backward_calls".
 
     The input-signature check of seqpar.attention is off so only attention traffic counts."""
     ctx = seqpar.init(strategy, check_inputs=False, **(init_kwargs or {}))
@@ -26,10 +28,11 @@ def comm_volume(strategy: str, init_kwargs: dict[str, Any] | None = None, *, bat
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
     ctx.reset_comm_stats()
     out = ctx.attention(q, k, v, causal=causal)
-    forward = _sent_by_kind(ctx)
+    forward, forward_calls = _sent_by_kind(ctx), _sent_by_kind(ctx, "calls")
     ctx.reset_comm_stats()
     out.backward(dout)
-    return {"forward": forward, "backward": _sent_by_kind(ctx)}
+    return {"forward": forward, "backward": _sent_by_kind(ctx), "forward_calls": forward_calls,
+            "backward_calls": _sent_by_kind(ctx, "calls")}
 
 
 def same_as_ring(layout: str = "zigzag", *, causal: bool = True, seq: int = 32, heads: int = 4,
