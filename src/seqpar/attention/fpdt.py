@@ -337,6 +337,7 @@ class FpdtStrategy(Strategy):
                              f"chunk; causal balance comes from the chunking), got {cfg.layout!r}")
         if not isinstance(cfg.offload, bool):
             raise ValueError(f"offload must be True or False, got {cfg.offload!r}")
+        _ = self.layout  # validates chunks
         self.last_offload_stats: OffloadStats | None = None
 
     @property

@@ -1,0 +1,87 @@
+"""FPDT: exact vs single-device fp64 attention on real gloo worlds, host-offload path, errors.
+
+Tolerances: fp64 1e-10 absolute; fp32 1e-5 and bf16 2e-2 relative to the reference's
+largest value (bf16 inputs and outputs, fp32 softmax accumulation).
+"""
+import pytest
+
+from seqpar.testing.checks import attention_exactness, expect_error
+from seqpar.testing.fpdt_checks import offload_behaviour
+
+TOL = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2}
+GRADS = ("out", "lse", "dq", "dk", "dv")
+
+
+def assert_exact(r, dtype):
+    for name in GRADS:
+        bound = TOL[dtype] * (1.0 if dtype == "float64" else max(1.0, r[name + "_ref"]))
+        assert r[name] <= bound, f"{name}: {r[name]:.3e} > {bound:.1e}"
+    assert r["dtype_ok"] == 1.0
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("chunks", [1, 2, 4])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("offload", [False, True])
+def test_fpdt_exact_fp64(worlds, world, chunks, causal, offload):
+    # kv_heads=2: native GQA on 2 ranks, K/V head replication on 4 ranks
+    results = worlds.run(world, attention_exactness, "fpdt", {"chunks": chunks, "offload": offload},
+                         seq=32, heads=4, kv_heads=2, causal=causal)
+    for r in results:
+        assert_exact(r, "float64")
+
+
+@pytest.mark.parametrize("dtype,causal", [("float32", True), ("bfloat16", True), ("bfloat16", False)])
+def test_fpdt_exact_low_precision(worlds, dtype, causal):
+    results = worlds.run(4, attention_exactness, "fpdt", {"chunks": 2, "offload": True}, seq=64, heads=8,
+                         kv_heads=1, dtype=dtype, causal=causal)
+    for r in results:
+        assert_exact(r, dtype)
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_fpdt_moves_exactly_ulysses_bytes(worlds, chunks):
+    kw = dict(seq=32, heads=4, kv_heads=1, causal=True)
+    fpdt = worlds.run(4, attention_exactness, "fpdt", {"chunks": chunks, "offload": True}, **kw)
+    ulysses = worlds.run(4, attention_exactness, "ulysses", {}, **kw)
+    assert [r["bytes_sent"] for r in fpdt] == [r["bytes_sent"] for r in ulysses]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_offload_keeps_every_chunk_on_the_host(worlds, causal):
+    chunks = 4
+    got = worlds.run(2, offload_behaviour, chunks, True, causal)
+    for r in got:
+        fwd, final, c = r["after_forward"], r["final"], r["chunk_bytes"]  # c: one q chunk (fp32)
+        lse = c // 8  # [h/P, C] fp32 vs [C, h/P, head_dim=8]
+        pairs = chunks * (chunks + 1) // 2 if causal else chunks * chunks
+        assert fwd["device_bytes"] == 0 and fwd["device_peak"] == 0
+        assert fwd["host_bytes"] == chunks * (4 * c + lse)  # q, k, v, o and lse of every chunk
+        assert fwd["to_device"] == chunks * c + pairs * 2 * c  # each q once, k/v once per visible pair
+        assert final["host_bytes"] == 0  # released after backward
+        assert final["to_device"] > fwd["to_device"] and final["to_host"] > fwd["to_host"]
+
+
+def test_without_offload_chunks_stay_on_device_and_no_grad_keeps_nothing(worlds):
+    on_device = worlds.run(2, offload_behaviour, 4, False, True)[0]
+    assert on_device["after_forward"]["host_peak"] == 0
+    assert on_device["after_forward"]["device_bytes"] == 4 * (4 * on_device["chunk_bytes"] + on_device["chunk_bytes"] // 8)
+    assert on_device["final"]["device_bytes"] == 0
+    inference = worlds.run(2, offload_behaviour, 4, True, True, grad=False)[0]
+    assert inference["after_forward"]["host_bytes"] == 0  # nothing kept for a backward that never comes
+
+
+@pytest.mark.parametrize("kwargs, run, match", [
+    ({"layout": "zigzag", "chunks": 2}, {}, "layout='contiguous'"),
+    ({"ulysses": 2}, {}, "whole group"),
+    ({"ring": 2}, {}, "whole group"),
+    ({"teams": 2}, {}, "teams"),
+    ({"offload": "yes"}, {}, "offload"),
+    ({"chunks": 0}, {}, "chunks must be >= 1"),
+    ({"chunks": 4}, {"seq": 24}, "not divisible by 16"),
+    ({"chunks": 2}, {"seq": 32, "heads": 6}, "must divide the number of attention heads"),
+    ({"chunks": 2}, {"seq": 32, "heads": 6, "kv_heads": 3}, "must divide"),
+])
+def test_fpdt_rejects_bad_configuration(worlds, kwargs, run, match):
+    errors = worlds.run(4, expect_error, "fpdt", kwargs, **run)
+    assert all(match in e and e.startswith("ValueError") for e in errors), errors
