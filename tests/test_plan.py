@@ -9,8 +9,11 @@ import json
 import pytest
 
 from seqpar import cli
-from seqpar.costmodel import (MODEL_PRESETS, Cluster, Config, GiB, ModelShape, PlanInput, attention_bytes, evaluate,
-                              fpdt_host_bytes, paper_block_volume, plan)
+from seqpar.attention.wallfacer import WallFacerGrid
+from seqpar.costmodel import (MODEL_PRESETS, Cluster, Config, GiB, ModelShape, PlanInput, all_pairs_busiest,
+                              attention_bytes, evaluate, fpdt_host_bytes, pair_count, paper_block_volume, plan,
+                              ring_step_pairs, wallfacer_step_pairs)
+from seqpar.layout import LAYOUTS, block_pairs
 from seqpar.plan import add_arguments, profile, profile_rank
 from seqpar.testing.plan_checks import fpdt_host_copies, measured_attention_bytes
 
@@ -28,8 +31,8 @@ def wallfacer(layout, teams, placement):
 
 CASES = {
     4: [Config("ring"), Config("ring", "zigzag"), Config("ulysses"), Config("usp", "zigzag", ulysses=2, ring=2),
-        Config("allgather", "zigzag"), wallfacer("zigzag", 2, "collectives_intra"), wallfacer("striped", 2, "rings_intra"),
-        Config("fpdt", chunks=2), Config("fpdt", chunks=4, offload=True)],
+        Config("allgather", "zigzag"), wallfacer("zigzag", 2, "collectives_intra"),
+        wallfacer("striped", 2, "rings_intra"), Config("fpdt", chunks=2), Config("fpdt", chunks=4, offload=True)],
     8: [Config("ring", "striped"), Config("ulysses"), Config("usp", "zigzag", ulysses=2, ring=4),
         Config("usp", ulysses=4, ring=2), Config("allgather"), wallfacer("zigzag", 2, "collectives_intra"),
         wallfacer("contiguous", 2, "rings_intra"), Config("fpdt", chunks=2)],
@@ -73,6 +76,26 @@ def test_paper_example_volumes():
     # does not keep its own team's K/V sends P/C^2 blocks (placement + sub-ring steps)
     assert attention_bytes(inp, ring_cfg, 0, phase="fwd")["p2p"] * p == ring["p2p"] * (p - 1)
     assert attention_bytes(inp, wf_cfg, 1, phase="fwd")["p2p"] == wf["p2p"]
+
+
+# -- busiest-rank compute tables vs brute force over every rank ---------------------------------------
+def busiest(q_and_kv_ranks, kind, causal, n):
+    return max(pair_count(block_pairs(kind, causal, q, kv, n), n) for q, kv in q_and_kv_ranks)
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_busiest_rank_tables_match_brute_force(kind, causal):
+    n, p = 6, 8
+    assert ring_step_pairs(kind, causal, p, n) == tuple(
+        busiest([(r, (r - s) % p) for r in range(p)], kind, causal, n) for s in range(p))
+    assert all_pairs_busiest(kind, causal, p, n) == max(
+        sum(pair_count(block_pairs(kind, causal, r, src, n), n) for src in range(p)) for r in range(p))
+    for world, teams in ((8, 2), (16, 2), (16, 4)):
+        grid = WallFacerGrid(world, teams)
+        expected = tuple(busiest([(t, grid.kv_team(t, a, s)) for t in range(grid.teams) for a in range(teams)],
+                                 kind, causal, n) for s in range(grid.ring_len))
+        assert wallfacer_step_pairs(kind, causal, world, teams, n) == expected
 
 
 # -- ranking --------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Callable, Union
 
 from .layout import TokenLayout, block_pairs
@@ -124,6 +124,11 @@ class Cluster:
         if not 0 < self.efficiency <= 1:
             raise ValueError(f"efficiency must be in (0, 1], got {self.efficiency}")
 
+    @cached_property
+    def ranks(self) -> tuple[int, ...]:
+        """All ranks, as one shared tuple (the group of whole-world strategies)."""
+        return tuple(range(self.world))
+
     @property
     def flops_per_s(self) -> float:
         return self.tflops * 1e12 * self.efficiency
@@ -134,7 +139,7 @@ class Cluster:
     def link(self, group: tuple[int, ...]) -> Link:
         """The link a group's traffic crosses: inter-node as soon as its ranks span nodes (for a
         ring that is its slowest hop)."""
-        if len({self.node(r) for r in group}) > 1:
+        if self.node(min(group)) != self.node(max(group)):  # nodes hold consecutive ranks
             return Link(self.inter_bw * 1e9, self.inter_lat * 1e-6)
         return Link(self.intra_bw * 1e9, self.intra_lat * 1e-6)
 
@@ -280,28 +285,52 @@ class Step:
     sends: tuple[Send, ...] = ()
 
 
+@dataclass(frozen=True, eq=False)
+class Steps:
+    """The steps of one loop, built once and shared by every rank running it (hashed by identity)."""
+
+    items: tuple[Step, ...]
+
+    @cached_property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for step in self.items for s in step.sends)
+
+    @cached_property
+    def flops(self) -> float:
+        return sum(step.flops for step in self.items)
+
+    @cached_property
+    def block_elems(self) -> int:
+        """Elements of the largest block sent in one step."""
+        return max((s.elems for step in self.items for s in step.sends), default=0)
+
+
+@lru_cache(maxsize=4096)
+def _loop_seconds(steps: Steps, link: Link, flops_per_s: float) -> float:
+    total = 0.0
+    for step in steps.items:
+        comm = sum(s.nbytes for s in step.sends) / link.bandwidth
+        total += max(step.flops / flops_per_s, comm) + (link.latency if step.sends else 0.0)
+    return total
+
+
 @dataclass(frozen=True)
 class RingLoop:
     """P2P steps on `group` (ring order): step time = max(compute, sends / bandwidth) + latency."""
 
     group: tuple[int, ...]
     phase: str
-    steps: tuple[Step, ...]
+    steps: Steps
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for step in self.steps for s in step.sends)
+        return self.steps.nbytes
 
     def seconds(self, cluster: Cluster) -> float:
-        link = cluster.link(self.group)
-        total = 0.0
-        for step in self.steps:
-            comm = sum(s.nbytes for s in step.sends) / link.bandwidth
-            total += max(step.flops / cluster.flops_per_s, comm) + (link.latency if step.sends else 0.0)
-        return total
+        return _loop_seconds(self.steps, cluster.link(self.group), cluster.flops_per_s)
 
     def compute_seconds(self, cluster: Cluster) -> float:
-        return sum(step.flops for step in self.steps) / cluster.flops_per_s
+        return self.steps.flops / cluster.flops_per_s
 
 
 @dataclass(frozen=True)
@@ -332,7 +361,8 @@ def _rows(s: slice, n: int) -> int:
     return len(range(*s.indices(n)))
 
 
-def _pair_count(pairs, n: int) -> int:
+def pair_count(pairs, n: int) -> int:
+    """(query, key) pairs computed for a list of layout.block_pairs blocks of n-token ranks."""
     total = 0
     for q_rows, kv_rows, causal in pairs:
         nq, nk = _rows(q_rows, n), _rows(kv_rows, n)
@@ -341,17 +371,47 @@ def _pair_count(pairs, n: int) -> int:
 
 
 @lru_cache(maxsize=None)
+def block_class_pairs(kind: str, causal: bool, n_local: int) -> dict[str, int]:
+    """(query, key) pairs computed against the K/V of an earlier ("before"), the same, or a
+    later ("after") outer rank. layout.block_pairs depends on nothing but this comparison,
+    which keeps the busiest-rank tables below O(P) (tests check them against brute force)."""
+    def count(q_rank: int, kv_rank: int) -> int:
+        return pair_count(block_pairs(kind, causal, q_rank, kv_rank, n_local), n_local)
+    return {"before": count(1, 0), "same": count(0, 0), "after": count(0, 1)}
+
+
+def _order(q_rank: int, kv_rank: int) -> str:
+    return "same" if q_rank == kv_rank else ("before" if kv_rank < q_rank else "after")
+
+
+@lru_cache(maxsize=None)
 def ring_step_pairs(kind: str, causal: bool, size: int, n_local: int) -> tuple[int, ...]:
-    """(query, key) pairs computed at each ring step by the busiest ring rank."""
-    return tuple(max(_pair_count(block_pairs(kind, causal, r, (r - s) % size, n_local), n_local)
-                     for r in range(size)) for s in range(size))
+    """Pairs computed at each ring step by the busiest ring rank: step 0 is the own block;
+    at step s >= 1 ranks r >= s hold an earlier block and ranks r < s a later one."""
+    cls = block_class_pairs(kind, causal, n_local)
+    return (cls["same"],) + (max(cls["before"], cls["after"]),) * (size - 1)
 
 
 @lru_cache(maxsize=None)
 def all_pairs_busiest(kind: str, causal: bool, size: int, n_local: int) -> int:
-    """Pairs of the busiest rank when every rank attends all K/V blocks (all-gather style)."""
-    return max(sum(_pair_count(block_pairs(kind, causal, r, src, n_local), n_local) for src in range(size))
-               for r in range(size))
+    """Pairs of the busiest rank when every rank attends all K/V blocks (all-gather style):
+    rank r has r earlier and size-1-r later blocks, so rank 0 or size-1 is the busiest."""
+    cls = block_class_pairs(kind, causal, n_local)
+    return cls["same"] + (size - 1) * max(cls["before"], cls["after"])
+
+
+@lru_cache(maxsize=None)
+def _loop_steps(inp: PlanInput, heads: int, pairs: tuple[int, ...], block_elems: int,
+                grad_sends: bool) -> tuple[Steps, Steps]:
+    """ring_forward / ring_backward steps: the K/V block (input dtype) is sent at every step but
+    the last; with grad_sends the dK/dV accumulator (accum dtype) is sent at every step."""
+    kv = Send(block_elems, inp.itemsize, "kv")
+    dkv = (Send(block_elems, inp.acc_itemsize, "dkv"),) if grad_sends else ()
+    last = len(pairs) - 1
+    fwd = tuple(Step(_flops(inp, heads, p), (kv,) if s < last else ()) for s, p in enumerate(pairs))
+    bwd = tuple(Step(ATTN_BWD_FACTOR * _flops(inp, heads, p), ((kv,) if s < last else ()) + dkv)
+                for s, p in enumerate(pairs))
+    return Steps(fwd), Steps(bwd)
 
 
 def _flops(inp: PlanInput, heads: int, pairs: int) -> float:
@@ -370,13 +430,9 @@ def _ring_loops(inp: PlanInput, group: tuple[int, ...], kind: str, seq_local: in
                 kv_heads: int) -> list[RingLoop]:
     """attention/ring.py on `group`: forward P-1 K/V sends; backward P-1 K/V sends plus P sends
     of the travelling dK/dV accumulator (accum dtype). seq_local = tokens per ring rank."""
-    size = len(group)
-    pairs = ring_step_pairs(kind, inp.causal, size, seq_local)
-    kv = Send(2 * inp.batch * seq_local * kv_heads * inp.model.head_dim, inp.itemsize, "kv")
-    dkv = Send(kv.elems, inp.acc_itemsize, "dkv")
-    fwd = tuple(Step(_flops(inp, heads, p), (kv,) if s + 1 < size else ()) for s, p in enumerate(pairs))
-    bwd = tuple(Step(ATTN_BWD_FACTOR * _flops(inp, heads, p), ((kv,) if s + 1 < size else ()) + (dkv,))
-                for s, p in enumerate(pairs))
+    pairs = ring_step_pairs(kind, inp.causal, len(group), seq_local)
+    block = 2 * inp.batch * seq_local * kv_heads * inp.model.head_dim
+    fwd, bwd = _loop_steps(inp, heads, pairs, block, True)
     return [RingLoop(group, "fwd", fwd), RingLoop(group, "bwd", bwd)]
 
 
@@ -394,8 +450,8 @@ def _ulysses_around(inp: PlanInput, group: tuple[int, ...], inner_fwd: list, inn
     qkv = Collective("all_to_all", tokens * (m.heads + 2 * m.kv_heads * rep) * m.head_dim, inp.itemsize,
                      group, "fwd", "qkv")
     out = Collective("all_to_all", tokens * m.heads * m.head_dim, inp.itemsize, group, "fwd", "out")
-    grad = lambda c: Collective(c.kind, c.elems, c.itemsize, c.group, "bwd", "d" + c.what)  # noqa: E731
-    return [qkv, *inner_fwd, out, grad(out), *inner_bwd, grad(qkv)]
+    dout, dqkv = (replace(c, phase="bwd", what="d" + c.what) for c in (out, qkv))
+    return [qkv, *inner_fwd, out, dout, *inner_bwd, dqkv]
 
 
 def _split_phase(stages: list[Stage]) -> tuple[list[Stage], list[Stage]]:
@@ -403,12 +459,12 @@ def _split_phase(stages: list[Stage]) -> tuple[list[Stage], list[Stage]]:
 
 
 def ring_schedule(inp: PlanInput, cfg: Config, rank: int) -> list[Stage]:
-    group = tuple(range(inp.world))
+    group = inp.cluster.ranks
     return _ring_loops(inp, group, cfg.layout, inp.tokens_per_rank, inp.model.heads, inp.model.kv_heads)
 
 
 def ulysses_schedule(inp: PlanInput, cfg: Config, rank: int) -> list[Stage]:
-    group = tuple(range(inp.world))
+    group = inp.cluster.ranks
     fwd, bwd = _split_phase(_local_compute(inp, inp.model.heads // inp.world, inp.seq_len))
     return _ulysses_around(inp, group, fwd, bwd)
 
@@ -437,7 +493,7 @@ def usp_schedule(inp: PlanInput, cfg: Config, rank: int) -> list[Stage]:
 def allgather_schedule(inp: PlanInput, cfg: Config, rank: int) -> list[Stage]:
     """attention/allgather.py: one all-gather of stacked K,V; local blocks; one reduce-scatter
     of the dK/dV of all blocks (accum dtype)."""
-    m, group = inp.model, tuple(range(inp.world))
+    m, group = inp.model, inp.cluster.ranks
     kv = 2 * inp.batch * inp.tokens_per_rank * m.kv_dim
     pairs = all_pairs_busiest(cfg.layout, inp.causal, inp.world, inp.tokens_per_rank)
     flops = _flops(inp, m.heads, pairs)
@@ -447,8 +503,26 @@ def allgather_schedule(inp: PlanInput, cfg: Config, rank: int) -> list[Stage]:
 
 
 def _wallfacer_grid(inp: PlanInput, cfg: Config):
+    return _grid(inp.world, cfg.teams, cfg.placement or "collectives_intra")
+
+
+@lru_cache(maxsize=64)
+def _grid(world: int, teams: int, placement: str):
     from .attention.wallfacer import WallFacerGrid
-    return WallFacerGrid(inp.world, cfg.teams, cfg.placement or "collectives_intra")
+    return WallFacerGrid(world, teams, placement)
+
+
+@lru_cache(maxsize=64)
+def _grid_ranks(grid) -> list[tuple[int, int, tuple[int, ...], tuple[int, ...]]]:
+    """(team, member, team group, sub-ring) of every physical rank, computed once per grid."""
+    teams = [tuple(grid.team_members(t)) for t in range(grid.teams)]
+    rings = {(t - t % grid.ring_len, a): tuple(grid.subring_members(t, a))
+             for t in range(0, grid.teams, grid.ring_len) for a in range(grid.team_size)}
+    out = []
+    for logical in grid.logical():
+        t, a = divmod(logical, grid.team_size)
+        out.append((t, a, teams[t], rings[(t - t % grid.ring_len, a)]))
+    return out
 
 
 @lru_cache(maxsize=None)
@@ -456,8 +530,9 @@ def wallfacer_step_pairs(kind: str, causal: bool, world: int, teams: int, team_t
     """Pairs of the busiest rank at each sub-ring step (team-level block rules, C*n-token blocks)."""
     from .attention.wallfacer import WallFacerGrid
     grid = WallFacerGrid(world, teams)
-    return tuple(max(_pair_count(block_pairs(kind, causal, t, grid.kv_team(t, a, s), team_tokens), team_tokens)
-                     for t in range(grid.teams) for a in range(teams)) for s in range(grid.ring_len))
+    cls = block_class_pairs(kind, causal, team_tokens)
+    return tuple(max(cls[k] for k in {_order(t, grid.kv_team(t, a, s)) for t in range(grid.teams)
+                                      for a in range(teams)}) for s in range(grid.ring_len))
 
 
 def _exchange(inp: PlanInput, me: int, dst: int, src: int, elems: int, itemsize: int, phase: str,
@@ -465,7 +540,12 @@ def _exchange(inp: PlanInput, me: int, dst: int, src: int, elems: int, itemsize:
     """One exposed P2P exchange (send to dst, receive from src); nothing when it is this rank."""
     if dst == me:
         return []
-    return [RingLoop((me, dst, src), phase, (Step(0.0, (Send(elems, itemsize, what),)),))]
+    return [RingLoop((me, dst, src), phase, _single_send(elems, itemsize, what))]
+
+
+@lru_cache(maxsize=256)
+def _single_send(elems: int, itemsize: int, what: str) -> Steps:
+    return Steps((Step(0.0, (Send(elems, itemsize, what),)),))
 
 
 def wallfacer_schedule(inp: PlanInput, cfg: Config, rank: int) -> list[Stage]:
@@ -476,13 +556,12 @@ def wallfacer_schedule(inp: PlanInput, cfg: Config, rank: int) -> list[Stage]:
     reduce-scatter of dK/dV."""
     m, b, n, c = inp.model, inp.batch, inp.tokens_per_rank, cfg.teams
     grid = _wallfacer_grid(inp, cfg)
-    t, a = grid.coords(rank)
-    team = tuple(grid.team_members(t))
+    t, a, team, ring = _grid_ranks(grid)[rank]
     dst = grid.physical(*grid.placement_target(t, a))
     src = grid.physical(*grid.placement_source(t, a))
     kv_team = 2 * b * c * n * m.kv_dim
     e, acc = inp.itemsize, inp.acc_itemsize
-    loops = _wallfacer_loops(inp, cfg, tuple(grid.subring_members(t, a)))
+    loops = _wallfacer_loops(inp, cfg, ring)
     stages: list[Stage] = [Collective("all_gather", b * n * (m.hidden + 2 * m.kv_dim), e, team, "fwd", "qkv")]
     stages += _exchange(inp, rank, dst, src, kv_team, e, "fwd", "kv_placement")
     stages += [loops[0], Collective("all_gather", b * m.heads * c * n, acc, team, "fwd", "lse"),
@@ -496,15 +575,10 @@ def wallfacer_schedule(inp: PlanInput, cfg: Config, rank: int) -> list[Stage]:
 
 def _wallfacer_loops(inp: PlanInput, cfg: Config, ring: tuple[int, ...]) -> list[RingLoop]:
     """ring_forward / ring_backward on the sub-ring (no sends when it has one rank)."""
-    m, c = inp.model, cfg.teams
-    team_tokens = c * inp.tokens_per_rank
-    pairs = wallfacer_step_pairs(cfg.layout, inp.causal, inp.world, c, team_tokens)
-    kv = Send(2 * inp.batch * team_tokens * m.kv_dim, inp.itemsize, "kv")
-    dkv = (Send(kv.elems, inp.acc_itemsize, "dkv"),) if len(ring) > 1 else ()
-    last = len(pairs) - 1
-    fwd = tuple(Step(_flops(inp, m.heads, p), (kv,) if s < last else ()) for s, p in enumerate(pairs))
-    bwd = tuple(Step(ATTN_BWD_FACTOR * _flops(inp, m.heads, p), ((kv,) if s < last else ()) + dkv)
-                for s, p in enumerate(pairs))
+    m, team_tokens = inp.model, cfg.teams * inp.tokens_per_rank
+    pairs = wallfacer_step_pairs(cfg.layout, inp.causal, inp.world, cfg.teams, team_tokens)
+    block = 2 * inp.batch * team_tokens * m.kv_dim
+    fwd, bwd = _loop_steps(inp, m.heads, pairs, block, len(ring) > 1)
     return [RingLoop(ring, "fwd", fwd), RingLoop(ring, "bwd", bwd)]
 
 
@@ -549,7 +623,7 @@ def fpdt_schedule(inp: PlanInput, cfg: Config, rank: int) -> list[Stage]:
     """attention/fpdt.py: per chunk, one fused q,k,v all-to-all and one all-to-all of the output;
     backward: per chunk all-to-alls of dO, of dK/dV (input dtype) and of dQ. Same volume as
     Ulysses in u times as many calls; chunk copies to/from the host hidden under compute."""
-    m, u, group = inp.model, cfg.chunks, tuple(range(inp.world))
+    m, u, group = inp.model, cfg.chunks, inp.cluster.ranks
     rep = _kv_replication(m.heads, m.kv_heads, inp.world)
     piece_tokens = inp.batch * inp.tokens_per_rank // u
     a2a = lambda heads, phase, what: [Collective("all_to_all", piece_tokens * heads * m.head_dim,  # noqa: E731
@@ -666,6 +740,9 @@ STRATEGY_MODELS: dict[str, StrategyModel] = {
     "allgather": StrategyModel(allgather_schedule, _check_ring, _allgather_memory),
     "wallfacer": StrategyModel(wallfacer_schedule, _check_wallfacer, _wallfacer_memory),
     "fpdt": StrategyModel(fpdt_schedule, _check_fpdt, _fpdt_memory),
+    # LSS (ALGORITHMS.md): one fused all-gather of K,V, dK/dV reduce-scattered, outputs complete
+    # locally: allgather's schedule. attention/lss.py has not landed yet: unverified.
+    "lss": StrategyModel(allgather_schedule, _check_ring, _allgather_memory, verified=False),
 }
 
 
@@ -703,9 +780,8 @@ def paper_block_volume(inp: PlanInput, cfg: Config, rank: int = 0) -> dict[str, 
             continue
         if isinstance(stage, Collective) and stage.what != "lse":
             vol["collective"] += stage.elems * inp.itemsize * _collective_factor(stage)
-        elif isinstance(stage, RingLoop) and len(stage.steps) > 1:
-            block = max(s.elems for step in stage.steps for s in step.sends)
-            vol["p2p"] += len(stage.steps) * block * inp.itemsize
+        elif isinstance(stage, RingLoop) and len(stage.steps.items) > 1:
+            vol["p2p"] += len(stage.steps.items) * stage.steps.block_elems * inp.itemsize
     return vol
 
 
@@ -819,11 +895,11 @@ def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
     except ValueError as e:
         return Candidate(cfg, valid=False, reason=str(e), verified=model.verified)
     cl = inp.cluster
-    attn = max(sum(s.seconds(cl) for s in stages) for stages in schedules)
+    attn = max(sum(_stage_seconds(s, cl) for s in stages) for stages in schedules)
     compute = max(sum(_compute_seconds(s, cl) for s in stages) for stages in schedules)
     layer_fwd, head_fwd = _dense_flops(inp)
     dense = (1 + DENSE_BWD_FACTOR) * (inp.model.layers * layer_fwd + head_fwd) / cl.flops_per_s
-    grads = Collective("all_reduce", inp.model.params(), inp.itemsize, tuple(range(inp.world)), "bwd", "grads")
+    grads = Collective("all_reduce", inp.model.params(), inp.itemsize, inp.cluster.ranks, "bwd", "grads")
     grad_sync = max(0.0, grads.seconds(cl) - DENSE_BWD_FACTOR / (1 + DENSE_BWD_FACTOR) * dense)
     step = inp.model.layers * attn + dense + grad_sync
     host = max(sum(s.host_bytes for s in stages if isinstance(s, Compute)) for stages in schedules)
@@ -832,10 +908,16 @@ def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
                      fits=memory["total"] <= cl.memory_gib * GiB, verified=model.verified)
 
 
+@lru_cache(maxsize=65536)
+def _stage_seconds(stage: Stage, cluster: Cluster) -> float:
+    """Memoised: ranks running the same stage on equal groups share the result."""
+    return stage.seconds(cluster)
+
+
 def _compute_seconds(stage: Stage, cluster: Cluster) -> float:
     if isinstance(stage, RingLoop):
         return stage.compute_seconds(cluster)
-    return stage.seconds(cluster) if isinstance(stage, Compute) else 0.0
+    return stage.flops / cluster.flops_per_s if isinstance(stage, Compute) else 0.0
 
 
 def bytes_by_kind(stages: list[Stage], phase: str | None = None) -> dict[str, int]:
@@ -863,12 +945,8 @@ def _rank_key(c: Candidate):
 
 def plan(inp: PlanInput, strategies: list[str] | None = None) -> list[Candidate]:
     """All candidates ranked: valid and fitting by predicted step time, then valid but too
-    large for device memory, then invalid ones (each with its reason; strategies without a
-    cost model yet are listed as such)."""
+    large for device memory, then invalid ones (each with its reason)."""
     candidates = [evaluate(inp, cfg) for cfg in candidate_configs(inp, strategies)]
-    if strategies is None:
-        candidates += [Candidate(Config(name), valid=False, verified=False, reason="no cost model for this "
-                                 "strategy yet") for name in STRATEGY_ORDER if name not in STRATEGY_MODELS]
     rings = [c.step_time for c in candidates if c.valid and c.config.strategy == "ring"]
     if rings:
         for c in candidates:

@@ -126,8 +126,8 @@ def profile_rank(configs: list[tuple[str, dict]], *, batch: int, seq: int, heads
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
-        except ValueError as e:
-            results.append({"error": str(e)})
+        except (ValueError, ImportError) as e:  # same on every rank: bad config / strategy not installed
+            results.append({"error": f"{type(e).__name__}: {e}"})
             continue
         stats = torch.tensor([float(t) for t in times] + [float(sent.get(k, 0)) for k in KINDS], dtype=torch.float64)
         control.all_reduce(stats, op=dist.ReduceOp.MAX)
@@ -198,7 +198,7 @@ def _run_on_world(world: int, configs, kwargs) -> list[dict]:
 def _fmt_bytes(n: float) -> str:
     for unit, scale in (("GiB", GiB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
         if n >= scale:
-            return f"{n / scale:.3g} {unit}"
+            return f"{n / scale:.4g} {unit}"
     return f"{int(n)} B"
 
 
