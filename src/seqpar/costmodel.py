@@ -582,21 +582,6 @@ def _wallfacer_loops(inp: PlanInput, cfg: Config, ring: tuple[int, ...]) -> list
     return [RingLoop(ring, "fwd", fwd), RingLoop(ring, "bwd", bwd)]
 
 
-def _check_wallfacer(inp, cfg):
-    grid = _wallfacer_grid(inp, cfg)
-    _check_layout(inp, TokenLayout(cfg.layout, outer=grid.teams, inner=grid.team_size))
-
-
-def _wallfacer_memory(inp, cfg):
-    """Saved: the team's q (C*n rows), the placed team K/V and the team LSE; backward peak:
-    gathered dO and O of the team plus ring_backward's buffers on C*n-token blocks."""
-    m, b, e = inp.model, inp.batch, inp.itemsize
-    team_tokens = cfg.teams * inp.tokens_per_rank
-    saved = b * team_tokens * (m.hidden + 2 * m.kv_dim) * e + _lse_bytes(inp, m.heads, team_tokens)
-    peak = 2 * b * team_tokens * m.hidden * e + _ring_buffers(inp, team_tokens, m.heads, m.kv_heads)
-    return saved, peak
-
-
 def _fpdt_chunk_sizes(inp: PlanInput, cfg: Config) -> dict[str, int]:
     """Bytes of one chunk of each stored tensor (C = N/u tokens, h/P heads): q, kv, o, lse, dout, dq."""
     m, b, p = inp.model, inp.batch, inp.world
@@ -636,34 +621,9 @@ def fpdt_schedule(inp: PlanInput, cfg: Config, rank: int) -> list[Stage]:
             + a2a(2 * m.kv_heads * rep, "bwd", "dkv") + a2a(m.heads, "bwd", "dq"))
 
 
-def _check_fpdt(inp, cfg):
-    if cfg.layout != "contiguous":
-        raise ValueError(f"fpdt needs layout='contiguous', got {cfg.layout!r}")
-    _kv_replication(inp.model.heads, inp.model.kv_heads, inp.world)
-    _check_layout(inp, TokenLayout("contiguous", outer=1, inner=inp.world, chunks=cfg.chunks))
-
-
-def _fpdt_memory(inp, cfg):
-    """Without offload the ChunkStore keeps every chunk of q, k/v, o, lse on the device (saved)
-    and adds dO and dQ in backward; with offload they live on the host and the device holds
-    the chunks in use plus the prefetched ones (two of each) and one dK/dV accumulator."""
-    u, s = cfg.chunks, _fpdt_chunk_sizes(inp, cfg)
-    dkv = s["kv"] * inp.acc_itemsize // inp.itemsize
-    if cfg.offload:
-        return 0.0, 2 * (s["q"] + s["kv"] + s["o"] + s["lse"] + s["do"] + s["dq"]) + dkv
-    return u * (s["q"] + s["kv"] + s["o"] + s["lse"]), u * (s["do"] + s["dq"]) + dkv
-
-
-@dataclass(frozen=True)
-class StrategyModel:
-    schedule: Callable[[PlanInput, Config, int], list[Stage]]
-    check: Callable[[PlanInput, Config], None]
-    #: attention memory beyond the layer's own q/k/v/out: (saved per layer, peak working set), bytes
-    memory: Callable[[PlanInput, Config], tuple[float, float]]
-    #: True once modelled from the strategy's source and checked against CommStats in tests
-    verified: bool = True
-
-
+# ---------------------------------------------------------------------------------------------
+# validity checks (the same errors seqpar.init / attention raise)
+# ---------------------------------------------------------------------------------------------
 def _check_layout(inp: PlanInput, layout: TokenLayout) -> None:
     layout.check(inp.seq_len)
 
@@ -684,6 +644,28 @@ def _check_usp(inp, cfg):
     _check_layout(inp, TokenLayout(cfg.layout, outer=cfg.ring, inner=cfg.ulysses))
 
 
+def _check_lss(inp, cfg):
+    if cfg.layout not in ("contiguous", "zigzag"):
+        raise ValueError(f"lss splits the sequence into segments: layout must be contiguous or zigzag, "
+                         f"got {cfg.layout!r}")
+    _check_ring(inp, cfg)
+
+
+def _check_wallfacer(inp, cfg):
+    grid = _wallfacer_grid(inp, cfg)
+    _check_layout(inp, TokenLayout(cfg.layout, outer=grid.teams, inner=grid.team_size))
+
+
+def _check_fpdt(inp, cfg):
+    if cfg.layout != "contiguous":
+        raise ValueError(f"fpdt needs layout='contiguous', got {cfg.layout!r}")
+    _kv_replication(inp.model.heads, inp.model.kv_heads, inp.world)
+    _check_layout(inp, TokenLayout("contiguous", outer=1, inner=inp.world, chunks=cfg.chunks))
+
+
+# ---------------------------------------------------------------------------------------------
+# attention memory: (saved per layer, peak working set) in bytes, beyond q/k/v/out
+# ---------------------------------------------------------------------------------------------
 def _lse_bytes(inp: PlanInput, heads: int, seq: int) -> float:
     return inp.batch * heads * seq * inp.acc_itemsize
 
@@ -733,6 +715,35 @@ def _allgather_memory(inp, cfg):
     return kv_all * inp.itemsize + _lse_bytes(inp, m.heads, inp.tokens_per_rank), kv_all * inp.acc_itemsize + dq
 
 
+def _wallfacer_memory(inp, cfg):
+    """Saved: the team's q (C*n rows), the placed team K/V and the team LSE; backward peak:
+    gathered dO and O of the team plus ring_backward's buffers on C*n-token blocks."""
+    m, b, e = inp.model, inp.batch, inp.itemsize
+    team_tokens = cfg.teams * inp.tokens_per_rank
+    saved = b * team_tokens * (m.hidden + 2 * m.kv_dim) * e + _lse_bytes(inp, m.heads, team_tokens)
+    peak = 2 * b * team_tokens * m.hidden * e + _ring_buffers(inp, team_tokens, m.heads, m.kv_heads)
+    return saved, peak
+
+
+def _fpdt_memory(inp, cfg):
+    """Without offload the ChunkStore keeps every chunk of q, k/v, o, lse on the device (saved)
+    and adds dO and dQ in backward; with offload they live on the host and the device holds
+    the chunks in use plus the prefetched ones (two of each) and one dK/dV accumulator."""
+    u, s = cfg.chunks, _fpdt_chunk_sizes(inp, cfg)
+    dkv = s["kv"] * inp.acc_itemsize // inp.itemsize
+    if cfg.offload:
+        return 0.0, 2 * (s["q"] + s["kv"] + s["o"] + s["lse"] + s["do"] + s["dq"]) + dkv
+    return u * (s["q"] + s["kv"] + s["o"] + s["lse"]), u * (s["do"] + s["dq"]) + dkv
+
+
+@dataclass(frozen=True)
+class StrategyModel:
+    schedule: Callable[[PlanInput, Config, int], list[Stage]]
+    check: Callable[[PlanInput, Config], None]
+    #: attention memory beyond the layer's own q/k/v/out: (saved per layer, peak working set), bytes
+    memory: Callable[[PlanInput, Config], tuple[float, float]]
+
+
 STRATEGY_MODELS: dict[str, StrategyModel] = {
     "ring": StrategyModel(ring_schedule, _check_ring, _ring_memory),
     "ulysses": StrategyModel(ulysses_schedule, _check_ulysses, _ulysses_memory),
@@ -740,9 +751,8 @@ STRATEGY_MODELS: dict[str, StrategyModel] = {
     "allgather": StrategyModel(allgather_schedule, _check_ring, _allgather_memory),
     "wallfacer": StrategyModel(wallfacer_schedule, _check_wallfacer, _wallfacer_memory),
     "fpdt": StrategyModel(fpdt_schedule, _check_fpdt, _fpdt_memory),
-    # LSS (ALGORITHMS.md): one fused all-gather of K,V, dK/dV reduce-scattered, outputs complete
-    # locally: allgather's schedule. attention/lss.py has not landed yet: unverified.
-    "lss": StrategyModel(allgather_schedule, _check_ring, _allgather_memory, verified=False),
+    # attention/lss.py is AllGatherStrategy restricted to segment layouts
+    "lss": StrategyModel(allgather_schedule, _check_lss, _allgather_memory),
 }
 
 
@@ -806,7 +816,6 @@ class Candidate:
     memory: dict[str, float] = field(default_factory=dict)    # bytes per rank
     fits: bool = False
     speedup_vs_ring: float | None = None
-    verified: bool = True                  # bytes model checked against the implementation
     measured: dict | None = None           # filled by `seqpar plan --profile`
 
     @property
@@ -824,12 +833,17 @@ class Candidate:
                 "attention_time_per_layer_s": self.attention_time, "exposed_comm_per_layer_s": self.exposed_comm_time,
                 "comm_bytes_per_layer": self.comm_bytes, "host_bytes_per_layer": self.host_bytes,
                 "memory_bytes": self.memory, "fits": self.fits,
-                "speedup_vs_ring": self.speedup_vs_ring, "bytes_model_verified": self.verified,
-                "measured": self.measured}
+                "speedup_vs_ring": self.speedup_vs_ring, "measured": self.measured}
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _placements(world: int, teams: int) -> tuple[str, ...]:
+    """WallFacer placements worth comparing: with C^2 = P the sub-rings have one rank and both
+    placements are the same rank mapping."""
+    return ("collectives_intra",) if teams * teams == world else ("collectives_intra", "rings_intra")
 
 
 def candidate_configs(inp: PlanInput, strategies: list[str] | None = None) -> list[Config]:
@@ -847,7 +861,7 @@ def candidate_configs(inp: PlanInput, strategies: list[str] | None = None) -> li
             out += [Config("usp", lay, ulysses=u, ring=p // u) for u in _divisors(p)[1:-1] for lay in layouts]
         elif name == "wallfacer":
             out += [Config("wallfacer", lay, teams=c, placement=pl) for c in _divisors(p)[1:] if p % (c * c) == 0
-                    for pl in ("collectives_intra", "rings_intra") for lay in layouts]
+                    for pl in _placements(p, c) for lay in layouts]
         elif name == "fpdt":
             out += [Config("fpdt", "contiguous", chunks=u, offload=off) for u in (1, 2, 4, 8) for off in (False, True)]
         else:
@@ -893,7 +907,7 @@ def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
         schedules = [model.schedule(inp, cfg, r) for r in range(inp.world)]
         memory = memory_estimate(inp, cfg)
     except ValueError as e:
-        return Candidate(cfg, valid=False, reason=str(e), verified=model.verified)
+        return Candidate(cfg, valid=False, reason=str(e))
     cl = inp.cluster
     attn = max(sum(_stage_seconds(s, cl) for s in stages) for stages in schedules)
     compute = max(sum(_compute_seconds(s, cl) for s in stages) for stages in schedules)
@@ -905,7 +919,7 @@ def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
     host = max(sum(s.host_bytes for s in stages if isinstance(s, Compute)) for stages in schedules)
     return Candidate(cfg, step_time=step, attention_time=attn, exposed_comm_time=attn - compute,
                      comm_bytes=max_bytes_by_kind(schedules), host_bytes=host, memory=memory,
-                     fits=memory["total"] <= cl.memory_gib * GiB, verified=model.verified)
+                     fits=memory["total"] <= cl.memory_gib * GiB)
 
 
 @lru_cache(maxsize=65536)

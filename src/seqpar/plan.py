@@ -226,10 +226,9 @@ def format_table(candidates: list[Candidate]) -> str:
                          f"invalid: {c.reason}")
             continue
         speedup = f"{c.speedup_vs_ring:.2f}x" if c.speedup_vs_ring else "-"
-        note = "" if c.verified else "  (bytes model not checked against the implementation)"
         lines.append(f"{i:>3}  {c.label:<44} {_fmt_seconds(c.step_time):>10} {speedup:>7} "
                      f"{_fmt_seconds(c.attention_time):>10} {_fmt_seconds(c.exposed_comm_time):>10} "
-                     f"{_fmt_bytes(c.memory['total']):>10} {'yes' if c.fits else 'NO':>4}  {_fmt_kinds(c)}{note}")
+                     f"{_fmt_bytes(c.memory['total']):>10} {'yes' if c.fits else 'NO':>4}  {_fmt_kinds(c)}")
     return "\n".join(lines)
 
 
