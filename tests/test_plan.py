@@ -186,6 +186,9 @@ def test_cli_table_and_errors(capsys):
     assert "ring zigzag" in table and "invalid: Ulysses degree 8 must divide" in table
     assert cli.main(["plan", "--world", "8", "--seq-len", "100"]) == 2
     assert "not divisible by the world size 8" in capsys.readouterr().err
+    assert cli.main(["plan", "--world", "4", "--model", "tiny", "--seq-len", "64", "--profile",
+                     "--profile-iters", "0"]) == 2
+    assert "--profile-iters must be >= 1" in capsys.readouterr().err
 
 
 def test_profile_ranks_by_measured_time(worlds):

@@ -86,10 +86,11 @@ def _strategies(args) -> list[str] | None:
 # ---------------------------------------------------------------------------------------------
 # profiling
 # ---------------------------------------------------------------------------------------------
-def attention_iteration(ctx, full: tuple, causal: bool) -> dict[str, int]:
-    """One forward+backward of ctx.attention on this rank's shards of full-sequence q, k, v,
-    dout ([batch, seq, heads, head_dim]); returns the bytes this rank sent per kind."""
-    q, k, v, dout = (ctx.shard(t) for t in full)
+def attention_iteration(ctx, shards: tuple, causal: bool) -> dict[str, int]:
+    """One forward+backward of ctx.attention on this rank's q, k, v, dout shards
+    ([batch, seq_local, heads, head_dim], `ctx.shard` of the full tensors); returns the bytes
+    this rank sent per kind."""
+    q, k, v, dout = shards
     local = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     ctx.reset_comm_stats()
     out = ctx.attention(*local, causal=causal)
@@ -116,21 +117,24 @@ def profile_rank(configs: list[tuple[str, dict]], *, batch: int, seq: int, heads
     for strategy, kwargs in configs:
         try:
             ctx = seqpar.init(strategy, **kwargs)
+            shards = tuple(ctx.shard(t) for t in full)
             for _ in range(warmup):
-                attention_iteration(ctx, full, causal)
+                attention_iteration(ctx, shards, causal)
             times, sent = [], {}
             for _ in range(iters):
                 dist.barrier()
                 t0 = time.perf_counter()
-                sent = attention_iteration(ctx, full, causal)
+                sent = attention_iteration(ctx, shards, causal)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
         except (ValueError, ImportError) as e:  # same on every rank: bad config / strategy not installed
             results.append({"error": f"{type(e).__name__}: {e}"})
             continue
-        stats = torch.tensor([float(t) for t in times] + [float(sent.get(k, 0)) for k in KINDS], dtype=torch.float64)
+        stats = torch.tensor([float(t) for t in times] + [float(sent.get(k, 0)) for k in KINDS],
+                             dtype=torch.float64, device=device)
         control.all_reduce(stats, op=dist.ReduceOp.MAX)
+        stats = stats.cpu()
         results.append({"seconds": statistics.median(stats[:iters].tolist()),
                         "bytes": {k: int(b) for k, b in zip(KINDS, stats[iters:].tolist()) if b}})
     return results
@@ -160,6 +164,9 @@ def profile(inp: PlanInput, candidates: list[Candidate], args, runner: Runner | 
     (each with `.measured` = seconds, measured and predicted bytes, or an error).
     runner(world, configs, kwargs) runs profile_rank on a world (default: local ProcessWorld,
     or the current torch.distributed world under torchrun) and returns its result."""
+    if args.profile_top < 1 or args.profile_iters < 1 or args.profile_warmup < 0:
+        raise ValueError(f"--profile-top and --profile-iters must be >= 1 and --profile-warmup >= 0, got "
+                         f"{args.profile_top}, {args.profile_iters}, {args.profile_warmup}")
     chosen = [c for c in candidates if c.valid][: args.profile_top]
     small, shape = _profile_shape(inp, args)
     kwargs = {"iters": args.profile_iters, "warmup": args.profile_warmup, **shape}
@@ -177,16 +184,22 @@ def profile(inp: PlanInput, candidates: list[Candidate], args, runner: Runner | 
 def _run_on_world(world: int, configs, kwargs) -> list[dict]:
     import torch.distributed as dist
 
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():  # under torchrun
+    created = "WORLD_SIZE" in os.environ and not dist.is_initialized()  # under torchrun
+    if created:
         import torch
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
     if dist.is_initialized():
-        if dist.get_world_size() != world:
-            raise ValueError(f"--world {world} does not match the running world of {dist.get_world_size()} ranks")
-        return profile_rank(configs, **kwargs)
+        try:
+            if dist.get_world_size() != world:
+                raise ValueError(f"--world {world} does not match the running world of "
+                                 f"{dist.get_world_size()} ranks")
+            return profile_rank(configs, **kwargs)
+        finally:
+            if created:
+                dist.destroy_process_group()
     from .testing import ProcessWorld
     with ProcessWorld(world) as pw:
         return pw.run(profile_rank, configs, **kwargs)[0]
@@ -277,5 +290,5 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _is_secondary_rank() -> bool:
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+    """Under torchrun only rank 0 prints."""
+    return int(os.environ.get("RANK", "0")) != 0

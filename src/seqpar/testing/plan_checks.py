@@ -17,7 +17,11 @@ def measured_attention_bytes(configs: list[tuple[str, dict[str, Any]]], *, batch
     """For each (strategy, init_kwargs): bytes this rank sent per kind (CommStats) in one
     forward+backward of ctx.attention on [batch, seq, heads, head_dim] inputs."""
     full = make_inputs(batch, seq, heads, kv_heads, head_dim, DTYPES[dtype], seed)
-    return [attention_iteration(seqpar.init(strategy, **kwargs), full, causal) for strategy, kwargs in configs]
+    out = []
+    for strategy, kwargs in configs:
+        ctx = seqpar.init(strategy, **kwargs)
+        out.append(attention_iteration(ctx, tuple(ctx.shard(t) for t in full), causal))
+    return out
 
 
 def fpdt_host_copies(chunks: int, *, batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, dtype: str,
