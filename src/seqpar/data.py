@@ -8,7 +8,7 @@ Sources (all memory-mapped, read-only, 1-D token arrays):
   version (1) and vocab size, then uint16 little-endian tokens (`write_token_file`).
 
 With no data file, `stdlib_corpus` builds a deterministic byte corpus from the Python
-standard library's ``.py`` sources (sorted paths, capped), cached under the run directory.
+standard library's ``.py`` sources (hash-ordered files, capped), cached under the run directory.
 
 `SequenceLoader` draws windows of seq_len + 1 tokens at offsets that depend only on
 (seed, step), so its state is two integers and a resumed run sees the same batches;
@@ -18,6 +18,7 @@ data-parallel rank r takes rows [r*batch, (r+1)*batch) of each global batch.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -101,18 +102,21 @@ def _open_bin(path: Path) -> TokenData:
 
 
 def stdlib_corpus(cache_dir: str | os.PathLike, max_bytes: int = 4_000_000) -> Path:
-    """Concatenate the standard library's .py files (sorted, first max_bytes bytes) into a cached file.
+    """Concatenate the standard library's .py files into a cached byte file of at most max_bytes.
 
-    Deterministic for a given Python installation; written atomically, rebuilt only if missing.
+    Files are taken in the order of the SHA-1 of their relative paths: deterministic for a
+    given Python installation, yet a mix of the whole library (alphabetical order would put,
+    e.g., all the encodings/ code-page tables into the held-out tail). Written atomically,
+    rebuilt only if missing.
     """
-    out = Path(cache_dir) / f"stdlib_corpus_{max_bytes}.txt"
+    out = Path(cache_dir) / f"python_stdlib_{max_bytes}.txt"
     if out.is_file() and out.stat().st_size > 0:
         return out
     root = Path(sysconfig.get_paths()["stdlib"])
+    files = [f for f in root.rglob("*.py") if "site-packages" not in f.parts and f.is_file()]
+    files.sort(key=lambda f: hashlib.sha1(f.relative_to(root).as_posix().encode()).hexdigest())
     pieces, total = [], 0
-    for f in sorted(root.rglob("*.py")):
-        if "site-packages" in f.parts or not f.is_file():
-            continue
+    for f in files:
         data = f.read_bytes()
         pieces.append(data)
         total += len(data)

@@ -102,6 +102,15 @@ class ProgressBar:
             self.stream.flush()
 
 
+def _ema(values: Iterable[float], decay: float = 0.9) -> list[float]:
+    """Bias-corrected exponential moving average (as in Adam), for a readable noisy curve."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = decay * avg + (1 - decay) * v
+        out.append(avg / (1 - decay ** i))
+    return out
+
+
 def plot_loss_curve(records: Iterable[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
     """Write train (and validation) loss vs step as a PNG (matplotlib, Agg backend)."""
     import matplotlib
@@ -113,9 +122,11 @@ def plot_loss_curve(records: Iterable[dict[str, Any]], path: str | os.PathLike, 
     val = [(r["step"], r["val_loss"]) for r in records if r.get("type") == "val"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1)
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss")
+        ax.plot(steps, _ema(losses), color="tab:blue", linewidth=2, label="train loss (EMA 0.9)")
     if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.plot(*zip(*val), "o-", color="tab:orange", label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
     ax.set_title(title)

@@ -184,8 +184,6 @@ def _check_choice(name: str, value: str, choices) -> None:
 
 # -- configuration files and flags -----------------------------------------------------------------
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
 _DEFAULTS = TrainConfig()
 
 
@@ -196,10 +194,9 @@ def _field_type(name: str) -> type:
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Check a config-file value against the field's type (ints are accepted for floats)."""
     want = _field_type(name)
-    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if not ok:
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
         raise ValueError(f"{source}: {name} must be {want.__name__}, got {value!r}")
     return value
 
@@ -551,7 +548,7 @@ def launch_local(cfg: TrainConfig) -> None:
         try:
             mp.start_processes(_local_worker, args=(cfg.nproc, rendezvous, cfg.to_dict()), nprocs=cfg.nproc,
                                join=True, start_method="spawn")
-        except mp.ProcessRaisedException as e:
+        except mp.ProcessRaisedException:
             errors = sorted(Path(rendezvous).glob("error_rank*"))
             if errors:  # a configuration/data error found inside a worker: report it plainly
                 raise ValueError(errors[0].read_text()) from None
