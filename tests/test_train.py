@@ -238,3 +238,24 @@ def test_cli_end_to_end(tmp_path):
 
 def test_packaged_default_config_is_the_default():
     assert TrainConfig(**load_config("default")) == TrainConfig()
+
+
+def test_cli_reports_errors_found_inside_workers(tmp_path):
+    """A strategy rejecting its configuration in the workers is a one-line error, exit code 2."""
+    cmd = [sys.executable, "-m", "seqpar", "train", "--config", "tiny", "--nproc", "2", "--strategy", "ulysses",
+           "--dim", "40", "--n-heads", "5", "--n-kv-heads", "5", "--out-dir", str(tmp_path), "--corpus-bytes",
+           "60000"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    assert "error: Ulysses degree 2 must divide the number of attention heads (5)" in proc.stderr
+
+
+def test_torchrun_launch(tmp_path):
+    """Under torchrun (RANK/WORLD_SIZE set) the same command joins that world (gloo on CPU)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "seqpar", "train",
+           "--config", "tiny", "--steps", "2", "--out-dir", str(tmp_path), "--corpus-bytes", "60000", "--no-plot"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2]
+    assert json.loads((tmp_path / "config.json").read_text())["world_size"] == 2

@@ -511,6 +511,10 @@ class Trainer:
         if self.cfg.plot:
             title = f"{self.cfg.strategy} sp={self.mesh.sp} dp={self.mesh.dp} ({self.num_params / 1e6:.2f}M params)"
             plot_loss_curve(read_jsonl(self.log.path), self.out_dir / "loss.png", title)
+        if self.cfg.progress:
+            print(f"seqpar train: done; log {self.log.path}" + (f", plot {self.out_dir / 'loss.png'}" if self.cfg.plot
+                  else "") + (f", checkpoints {self.ckpt_root}" if self.cfg.checkpoint_every else ""),
+                  file=sys.stderr)
 
 
 def train(cfg: TrainConfig, group: dist.ProcessGroup | None = None) -> dict[str, Any]:
@@ -581,8 +585,4 @@ def main(args: argparse.Namespace) -> int:
     print(f"seqpar train: {cfg.nproc} local gloo processes, strategy {cfg.strategy} (dp={cfg.dp}, "
           f"sp={cfg.sp_size(world)}), seq_len {cfg.seq_len}, data {cfg.data}, out {cfg.out_dir}", file=sys.stderr)
     launch_local(cfg)
-    out = Path(cfg.out_dir)
-    print(f"seqpar train: done; log {out / 'metrics.jsonl'}"
-          + (f", plot {out / 'loss.png'}" if cfg.plot else "")
-          + (f", checkpoints {out / 'checkpoints'}" if cfg.checkpoint_every else ""), file=sys.stderr)
     return 0
