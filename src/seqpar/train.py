@@ -57,62 +57,67 @@ _MODEL_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_di
 _SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
 
 
+def _opt(default: Any, help_text: str):
+    """A TrainConfig field with its --help text."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs; every field is a `--flag` and a config-file key."""
 
     # model (byte-level by default: vocab 256)
-    vocab_size: int = 256
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 8
-    n_kv_heads: int = 4
-    ffn_dim: int = 0                    # 0: SwiGLU default 8/3 * dim
-    mlp_chunks: int = 1                 # FPDT chunked MLP
-    loss_chunks: int = 1                # FPDT chunked LM head + loss
-    activation_checkpointing: bool = False
+    vocab_size: int = _opt(256, "vocabulary size (256 for raw bytes)")
+    dim: int = _opt(256, "model width")
+    n_layers: int = _opt(4, "decoder blocks")
+    n_heads: int = _opt(8, "attention heads")
+    n_kv_heads: int = _opt(4, "key/value heads (GQA when < n_heads)")
+    ffn_dim: int = _opt(0, "SwiGLU hidden size; 0: 8/3 * dim rounded up to 32")
+    mlp_chunks: int = _opt(1, "FPDT chunked MLP (recompute in backward)")
+    loss_chunks: int = _opt(1, "FPDT chunked LM head + cross-entropy")
+    activation_checkpointing: bool = _opt(False, "recompute every block in backward")
     # data
-    data: str = ""                      # byte file, .npy or .bin tokens; "" = Python stdlib corpus
-    corpus_bytes: int = 4_000_000       # size of the stdlib corpus
-    val_fraction: float = 0.05
-    seq_len: int = 1024
-    batch: int = 1                      # sequences per data-parallel rank and step
+    data: str = _opt("", "raw byte file, .npy or .bin token file; empty: Python stdlib corpus")
+    corpus_bytes: int = _opt(4_000_000, "size of the stdlib corpus")
+    val_fraction: float = _opt(0.05, "held-out tail of the data for validation")
+    seq_len: int = _opt(1024, "global sequence length (sharded over sp ranks)")
+    batch: int = _opt(1, "sequences per data-parallel rank and step")
     # optimisation
-    steps: int = 150
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup: int = 15
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0              # 0: no clipping
-    seed: int = 0
-    dtype: str = "float32"              # float32 | bfloat16 (autocast, fp32 weights) | float64
+    steps: int = _opt(150, "optimizer steps")
+    lr: float = _opt(3e-3, "peak learning rate (AdamW)")
+    min_lr: float = _opt(3e-4, "learning rate at the end of the cosine decay")
+    warmup: int = _opt(15, "linear warmup steps")
+    weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "global gradient-norm clip; 0: off")
+    seed: int = _opt(0, "initial weights and data order")
+    dtype: str = _opt("float32", "float32 | bfloat16 (autocast, fp32 weights) | float64")
     # parallelism
-    nproc: int = 4                      # local processes when not under torchrun
-    dp: int = 1
-    sp: int = 0                         # 0: world_size / dp
-    strategy: str = "wallfacer"
-    ulysses: int = 0                    # 0: the strategy's default
-    ring: int = 0                       # 0: the strategy's default
-    teams: int = 0                      # 0: wallfacer -> 2 when sp % 4 == 0, else the strategy's default
-    layout: str = "zigzag"
-    chunks: int = 1
-    offload: bool = False
-    kernel: str = "auto"
-    strategy_options: dict = field(default_factory=dict)
-    fsdp: bool = False                  # shard parameters with FSDP2 fully_shard over all ranks
+    nproc: int = _opt(4, "local processes when not under torchrun")
+    dp: int = _opt(1, "data-parallel degree")
+    sp: int = _opt(0, "sequence-parallel degree; 0: world size / dp")
+    strategy: str = _opt("wallfacer", "attention strategy: local ring ulysses usp allgather wallfacer lss fpdt")
+    ulysses: int = _opt(0, "Ulysses degree (usp); 0: the strategy's default")
+    ring: int = _opt(0, "ring degree (usp); 0: the strategy's default")
+    teams: int = _opt(0, "WallFacer team size C; 0: 2 for wallfacer when sp % 4 == 0")
+    layout: str = _opt("zigzag", "token layout: contiguous | zigzag | striped")
+    chunks: int = _opt(1, "FPDT sequence chunks")
+    offload: bool = _opt(False, "FPDT host offload of K/V chunks")
+    kernel: str = _opt("auto", "block attention kernel")
+    strategy_options: dict = field(default_factory=dict, metadata={"help": "extra seqpar.init options"})
+    fsdp: bool = _opt(False, "shard parameters with FSDP2 fully_shard over all ranks")
     # output
-    out_dir: str = "runs/train"
-    log_every: int = 10
-    eval_every: int = 50                # 0: only at the end
-    eval_batches: int = 2
-    checkpoint_every: int = 50          # 0: never
-    keep_checkpoints: int = 2
-    resume: str = ""                    # "" | "latest" | checkpoint directory
-    peak_tflops: float = 0.0            # per device; 0: auto (GPU table, 0.1 per CPU process)
-    progress: bool = True
-    plot: bool = True
+    out_dir: str = _opt("runs/train", "log, plot, config, checkpoints, cached corpus")
+    log_every: int = _opt(10, "progress-bar period (steps)")
+    eval_every: int = _opt(50, "validation period (and at the end); 0: only at the end")
+    eval_batches: int = _opt(2, "validation batches")
+    checkpoint_every: int = _opt(50, "checkpoint period (and at the end); 0: never")
+    keep_checkpoints: int = _opt(2, "checkpoints kept; 0: all")
+    resume: str = _opt("", "'latest' or a checkpoint directory")
+    peak_tflops: float = _opt(0.0, "per-device peak TFLOP/s for MFU; 0: auto (GPU table, 0.1 per CPU process)")
+    progress: bool = _opt(True, "progress bar and summary on rank 0")
+    plot: bool = _opt(True, "loss-curve PNG at the end")
 
     # -- derived -------------------------------------------------------------------------------
     def model_config(self) -> ModelConfig:
@@ -261,13 +266,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, f in _FIELDS.items():
         flag = "--" + name.replace("_", "-")
         kind = _field_type(name)
+        help_text = f"{f.metadata['help']} (default: {getattr(_DEFAULTS, name)!r})".replace("%", "%%")
         if name == "strategy_options":
             parser.add_argument("--strategy-option", dest=name, action="append", metavar="KEY=VALUE",
-                                help="extra strategy option for seqpar.init (repeatable)")
+                                help="extra seqpar.init option (repeatable)")
         elif kind is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
         else:
-            parser.add_argument(flag, dest=name, type=kind, default=None, metavar=kind.__name__.upper())
+            parser.add_argument(flag, dest=name, type=kind, default=None, metavar=kind.__name__.upper(),
+                                help=help_text)
 
 
 def build_config(argv: list[str]) -> TrainConfig:
