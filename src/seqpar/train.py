@@ -241,7 +241,10 @@ def load_config(name: str) -> dict[str, Any]:
             import yaml
             raw = yaml.safe_load(text) or {}
         else:
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
             raw = tomllib.loads(text.decode())
     except Exception as e:  # noqa: BLE001 - tomllib/yaml parse errors have several types
         raise ValueError(f"cannot parse config file {str(path)!r}: {e}") from None
