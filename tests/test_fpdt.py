@@ -6,7 +6,7 @@ largest value (bf16 inputs and outputs, fp32 softmax accumulation).
 import pytest
 
 from seqpar.testing.checks import attention_exactness, expect_error
-from seqpar.testing.fpdt_checks import offload_behaviour
+from seqpar.testing.fpdt_checks import attention_memory, offload_behaviour
 
 TOL = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2}
 GRADS = ("out", "lse", "dq", "dk", "dv")
@@ -69,6 +69,18 @@ def test_without_offload_chunks_stay_on_device_and_no_grad_keeps_nothing(worlds)
     assert on_device["final"]["device_bytes"] == 0
     inference = worlds.run(2, offload_behaviour, 4, True, True, grad=False)[0]
     assert inference["after_forward"]["host_bytes"] == 0  # nothing kept for a backward that never comes
+
+
+def test_offload_frees_device_memory_between_forward_and_backward(worlds):
+    """Measured independently of the store's own counters (StorageMeter on torch's ops)."""
+    kw = dict(seq=256, heads=4, head_dim=8)
+    offloaded = worlds.run(2, attention_memory, "fpdt", {"chunks": 4, "offload": True}, **kw)
+    on_device = worlds.run(2, attention_memory, "fpdt", {"chunks": 4, "offload": False}, **kw)
+    for a, b in zip(offloaded, on_device):
+        q_bytes = a["input_bytes"] // 3
+        assert b["retained"] >= 4 * q_bytes  # q, k, v and o of every chunk stay on the device
+        assert a["retained"] <= q_bytes // 2  # at most one chunk's in-flight all-to-all buffers
+        assert a["host_peak"] >= 4 * q_bytes and a["peak"] < b["peak"]
 
 
 @pytest.mark.parametrize("kwargs, run, match", [

@@ -55,20 +55,23 @@ def _nbytes(t: Tensor) -> int:
 
 
 class _NumpyHost:
-    """CPU "host memory": numpy-owned byte arrays, outside torch's CPU allocator.
+    """Host memory without CUDA: numpy-owned byte arrays, outside torch's allocator.
 
     On a CPU-only machine host and device are the same RAM; keeping offloaded chunks out
     of torch's allocator keeps them apart from the tensors that stand in for device
-    memory (the memory benchmark measures that allocator), and every fetch is a real copy.
+    memory (what the memory benchmark measures), and every fetch is a real copy.
     """
 
+    def __init__(self, device: torch.device):
+        self.device = device
+
     def to_host(self, t: Tensor):
-        flat = t.detach().contiguous().view(-1).view(torch.uint8)
+        flat = t.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
         return flat.numpy().copy(), t.dtype, t.shape
 
     def to_device(self, handle) -> tuple[Tensor, None]:
         data, dtype, shape = handle
-        return torch.from_numpy(data).view(dtype).view(shape).clone(), None
+        return torch.from_numpy(data).view(dtype).view(shape).to(self.device, copy=True), None
 
     def ready(self, t: Tensor, event) -> None:
         pass
@@ -118,7 +121,7 @@ class ChunkStore:
         self._prefetched: dict[Hashable, tuple[Tensor, object]] = {}
         self._host = None
         if offload:
-            self._host = _PinnedHost(self.device) if self.device.type == "cuda" else _NumpyHost()
+            self._host = _PinnedHost(self.device) if self.device.type == "cuda" else _NumpyHost(self.device)
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._items

@@ -7,21 +7,22 @@ by benchmarks/memory.py).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import tempfile
 import time
+import weakref
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import seqpar
 
 from .checks import DTYPES, make_inputs
 
-__all__ = ["offload_behaviour", "attention_memory", "peak_rss_bytes"]
+__all__ = ["offload_behaviour", "attention_memory", "peak_rss_bytes", "StorageMeter"]
 
 
 def offload_behaviour(chunks: int, offload: bool, causal: bool, *, seq: int = 32, heads: int = 4,
@@ -39,39 +40,79 @@ def offload_behaviour(chunks: int, offload: bool, causal: bool, *, seq: int = 32
             "chunk_bytes": q.numel() * q.element_size() // chunks}
 
 
+def _proc_status(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes (0 where unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size (VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _proc_status("VmHWM")
 
 
 Phases = dict[str, tuple[int, int]]  # phase -> (peak, live at its end), bytes above the start
 
 
-def _cpu_phases(run) -> Phases:
-    """Run `run(mark)` under the profiler, `mark(name)` opening a phase; measures torch's CPU
-    allocator from the profiler's memory events. Only allocations made while profiling
-    count, so the tensors that existed before (inputs) are the baseline 0."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+class StorageMeter(TorchDispatchMode):
+    """Live bytes of the tensor storages that operators allocate while the mode is active.
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run(record_function)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    mem = sorted((e["ts"], e["args"]["Total Allocated"], e["args"]["Bytes"]) for e in events
-                 if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0)
-    base = mem[0][1] - mem[0][2] if mem else 0  # leftovers of earlier profiling sessions
+    Every op output whose storage is new (not one of the op's inputs' storages) is counted
+    until that storage is freed — on whatever thread drops it last (gloo releases its
+    buffers on its own threads, which the profiler's CPU memory events miss). Tensors
+    created outside operators (FPDT's numpy-backed host pool) are not counted; neither are
+    buffers private to a C++ kernel (the flash kernel's per-thread tiles).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._tracked: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {id(t.untyped_storage()) for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, Tensor) and t.device.type != "meta"}
+        out = func(*args, **kwargs)
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, Tensor) and t.device.type != "meta":
+                self._track(t.untyped_storage(), inputs)
+        return out
+
+    def _track(self, storage, inputs: set[int]) -> None:
+        key, n = id(storage), storage.nbytes()  # storage objects live exactly as long as the storage
+        if n == 0 or key in inputs or key in self._tracked:
+            return
+        self._tracked.add(key)
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._release, key, n)
+
+    def _release(self, key: int, n: int) -> None:
+        self._tracked.discard(key)
+        self.live -= n
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+
+def _cpu_phases(run) -> Phases:
+    """Run `run(mark)`, `mark(name)` opening a phase, under a StorageMeter."""
     phases: Phases = {}
-    for e in events:
-        if e.get("ph") == "X" and e.get("name") in ("forward", "backward"):
-            inside = [total - base for ts, total, _ in mem if e["ts"] <= ts <= e["ts"] + e["dur"]]
-            phases[e["name"]] = (max(inside, default=0), inside[-1] if inside else 0)
+    with StorageMeter() as meter:
+        @contextmanager
+        def mark(name):
+            meter.reset_peak()
+            yield
+            phases[name] = (meter.peak, meter.live)
+
+        run(mark)
     return phases
 
 
@@ -92,6 +133,18 @@ def _cuda_phases(run, dev: torch.device) -> Phases:
     return phases
 
 
+def _inputs(ctx, dev, seq, batch, heads, kv_heads, head_dim, dtype):
+    """This rank's q, k, v (requiring grad) and dout on `dev`."""
+    full = make_inputs(batch, seq, heads, kv_heads or heads, head_dim, DTYPES[dtype], 0)
+    q, k, v, dout = (ctx.shard(t).to(dev).contiguous() for t in full)
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), dout
+
+
+def _attention_step(ctx, dev, seq, batch, heads, kv_heads, head_dim, dtype, causal) -> None:
+    q, k, v, dout = _inputs(ctx, dev, seq, batch, heads, kv_heads, head_dim, dtype)
+    ctx.attention(q, k, v, causal=causal).backward(dout)
+
+
 def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -102,17 +155,18 @@ def attention_memory(strategy: str, init_kwargs: dict[str, Any], *, seq: int, ba
     """Device memory of one attention forward + backward on this rank, in bytes above the
     inputs q/k/v/dout, excluding the interface tensors (out, lse, and dq/dk/dv in backward).
 
-    CUDA (when available): torch.cuda allocator statistics. CPU: torch's CPU allocator as
-    seen by the profiler's memory events (FPDT's offloaded chunks live outside it, see
+    CUDA (when available): torch.cuda allocator statistics. CPU: a StorageMeter (bytes of
+    live tensors allocated by operators; FPDT's offloaded chunks live outside torch, see
     fpdt.ChunkStore). retained: held from forward to backward (saved activations);
     peak: the larger of the forward and backward working peaks; host_peak: FPDT host bytes;
-    rss_peak: the process's peak RSS (includes everything, host memory too).
+    rss_growth: peak RSS minus RSS before the call (everything, host memory too; meaningful
+    in a fresh process: only a small warm-up call, 1/16 of the sequence, runs before).
     """
     ctx = seqpar.init(strategy, **init_kwargs)
     dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    full = make_inputs(batch, seq, heads, kv_heads or heads, head_dim, DTYPES[dtype], 0)
-    q, k, v, dout = (ctx.shard(t).to(dev).contiguous() for t in full)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    g = ctx.layout.granularity()
+    _attention_step(ctx, dev, max(g, seq // 16 // g * g), batch, heads, kv_heads, head_dim, dtype, causal)  # warm-up
+    q, k, v, dout = _inputs(ctx, dev, seq, batch, heads, kv_heads, head_dim, dtype)
     held: dict[str, Any] = {}
 
     def run(mark):
@@ -122,6 +176,7 @@ def attention_memory(strategy: str, init_kwargs: dict[str, Any], *, seq: int, ba
             held["out"].backward(dout)
 
     dist.barrier()
+    rss_before = _proc_status("VmRSS")
     t0 = time.perf_counter()
     phases = _cuda_phases(run, dev) if dev.type == "cuda" else _cpu_phases(run)
     seconds = time.perf_counter() - t0
@@ -131,4 +186,4 @@ def attention_memory(strategy: str, init_kwargs: dict[str, Any], *, seq: int, ba
     return {"seq": seq, "retained": phases["forward"][1] - interface,
             "peak": max(phases["forward"][0] - interface, phases["backward"][0] - interface - grads),
             "input_bytes": _nbytes(q, k, v), "host_peak": stats.host_peak if stats else 0,
-            "rss_peak": peak_rss_bytes(), "seconds": seconds, "device": dev.type}
+            "rss_growth": peak_rss_bytes() - rss_before, "seconds": seconds, "device": dev.type}
