@@ -7,20 +7,10 @@ import pytest
 import torch
 
 from seqpar.model import ModelConfig, apply_rope, rope_tables
-from seqpar.testing.train_checks import dit_step, transformer_step
+from seqpar.testing.train_checks import STRATEGY_CASES, dit_step, transformer_step
 
 TOL = 1e-10
 
-# (strategy, seqpar.init kwargs) on 4 processes: every strategy, with causal load balancing
-STRATEGY_CASES = [
-    ("ring", {"layout": "zigzag"}),
-    ("ulysses", {}),
-    ("usp", {"ulysses": 2, "layout": "zigzag"}),
-    ("allgather", {"layout": "striped"}),
-    ("wallfacer", {"teams": 2, "layout": "zigzag"}),
-    ("lss", {}),
-    ("fpdt", {"chunks": 2}),
-]
 
 
 def assert_close(got, ref, what):

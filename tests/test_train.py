@@ -16,23 +16,14 @@ import torch
 
 from seqpar.data import SequenceLoader, open_tokens, split_tokens, stdlib_corpus, write_token_file
 from seqpar.train import TrainConfig, build_config, load_config
-from seqpar.testing.train_checks import loader_sharding, run_training, training_error
+from seqpar.testing.train_checks import STRATEGY_CASES, loader_sharding, run_training, training_error
 
 PARITY_TOL = 1e-9
 BASE = dict(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=64, batch=2, steps=3,
             warmup=1, lr=1e-2, min_lr=1e-3, dtype="float64", eval_every=0, eval_batches=1, checkpoint_every=0,
             progress=False, plot=False, layout="contiguous", strategy="local")
 
-# (strategy, TrainConfig overrides) on 4 processes
-PARITY_CASES = [
-    ("ring", {"layout": "zigzag"}),
-    ("ulysses", {}),
-    ("usp", {"ulysses": 2, "layout": "zigzag"}),
-    ("allgather", {"layout": "striped"}),
-    ("wallfacer", {"teams": 2, "layout": "zigzag"}),
-    ("lss", {}),
-    ("fpdt", {"chunks": 2}),
-]
+PARITY_CASES = STRATEGY_CASES  # TrainConfig overrides use the seqpar.init names
 
 
 @pytest.fixture(scope="module")

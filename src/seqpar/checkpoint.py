@@ -26,6 +26,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from .data import atomic_write
+
 __all__ = ["save_checkpoint", "load_checkpoint", "resolve_checkpoint", "read_meta", "LATEST", "META"]
 
 LATEST = "latest"
@@ -35,15 +37,6 @@ _PREFIX = "step_"
 
 def _name(step: int) -> str:
     return f"{_PREFIX}{step:08d}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -72,9 +65,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
     dist.barrier(group=group)
     if rank == 0:
         record = {**meta, "step": step, "world_size": dist.get_world_size(group)}
-        _write_atomic(tmp / META, json.dumps(record, indent=1, sort_keys=True))
+        atomic_write(tmp / META, json.dumps(record, indent=1, sort_keys=True))
         _replace_dir(tmp, final)
-        _write_atomic(root / LATEST, final.name + "\n")
+        atomic_write(root / LATEST, final.name + "\n")
         _prune(root, keep)
     dist.barrier(group=group)
     return final

@@ -55,7 +55,7 @@ def write_token_file(path: str | os.PathLike, tokens: np.ndarray, vocab_size: in
     if vocab_size > 65536 or (tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size)):
         raise ValueError(f"tokens must lie in [0, {vocab_size}) with vocab_size <= 65536")
     header = np.array([(TOKEN_MAGIC, 1, vocab_size)], dtype=_HEADER)
-    _atomic_write(Path(path), header.tobytes() + tokens.astype("<u2").tobytes())
+    atomic_write(Path(path), header.tobytes() + tokens.astype("<u2").tobytes())
 
 
 def open_tokens(path: str | os.PathLike) -> TokenData:
@@ -125,11 +125,13 @@ def stdlib_corpus(cache_dir: str | os.PathLike, max_bytes: int = 4_000_000) -> P
     blob = b"".join(pieces)[:max_bytes]
     if not blob:
         raise FileNotFoundError(f"no Python sources found under {root}; pass a data file with --data")
-    _atomic_write(out, blob)
+    atomic_write(out, blob)
     return out
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write a file so readers see the old content or the new, never half of it."""
+    data = data.encode() if isinstance(data, str) else data
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as fh:

@@ -19,6 +19,16 @@ from seqpar.model import IGNORE_INDEX, DiTBlock, ModelConfig, Transformer
 from seqpar.parallel import ParallelMesh, average_gradients
 from seqpar.train import TrainConfig, loss_and_backward, train
 
+# (strategy, seqpar.init kwargs = TrainConfig overrides) on 4 processes: every strategy, causally balanced
+STRATEGY_CASES = [
+    ("ring", {"layout": "zigzag"}),
+    ("ulysses", {}),
+    ("usp", {"ulysses": 2, "layout": "zigzag"}),
+    ("allgather", {"layout": "striped"}),
+    ("wallfacer", {"teams": 2, "layout": "zigzag"}),
+    ("lss", {}),
+    ("fpdt", {"chunks": 2}),
+]
 TINY_MODEL = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
 
 
