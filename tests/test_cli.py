@@ -10,6 +10,12 @@ def test_verify_passes_for_an_exact_strategy(capsys):
     assert "-> OK" in capsys.readouterr().out
 
 
+def test_verify_wallfacer_with_topology_placement(capsys):
+    assert main(["verify", "--strategy", "wallfacer", "--world", "4", "--teams", "2", "--placement", "rings_intra",
+                 "--ranks-per-node", "2", "--layout", "zigzag", "--causal", "--seq", "32"]) == 0
+    assert "-> OK" in capsys.readouterr().out
+
+
 def test_bad_configuration_is_a_clear_error_not_a_traceback(capsys):
     assert main(["verify", "--strategy", "usp", "--world", "2", "--ulysses", "4"]) == 2
     err = capsys.readouterr().err

@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ulysses", type=int, default=1)
     p.add_argument("--ring", type=int, default=None)
     p.add_argument("--teams", type=int, default=1, help="WallFacer team size C")
+    p.add_argument("--placement", default=None, choices=("collectives_intra", "rings_intra"),
+                   help="WallFacer placement on the topology")
+    p.add_argument("--ranks-per-node", type=int, default=None, help="WallFacer: ranks per node (default: detect)")
     p.add_argument("--chunks", type=int, default=1, help="FPDT chunks")
     p.add_argument("--offload", action="store_true")
     p.add_argument("--layout", default="contiguous", choices=LAYOUTS)
@@ -41,6 +44,10 @@ def _init_kwargs(args: argparse.Namespace) -> dict:
             kw[name] = getattr(args, name)
     if args.ring is not None:
         kw["ring"] = args.ring
+    if args.placement is not None:
+        kw["placement"] = args.placement
+    if args.ranks_per_node is not None:
+        kw["ranks_per_node"] = args.ranks_per_node
     if args.offload:
         kw["offload"] = True
     return kw
