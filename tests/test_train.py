@@ -243,7 +243,7 @@ def test_cli_reports_errors_found_inside_workers(tmp_path):
 
 def test_torchrun_launch(tmp_path):
     """Under torchrun (RANK/WORLD_SIZE set) the same command joins that world (gloo on CPU)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "seqpar", "train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "seqpar", "train",
            "--config", "tiny", "--steps", "2", "--out-dir", str(tmp_path), "--corpus-bytes", "60000", "--no-plot"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
