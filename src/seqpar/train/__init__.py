@@ -1,0 +1,24 @@
+"""`seqpar train`: train a byte-level Llama-style model with sequence parallelism.
+
+    seqpar train                                 # 4 local gloo processes, wallfacer, stdlib corpus
+    seqpar train --config tiny --steps 50        # a packaged config (src/seqpar/configs/tiny.toml)
+    seqpar train --strategy usp --ulysses 2 --layout zigzag --data enwik8
+    torchrun --nproc-per-node 8 -m seqpar train --config my.toml   # cluster: NCCL on GPUs
+
+Configuration: defaults < config file (TOML or YAML; flat keys or [model]/[data]/[optim]/
+[parallel]/[output] tables) < command-line flags. `train(cfg, group)` is the training loop
+on an already-initialised process group (what the launchers and the tests call).
+
+Loss normalisation: each rank computes the *sum* of its tokens' losses; one all-reduce
+gives the global token count C over all dp x sp ranks, and each rank back-propagates
+sum_local * world / C. Gradient averaging over the world (or sp then dp, or FSDP's
+reduce-scatter) then yields exactly the gradient of the mean token loss of the global
+batch, i.e. what one process computes on the whole batch.
+"""
+from .config import (DTYPES, TrainConfig, add_arguments, build_config, config_from_args,  # noqa: F401
+                     load_config)  # noqa: F401
+from .launch import launch_local, launch_torchrun, main, prepare  # noqa: F401
+from .trainer import Trainer, loss_and_backward, lr_at, train  # noqa: F401
+
+__all__ = ["TrainConfig", "Trainer", "train", "load_config", "build_config", "add_arguments", "main",
+           "loss_and_backward", "lr_at", "DTYPES", "prepare", "launch_local", "launch_torchrun", "config_from_args"]

@@ -1,0 +1,268 @@
+"""Training configuration: `TrainConfig` (every field a --flag and a config-file key), config
+files (TOML/YAML) and command-line parsing. Validation of each field lives here.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..attention import STRATEGIES
+from ..layout import LAYOUTS
+from ..model import ModelConfig
+
+__all__ = ["TrainConfig", "DTYPES", "load_config", "build_config", "config_from_args", "add_arguments"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+SECTIONS = ("model", "data", "optim", "parallel", "output")
+_MODEL_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "mlp_chunks", "loss_chunks",
+               "activation_checkpointing")
+_SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
+
+
+def _opt(default: Any, help_text: str):
+    """A TrainConfig field with its --help text."""
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; every field is a `--flag` and a config-file key."""
+
+    # model (byte-level by default: vocab 256)
+    vocab_size: int = _opt(256, "vocabulary size (256 for raw bytes)")
+    dim: int = _opt(256, "model width")
+    n_layers: int = _opt(4, "decoder blocks")
+    n_heads: int = _opt(8, "attention heads")
+    n_kv_heads: int = _opt(4, "key/value heads (GQA when < n_heads)")
+    ffn_dim: int = _opt(0, "SwiGLU hidden size; 0: 8/3 * dim rounded up to 32")
+    mlp_chunks: int = _opt(1, "FPDT chunked MLP (recompute in backward)")
+    loss_chunks: int = _opt(1, "FPDT chunked LM head + cross-entropy")
+    activation_checkpointing: bool = _opt(False, "recompute every block in backward")
+    # data
+    data: str = _opt("", "raw byte file, .npy or .bin token file; empty: Python stdlib corpus")
+    corpus_bytes: int = _opt(4_000_000, "size of the stdlib corpus")
+    val_fraction: float = _opt(0.05, "held-out tail of the data for validation")
+    seq_len: int = _opt(1024, "global sequence length (sharded over sp ranks)")
+    batch: int = _opt(1, "sequences per data-parallel rank and step")
+    # optimisation
+    steps: int = _opt(150, "optimizer steps")
+    lr: float = _opt(3e-3, "peak learning rate (AdamW)")
+    min_lr: float = _opt(3e-4, "learning rate at the end of the cosine decay")
+    warmup: int = _opt(15, "linear warmup steps")
+    weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "global gradient-norm clip; 0: off")
+    seed: int = _opt(0, "initial weights and data order")
+    dtype: str = _opt("float32", "float32 | bfloat16 (autocast, fp32 weights) | float64")
+    # parallelism
+    nproc: int = _opt(4, "local processes when not under torchrun")
+    dp: int = _opt(1, "data-parallel degree")
+    sp: int = _opt(0, "sequence-parallel degree; 0: world size / dp")
+    strategy: str = _opt("wallfacer", "attention strategy: local ring ulysses usp allgather wallfacer lss fpdt")
+    ulysses: int = _opt(0, "Ulysses degree (usp); 0: the strategy's default")
+    ring: int = _opt(0, "ring degree (usp); 0: the strategy's default")
+    teams: int = _opt(0, "WallFacer team size C; 0: 2 for wallfacer when sp % 4 == 0")
+    layout: str = _opt("zigzag", "token layout: contiguous | zigzag | striped")
+    chunks: int = _opt(1, "FPDT sequence chunks")
+    offload: bool = _opt(False, "FPDT host offload of K/V chunks")
+    kernel: str = _opt("auto", "block attention kernel")
+    strategy_options: dict = field(default_factory=dict, metadata={"help": "extra seqpar.init options"})
+    fsdp: bool = _opt(False, "shard parameters with FSDP2 fully_shard over all ranks")
+    # output
+    out_dir: str = _opt("runs/train", "log, plot, config, checkpoints, cached corpus")
+    log_every: int = _opt(10, "progress-bar period (steps)")
+    eval_every: int = _opt(50, "validation period (and at the end); 0: only at the end")
+    eval_batches: int = _opt(2, "validation batches")
+    checkpoint_every: int = _opt(50, "checkpoint period (and at the end); 0: never")
+    keep_checkpoints: int = _opt(2, "checkpoints kept; 0: all")
+    resume: str = _opt("", "'latest' or a checkpoint directory")
+    peak_tflops: float = _opt(0.0, "per-device peak TFLOP/s for MFU; 0: auto (GPU table, 0.1 per CPU process)")
+    progress: bool = _opt(True, "progress bar and summary on rank 0")
+    plot: bool = _opt(True, "loss-curve PNG at the end")
+
+    # -- derived -------------------------------------------------------------------------------
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(**{k: getattr(self, k) for k in _MODEL_KEYS})
+
+    def sp_size(self, world: int) -> int:
+        return self.sp or world // self.dp
+
+    def strategy_kwargs(self, sp: int) -> dict[str, Any]:
+        """Keyword arguments of seqpar.init for this strategy (0 = leave the strategy's default)."""
+        kwargs: dict[str, Any] = {"layout": self.layout, "kernel": self.kernel, **self.strategy_options}
+        teams = self.teams or (2 if self.strategy == "wallfacer" and sp % 4 == 0 else 0)
+        for name, value in (("ulysses", self.ulysses), ("ring", self.ring), ("teams", teams)):
+            if value:
+                kwargs[name] = value
+        if self.chunks != 1:
+            kwargs["chunks"] = self.chunks
+        if self.offload:
+            kwargs["offload"] = True
+        return kwargs
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # -- validation ----------------------------------------------------------------------------
+    def validate(self, world: int | None = None) -> None:
+        """Raise ValueError for anything that cannot work (world: number of ranks, default nproc)."""
+        world = world or self.nproc
+        self.model_config()  # model shape errors
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("layout", self.layout, LAYOUTS)
+        for name in ("seq_len", "batch", "steps", "nproc", "dp", "chunks", "log_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("sp", "ulysses", "ring", "teams", "warmup", "eval_every", "checkpoint_every",
+                     "keep_checkpoints", "corpus_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("need 0 <= beta1, beta2 < 1, weight_decay >= 0 and grad_clip >= 0")
+        if self.peak_tflops < 0:
+            raise ValueError(f"peak_tflops must be >= 0 (0 = auto), got {self.peak_tflops}")
+        self._validate_mesh(world)
+
+    def _validate_mesh(self, world: int) -> None:
+        sp = self.sp_size(world)
+        if sp < 1 or self.dp * sp != world:
+            raise ValueError(f"dp ({self.dp}) x sp ({self.sp or 'auto'}) must equal the number of processes "
+                             f"({world})")
+        if self.strategy == "local" and sp != 1:
+            raise ValueError(f"strategy 'local' needs sp = 1, got sp = {sp}; pick a sequence-parallel strategy")
+        granularity = sp * self.chunks * (2 if self.layout == "zigzag" else 1)
+        if self.seq_len % granularity:
+            raise ValueError(f"seq_len {self.seq_len} must be a multiple of {granularity} (sp {sp} x chunks "
+                             f"{self.chunks}" + (" x 2 for zigzag" if self.layout == "zigzag" else "") + ")")
+
+
+def _check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose from {sorted(choices)}")
+
+
+# -- configuration files and flags -----------------------------------------------------------------
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_DEFAULTS = TrainConfig()
+
+
+def _field_type(name: str) -> type:
+    return type(getattr(_DEFAULTS, name))
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Check a config-file value against the field's type (ints are accepted for floats)."""
+    want = _field_type(name)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise ValueError(f"{source}: {name} must be {want.__name__}, got {value!r}")
+    return value
+
+
+def _flatten(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and key in SECTIONS:
+            flat.update(_flatten(value, f"{source} [{key}]"))
+        elif key in _FIELDS:
+            flat[key] = _coerce(key, value, source)
+        else:
+            raise ValueError(f"{source}: unknown key {key!r}; valid keys: {sorted(_FIELDS)} "
+                             f"(optionally grouped in tables {list(SECTIONS)})")
+    return flat
+
+
+def _config_path(name: str) -> Path:
+    """A config file path, or the name of a packaged config (seqpar/configs/<name>.toml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = resources.files("seqpar") / "configs" / f"{path.stem}.toml"
+    if path.suffix in ("", ".toml") and packaged.is_file():
+        return Path(str(packaged))
+    available = sorted(p.name[:-5] for p in (resources.files("seqpar") / "configs").iterdir()
+                       if p.name.endswith(".toml"))
+    raise FileNotFoundError(f"config file {name!r} not found (packaged configs: {available})")
+
+
+def load_config(name: str) -> dict[str, Any]:
+    """Read a TOML or YAML config file into flat TrainConfig keys (clear errors for bad keys/values)."""
+    path = _config_path(name)
+    text = path.read_bytes()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+            raw = yaml.safe_load(text) or {}
+        else:
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            raw = tomllib.loads(text.decode())
+    except Exception as e:  # noqa: BLE001 - tomllib/yaml parse errors have several types
+        raise ValueError(f"cannot parse config file {str(path)!r}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a table/mapping of keys")
+    return _flatten(raw, str(path))
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--strategy-option expects KEY=VALUE, got {text!r}")
+    for parse in (int, float):
+        with contextlib.suppress(ValueError):
+            return key, parse(value)
+    return key, {"true": True, "false": False}.get(value.lower(), value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML/YAML config file or packaged config name (default, tiny, ...)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    for name, f in _FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        kind = _field_type(name)
+        help_text = f"{f.metadata['help']} (default: {getattr(_DEFAULTS, name)!r})".replace("%", "%%")
+        if name == "strategy_options":
+            parser.add_argument("--strategy-option", dest=name, action="append", metavar="KEY=VALUE",
+                                help="extra seqpar.init option (repeatable)")
+        elif kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, default=None, metavar=kind.__name__.upper(),
+                                help=help_text)
+
+
+def build_config(argv: list[str]) -> TrainConfig:
+    """TrainConfig from `seqpar train` arguments (for scripts and tests)."""
+    parser = argparse.ArgumentParser(prog="seqpar train")
+    add_arguments(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = load_config(args.config) if getattr(args, "config", None) else {}
+    for name in _FIELDS:
+        given = getattr(args, name, None)
+        if given is None:
+            continue
+        values[name] = dict(_parse_option(o) for o in given) if name == "strategy_options" else given
+    return TrainConfig(**values)
+

@@ -1,0 +1,268 @@
+"""The training loop: `Trainer` (one rank's state and steps) and `train(cfg, group)`.
+
+Loss normalisation: each rank computes the *sum* of its tokens' losses; one all-reduce
+gives the global token count C over all dp x sp ranks, and each rank back-propagates
+sum_local * world / C. Gradient averaging over the world (or sp then dp, or FSDP's
+reduce-scatter) then yields exactly the gradient of the mean token loss of the global
+batch, i.e. what one process computes on the whole batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import seqpar
+
+from ..checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from ..comm import Comm
+from ..data import SequenceLoader, open_tokens, shard_batch, split_tokens, stdlib_corpus
+from ..metrics import (JsonlLog, ProgressBar, default_peak_tflops, peak_memory_mb, plot_loss_curve, read_jsonl,
+                       training_flops_per_token)
+from ..model import Transformer
+from ..parallel import ParallelMesh, average_gradients
+from .config import _SHAPE_KEYS, TrainConfig
+
+__all__ = ["Trainer", "train", "lr_at", "loss_and_backward"]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to min_lr at `steps` (step is 0-based)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def loss_and_backward(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
+                      positions: torch.Tensor, world: Comm, autocast=contextlib.nullcontext) -> float:
+    """Forward + backward of this rank's shard with the global-mean normalisation (see module doc).
+
+    Returns the global mean token loss of the batch (identical on every rank).
+    """
+    with autocast():
+        loss_sum, count = model(tokens, positions, labels)
+    totals = torch.stack([loss_sum.detach().double(), count.double()])
+    world.all_reduce(totals, kind="loss_all_reduce")
+    if totals[1] <= 0:
+        raise ValueError("the batch has no labelled tokens (all labels are ignore_index)")
+    (loss_sum * (world.size / totals[1].item())).backward()
+    return (totals[0] / totals[1]).item()
+
+
+def _device_for(group: dist.ProcessGroup | None) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _apply_fsdp(model: Transformer, group: dist.ProcessGroup | None, device: torch.device) -> None:
+    """FSDP2: shard every block and the root over all ranks of `group` (works on CPU/gloo too)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = DeviceMesh.from_group(group or dist.group.WORLD, device.type)
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (nanoGPT convention)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+
+
+class Trainer:
+    """One rank's training state: mesh, context, model, optimizer, loaders, logs."""
+
+    def __init__(self, cfg: TrainConfig, group: dist.ProcessGroup | None = None):
+        world = dist.get_world_size(group)
+        cfg.validate(world)
+        self.cfg, self.group = cfg, group
+        self.rank = dist.get_rank(group)
+        self.device = _device_for(group)
+        self.mesh = ParallelMesh(cfg.sp_size(world), group)
+        self.ctx = seqpar.init(cfg.strategy, group=self.mesh.sp_group, stats=self.mesh.stats,
+                               **cfg.strategy_kwargs(self.mesh.sp))
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model_cfg = cfg.model_config()
+        param_dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+        self.model = Transformer(self.model_cfg, self.ctx).to(device=self.device, dtype=param_dtype)
+        self.num_params = self.model.num_params()
+        if cfg.fsdp:
+            _apply_fsdp(self.model, group, self.device)
+        self.optimizer = _optimizer(self.model, cfg)
+        self._build_loaders()
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.step = 0
+        if cfg.resume:
+            self._resume()
+        self.flops_per_token = training_flops_per_token(self.model_cfg, cfg.seq_len, causal=True)
+        self.peak_tflops = cfg.peak_tflops or default_peak_tflops(self.device, cfg.torch_dtype)
+        self.log = JsonlLog(self.out_dir / "metrics.jsonl", keep_until_step=self.step if cfg.resume else None) \
+            if self.rank == 0 else None
+
+    def _build_loaders(self) -> None:
+        cfg = self.cfg
+        data = open_tokens(cfg.data or stdlib_corpus(Path(cfg.out_dir) / "data", cfg.corpus_bytes))
+        if data.vocab_size > cfg.vocab_size:
+            raise ValueError(f"data {data.path!r} needs vocab_size >= {data.vocab_size}, the model has "
+                             f"{cfg.vocab_size}")
+        train_tokens, val_tokens = split_tokens(data, cfg.val_fraction, cfg.seq_len)
+        common = dict(seq_len=cfg.seq_len, batch=cfg.batch, vocab_size=cfg.vocab_size, dp=self.mesh.dp,
+                      dp_rank=self.mesh.dp_rank)
+        self.loader = SequenceLoader(train_tokens, seed=cfg.seed, **common)
+        self.val_loader = SequenceLoader(val_tokens, seed=cfg.seed + 1, **common)
+
+    def _autocast(self):
+        if self.cfg.dtype == "bfloat16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- steps ---------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step on the next global batch; returns its metrics record."""
+        cfg, step = self.cfg, self.step
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.mesh.stats.reset()
+        t0 = time.perf_counter()
+        tokens, labels, positions = shard_batch(self.ctx, self.loader.next(), self.device)
+        loss = loss_and_backward(self.model, tokens, labels, positions, self.mesh.world_comm, self._autocast)
+        self._sync_gradients()
+        grad_norm = self._clip()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        self.ctx.check_inputs = False  # shapes never change: verified across ranks on the first step
+        self.step += 1
+        return self._record(loss, lr, grad_norm, seconds)
+
+    def _sync_gradients(self) -> None:
+        if self.cfg.fsdp:  # FSDP reduce-scatters (averages) inside backward; count its bytes (estimate)
+            n, pbytes = self.mesh.size, self.num_params * self.model.output.weight.element_size()
+            vol = pbytes * (n - 1) // n
+            self.mesh.stats.record("fsdp_all_gather_est", 2 * vol, 2 * vol)  # forward + backward re-gather
+            self.mesh.stats.record("fsdp_reduce_scatter_est", vol, vol)
+            return
+        mode = "double" if self.cfg.strategy == "lss" else "flat"
+        average_gradients(self.model.parameters(), self.mesh, mode=mode)
+
+    def _clip(self) -> float:
+        if not self.cfg.grad_clip:
+            return float("nan")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def _record(self, loss: float, lr: float, grad_norm: float, seconds: float) -> dict[str, Any]:
+        tokens = self.mesh.dp * self.cfg.batch * self.cfg.seq_len
+        comm = self.mesh.stats.snapshot()
+        flops_per_s = self.flops_per_token * tokens / seconds
+        return {"type": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "step_time_s": seconds, "tokens_per_s": tokens / seconds,
+                "mfu": flops_per_s / (self.peak_tflops * 1e12 * self.mesh.size),
+                "peak_mem_mb": peak_memory_mb(self.device), "comm_bytes": comm["total"]["sent"],
+                "comm": {k: v["sent"] for k, v in comm.items() if k != "total"}}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss over `eval_batches` fixed validation batches (same on every rank)."""
+        totals = torch.zeros(2, dtype=torch.float64)
+        for i in range(self.cfg.eval_batches):
+            tokens, labels, positions = shard_batch(self.ctx, self.val_loader.batch_at(i), self.device)
+            with self._autocast():
+                loss_sum, count = self.model(tokens, positions, labels)
+            totals += torch.stack([loss_sum.double().cpu(), count.double().cpu()])
+        totals = totals.to(self.device)
+        self.mesh.world_comm.all_reduce(totals, kind="loss_all_reduce")
+        return (totals[0] / totals[1]).item()
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self) -> Path:
+        meta = {"loader": self.loader.state_dict(), "model": self.model_cfg.to_dict(), "config": self.cfg.to_dict()}
+        return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, meta, self.group,
+                               keep=self.cfg.keep_checkpoints)
+
+    def _resume(self) -> None:
+        path = resolve_checkpoint(self.cfg.resume, self.ckpt_root)
+        meta = load_checkpoint(path, self.model, self.optimizer, self.group)
+        saved = {k: meta.get("model", {}).get(k) for k in _SHAPE_KEYS}
+        wanted = {k: getattr(self.model_cfg, k) for k in _SHAPE_KEYS}
+        if saved != wanted:
+            raise ValueError(f"checkpoint {str(path)!r} holds a model of shape {saved}, this run has {wanted}")
+        self.loader.load_state_dict(meta["loader"])
+        self.step = int(meta["step"])
+        if self.step != self.loader.step:
+            raise ValueError(f"checkpoint {str(path)!r} is inconsistent: step {self.step} vs loader step "
+                             f"{self.loader.step}")
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train to cfg.steps; returns {"losses", "val_losses", "records"} (records on rank 0 only)."""
+        cfg = self.cfg
+        bar = ProgressBar(cfg.steps) if self.rank == 0 and cfg.progress else None
+        losses, val_losses, records = [], [], []
+        if self.rank == 0:
+            self._write_config()
+        while self.step < cfg.steps:
+            record = self.train_step()
+            losses.append(record["loss"])
+            self._emit(record, records)
+            last = self.step == cfg.steps
+            if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
+                val = self.evaluate()
+                val_losses.append((self.step, val))
+                self._emit({"type": "val", "step": self.step, "val_loss": val}, records)
+            if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or last):
+                self.save()
+            if bar and (self.step % cfg.log_every == 0 or last):
+                bar.update(self.step, f"loss {record['loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s  "
+                                      f"mfu {100 * record['mfu']:.1f}%  " + (f"val {val_losses[-1][1]:.3f}"
+                                                                          if val_losses else ""))
+        if bar:
+            bar.close()
+        self._finish()
+        return {"losses": losses, "val_losses": val_losses, "records": records}
+
+    def _emit(self, record: dict[str, Any], records: list) -> None:
+        if self.log is not None:
+            self.log.write(record)
+            records.append(record)
+
+    def _write_config(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        info = {"config": self.cfg.to_dict(), "num_params": self.num_params, "world_size": self.mesh.size,
+                "context": self.ctx.describe(), "torch": torch.__version__}
+        (self.out_dir / "config.json").write_text(json.dumps(info, indent=1, default=str))
+
+    def _finish(self) -> None:
+        if self.log is None:
+            return
+        self.log.close()
+        if self.cfg.plot:
+            title = f"{self.cfg.strategy} sp={self.mesh.sp} dp={self.mesh.dp} ({self.num_params / 1e6:.2f}M params)"
+            plot_loss_curve(read_jsonl(self.log.path), self.out_dir / "loss.png", title)
+        if self.cfg.progress:
+            print(f"seqpar train: done; log {self.log.path}" + (f", plot {self.out_dir / 'loss.png'}" if self.cfg.plot
+                  else "") + (f", checkpoints {self.ckpt_root}" if self.cfg.checkpoint_every else ""),
+                  file=sys.stderr)
+
+
+def train(cfg: TrainConfig, group: dist.ProcessGroup | None = None) -> dict[str, Any]:
+    """Run training on an initialised process group (default WORLD); collective over `group`."""
+    return Trainer(cfg, group).run()
+
