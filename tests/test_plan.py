@@ -1,4 +1,4 @@
-"""`seqpar plan` and seqpar.costmodel.
+"""`seqpar plan` and its cost model (seqpar.plan).
 
 The bytes model is checked rank by rank against what CommStats counts on real gloo worlds
 (and FPDT's host copies against its OffloadStats); the WallFacer paper's example volumes
@@ -10,11 +10,10 @@ import pytest
 
 from seqpar import cli
 from seqpar.attention.wallfacer import WallFacerGrid
-from seqpar.costmodel import (MODEL_PRESETS, Cluster, Config, GiB, ModelShape, PlanInput, all_pairs_busiest,
-                              attention_bytes, evaluate, fpdt_host_bytes, pair_count, paper_block_volume, plan,
-                              ring_step_pairs, wallfacer_step_pairs)
 from seqpar.layout import LAYOUTS, block_pairs
-from seqpar.plan import add_arguments, profile, profile_rank
+from seqpar.plan import (MODEL_PRESETS, Cluster, Config, GiB, ModelShape, PlanInput, add_arguments, all_pairs_busiest,
+                         attention_bytes, evaluate, fpdt_host_bytes, pair_count, paper_block_volume, plan, profile,
+                         profile_rank, ring_step_pairs, wallfacer_step_pairs)
 from seqpar.testing.plan_checks import fpdt_host_copies, measured_attention_bytes
 
 TINY = ModelShape(layers=1, hidden=64, heads=8, kv_heads=2, ffn_hidden=128, vocab=256)  # head_dim 8, GQA

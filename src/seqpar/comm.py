@@ -28,8 +28,7 @@ from torch import Tensor
 _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-__all__ = ["CommStats", "Comm", "RingComm", "PendingRecv", "all_to_all_autograd", "all_gather_autograd",
-           "reduce_scatter_autograd"]
+__all__ = ["CommStats", "Comm", "RingComm", "PendingRecv", "all_to_all_autograd"]
 
 
 @dataclass
@@ -219,35 +218,3 @@ class _AllToAll(torch.autograd.Function):
 def all_to_all_autograd(x: Tensor, comm: Comm, scatter_dim: int, gather_dim: int) -> Tensor:
     """Differentiable all-to-all (backward is the inverse all-to-all)."""
     return _AllToAll.apply(x, comm, scatter_dim, gather_dim)
-
-
-class _AllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, comm: Comm, dim: int):
-        ctx.comm, ctx.dim = comm, dim
-        return comm.all_gather(x, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.comm.reduce_scatter(grad.contiguous(), ctx.dim), None, None
-
-
-def all_gather_autograd(x: Tensor, comm: Comm, dim: int) -> Tensor:
-    """Differentiable all-gather along dim (backward: reduce-scatter of the gradient)."""
-    return _AllGather.apply(x, comm, dim)
-
-
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, comm: Comm, dim: int):
-        ctx.comm, ctx.dim = comm, dim
-        return comm.reduce_scatter(x, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.comm.all_gather(grad.contiguous(), ctx.dim), None, None
-
-
-def reduce_scatter_autograd(x: Tensor, comm: Comm, dim: int) -> Tensor:
-    """Differentiable reduce-scatter along dim (backward: all-gather of the gradient)."""
-    return _ReduceScatter.apply(x, comm, dim)

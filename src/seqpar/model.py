@@ -26,6 +26,8 @@ __all__ = ["ModelConfig", "Transformer", "DiTBlock", "RMSNorm", "Attention", "Sw
            "rope_tables", "apply_rope", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
+#: forward FLOPs per (query, key) pair, head and head_dim channel: QK^T and PV, 2 per multiply-add
+ATTENTION_FLOPS_PER_PAIR = 4
 
 
 @dataclass
@@ -71,6 +73,28 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    # -- FLOPs: the one definition, used by metrics (MFU) and the planner (seqpar.plan) --------
+    def layer_matmul_params(self) -> int:
+        """Weights of one block's matmuls: q, k, v, o projections and the SwiGLU MLP."""
+        attn_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return self.dim * (2 * attn_width + 2 * kv_width) + 3 * self.dim * self.ffn_hidden
+
+    def matmul_flops_per_token(self) -> float:
+        """Forward FLOPs of one token through every matmul: 2 per weight of the blocks and the
+        LM head (embeddings are lookups)."""
+        return 2.0 * (self.n_layers * self.layer_matmul_params() + self.dim * self.vocab_size)
+
+    def attention_flops_per_token(self, seq_len: int, causal: bool = True) -> float:
+        """Forward FLOPs of one token's attention scores and weighted sum over `seq_len` keys
+        (ATTENTION_FLOPS_PER_PAIR x head_dim per key and head), halved for a causal mask."""
+        width = self.n_heads * self.head_dim
+        return ATTENTION_FLOPS_PER_PAIR * seq_len * width * self.n_layers * (0.5 if causal else 1.0)
+
+    def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
+        """Model FLOPs of one training token: forward + backward = 3x forward (recompute not counted)."""
+        return 3.0 * (self.matmul_flops_per_token() + self.attention_flops_per_token(seq_len, causal))
+
 
 
 # -- building blocks ---------------------------------------------------------------------------

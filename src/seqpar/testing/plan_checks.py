@@ -1,4 +1,4 @@
-"""Per-rank functions for tests of the planner (`seqpar plan`, `seqpar.costmodel`).
+"""Per-rank functions for tests of the planner (`seqpar plan`, `seqpar.plan`).
 
 They run inside a ProcessWorld on every rank and return plain data.
 """

@@ -1,0 +1,213 @@
+"""What the planner is asked about: the cluster, the model's shape, the run, a candidate.
+
+`PlanInput` = `Cluster` (two-level topology, device speed and memory) + `ModelShape` (a
+Llama-style decoder, sized by `seqpar.model.ModelConfig`) + sequence length, batch, dtype,
+mask and ZeRO stage. `Config` is one candidate: the arguments of `seqpar.init`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from ..model import ModelConfig
+
+__all__ = ["GiB", "DTYPE_BYTES", "ModelShape", "MODEL_PRESETS", "Link", "Cluster", "PlanInput", "Config"]
+
+GiB = 2 ** 30
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Llama-style decoder: `layers` blocks of GQA attention + SwiGLU MLP, untied embeddings.
+
+    A hashable view of `seqpar.model.ModelConfig` (`.config`), which defines the head size,
+    the matmul weights and the FLOPs; the shape must be one seqpar's model can build."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn_hidden: int
+    vocab: int
+
+    def __post_init__(self):
+        for name in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model {name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden size {self.hidden} is not divisible by heads {self.heads}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        self.config  # noqa: B018 - build (and validate) the model config now
+
+    @cached_property
+    def config(self) -> ModelConfig:
+        return ModelConfig(vocab_size=self.vocab, dim=self.hidden, n_layers=self.layers, n_heads=self.heads,
+                           n_kv_heads=self.kv_heads, ffn_dim=self.ffn_hidden)
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def layer_params(self) -> int:
+        """Matmul weights of one block plus its two RMSNorms."""
+        return self.config.layer_matmul_params() + 2 * self.hidden
+
+    def params(self) -> int:
+        """All blocks, embedding, LM head and the final norm."""
+        return self.layers * self.layer_params() + 2 * self.vocab * self.hidden + self.hidden
+
+
+MODEL_PRESETS = {
+    "llama-3b": ModelShape(26, 3200, 32, 32, 8640, 32000),
+    "llama-7b": ModelShape(32, 4096, 32, 32, 11008, 32000),
+    "llama-13b": ModelShape(40, 5120, 40, 40, 13824, 32000),
+    "llama-30b": ModelShape(60, 6656, 52, 52, 17920, 32000),
+    "llama3-8b": ModelShape(32, 4096, 32, 8, 14336, 128256),
+    "tiny": ModelShape(2, 64, 8, 4, 128, 256),
+}
+
+
+@dataclass(frozen=True)
+class Link:
+    bandwidth: float  # bytes / s, per rank and direction
+    latency: float    # seconds per message
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """`world` ranks, `ranks_per_node` consecutive ranks per node; per-rank link bandwidths
+    (GB/s = 1e9 B/s) and latencies (us); device peak TFLOP/s x efficiency; memory in GiB;
+    host link bandwidth (GB/s) for offloading."""
+
+    world: int
+    ranks_per_node: int = 8
+    intra_bw: float = 150.0
+    inter_bw: float = 25.0
+    intra_lat: float = 5.0
+    inter_lat: float = 20.0
+    tflops: float = 312.0
+    efficiency: float = 0.5
+    memory_gib: float = 80.0
+    host_bw: float = 25.0
+
+    def __post_init__(self):
+        if self.world < 2:
+            raise ValueError(f"world size must be >= 2 to plan sequence parallelism, got {self.world}")
+        if self.ranks_per_node < 1:
+            raise ValueError(f"ranks per node must be >= 1, got {self.ranks_per_node}")
+        if self.world > self.ranks_per_node and self.world % self.ranks_per_node:
+            raise ValueError(f"world size {self.world} is not a multiple of ranks per node {self.ranks_per_node}")
+        for name in ("intra_bw", "inter_bw", "tflops", "memory_gib", "host_bw"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("intra_lat", "inter_lat"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.efficiency <= 1:
+            raise ValueError(f"efficiency must be in (0, 1], got {self.efficiency}")
+
+    @cached_property
+    def ranks(self) -> tuple[int, ...]:
+        """All ranks, as one shared tuple (the group of whole-world strategies)."""
+        return tuple(range(self.world))
+
+    @property
+    def flops_per_s(self) -> float:
+        return self.tflops * 1e12 * self.efficiency
+
+    def node(self, rank: int) -> int:
+        return rank // self.ranks_per_node
+
+    def link(self, group: tuple[int, ...]) -> Link:
+        """The link a group's traffic crosses: inter-node as soon as its ranks span nodes (for a
+        ring that is its slowest hop)."""
+        if self.node(min(group)) != self.node(max(group)):  # nodes hold consecutive ranks
+            return Link(self.inter_bw * 1e9, self.inter_lat * 1e-6)
+        return Link(self.intra_bw * 1e9, self.intra_lat * 1e-6)
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    cluster: Cluster
+    model: ModelShape
+    seq_len: int
+    batch: int = 1
+    dtype: str = "bfloat16"
+    causal: bool = True
+    zero: int = 0  # ZeRO stage over the world: 1 shards optimizer states, 2 also grads, 3 also weights
+
+    def __post_init__(self):
+        if self.zero not in (0, 1, 2, 3):
+            raise ValueError(f"zero stage must be 0, 1, 2 or 3, got {self.zero}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {sorted(DTYPE_BYTES)}")
+        if self.seq_len < 1 or self.batch < 1:
+            raise ValueError(f"sequence length and batch must be >= 1, got {self.seq_len}, {self.batch}")
+        if self.seq_len % self.cluster.world:
+            raise ValueError(f"sequence length {self.seq_len} is not divisible by the world size "
+                             f"{self.cluster.world}")
+
+    @property
+    def world(self) -> int:
+        return self.cluster.world
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def acc_itemsize(self) -> int:
+        """Gradient accumulators / attention outputs before the cast (kernels.accum_dtype)."""
+        return 8 if self.dtype == "float64" else 4
+
+    @property
+    def tokens_per_rank(self) -> int:
+        return self.seq_len // self.world
+
+
+@dataclass(frozen=True)
+class Config:
+    """One candidate: the arguments of `seqpar.init` (plus WallFacer's placement)."""
+
+    strategy: str
+    layout: str = "contiguous"
+    ulysses: int = 1
+    ring: int | None = None
+    teams: int = 1
+    chunks: int = 1
+    offload: bool = False
+    placement: str | None = None
+
+    def init_kwargs(self, ranks_per_node: int | None = None) -> dict:
+        kw: dict = {"layout": self.layout}
+        if self.strategy == "usp":
+            kw.update(ulysses=self.ulysses, ring=self.ring)
+        if self.teams > 1:
+            kw["teams"] = self.teams
+        if self.chunks > 1:
+            kw["chunks"] = self.chunks
+        if self.offload:
+            kw["offload"] = True
+        if self.placement is not None:
+            kw["placement"] = self.placement
+            if ranks_per_node is not None:
+                kw["ranks_per_node"] = ranks_per_node
+        return kw
+
+    @property
+    def label(self) -> str:
+        parts = [self.strategy]
+        if self.strategy == "usp":
+            parts.append(f"u{self.ulysses}xr{self.ring}")
+        if self.strategy == "wallfacer":
+            parts.append(f"C={self.teams} {self.placement}")
+        if self.chunks > 1 or self.offload:
+            parts.append(f"chunks={self.chunks}" + (" offload" if self.offload else ""))
+        parts.append(self.layout)
+        return " ".join(parts)

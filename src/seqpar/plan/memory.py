@@ -1,0 +1,105 @@
+"""Memory per rank: model states, saved activations, logits and the attention working set.
+
+`*_memory(inp, cfg)` give a strategy's attention memory beyond the layer's own q/k/v/out
+as (saved per layer for backward, peak working set), in bytes, from the buffers its source
+allocates; `memory_estimate` adds the rest of the model (docs/planner.md).
+"""
+from __future__ import annotations
+
+from .inputs import Config, PlanInput
+from .schedules import fpdt_chunk_sizes, kv_replication
+
+__all__ = ["ring_memory", "ulysses_memory", "usp_memory", "allgather_memory", "wallfacer_memory", "fpdt_memory",
+           "model_state_bytes", "memory_estimate"]
+
+
+def _lse_bytes(inp: PlanInput, heads: int, seq: int) -> float:
+    return inp.batch * heads * seq * inp.acc_itemsize
+
+
+def _ring_buffers(inp: PlanInput, seq_local: int, heads: int, kv_heads: int) -> float:
+    """Backward peak of ring_backward: two K/V blocks (current + incoming), three dK/dV
+    accumulators (own, in flight, incoming) and the dq accumulator."""
+    d, b = inp.model.head_dim, inp.batch
+    kv = 2 * b * seq_local * kv_heads * d
+    return 2 * kv * inp.itemsize + 3 * kv * inp.acc_itemsize + b * seq_local * heads * d * inp.acc_itemsize
+
+
+def _ulysses_parts(inp: PlanInput, ud: int) -> tuple[float, float]:
+    """Head-scattered q,k,v and output saved for backward (Ulysses degree ud); peak of the
+    fused all-to-all: send + receive copies of packed q,k,v."""
+    m = inp.model
+    rep = kv_replication(m.heads, m.kv_heads, ud)
+    tokens = inp.batch * inp.tokens_per_rank
+    packed = tokens * (m.heads + 2 * m.kv_heads * rep) * m.head_dim * inp.itemsize
+    saved = packed + tokens * m.heads * m.head_dim * inp.itemsize
+    return saved, 2 * packed
+
+
+def ring_memory(inp: PlanInput, cfg: Config) -> tuple[float, float]:
+    m, n = inp.model, inp.tokens_per_rank
+    return _lse_bytes(inp, m.heads, n), _ring_buffers(inp, n, m.heads, m.kv_heads)
+
+
+def ulysses_memory(inp: PlanInput, cfg: Config) -> tuple[float, float]:
+    saved, peak = _ulysses_parts(inp, inp.world)
+    return saved + _lse_bytes(inp, inp.model.heads // inp.world, inp.seq_len), peak
+
+
+def usp_memory(inp: PlanInput, cfg: Config) -> tuple[float, float]:
+    m, ud, rd = inp.model, cfg.ulysses, cfg.ring
+    saved, peak = _ulysses_parts(inp, ud) if ud > 1 else (0.0, 0.0)
+    kv_heads = m.kv_heads * kv_replication(m.heads, m.kv_heads, ud) // ud
+    ring_peak = _ring_buffers(inp, inp.seq_len // rd, m.heads // ud, kv_heads) if rd > 1 else 0.0
+    return saved + _lse_bytes(inp, m.heads // ud, inp.seq_len // rd), max(peak, ring_peak)
+
+
+def allgather_memory(inp: PlanInput, cfg: Config) -> tuple[float, float]:
+    """kv_all (the whole sequence's K,V) is saved for backward; backward holds dK/dV of all blocks."""
+    m, b = inp.model, inp.batch
+    kv_all = 2 * b * inp.seq_len * m.kv_dim
+    dq = b * inp.tokens_per_rank * m.hidden * inp.acc_itemsize
+    return kv_all * inp.itemsize + _lse_bytes(inp, m.heads, inp.tokens_per_rank), kv_all * inp.acc_itemsize + dq
+
+
+def wallfacer_memory(inp: PlanInput, cfg: Config) -> tuple[float, float]:
+    """Saved: the team's q (C*n rows), the placed team K/V and the team LSE; backward peak:
+    gathered dO and O of the team plus ring_backward's buffers on C*n-token blocks."""
+    m, b, e = inp.model, inp.batch, inp.itemsize
+    team_tokens = cfg.teams * inp.tokens_per_rank
+    saved = b * team_tokens * (m.hidden + 2 * m.kv_dim) * e + _lse_bytes(inp, m.heads, team_tokens)
+    peak = 2 * b * team_tokens * m.hidden * e + _ring_buffers(inp, team_tokens, m.heads, m.kv_heads)
+    return saved, peak
+
+
+def fpdt_memory(inp: PlanInput, cfg: Config) -> tuple[float, float]:
+    """Without offload the ChunkStore keeps every chunk of q, k/v, o, lse on the device (saved)
+    and adds dO and dQ in backward; with offload they live on the host and the device holds
+    the chunks in use plus the prefetched ones (two of each) and one dK/dV accumulator."""
+    u, s = cfg.chunks, fpdt_chunk_sizes(inp, cfg)
+    dkv = s["kv"] * inp.acc_itemsize // inp.itemsize
+    if cfg.offload:
+        return 0.0, 2 * (s["q"] + s["kv"] + s["o"] + s["lse"] + s["do"] + s["dq"]) + dkv
+    return u * (s["q"] + s["kv"] + s["o"] + s["lse"]), u * (s["do"] + s["dq"]) + dkv
+
+
+def model_state_bytes(inp: PlanInput) -> float:
+    """Weights and grads in the dtype, Adam m/v (fp32 at least) and an fp32 master copy for
+    16-bit dtypes; ZeRO stage s shards the first s of (optimizer, grads, weights) over the world."""
+    e, p, world = inp.itemsize, inp.model.params(), inp.world
+    optimizer = 2 * max(4, e) + (4 if e < 4 else 0)
+    parts = [(optimizer, 1), (e, 2), (e, 3)]  # (bytes per parameter, first ZeRO stage sharding it)
+    return sum(p * b / (world if inp.zero >= stage else 1) for b, stage in parts)
+
+
+def memory_estimate(inp: PlanInput, attention: tuple[float, float]) -> dict[str, float]:
+    """Bytes per rank: model states, saved activations of all layers, the logits, and the
+    attention working set; `attention` = a strategy's (saved per layer, peak) from above."""
+    m, e, t = inp.model, inp.itemsize, inp.batch * inp.tokens_per_rank
+    states = model_state_bytes(inp)
+    per_layer = t * (6 * m.hidden + 2 * m.kv_dim + 3 * m.ffn_hidden) * e
+    saved, peak = attention
+    logits = t * m.vocab * (e + 4)
+    total = states + m.layers * (per_layer + saved) + logits + peak
+    return {"model_states": states, "activations": m.layers * per_layer, "attention_saved": m.layers * saved,
+            "attention_peak": peak, "logits": logits, "total": total}

@@ -1,0 +1,214 @@
+"""The strategy table, the candidates, their evaluation and the ranking.
+
+`STRATEGY_MODELS` ties each strategy to its schedule (seqpar.plan.schedules), validity
+check (validity) and attention memory model (memory). `candidate_configs` enumerates
+strategy x degree x layout, `evaluate` predicts one candidate's step time, bytes and memory,
+`plan` ranks them all. `paper_block_volume` recounts a schedule the way the WallFacer paper
+does.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable
+
+from . import memory as mem
+from . import schedules as sched
+from . import validity as val
+from .inputs import GiB, Cluster, Config, PlanInput
+from .stages import Collective, Compute, RingLoop, Stage, bytes_by_kind, max_bytes_by_kind
+
+__all__ = ["StrategyModel", "STRATEGY_MODELS", "STRATEGY_ORDER", "Candidate", "attention_schedule",
+           "attention_bytes", "paper_block_volume", "candidate_configs", "evaluate", "plan"]
+
+DENSE_BWD_FACTOR = 2.0  # backward of a linear layer: grad input + grad weight
+STRATEGY_ORDER = ("ring", "ulysses", "usp", "allgather", "lss", "fpdt", "wallfacer")
+
+
+@dataclass(frozen=True)
+class StrategyModel:
+    schedule: Callable[[PlanInput, Config, int], list[Stage]]
+    check: Callable[[PlanInput, Config], None]
+    #: attention memory beyond the layer's own q/k/v/out: (saved per layer, peak working set), bytes
+    memory: Callable[[PlanInput, Config], tuple[float, float]]
+
+
+STRATEGY_MODELS: dict[str, StrategyModel] = {
+    "ring": StrategyModel(sched.ring_schedule, val.check_ring, mem.ring_memory),
+    "ulysses": StrategyModel(sched.ulysses_schedule, val.check_ulysses, mem.ulysses_memory),
+    "usp": StrategyModel(sched.usp_schedule, val.check_usp, mem.usp_memory),
+    "allgather": StrategyModel(sched.allgather_schedule, val.check_ring, mem.allgather_memory),
+    "wallfacer": StrategyModel(sched.wallfacer_schedule, val.check_wallfacer, mem.wallfacer_memory),
+    "fpdt": StrategyModel(sched.fpdt_schedule, val.check_fpdt, mem.fpdt_memory),
+    # attention/lss.py is AllGatherStrategy restricted to segment layouts
+    "lss": StrategyModel(sched.allgather_schedule, val.check_lss, mem.allgather_memory),
+}
+
+
+def _strategy_model(name: str) -> StrategyModel:
+    if name not in STRATEGY_MODELS:
+        raise ValueError(f"no cost model for strategy {name!r}; modelled: {sorted(STRATEGY_MODELS)}")
+    return STRATEGY_MODELS[name]
+
+
+def attention_schedule(inp: PlanInput, cfg: Config, rank: int = 0) -> list[Stage]:
+    """The stages of one attention layer (fwd + bwd) on `rank`; raises ValueError if invalid."""
+    model = _strategy_model(cfg.strategy)
+    model.check(inp, cfg)
+    return model.schedule(inp, cfg, rank)
+
+
+def attention_bytes(inp: PlanInput, cfg: Config, rank: int = 0, phase: str | None = None) -> dict[str, int]:
+    """Bytes `rank` sends per collective kind in one attention layer (CommStats' accounting)."""
+    return bytes_by_kind(attention_schedule(inp, cfg, rank), phase)
+
+
+# -- the paper's per-block volume (WallFacer, arXiv 2407.00611, "costs per block per rank") -----------
+def paper_block_volume(inp: PlanInput, cfg: Config, rank: int = 0) -> dict[str, float]:
+    """Forward communication of one transformer block on one rank, as the WallFacer paper
+    counts it: elements x activation dtype size (accumulator dtypes and the tiny LSE
+    exchanges are not counted); a (sub-)ring contributes one K/V block per loop step,
+    i.e. all the K/V the rank streams through its loop (ring: P blocks although the own
+    block is never sent; WallFacer: P/C^2 team blocks, the first one delivered by the
+    initial placement). Returns {"collective": bytes, "p2p": bytes}."""
+    vol = {"collective": 0.0, "p2p": 0.0}
+    for stage in attention_schedule(inp, cfg, rank):
+        if stage.phase != "fwd":
+            continue
+        if isinstance(stage, Collective) and stage.what != "lse":
+            vol["collective"] += stage.elems * inp.itemsize * _collective_factor(stage)
+        elif isinstance(stage, RingLoop) and len(stage.steps.items) > 1:
+            vol["p2p"] += len(stage.steps.items) * stage.steps.block_elems * inp.itemsize
+    return vol
+
+
+def _collective_factor(c: Collective) -> float:
+    n = len(c.group)
+    return {"all_to_all": (n - 1) / n, "all_reduce": 2 * (n - 1) / n}.get(c.kind, n - 1)
+
+
+# -- candidates --------------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    config: Config
+    valid: bool = True
+    reason: str = ""
+    step_time: float = math.inf            # seconds per training step (one micro-batch)
+    attention_time: float = 0.0            # seconds per layer, fwd + bwd, incl. its communication
+    exposed_comm_time: float = 0.0         # seconds per layer of attention time not hidden by compute
+    comm_bytes: dict[str, int] = field(default_factory=dict)  # per kind, max over ranks, per layer fwd + bwd
+    host_bytes: int = 0                    # host<->device copies per layer (offload), max over ranks
+    memory: dict[str, float] = field(default_factory=dict)    # bytes per rank
+    fits: bool = False
+    speedup_vs_ring: float | None = None
+    measured: dict | None = None           # filled by `seqpar plan --profile`
+
+    @property
+    def label(self) -> str:
+        return self.config.label
+
+    @property
+    def total_comm_bytes(self) -> int:
+        return sum(self.comm_bytes.values())
+
+    def to_dict(self) -> dict:
+        c = self.config
+        return {"label": self.label, "strategy": c.strategy, "init_kwargs": c.init_kwargs(), "valid": self.valid,
+                "reason": self.reason, "step_time_s": self.step_time if self.valid else None,
+                "attention_time_per_layer_s": self.attention_time, "exposed_comm_per_layer_s": self.exposed_comm_time,
+                "comm_bytes_per_layer": self.comm_bytes, "host_bytes_per_layer": self.host_bytes,
+                "memory_bytes": self.memory, "fits": self.fits,
+                "speedup_vs_ring": self.speedup_vs_ring, "measured": self.measured}
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _placements(world: int, teams: int) -> tuple[str, ...]:
+    """WallFacer placements worth comparing: with C^2 = P the sub-rings have one rank and both
+    placements are the same rank mapping."""
+    return ("collectives_intra",) if teams * teams == world else ("collectives_intra", "rings_intra")
+
+
+def candidate_configs(inp: PlanInput, strategies: list[str] | None = None) -> list[Config]:
+    """Every strategy x degree x layout worth considering (invalid ones included, to be reported)."""
+    names = [s for s in STRATEGY_ORDER if s in STRATEGY_MODELS] if strategies is None else strategies
+    unknown = [s for s in names if s not in STRATEGY_MODELS]
+    if unknown:
+        raise ValueError(f"no cost model for strategy {unknown}; modelled: {sorted(STRATEGY_MODELS)}")
+    layouts = ("contiguous", "zigzag") if inp.causal else ("contiguous",)
+    p, out = inp.world, []
+    for name in names:
+        if name == "ulysses":
+            out.append(Config("ulysses"))
+        elif name == "usp":
+            out += [Config("usp", lay, ulysses=u, ring=p // u) for u in _divisors(p)[1:-1] for lay in layouts]
+        elif name == "wallfacer":
+            out += [Config("wallfacer", lay, teams=c, placement=pl) for c in _divisors(p)[1:] if p % (c * c) == 0
+                    for pl in _placements(p, c) for lay in layouts]
+        elif name == "fpdt":
+            out += [Config("fpdt", "contiguous", chunks=u, offload=off) for u in (1, 2, 4, 8) for off in (False, True)]
+        else:
+            out += [Config(name, lay) for lay in layouts]
+    return out
+
+
+# -- evaluation and ranking --------------------------------------------------------------------
+def _dense_seconds(inp: PlanInput) -> float:
+    """Projections, MLP and LM head of one rank's tokens, forward + backward
+    (seqpar.model.ModelConfig.matmul_flops_per_token)."""
+    tokens = inp.batch * inp.tokens_per_rank
+    flops = (1 + DENSE_BWD_FACTOR) * tokens * inp.model.config.matmul_flops_per_token()
+    return flops / inp.cluster.flops_per_s
+
+
+def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
+    """Predict step time, bytes and memory of one configuration (invalid -> valid=False + reason)."""
+    model = _strategy_model(cfg.strategy)
+    try:
+        model.check(inp, cfg)
+        schedules = [model.schedule(inp, cfg, r) for r in range(inp.world)]
+        memory = mem.memory_estimate(inp, model.memory(inp, cfg))
+    except ValueError as e:
+        return Candidate(cfg, valid=False, reason=str(e))
+    cl = inp.cluster
+    attn = max(sum(_stage_seconds(s, cl) for s in stages) for stages in schedules)
+    compute = max(sum(_compute_seconds(s, cl) for s in stages) for stages in schedules)
+    dense = _dense_seconds(inp)
+    grads = Collective("all_reduce", inp.model.params(), inp.itemsize, cl.ranks, "bwd", "grads")
+    grad_sync = max(0.0, grads.seconds(cl) - DENSE_BWD_FACTOR / (1 + DENSE_BWD_FACTOR) * dense)
+    step = inp.model.layers * attn + dense + grad_sync
+    host = max(sum(s.host_bytes for s in stages if isinstance(s, Compute)) for stages in schedules)
+    return Candidate(cfg, step_time=step, attention_time=attn, exposed_comm_time=attn - compute,
+                     comm_bytes=max_bytes_by_kind(schedules), host_bytes=host, memory=memory,
+                     fits=memory["total"] <= cl.memory_gib * GiB)
+
+
+@lru_cache(maxsize=65536)
+def _stage_seconds(stage: Stage, cluster: Cluster) -> float:
+    """Memoised: ranks running the same stage on equal groups share the result."""
+    return stage.seconds(cluster)
+
+
+def _compute_seconds(stage: Stage, cluster: Cluster) -> float:
+    if isinstance(stage, RingLoop):
+        return stage.compute_seconds(cluster)
+    return stage.flops / cluster.flops_per_s if isinstance(stage, Compute) else 0.0
+
+
+def _rank_key(c: Candidate):
+    return (not c.valid, not c.fits, c.step_time)
+
+
+def plan(inp: PlanInput, strategies: list[str] | None = None) -> list[Candidate]:
+    """All candidates ranked: valid and fitting by predicted step time, then valid but too
+    large for device memory, then invalid ones (each with its reason)."""
+    candidates = [evaluate(inp, cfg) for cfg in candidate_configs(inp, strategies)]
+    rings = [c.step_time for c in candidates if c.valid and c.config.strategy == "ring"]
+    if rings:
+        for c in candidates:
+            if c.valid:
+                c.speedup_vs_ring = min(rings) / c.step_time
+    return sorted(candidates, key=_rank_key)
