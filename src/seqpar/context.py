@@ -1,6 +1,7 @@
 """`seqpar.init` and the SeqParallel context every model layer talks to."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,19 +11,93 @@ from torch import Tensor
 from .attention import StrategyConfig, get_strategy
 from .comm import Comm, CommStats
 from .kernels import BlockKernel, default_scale, get_kernel
-from .layout import LAYOUTS
+from .layout import LAYOUTS, TokenLayout
 from .mesh import Mesh
 
 __all__ = ["SeqParallel", "init"]
 
-_DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
+_DTYPES = tuple(sorted({t for t in vars(torch).values() if isinstance(t, torch.dtype)}, key=str))  # code: index
+_FLOATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+_MAX_SIGNATURES = 256  # validated signatures kept per context (cleared when full, identically on every rank)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _shape_code(t: Tensor) -> tuple[int, ...]:
+    """(ndim, size 0..3), missing sizes -1: a fixed-width code of a tensor's shape."""
+    sizes = list(t.shape[:4])
+    return (t.dim(), *sizes, *[-1] * (4 - len(sizes)))
+
+
+@dataclass(frozen=True)
+class _Signature:
+    """What every rank's attention call must agree on, as 19 integers (`code`)."""
+
+    code: tuple[int, ...]  # q, k, v shape codes (5 each), q/k/v dtype codes, causal
+
+    @classmethod
+    def of(cls, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> "_Signature":
+        dtypes = tuple(_DTYPES.index(t.dtype) for t in (q, k, v))
+        return cls((*_shape_code(q), *_shape_code(k), *_shape_code(v), *dtypes, int(causal)))
+
+    def shape(self, i: int) -> tuple[int, ...]:
+        """Shape of tensor i (0: q, 1: k, 2: v), its first 4 sizes when it has more dims."""
+        ndim, *sizes = self.code[5 * i:5 * i + 5]
+        return tuple(sizes[:min(ndim, 4)])
+
+    def dtypes(self) -> list[str]:
+        return [_dtype_name(_DTYPES[c]) for c in self.code[15:18]]
+
+    def fields(self) -> dict[str, Any]:
+        """Named values for error messages (sizes -1 where a tensor has fewer dims)."""
+        q, k = self.code[1:5], self.code[6:10]
+        return {"batch": q[0], "seq_local": q[1], "heads": q[2], "head_dim": q[3], "kv_heads": k[2],
+                "dtype": "/".join(dict.fromkeys(self.dtypes())), "causal": bool(self.code[18])}
+
+    def error(self, layout: TokenLayout, size: int) -> str | None:
+        """Why this call is invalid on `size` ranks holding `layout` shards, or None."""
+        q, k, v = (self.shape(i) for i in range(3))
+        dims = [self.code[5 * i] for i in range(3)]
+        if dims != [4, 4, 4]:
+            return ("attention expects q/k/v as [batch, seq_local, heads, head_dim]; got "
+                    + ", ".join(f"{n} of {d} dims {s}" for n, d, s in zip("qkv", dims, (q, k, v))))
+        if k != v or q[:2] != k[:2] or q[3] != k[3]:
+            return (f"incompatible shapes q{q} k{k} v{v}: k and v must match, and share batch, seq_local and "
+                    "head_dim with q")
+        if k[2] < 1 or q[2] % k[2]:
+            return f"heads ({q[2]}) must be a multiple of kv_heads ({k[2]})"
+        names = self.dtypes()
+        if len(set(names)) > 1:
+            return f"q/k/v dtypes differ: {', '.join(names)}"
+        if _DTYPES[self.code[15]] not in _FLOATS:
+            return (f"attention needs floating-point q/k/v ({', '.join(map(_dtype_name, _FLOATS))}); "
+                    f"got {names[0]}")
+        return layout.error(q[1] * size)
+
+
+def _verdict(rows: list[_Signature], layout: TokenLayout) -> str | None:
+    """The error every rank raises for the signatures of all ranks (rank order), or None."""
+    if all(r == rows[0] for r in rows):
+        return rows[0].error(layout, len(rows))
+    fields = [r.fields() for r in rows]
+    diff = {n: [f[n] for f in fields] for n in fields[0] if len({f[n] for f in fields}) > 1}
+    if not diff:  # differing in something else (k/v shapes, dims)
+        diff = {"q/k/v shapes": [tuple(r.shape(i) for i in range(3)) for r in rows]}
+    text = "; ".join(f"{n} = {', '.join(map(str, vals))}" for n, vals in diff.items())
+    if "seq_local" in diff:
+        total = sum(diff["seq_local"])
+        text += f" ({total} tokens in all" + (f"; {layout.error(total)})" if layout.error(total) else ")")
+    return f"ranks 0..{len(rows) - 1} of the sequence-parallel group called attention with mismatched inputs: {text}"
 
 
 class SeqParallel:
     """Sequence-parallel context over one process group (the sequence-parallel group).
 
     Attributes: `size`/`rank` in that group, `layout` (which tokens this rank holds),
-    `strategy` (the attention method), `stats` (communication bytes), `kernel`.
+    `strategy` (the attention method), `stats` (communication bytes), `kernel`,
+    `check_inputs` and `input_checks` (cross-rank input-check collectives run so far).
     """
 
     def __init__(self, strategy: str, cfg: StrategyConfig, group: dist.ProcessGroup | None = None,
@@ -37,6 +112,8 @@ class SeqParallel:
         self.comm = Comm(self.group, self.stats)
         self.kernel_name = kernel
         self.check_inputs = check_inputs
+        self.input_checks = 0  # cross-rank input-check collectives run so far
+        self._validated: set[_Signature] = set()
         self._kernels: dict[tuple, BlockKernel] = {}
         self._device, self._dtype = torch.device("cpu"), torch.float32  # of the latest attention call
         self.strategy = get_strategy(strategy)(self, cfg)
@@ -97,33 +174,32 @@ class SeqParallel:
         return (out, lse) if return_lse else out
 
     def _validate(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
-        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-            raise ValueError("attention expects q/k/v as [batch, seq_local, heads, head_dim]; got "
-                             f"q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
-        if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-            raise ValueError(f"incompatible shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}: "
-                             "k and v must match, and share batch, seq_local and head_dim with q")
-        if q.shape[2] % k.shape[2]:
-            raise ValueError(f"heads ({q.shape[2]}) must be a multiple of kv_heads ({k.shape[2]})")
-        if not (q.dtype == k.dtype == v.dtype):
-            raise ValueError(f"q/k/v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-        self.layout.check(q.shape[1] * self.size)
-        if self.check_inputs and self.size > 1:
-            self._check_same_everywhere(q, k, causal)
+        """Raise the same ValueError on every rank unless all ranks pass valid, matching inputs.
 
-    def _check_same_everywhere(self, q: Tensor, k: Tensor, causal: bool) -> None:
-        """One tiny all-reduce: every rank must call attention with the same shapes/dtype/mask."""
-        sig = torch.tensor(list(q.shape) + [k.shape[2], _DTYPE_CODES.get(q.dtype, 0), int(causal)],
-                           dtype=torch.int64)
-        device = q.device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
-        both = torch.cat([sig, -sig]).to(device)
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
-        hi, lo = both[: sig.numel()].cpu(), -both[sig.numel():].cpu()
-        if not torch.equal(hi, lo):
-            names = ["batch", "seq_local", "heads", "head_dim", "kv_heads", "dtype", "causal"]
-            diff = {n: (int(a), int(b)) for n, a, b in zip(names, lo, hi) if a != b}
-            raise ValueError(f"ranks of the sequence-parallel group called attention with mismatched "
-                             f"inputs (min, max over ranks): {diff}")
+        One all-gather of a 19-integer signature per new signature (check_inputs, size > 1):
+        every rank then decides on the same gathered data. A signature validated once is
+        trusted afterwards, so a rank that later diverges to another signature the group
+        validated before is not caught; without check_inputs only this rank's inputs are checked."""
+        sig = _Signature.of(q, k, v, causal)
+        if sig in self._validated:
+            return
+        cross_rank = self.check_inputs and self.size > 1
+        error = _verdict(self._gather(sig, q.device) if cross_rank else [sig] * self.size, self.layout)
+        if error:
+            raise ValueError(error)
+        if cross_rank or self.size == 1:
+            if len(self._validated) >= _MAX_SIGNATURES:
+                self._validated.clear()
+            self._validated.add(sig)
+
+    def _gather(self, sig: _Signature, device: torch.device) -> list[_Signature]:
+        """Every rank's signature, in rank order (one all-gather; on `device` for NCCL)."""
+        device = device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
+        mine = torch.tensor(sig.code, dtype=torch.int64, device=device)
+        rows = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(rows, mine, group=self.group)
+        self.input_checks += 1
+        return [_Signature(tuple(r.tolist())) for r in rows]
 
     # -- communication accounting ------------------------------------------------------------
     def comm_stats(self) -> dict[str, dict[str, float]]:
@@ -150,7 +226,8 @@ def init(strategy: str, *, ulysses: int = 1, ring: int | None = None, teams: int
     ulysses / ring: USP degrees (ulysses x ring = group size); teams: WallFacer team size C;
     layout: contiguous | zigzag | striped; chunks / offload: FPDT; group: the
     sequence-parallel group (default WORLD); kernel: block kernel name or "auto";
-    check_inputs: verify every rank passes matching shapes (one tiny all-reduce per call);
+    check_inputs: verify that every rank passes valid, matching q/k/v (one tiny all-gather the
+    first time each shape/dtype/mask signature is seen; every rank raises the same error);
     options: strategy-specific extras (e.g. WallFacer's placement, ranks_per_node).
     Collective: every rank of `group` must call it with the same arguments.
     """

@@ -10,6 +10,10 @@ Tensor layout everywhere: q [batch, seq_q, heads, head_dim], k/v [batch, seq_k,
 kv_heads, head_dim] (heads % kv_heads == 0: GQA/MQA), out like q, lse [batch, heads,
 seq_q] in `accum_dtype(q.dtype)`. ``causal`` is top-left aligned and needs
 seq_q == seq_k (strategies slice blocks so this always holds).
+
+Inputs may be any strided views (slices, transposes, stride-0 expands): `BlockKernel.forward`
+/ `backward` validate them and copy only a tensor whose last stride a kernel cannot use,
+then call the kernel's `block_forward` / `block_backward`.
 """
 from __future__ import annotations
 
@@ -58,24 +62,49 @@ def _expand_kv(x: Tensor, heads: int) -> Tensor:
 def _fold_kv_grad(dx: Tensor, kv_heads: int) -> Tensor:
     """Inverse of _expand_kv for gradients: sum each query group back onto its kv head."""
     b, s, h, d = dx.shape
-    return dx if h == kv_heads else dx.view(b, s, kv_heads, h // kv_heads, d).sum(3)
+    return dx if h == kv_heads else dx.reshape(b, s, kv_heads, h // kv_heads, d).sum(3)
+
+
+def _unit_last_stride(x: Tensor) -> Tensor:
+    """x itself when its last dim has stride 1 (any other strides are fine), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 class BlockKernel:
-    """Interface: one attention block, forward and backward."""
+    """Interface: one attention block, forward and backward.
+
+    Callers use `forward` / `backward`, which accept any strided views; subclasses implement
+    `block_forward` / `block_backward`, which get validated tensors with a unit last stride
+    when `unit_last_stride` is set (flash kernels read head_dim as contiguous memory).
+    """
 
     name = "base"
+    unit_last_stride = True
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:  # pragma: no cover
         raise NotImplementedError
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
         """-> out [b, sq, h, d] in q.dtype, lse [b, h, sq] in accum_dtype(q.dtype)."""
-        raise NotImplementedError
+        _check_block(q, k, v, causal)
+        return self.block_forward(*self._usable(q, k, v), causal, scale)
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
         """-> dq, dk, dv shaped like q, k, v (dtype: accum_dtype). out/lse are the global ones."""
+        _check_block(q, k, v, causal)
+        dout, q, k, v, out = self._usable(dout, q, k, v, out)
+        return self.block_backward(dout, q, k, v, out, lse, causal, scale)
+
+    def _usable(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        return tuple(_unit_last_stride(t) for t in tensors) if self.unit_last_stride else tensors
+
+    def block_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool,
+                      scale: float) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def block_backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -83,9 +112,10 @@ class BlockKernel:
 
 
 class MathKernel(BlockKernel):
-    """Plain PyTorch reference (any device, any dtype); computes in accum_dtype."""
+    """Plain PyTorch reference (any device, any dtype, any strides); computes in accum_dtype."""
 
     name = "math"
+    unit_last_stride = False
 
     def supports(self, device, dtype):
         return True
@@ -103,13 +133,12 @@ class MathKernel(BlockKernel):
         p = torch.where(finite.unsqueeze(-1), p, torch.zeros_like(p))
         return p, lse
 
-    def forward(self, q, k, v, causal, scale):
-        _check_block(q, k, v, causal)
+    def block_forward(self, q, k, v, causal, scale):
         p, lse = self._probs(q, k, causal, scale)
         out = torch.einsum("bhqk,bkhd->bqhd", p, _expand_kv(v, q.shape[2]).to(p.dtype))
         return out.to(q.dtype), lse
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def block_backward(self, dout, q, k, v, out, lse, causal, scale):
         acc = accum_dtype(q.dtype)
         p, _ = self._probs(q, k, causal, scale, lse=lse.to(acc))
         do = dout.to(acc)
@@ -135,15 +164,14 @@ class CpuFlashKernel(BlockKernel):
     def supports(self, device, dtype):
         return device.type == "cpu" and dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-    def forward(self, q, k, v, causal, scale):
-        _check_block(q, k, v, causal)
+    def block_forward(self, q, k, v, causal, scale):
         if q.shape[1] == 0 or k.shape[1] == 0:
             return _empty_block(q)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, scale=scale)
         return _bhsd(out), lse.to(accum_dtype(q.dtype))
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def block_backward(self, dout, q, k, v, out, lse, causal, scale):
         acc = accum_dtype(q.dtype)
         if q.shape[1] == 0 or k.shape[1] == 0:
             return q.new_zeros(q.shape, dtype=acc), k.new_zeros(k.shape, dtype=acc), v.new_zeros(v.shape, dtype=acc)
@@ -161,21 +189,23 @@ def _empty_block(q: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class SdpaFlashKernel(BlockKernel):
-    """CUDA flash attention shipped with torch (`_scaled_dot_product_flash_attention`)."""
+    """CUDA flash attention shipped with torch (`_scaled_dot_product_flash_attention`).
+
+    Never run on a GPU in this project (no GPU available); written against the same interface.
+    """
 
     name = "sdpa_flash"
 
     def supports(self, device, dtype):
         return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
-    def forward(self, q, k, v, causal, scale):
-        _check_block(q, k, v, causal)
+    def block_forward(self, q, k, v, causal, scale):
         h = q.shape[2]
         res = torch.ops.aten._scaled_dot_product_flash_attention(
             _bhsd(q), _bhsd(_expand_kv(k, h)), _bhsd(_expand_kv(v, h)), 0.0, causal, False, scale=scale)
         return _bhsd(res[0]), res[1].float()
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def block_backward(self, dout, q, k, v, out, lse, causal, scale):
         h = q.shape[2]
         ke, ve = _expand_kv(k, h), _expand_kv(v, h)
         sq, sk = q.shape[1], k.shape[1]
@@ -188,21 +218,23 @@ class SdpaFlashKernel(BlockKernel):
 
 
 class SdpaEfficientKernel(BlockKernel):
-    """CUDA memory-efficient attention shipped with torch (fp32/fp16/bf16)."""
+    """CUDA memory-efficient attention shipped with torch (fp32/fp16/bf16).
+
+    Never run on a GPU in this project (no GPU available); written against the same interface.
+    """
 
     name = "sdpa_efficient"
 
     def supports(self, device, dtype):
         return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32)
 
-    def forward(self, q, k, v, causal, scale):
-        _check_block(q, k, v, causal)
+    def block_forward(self, q, k, v, causal, scale):
         h, sq = q.shape[2], q.shape[1]
         out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
             _bhsd(q), _bhsd(_expand_kv(k, h)), _bhsd(_expand_kv(v, h)), None, True, 0.0, causal, scale=scale)
         return _bhsd(out), lse[..., :sq].float()
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def block_backward(self, dout, q, k, v, out, lse, causal, scale):
         h = q.shape[2]
         ke, ve = _expand_kv(k, h), _expand_kv(v, h)
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
@@ -214,7 +246,10 @@ class SdpaEfficientKernel(BlockKernel):
 
 
 class FlashAttnKernel(BlockKernel):
-    """The `flash-attn` package (Dao-AILab), when installed; native GQA."""
+    """The `flash-attn` package (Dao-AILab, 2.6+), when installed; native GQA.
+
+    Never run on a GPU in this project (no GPU available); written against the same interface.
+    """
 
     name = "flash_attn"
 
@@ -227,18 +262,19 @@ class FlashAttnKernel(BlockKernel):
             return False
         return True
 
-    def forward(self, q, k, v, causal, scale):
+    def block_forward(self, q, k, v, causal, scale):
         from flash_attn.flash_attn_interface import _flash_attn_forward
-        _check_block(q, k, v, causal)
         res = _flash_attn_forward(q, k, v, 0.0, scale, causal=causal, window_size_left=-1,
                                   window_size_right=-1, softcap=0.0, alibi_slopes=None, return_softmax=False)
         return res[0], res[1].float()
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def block_backward(self, dout, q, k, v, out, lse, causal, scale):
         from flash_attn.flash_attn_interface import _flash_attn_backward
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _flash_attn_backward(dout.to(q.dtype), q, k, v, out.to(q.dtype), lse.float().contiguous(), dq, dk, dv,
-                             0.0, scale, causal, -1, -1, 0.0, None, False)
+        dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+        _flash_attn_backward(dout=dout.to(q.dtype), q=q, k=k, v=v, out=out.to(q.dtype),
+                             softmax_lse=lse.float().contiguous(), dq=dq, dk=dk, dv=dv, dropout_p=0.0,
+                             softmax_scale=scale, causal=causal, window_size_left=-1, window_size_right=-1,
+                             softcap=0.0, alibi_slopes=None, deterministic=False)
         return dq.float(), dk.float(), dv.float()
 
 

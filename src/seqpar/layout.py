@@ -15,9 +15,15 @@ rank = outer_rank * inner + inner_rank:
 An all-to-all or all-gather inside the inner group therefore reassembles exactly the
 outer rank's token list, which is what the block-pair rules in `block_pairs` assume.
 Tokens, positions (RoPE) and labels all use the same `local_indices`.
+
+Valid lengths are the multiples of `granularity()`: the outer split needs N % outer == 0
+(zigzag: N % 2*outer), the inner split N/outer % (inner * chunks) == 0, so
+granularity = lcm(outer or 2*outer, outer * inner * chunks). Zigzag's half blocks need
+nothing more, the inner group reassembling the whole outer list (e.g. USP 2x2 zigzag: 4).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,17 +53,25 @@ class TokenLayout:
         return self.outer * self.inner
 
     def granularity(self) -> int:
-        """The sequence length must be a multiple of this."""
-        base = 2 * self.outer if self.kind == "zigzag" else self.outer
-        return base * self.inner * self.chunks
+        """Valid sequence lengths are exactly the positive multiples of this (module docstring)."""
+        outer_split = 2 * self.outer if self.kind == "zigzag" else self.outer
+        return math.lcm(outer_split, self.outer * self.inner * self.chunks)
+
+    def error(self, seq_len: int) -> str | None:
+        """Why `seq_len` tokens do not fit this layout (naming the nearest valid lengths), or None."""
+        g = self.granularity()
+        if seq_len > 0 and seq_len % g == 0:
+            return None
+        below, above = seq_len // g * g, (max(seq_len, 0) // g + 1) * g
+        nearest = f"nearest valid lengths: {below} and {above}" if below > 0 else f"shortest valid length: {above}"
+        chunks = f" with {self.chunks} chunks" if self.chunks > 1 else ""
+        return (f"sequence length {seq_len} is not divisible by {g} as the {self.kind} layout over "
+                f"{self.outer} x {self.inner} ranks{chunks} requires; {nearest}")
 
     def check(self, seq_len: int) -> None:
-        g = self.granularity()
-        if seq_len <= 0 or seq_len % g:
-            raise ValueError(
-                f"sequence length {seq_len} is not divisible by {g} as the {self.kind} layout over "
-                f"{self.outer} x {self.inner} ranks" + (f" with {self.chunks} chunks" if self.chunks > 1 else "")
-                + f" requires; pad the sequence to a multiple of {g}")
+        error = self.error(seq_len)
+        if error:
+            raise ValueError(error)
 
     def outer_indices(self, seq_len: int, outer_rank: int) -> Tensor:
         """Global positions held by one outer rank, in local order (increasing positions)."""

@@ -5,6 +5,7 @@ tests can assert on them and the CLI can print them.
 """
 from __future__ import annotations
 
+import datetime
 import math
 from typing import Any
 
@@ -43,24 +44,66 @@ def make_inputs(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, 
     return tuple(t.to(dtype) for t in (q, k, v, dout))
 
 
+VIEWS = ("last_stride", "transposed", "expanded_kv")
+
+
+def _last_stride(x: Tensor) -> Tensor:
+    """The values of x with stride(-1) == 2 (every other element of a twice wider buffer)."""
+    return torch.stack([x, x], -1).flatten(-2)[..., ::2]
+
+
+def _transposed(x: Tensor) -> Tensor:
+    """The values of x [b, s, h, d] as the transpose of a contiguous [b, h, s, d] tensor."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def strided(x: Tensor, view: str | None, role: str, kv_heads: int) -> Tensor:
+    """x through a non-contiguous, differentiable view of the same values (role: q, kv or dout).
+
+    view: None (x itself), "last_stride", "transposed", or "expanded_kv": K/V [b, s, 1, d]
+    broadcast to kv_heads heads with .expand (stride 0, MQA), q as is, dout last_stride."""
+    if view is None:
+        return x
+    if view == "expanded_kv":
+        if role == "kv":
+            return x.expand(x.shape[0], x.shape[1], kv_heads, x.shape[3])
+        return _last_stride(x) if role == "dout" else x
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; choose from {VIEWS}")
+    return _last_stride(x) if view == "last_stride" else _transposed(x)
+
+
 def attention_exactness(strategy: str, init_kwargs: dict[str, Any] | None = None, *, batch: int = 2,
                         seq: int = 32, heads: int = 4, kv_heads: int | None = None, head_dim: int = 8,
-                        dtype: str = "float64", causal: bool = False, seed: int = 0) -> dict[str, float]:
+                        dtype: str = "float64", causal: bool = False, seed: int = 0, scale: float | None = None,
+                        view: str | None = None) -> dict[str, float]:
     """Max abs error of out, lse, dq, dk, dv of `strategy` vs naive fp64 attention on the full
-    sequence, plus the max abs of each reference (for relative bounds) and bytes moved."""
+    sequence, plus the max abs of each reference (for relative bounds) and bytes moved.
+
+    scale: softmax scale (None: 1/sqrt(head_dim)); view: feed q/k/v and dout through a
+    non-contiguous view of the same values (see `strided`)."""
     ctx = seqpar.init(strategy, **(init_kwargs or {}))
-    dt = DTYPES[dtype]
-    q, k, v, dout = make_inputs(batch, seq, heads, kv_heads or heads, head_dim, dt, seed)
+    return _exactness(ctx, batch, seq, heads, kv_heads or heads, head_dim, DTYPES[dtype], causal, seed, scale,
+                      view)
+
+
+def _exactness(ctx, batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, dt: torch.dtype,
+               causal: bool, seed: int, scale: float | None, view: str | None) -> dict[str, float]:
+    q, k, v, dout = make_inputs(batch, seq, heads, 1 if view == "expanded_kv" else kv_heads, head_dim, dt, seed)
+
+    def inputs(leaves):
+        return [strided(t, view, role, kv_heads) for t, role in zip(leaves, ("q", "kv", "kv"))]
+
     full = [t.double().requires_grad_() for t in (q, k, v)]
-    ref_out, ref_lse = reference_attention(*full, causal)
+    ref_out, ref_lse = reference_attention(*inputs(full), causal, scale)
     ref_out.backward(dout.double())
     ref = {"out": ref_out.detach(), "lse": ref_lse.detach(), "dq": full[0].grad, "dk": full[1].grad,
            "dv": full[2].grad}
 
     local = [ctx.shard(t).detach().clone().requires_grad_() for t in (q, k, v)]
     ctx.reset_comm_stats()
-    out, lse = ctx.attention(*local, causal=causal, return_lse=True)
-    out.backward(ctx.shard(dout))
+    out, lse = ctx.attention(*inputs(local), causal=causal, scale=scale, return_lse=True)
+    out.backward(strided(ctx.shard(dout), view, "dout", kv_heads))
     bytes_moved = ctx.comm_stats()["total"]["sent"]
     got = {"out": ctx.unshard(out), "lse": ctx.unshard(lse, dim=2), "dq": ctx.unshard(local[0].grad),
            "dk": ctx.unshard(local[1].grad), "dv": ctx.unshard(local[2].grad)}
@@ -68,9 +111,32 @@ def attention_exactness(strategy: str, init_kwargs: dict[str, Any] | None = None
     for name, r in ref.items():
         result[name] = (got[name].double() - r).abs().max().item()
         result[name + "_ref"] = r.abs().max().item()
-    result["dtype_ok"] = float(out.dtype == dt and local[0].grad.dtype == dt and lse.dtype in (torch.float32, torch.float64))
+    result["dtype_ok"] = float(out.dtype == dt and local[0].grad.dtype == dt
+                               and lse.dtype in (torch.float32, torch.float64))
     result["bytes_sent"] = float(bytes_moved)
     return result
+
+
+def exactness_over_lengths(strategy: str, init_kwargs: dict[str, Any], lengths: list[int], *,
+                           causal: bool = True, heads: int = 4, kv_heads: int = 2,
+                           head_dim: int = 4) -> dict[int, float]:
+    """Largest fp64 error (out, lse, dq, dk, dv) at each sequence length, one context for all."""
+    ctx = seqpar.init(strategy, **init_kwargs)
+    fields = ("out", "lse", "dq", "dk", "dv")
+    return {n: max(_exactness(ctx, 1, n, heads, kv_heads, head_dim, torch.float64, causal, n, None, None)[f]
+                   for f in fields) for n in lengths}
+
+
+def input_check_counts(strategy: str, init_kwargs: dict[str, Any], seq_lens: list[int], *, heads: int = 4,
+                       head_dim: int = 8) -> list[int]:
+    """ctx.input_checks (cross-rank check collectives run so far) after attention at each length."""
+    ctx = seqpar.init(strategy, **init_kwargs)
+    counts = []
+    for n in seq_lens:
+        q = torch.randn(1, n // ctx.size, heads, head_dim)
+        ctx.attention(q, q, q, causal=True)
+        counts.append(ctx.input_checks)
+    return counts
 
 
 def shard_roundtrip(strategy: str, init_kwargs: dict[str, Any] | None = None, seq: int = 48) -> dict[str, Any]:
@@ -86,15 +152,24 @@ def shard_roundtrip(strategy: str, init_kwargs: dict[str, Any] | None = None, se
 
 def expect_error(strategy: str, init_kwargs: dict[str, Any] | None = None, *, seq: int | None = None,
                  batch: int = 1, heads: int = 4, kv_heads: int | None = None, head_dim: int = 8,
-                 causal: bool = False, per_rank_seq: dict[int, int] | None = None) -> str:
-    """Run init (and attention when seq is given); return the error message raised ('' if none)."""
+                 causal: bool = False, per_rank_seq: dict[int, int] | None = None, dtype: str = "float32",
+                 per_rank_dtype: dict[int, str] | None = None, group_timeout: float | None = None) -> str:
+    """Run init (and attention when seq is given); return the error message raised ('' if none).
+
+    dtype / per_rank_dtype: torch dtype names of q/k/v (e.g. "int64"); group_timeout: run on a
+    fresh group over all ranks whose collectives time out after that many seconds."""
     try:
-        ctx = seqpar.init(strategy, **(init_kwargs or {}))
+        group = None
+        if group_timeout is not None:
+            group = dist.new_group(list(range(dist.get_world_size())),
+                                   timeout=datetime.timedelta(seconds=group_timeout))
+        ctx = seqpar.init(strategy, group=group, **(init_kwargs or {}))
         if seq is not None:
             rank = dist.get_rank()
             n = (per_rank_seq or {}).get(rank, seq // ctx.size)
-            q = torch.randn(batch, n, heads, head_dim)
-            kv = torch.randn(batch, n, kv_heads or heads, head_dim)
+            dt = getattr(torch, (per_rank_dtype or {}).get(rank, dtype))
+            q = torch.randn(batch, n, heads, head_dim).to(dt)
+            kv = torch.randn(batch, n, kv_heads or heads, head_dim).to(dt)
             ctx.attention(q, kv, kv.clone(), causal=causal)
     except (ValueError, RuntimeError) as e:
         return f"{type(e).__name__}: {e}"
