@@ -10,7 +10,9 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "train": ("seqpar.train", "train a Llama-style model with sequence parallelism (default: local gloo world)"),
+    "train": ("seqpar.train", "train a Llama-style model with sequence parallelism (default: local gloo world; "
+                              "under torchrun: gloo on CPU, NCCL on GPUs - the NCCL/GPU path has never been run "
+                              "in this project, no GPU was available)"),
     "plan": ("seqpar.plan", "rank strategies and degrees by predicted step time and memory"),
     "verify": ("seqpar.verify", "check a strategy's exactness against single-device attention"),
 }
@@ -38,9 +40,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(importlib.import_module(args._module).main(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # configuration / input errors: no traceback
-        print(f"seqpar {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # configuration / input errors: one line, no traceback
+        print(f"seqpar {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"seqpar {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

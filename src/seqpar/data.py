@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .context import SeqParallel
+from .io import atomic_write
 
 __all__ = ["open_tokens", "write_token_file", "stdlib_corpus", "split_tokens", "SequenceLoader", "shard_batch",
            "TOKEN_MAGIC"]
@@ -127,18 +128,6 @@ def stdlib_corpus(cache_dir: str | os.PathLike, max_bytes: int = 4_000_000) -> P
         raise FileNotFoundError(f"no Python sources found under {root}; pass a data file with --data")
     atomic_write(out, blob)
     return out
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write a file so readers see the old content or the new, never half of it."""
-    data = data.encode() if isinstance(data, str) else data
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def split_tokens(data: TokenData, val_fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:

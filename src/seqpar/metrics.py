@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -22,17 +23,8 @@ CPU_PEAK_TFLOPS = 0.1  # one AVX2/AVX-512 core with FMA: ~2 FMA x 8-16 lanes x 2
 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
-    """Model FLOPs of one training token (forward + backward = 3x forward; recompute not counted).
-
-    Forward: 2 per weight of every matmul (q/k/v/o, SwiGLU, LM head; embeddings are lookups)
-    plus attention scores and weighted sum, 2 * 2 * seq_len * n_heads * head_dim per layer,
-    halved for a causal mask.
-    """
-    attn_width = cfg.n_heads * cfg.head_dim
-    per_layer = cfg.dim * (2 * attn_width + 2 * cfg.n_kv_heads * cfg.head_dim) + 3 * cfg.dim * cfg.ffn_hidden
-    matmul_weights = cfg.n_layers * per_layer + cfg.dim * cfg.vocab_size
-    attention = 4 * seq_len * attn_width * cfg.n_layers * (0.5 if causal else 1.0)
-    return 3.0 * (2.0 * matmul_weights + attention)
+    """Model FLOPs of one training token (forward + backward): `ModelConfig.flops_per_token`."""
+    return cfg.flops_per_token(seq_len, causal)
 
 
 def default_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -52,31 +44,52 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class JsonlLog:
-    """Append one JSON object per line; flushed after every record."""
+    """Append one JSON object per line; flushed after every record.
+
+    The file is strict JSON (RFC 8259): a non-finite float (a NaN loss, an infinite grad norm)
+    is written as null, never as the NaN/Infinity tokens Python's json module would emit.
+    """
 
     def __init__(self, path: str | os.PathLike, keep_until_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if keep_until_step is not None:  # resumed run: drop records the restart will redo
-            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= keep_until_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            kept = [r for r in read_jsonl(self.path) if (r.get("step") or 0) <= keep_until_step]
+            self.path.write_text("".join(_json_line(r) for r in kept))
         elif self.path.exists():
             self.path.unlink()
         self._fh: IO[str] = open(self.path, "a")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(record) + "\n")
+        self._fh.write(_json_line(record))
         self._fh.flush()
 
     def close(self) -> None:
         self._fh.close()
 
 
+def _finite_or_none(value: Any) -> Any:
+    """`value` with every non-finite float (nested in dicts/lists) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    return json.dumps(_finite_or_none(record), allow_nan=False) + "\n"
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log; NaN/Infinity tokens (logs of older versions) read as None."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line, parse_constant=lambda _: None) for line in path.read_text().splitlines()
+            if line.strip()]
 
 
 class ProgressBar:
@@ -118,8 +131,8 @@ def plot_loss_curve(records: Iterable[dict[str, Any]], path: str | os.PathLike, 
     import matplotlib.pyplot as plt
 
     records = list(records)
-    train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
-    val = [(r["step"], r["val_loss"]) for r in records if r.get("type") == "val"]
+    train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train" and r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("type") == "val" and r.get("val_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         steps, losses = zip(*train)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,6 +21,7 @@ from ..model import ModelConfig
 __all__ = ["TrainConfig", "DTYPES", "load_config", "build_config", "config_from_args", "add_arguments"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+NONFINITE = ("stop", "skip")
 SECTIONS = ("model", "data", "optim", "parallel", "output")
 _MODEL_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "mlp_chunks", "loss_chunks",
                "activation_checkpointing")
@@ -59,7 +61,10 @@ class TrainConfig:
     weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only)")
     beta1: float = _opt(0.9, "AdamW beta1")
     beta2: float = _opt(0.95, "AdamW beta2")
-    grad_clip: float = _opt(1.0, "global gradient-norm clip; 0: off")
+    grad_clip: float = _opt(1.0, "global gradient-norm clip; 0: off (the norm is still computed and checked)")
+    nonfinite: str = _opt("stop", "on a non-finite loss or gradient norm: stop (error, nothing saved) | skip "
+                                  "(no update for that step)")
+    max_skips: int = _opt(3, "with --nonfinite skip: consecutive skipped steps tolerated; one more stops the run")
     seed: int = _opt(0, "initial weights and data order")
     dtype: str = _opt("float32", "float32 | bfloat16 (autocast, fp32 weights) | float64")
     # parallelism
@@ -87,6 +92,12 @@ class TrainConfig:
     peak_tflops: float = _opt(0.0, "per-device peak TFLOP/s for MFU; 0: auto (GPU table, 0.1 per CPU process)")
     progress: bool = _opt(True, "progress bar and summary on rank 0")
     plot: bool = _opt(True, "loss-curve PNG at the end")
+    # fault handling
+    timeout: float = _opt(600.0, "process-group timeout (s): a collective waiting longer fails the run")
+    stall_timeout: float = _opt(0.0, "seconds without a heartbeat before the launcher names a rank stalled and "
+                                     "stops the run; 0: min(60, timeout / 2)")
+    stop_grace: float = _opt(10.0, "seconds workers get after SIGTERM/SIGINT to stop (and checkpoint on "
+                                   "SIGTERM) before they are killed")
 
     # -- derived -------------------------------------------------------------------------------
     def model_config(self) -> ModelConfig:
@@ -119,15 +130,17 @@ class TrainConfig:
     def validate(self, world: int | None = None) -> None:
         """Raise ValueError for anything that cannot work (world: number of ranks, default nproc)."""
         world = world or self.nproc
+        self._validate_finite()
         self.model_config()  # model shape errors
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("layout", self.layout, LAYOUTS)
+        _check_choice("nonfinite", self.nonfinite, NONFINITE)
         for name in ("seq_len", "batch", "steps", "nproc", "dp", "chunks", "log_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("sp", "ulysses", "ring", "teams", "warmup", "eval_every", "checkpoint_every",
-                     "keep_checkpoints", "corpus_bytes"):
+                     "keep_checkpoints", "corpus_bytes", "max_skips"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
@@ -136,7 +149,18 @@ class TrainConfig:
             raise ValueError("need 0 <= beta1, beta2 < 1, weight_decay >= 0 and grad_clip >= 0")
         if self.peak_tflops < 0:
             raise ValueError(f"peak_tflops must be >= 0 (0 = auto), got {self.peak_tflops}")
+        if not (self.timeout > 0 and self.stop_grace > 0 and self.stall_timeout >= 0):
+            raise ValueError(f"need timeout > 0, stop_grace > 0 and stall_timeout >= 0, got timeout={self.timeout}, "
+                             f"stop_grace={self.stop_grace}, stall_timeout={self.stall_timeout}")
         self._validate_mesh(world)
+
+    def _validate_finite(self) -> None:
+        """Every float field (and float strategy option) must be finite: inf/nan would train NaN."""
+        values = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+        values += [(f"strategy option {k}", v) for k, v in self.strategy_options.items()]
+        for name, value in values:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
 
     def _validate_mesh(self, world: int) -> None:
         sp = self.sp_size(world)

@@ -1,12 +1,26 @@
-"""Launching `seqpar train`: a local world of gloo worker processes, or one rank under torchrun."""
+"""Launching `seqpar train`: a local world of gloo worker processes, or one rank under torchrun.
+
+Before anything is spawned or written, `check` runs every check that needs no process group
+(the config, the output directory, the strategy's degrees and kernel), then the launcher
+takes the output directory's lock (`control.RunLock`) and `resolve_inputs` opens the data and
+the checkpoint to resume. Configuration errors are therefore one line, exit code 2, in the
+time it takes to import torch.
+
+The local launcher supervises its workers (`control.supervise`): SIGTERM/SIGINT are forwarded
+(SIGTERM: every rank stops after the same step and saves a checkpoint; SIGINT: they stop
+without one), a rank whose heartbeat stops for `--stall-timeout` seconds is named and the run
+stopped, a failing rank stops the others within a second, and workers die with the launcher.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,59 +28,211 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ..checkpoint import resolve_checkpoint
+from ..checkpoint import read_meta, resolve_checkpoint
 from ..data import open_tokens, split_tokens, stdlib_corpus
-from .config import TrainConfig, config_from_args
-from .trainer import train
+from ..kernels import get_kernel
+from . import control
+from .config import DTYPES, TrainConfig, config_from_args
+from .trainer import lr_at, train
 
-__all__ = ["prepare", "launch_local", "launch_torchrun", "main"]
+__all__ = ["check", "prepare", "resolve_inputs", "resume_note", "launch_local", "launch_torchrun", "main"]
 
 
-def prepare(cfg: TrainConfig, world: int) -> TrainConfig:
-    """Validate and resolve the data path (building the stdlib corpus if needed) before any worker starts."""
+# -- checks before anything starts -----------------------------------------------------------------------
+def check_out_dir(out_dir: str) -> None:
+    """The output directory exists (created here) and is a writable directory."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out-dir {out_dir!r} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create --out-dir {out_dir!r}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--out-dir {out_dir!r} is not writable")
+
+
+def _ulysses_degree(strategy: str, kwargs: dict[str, Any], sp: int) -> int:
+    """The all-to-all degree heads are split over (0 if none, or if the worker's own check decides):
+    ulysses and fpdt use the whole group; usp resolves its degrees as UspStrategy does."""
+    if strategy in ("ulysses", "fpdt"):
+        return sp
+    if strategy != "usp":
+        return 0
+    ud, rd = kwargs.get("ulysses", 1), kwargs.get("ring")
+    if rd is None:
+        rd = sp // ud if ud else 0
+    elif ud == 1 and sp % rd == 0:
+        ud = sp // rd
+    return ud if ud >= 1 and ud * rd == sp else 0
+
+
+def check_strategy(cfg: TrainConfig, world: int, device: str = "cpu") -> None:
+    """Checks seqpar.init and the first attention call would make inside the workers, run here on
+    plain values with the same code: WallFacer's team grid, the Ulysses head split, the kernel."""
+    sp = cfg.sp_size(world)
+    kwargs = cfg.strategy_kwargs(sp)
+    if cfg.strategy == "wallfacer":
+        from ..attention.wallfacer import WallFacerGrid
+        WallFacerGrid(sp, kwargs.get("teams", 1), kwargs.get("placement", "collectives_intra"))
+    degree = _ulysses_degree(cfg.strategy, kwargs, sp)
+    if degree > 1:
+        from ..attention.ulysses import kv_replication
+        kv_replication(cfg.n_heads, cfg.n_kv_heads, degree)
+    if cfg.kernel != "auto":  # attention runs in the autocast dtype (bf16) or the parameter dtype
+        get_kernel(cfg.kernel, device, DTYPES[cfg.dtype])
+
+
+def check(cfg: TrainConfig, world: int, device: str = "cpu") -> None:
+    """Everything that can be checked without data or a process group (raises ValueError)."""
     cfg.validate(world)
-    if not cfg.data:  # built once here (atomically), so workers find it cached
+    check_out_dir(cfg.out_dir)
+    check_strategy(cfg, world, device)
+
+
+def resolve_inputs(cfg: TrainConfig) -> TrainConfig:
+    """Open the data (building the stdlib corpus once, atomically) and the checkpoint to resume."""
+    if not cfg.data:
         cfg = dataclasses.replace(cfg, data=str(stdlib_corpus(Path(cfg.out_dir) / "data", cfg.corpus_bytes)))
-    split_tokens(open_tokens(cfg.data), cfg.val_fraction, cfg.seq_len)
+    data = open_tokens(cfg.data)
+    if data.vocab_size > cfg.vocab_size:  # the same check as Trainer._build_loaders
+        raise ValueError(f"data {data.path!r} needs vocab_size >= {data.vocab_size}, the model has "
+                         f"{cfg.vocab_size}")
+    split_tokens(data, cfg.val_fraction, cfg.seq_len)
     if cfg.resume:
         resolve_checkpoint(cfg.resume, Path(cfg.out_dir) / "checkpoints")
     return cfg
 
 
-def _local_worker(rank: int, world: int, rendezvous: str, cfg_dict: dict[str, Any]) -> None:
+def prepare(cfg: TrainConfig, world: int, device: str = "cpu") -> TrainConfig:
+    """`check` + `resolve_inputs`: validate and resolve the data path before any worker starts."""
+    check(cfg, world, device)
+    return resolve_inputs(cfg)
+
+
+_SCHEDULE_KEYS = ("steps", "warmup", "lr", "min_lr")
+
+
+def resume_note(cfg: TrainConfig) -> str | None:
+    """One line when a resumed run changes the LR schedule (or has nothing left to train)."""
+    if not cfg.resume:
+        return None
+    path = resolve_checkpoint(cfg.resume, Path(cfg.out_dir) / "checkpoints")
+    meta = read_meta(path)
+    start, saved = int(meta["step"]), meta.get("config", {})
+    if cfg.steps <= start:
+        return (f"seqpar train: note: checkpoint {path.name} is at step {start}, --steps is {cfg.steps}: "
+                "nothing left to train")
+    changed = {k: saved[k] for k in _SCHEDULE_KEYS if k in saved and saved[k] != getattr(cfg, k)}
+    if not changed:
+        return None
+    before, after = lr_at(start, dataclasses.replace(cfg, **changed)), lr_at(start, cfg)
+    what = ", ".join(f"--{k.replace('_', '-')} {v} -> {getattr(cfg, k)}" for k, v in changed.items())
+    return (f"seqpar train: note: resuming {path.name} with {what}: the LR schedule (warmup, then cosine to "
+            f"min_lr at --steps) is recomputed, not restarted: from step {start + 1} the LR follows the new "
+            f"{cfg.steps}-step curve (lr {after:.3g} at step {start + 1}, {before:.3g} on the old one)")
+
+
+# -- local launch ---------------------------------------------------------------------------------------
+def _local_worker(rank: int, world: int, control_dir: str, cfg_dict: dict[str, Any], parent_pid: int) -> None:
+    control.die_with_parent(parent_pid)
+    control.install_stop_handlers()
+    cfg = TrainConfig(**cfg_dict)
+    control.start_heartbeat(control_dir, rank, min(1.0, control.stall_limit(cfg) / 5), parent_pid)
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}/init", rank=rank, world_size=world)
     try:
-        train(TrainConfig(**cfg_dict))
-    except (ValueError, FileNotFoundError) as e:
-        Path(rendezvous, f"error_rank{rank}").write_text(str(e))
-        raise
+        dist.init_process_group("gloo", init_method=f"file://{control_dir}/init", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=cfg.timeout))
+        train(cfg)
+    except control.TrainingStopped as stop:
+        if rank == 0:
+            control.write_record(control_dir, "stopped.json", stop.to_dict())
+    except (ValueError, FileNotFoundError) as e:  # a configuration/data error: reported as one line
+        control.write_record(control_dir, f"error_rank{rank}.json", control.error_record(e, config_error=True))
+        sys.exit(1)
+    except BaseException as e:  # noqa: BLE001 - reported by the launcher with its traceback
+        control.write_record(control_dir, f"error_rank{rank}.json", control.error_record(e, config_error=False))
+        sys.exit(1)
     dist.destroy_process_group()
 
 
-def launch_local(cfg: TrainConfig) -> None:
-    """Spawn cfg.nproc gloo workers on this machine (file:// rendezvous) and train."""
-    with tempfile.TemporaryDirectory(prefix="seqpar-train-") as rendezvous:
+def _report(outcome: control.Outcome, cfg: TrainConfig) -> int:
+    """Print the one line of a run that did not finish; returns the exit code."""
+    latest = control.latest_checkpoint(cfg.out_dir)
+    resume = f"; latest checkpoint {latest} (resume with --resume latest)" if latest else "; no checkpoint yet"
+    if outcome.kind == "done":
+        return 0
+    if outcome.kind == "stopped":
+        stop = outcome.stop or {}
+        print(control.stop_message(outcome.signum, stop.get("step"), stop.get("checkpoint"),
+                                   stop.get("reason") or outcome.message, latest), file=sys.stderr)
+        return 128 + outcome.signum
+    if outcome.kind == "stalled":
+        print(f"seqpar train: {outcome.message}{resume}", file=sys.stderr)
+        return 1
+    errors, first = outcome.errors, outcome.first_failure
+    config_errors = [e for r, e in sorted(errors.items(), key=lambda kv: kv[0] != first) if e["config"]]
+    if config_errors:  # e.g. a strategy rejecting its options inside seqpar.init
+        raise ValueError(config_errors[0]["message"])
+    rank = first if first is not None else min(errors, default=0)
+    if rank in errors:
+        print(errors[rank]["traceback"].rstrip(), file=sys.stderr)
+        what = errors[rank]["message"].splitlines()[0] if errors[rank]["message"] else "an error"
+    else:
+        code = outcome.exitcodes[rank]
+        what = (f"killed by {control.signal_name(-code)}" if code is not None and code < 0
+                else f"exit code {code}")
+    print(f"seqpar train: rank {rank} failed ({what}); stopped the other workers{resume}", file=sys.stderr)
+    return 1
+
+
+def launch_local(cfg: TrainConfig, signals: control.SignalCatcher | None = None) -> int:
+    """Spawn cfg.nproc gloo workers (file:// rendezvous) and supervise them; returns the exit code."""
+    with contextlib.ExitStack() as stack:
+        signals = signals or stack.enter_context(control.SignalCatcher())
+        control_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="seqpar-train-"))
+        spawn = mp.get_context("spawn")
+        procs = [spawn.Process(target=_local_worker, name=f"seqpar-rank{rank}",
+                               args=(rank, cfg.nproc, control_dir, cfg.to_dict(), os.getpid()))
+                 for rank in range(cfg.nproc)]
         try:
-            mp.start_processes(_local_worker, args=(cfg.nproc, rendezvous, cfg.to_dict()), nprocs=cfg.nproc,
-                               join=True, start_method="spawn")
-        except mp.ProcessRaisedException:
-            errors = sorted(Path(rendezvous).glob("error_rank*"))
-            if errors:  # a configuration/data error found inside a worker: report it plainly
-                raise ValueError(errors[0].read_text()) from None
-            raise
+            for p in procs:
+                p.start()
+            outcome = control.supervise(procs, control_dir, signals, stall=control.stall_limit(cfg),
+                                        startup_limit=cfg.timeout, stop_grace=cfg.stop_grace)
+        finally:
+            for p in procs:
+                if p.pid is not None and p.exitcode is None:
+                    p.kill()
+                    p.join()
+    return _report(outcome, cfg)
 
 
-def launch_torchrun(cfg: TrainConfig) -> None:
-    """Under torchrun: NCCL on GPUs (one per local rank), gloo otherwise."""
+# -- torchrun ---------------------------------------------------------------------------------------------
+def launch_torchrun(cfg: TrainConfig) -> int:
+    """Under torchrun: NCCL on GPUs (one per local rank), gloo otherwise; returns the exit code.
+
+    Only the gloo/CPU path is tested: the NCCL/GPU path has never been run in this project (no
+    GPU was available). torchrun forwards SIGTERM to every worker; each stops after the same
+    step and saves a checkpoint, and rank 0 prints where it is. Workers die with their agent.
+    """
+    control.install_stop_handlers()
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # started by torchrun's agent: die with it
+        control.die_with_parent(os.getppid())
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=cfg.timeout))
     try:
         train(cfg)
+    except control.TrainingStopped as stop:
+        if dist.get_rank() == 0:
+            print(control.stop_message(stop.signum, stop.step, stop.checkpoint, stop.reason,
+                                       control.latest_checkpoint(cfg.out_dir)), file=sys.stderr)
+        return 128 + stop.signum
     finally:
         dist.destroy_process_group()
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
@@ -77,11 +243,27 @@ def main(args: argparse.Namespace) -> int:
         cfg.validate(world)
         print(json.dumps(cfg.to_dict(), indent=1))
         return 0
-    if under_torchrun:  # every rank prepares: the corpus cache is written atomically
-        launch_torchrun(prepare(cfg, world))
-        return 0
-    cfg = prepare(cfg, world)
-    print(f"seqpar train: {cfg.nproc} local gloo processes, strategy {cfg.strategy} (dp={cfg.dp}, "
-          f"sp={cfg.sp_size(world)}), seq_len {cfg.seq_len}, data {cfg.data}, out {cfg.out_dir}", file=sys.stderr)
-    launch_local(cfg)
-    return 0
+    if under_torchrun:  # every rank checks and prepares (the corpus cache is written atomically); rank 0 locks
+        lead = int(os.environ["RANK"]) == 0
+        check(cfg, world, "cuda" if torch.cuda.is_available() else "cpu")
+        with control.RunLock(cfg.out_dir) if lead else contextlib.nullcontext() as lock:
+            cfg = resolve_inputs(cfg)
+            for note in (lock.note if lead else None, resume_note(cfg) if lead else None):
+                if note:
+                    print(note, file=sys.stderr)
+            return launch_torchrun(cfg)
+    with control.SignalCatcher() as signals:
+        check(cfg, world)
+        with control.RunLock(cfg.out_dir) as lock:
+            cfg = resolve_inputs(cfg)
+            for note in (lock.note, resume_note(cfg)):
+                if note:
+                    print(note, file=sys.stderr)
+            if signals.received:
+                print(control.stop_message(signals.received[0], None, None, "before training started",
+                                           control.latest_checkpoint(cfg.out_dir)), file=sys.stderr)
+                return 128 + signals.received[0]
+            print(f"seqpar train: {cfg.nproc} local gloo processes, strategy {cfg.strategy} (dp={cfg.dp}, "
+                  f"sp={cfg.sp_size(world)}), seq_len {cfg.seq_len}, data {cfg.data}, out {cfg.out_dir}",
+                  file=sys.stderr)
+            return launch_local(cfg, signals)

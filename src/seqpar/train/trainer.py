@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,16 +22,21 @@ import torch.distributed as dist
 
 import seqpar
 
-from ..checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from ..checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from ..comm import Comm
 from ..data import SequenceLoader, open_tokens, shard_batch, split_tokens, stdlib_corpus
 from ..metrics import (JsonlLog, ProgressBar, default_peak_tflops, peak_memory_mb, plot_loss_curve, read_jsonl,
                        training_flops_per_token)
 from ..model import Transformer
 from ..parallel import ParallelMesh, average_gradients
+from . import control
 from .config import _SHAPE_KEYS, TrainConfig
 
-__all__ = ["Trainer", "train", "lr_at", "loss_and_backward"]
+__all__ = ["Trainer", "train", "lr_at", "loss_and_backward", "NonFiniteError"]
+
+
+class NonFiniteError(ValueError):
+    """Training produced a non-finite loss, gradient norm or state; the message is one line."""
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -143,14 +149,34 @@ class Trainer:
         loss = loss_and_backward(self.model, tokens, labels, positions, self.mesh.world_comm, self._autocast)
         self._sync_gradients()
         grad_norm = self._clip()
-        self.optimizer.step()
+        # the loss is all-reduced and the norm is of the averaged (or FSDP-global) gradient, so every
+        # rank sees the same values and takes the same decision without another collective
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
         self.ctx.check_inputs = False  # shapes never change: verified across ranks on the first step
         self.step += 1
-        return self._record(loss, lr, grad_norm, seconds)
+        record = self._record(loss, lr, grad_norm, seconds, skipped=not finite)
+        self._nonfinite_skips = 0 if finite else getattr(self, "_nonfinite_skips", 0) + 1
+        if not finite and (cfg.nonfinite == "stop" or self._nonfinite_skips > cfg.max_skips):
+            if self.log is not None:  # the failing step is logged (loss / grad_norm null) before stopping
+                self.log.write(record)
+            raise NonFiniteError(self._nonfinite_message(loss, grad_norm))
+        return record
+
+    def _nonfinite_message(self, loss: float, grad_norm: float) -> str:
+        cfg = self.cfg
+        why = (f"{self._nonfinite_skips} consecutive non-finite steps (--nonfinite skip tolerates --max-skips "
+               f"{cfg.max_skips})" if cfg.nonfinite == "skip" else "--nonfinite stop")
+        last = latest_checkpoint(self.ckpt_root)
+        where = (f"the last checkpoint is {str(last)!r} (resume with --resume {last}, perhaps with a lower --lr)"
+                 if last else "no checkpoint was written")
+        return (f"non-finite training at step {self.step}: loss {loss:.6g}, grad norm {grad_norm:.6g}; {why}: "
+                f"stopped before the optimizer update, no checkpoint written for it; {where}")
 
     def _sync_gradients(self) -> None:
         if self.cfg.fsdp:  # FSDP reduce-scatters (averages) inside backward; count its bytes (estimate)
@@ -163,17 +189,21 @@ class Trainer:
         average_gradients(self.model.parameters(), self.mesh, mode=mode)
 
     def _clip(self) -> float:
-        if not self.cfg.grad_clip:
-            return float("nan")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        """Global gradient norm (clipped to grad_clip unless it is 0); always computed, so non-finite
+        gradients are seen even without clipping."""
+        if self.cfg.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def _record(self, loss: float, lr: float, grad_norm: float, seconds: float) -> dict[str, Any]:
+    def _record(self, loss: float, lr: float, grad_norm: float, seconds: float,
+                skipped: bool = False) -> dict[str, Any]:
         tokens = self.mesh.dp * self.cfg.batch * self.cfg.seq_len
         comm = self.mesh.stats.snapshot()
         flops_per_s = self.flops_per_token * tokens / seconds
         return {"type": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                "step_time_s": seconds, "tokens_per_s": tokens / seconds,
+                "skipped": skipped, "step_time_s": seconds, "tokens_per_s": tokens / seconds,
                 "mfu": flops_per_s / (self.peak_tflops * 1e12 * self.mesh.size),
                 "peak_mem_mb": peak_memory_mb(self.device), "comm_bytes": comm["total"]["sent"],
                 "comm": {k: v["sent"] for k, v in comm.items() if k != "total"}}
@@ -193,12 +223,28 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self) -> Path:
+        self._check_finite_state()
         meta = {"loader": self.loader.state_dict(), "model": self.model_cfg.to_dict(), "config": self.cfg.to_dict()}
         return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, meta, self.group,
                                keep=self.cfg.keep_checkpoints)
 
+    def _check_finite_state(self) -> None:
+        """Refuse (on every rank) to checkpoint non-finite weights or optimizer state: a MAX all-reduce
+        of a local flag, as FSDP ranks hold different shards."""
+        tensors = [*self.model.parameters()]
+        tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        bad = any(not torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all() for t in tensors
+                  if t.is_floating_point())
+        flag = torch.tensor([float(bad)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if flag.item():
+            last = latest_checkpoint(self.ckpt_root)
+            raise NonFiniteError(f"non-finite weights or optimizer state at step {self.step}: not writing a "
+                                 "checkpoint; " + (f"the last checkpoint is {str(last)!r} (resume with --resume "
+                                                   f"{last})" if last else "no checkpoint was written"))
+
     def _resume(self) -> None:
-        path = resolve_checkpoint(self.cfg.resume, self.ckpt_root)
+        path = resolve_checkpoint(self.cfg.resume, self.ckpt_root)  # sizes only; load_checkpoint hashes
         meta = load_checkpoint(path, self.model, self.optimizer, self.group)
         saved = {k: meta.get("model", {}).get(k) for k in _SHAPE_KEYS}
         wanted = {k: getattr(self.model_cfg, k) for k in _SHAPE_KEYS}
@@ -218,8 +264,13 @@ class Trainer:
         losses, val_losses, records = [], [], []
         if self.rank == 0:
             self._write_config()
+        first_step, saved = self.step, (None, None)  # (step, path) of the newest checkpoint saved here
         while self.step < cfg.steps:
+            signum = self._agreed_stop_signal()
+            if signum:
+                self._stop(signum, first_step, saved, bar)
             record = self.train_step()
+            control.report_step(self.step)
             losses.append(record["loss"])
             self._emit(record, records)
             last = self.step == cfg.steps
@@ -228,7 +279,7 @@ class Trainer:
                 val_losses.append((self.step, val))
                 self._emit({"type": "val", "step": self.step, "val_loss": val}, records)
             if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or last):
-                self.save()
+                saved = (self.step, self.save())
             if bar and (self.step % cfg.log_every == 0 or last):
                 bar.update(self.step, f"loss {record['loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s  "
                                       f"mfu {100 * record['mfu']:.1f}%  " + (f"val {val_losses[-1][1]:.3f}"
@@ -237,6 +288,30 @@ class Trainer:
             bar.close()
         self._finish()
         return {"losses": losses, "val_losses": val_losses, "records": records}
+
+    def _agreed_stop_signal(self) -> int:
+        """The stop signal any rank received (SIGTERM over SIGINT), 0 if none: one tiny MAX all-reduce,
+        so every rank stops after the same step."""
+        flag = torch.tensor([float(control.stop_signal())], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag.item())
+
+    def _stop(self, signum: int, first_step: int, saved: tuple, bar: ProgressBar | None) -> None:
+        """Stop on a signal at this step boundary: SIGTERM saves a checkpoint first (collectively)."""
+        checkpoint, reason = None, ""
+        if signum != signal.SIGTERM:
+            reason = f"{control.signal_name(signum)} stops without saving; send SIGTERM to checkpoint first"
+        elif not self.cfg.checkpoint_every:
+            reason = "checkpoints are off (--checkpoint-every 0)"
+        elif self.step == first_step:
+            reason = "no step completed since the start"
+        else:
+            checkpoint = str(saved[1] if saved[0] == self.step else self.save())
+        if bar:
+            bar.close()
+        if self.log is not None:
+            self.log.close()
+        raise control.TrainingStopped(signum, self.step, checkpoint, reason)
 
     def _emit(self, record: dict[str, Any], records: list) -> None:
         if self.log is not None:
