@@ -1,7 +1,9 @@
 """The sharded Transformer and DiTBlock equal a 1-process full-sequence run (fp64, real gloo worlds).
 
 Tolerance: fp64, 1e-10 relative to the largest reference value (loss, logits, every
-parameter gradient after the trainer's gradient averaging).
+parameter gradient after the trainer's gradient averaging). Every rank must hold bitwise the
+same averaged gradients, and the ranks' local (pre-all-reduce) loss sums and token counts
+must differ and add up to the 1-process loss and count.
 """
 import pytest
 import torch
@@ -12,11 +14,20 @@ from seqpar.testing.train_checks import STRATEGY_CASES, dit_step, transformer_st
 TOL = 1e-10
 
 
-
 def assert_close(got, ref, what):
     bound = TOL * max(1.0, ref.abs().max().item())
     err = (got - ref).abs().max().item()
     assert err <= bound, f"{what}: max abs error {err:.3e} > {bound:.1e}"
+
+
+def assert_losses_partition(results, ref):
+    """Each rank's pre-all-reduce loss covers its own shard: the ranks' token counts differ and
+    add up to the 1-process count, and their loss sums add up to the global mean loss."""
+    counts = [r["local_count"] for r in results]
+    assert len(set(counts)) > 1, f"every rank counted the same tokens: {counts}"
+    assert sum(counts) == ref["local_count"], (counts, ref["local_count"])
+    total = sum(r["local_loss_sum"] for r in results)
+    assert abs(total / sum(counts) - ref["loss"]) <= TOL * ref["loss"], (total / sum(counts), ref["loss"])
 
 
 def assert_same_step(got, ref, rows=slice(None)):
@@ -35,17 +46,18 @@ def reference_step(worlds):
 @pytest.mark.parametrize("strategy,kwargs", STRATEGY_CASES, ids=[s for s, _ in STRATEGY_CASES])
 def test_transformer_matches_one_process(worlds, reference_step, strategy, kwargs):
     results = worlds.run(4, transformer_step, strategy, kwargs, batch=2)
-    for r in results:  # every rank holds the same averaged gradients
-        assert r["loss"] == results[0]["loss"]
+    assert_losses_partition(results, reference_step)
     assert_same_step(results[0], reference_step)
-    for name, g in results[0]["grads"].items():
-        assert torch.equal(g, results[3]["grads"][name]), f"ranks disagree on grad of {name}"
+    for r in results[1:]:  # every rank holds the same averaged gradients, bitwise
+        for name, g in results[0]["grads"].items():
+            assert torch.equal(g, r["grads"][name]), f"ranks disagree on grad of {name}"
 
 
 def test_transformer_dp_x_sp_matches_one_process(worlds, reference_step):
     """dp=2 x sp=2: each dp rank holds one sample; gradients are those of the 2-sample mean loss."""
     results = worlds.run(4, transformer_step, "ring", {"layout": "zigzag"}, batch=1, dp=2)
     assert [r["dp_rank"] for r in results] == [0, 0, 1, 1]
+    assert_losses_partition(results, reference_step)
     assert_same_step(results[0], reference_step, rows=slice(0, 1))
     assert_close(results[2]["logits"], reference_step["logits"][1:2], "logits of dp rank 1")
 
@@ -53,6 +65,7 @@ def test_transformer_dp_x_sp_matches_one_process(worlds, reference_step):
 def test_chunked_mlp_loss_and_checkpointing_are_exact(worlds, reference_step):
     options = {"mlp_chunks": 2, "loss_chunks": 3, "activation_checkpointing": True}
     results = worlds.run(4, transformer_step, "usp", {"ulysses": 2, "layout": "zigzag"}, model=options)
+    assert_losses_partition(results, reference_step)
     assert_same_step(results[0], reference_step)
 
 

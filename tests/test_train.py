@@ -1,9 +1,13 @@
 """`seqpar train`: parity with 1 process, resume, data loading, configs, errors, CLI end to end.
 
 Training parity runs a few steps of the real training loop in fp64 on 4 gloo processes
-and compares every step's global mean loss with a 1-process run of the same global batch
-(tolerance 1e-9 relative: a few AdamW steps amplify 1e-16 rounding only mildly). bf16
-(autocast) is compared with a 1-process bf16 run within 2e-2 relative.
+and compares every step's global mean loss and gradient norm with a 1-process run of the
+same global batch (tolerance 1e-9 relative: a few AdamW steps amplify 1e-16 rounding only
+mildly), and every parameter's gradient of the first step, unclipped, within 1e-10 of the
+largest reference value. Losses alone cannot see a uniform gradient scale (AdamW and
+clipping divide it out): the gradient checks catch gradients summed instead of averaged.
+Replicated parameters must end bitwise identical on every rank (gradient sync works).
+bf16 (autocast) is compared with a 1-process bf16 run within 2e-2 relative.
 """
 import json
 import os
@@ -19,6 +23,7 @@ from seqpar.train import TrainConfig, build_config, load_config
 from seqpar.testing.train_checks import STRATEGY_CASES, loader_sharding, run_training, training_error
 
 PARITY_TOL = 1e-9
+GRAD_TOL = 1e-10
 BASE = dict(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=64, batch=2, steps=3,
             warmup=1, lr=1e-2, min_lr=1e-3, dtype="float64", eval_every=0, eval_batches=1, checkpoint_every=0,
             progress=False, plot=False, layout="contiguous", strategy="local")
@@ -37,8 +42,8 @@ def config(corpus, out_dir, **overrides):
 
 @pytest.fixture(scope="module")
 def reference(worlds, corpus, tmp_path_factory):
-    """1 process, full sequence, the whole global batch (2 sequences)."""
-    return worlds.run(1, run_training, config(corpus, tmp_path_factory.mktemp("ref")))[0]
+    """1 process, full sequence, the whole global batch (2 sequences); with first-step gradients."""
+    return worlds.run(1, run_training, config(corpus, tmp_path_factory.mktemp("ref")), gradients=True)[0]
 
 
 def assert_losses_match(got, ref, rel=PARITY_TOL):
@@ -47,11 +52,45 @@ def assert_losses_match(got, ref, rel=PARITY_TOL):
         assert abs(a - b) <= rel * abs(b), f"step {step}: loss {a!r} vs 1-process {b!r}"
 
 
+def grad_norms(result):
+    return [r["grad_norm"] for r in result["records"] if r["type"] == "train"]
+
+
+def assert_gradients_match(got, ref, rel=PARITY_TOL):
+    """Per-step global gradient norms (before clipping) and the first step's unclipped gradients."""
+    norms, ref_norms = grad_norms(got), grad_norms(ref)
+    assert len(norms) == len(ref_norms) == BASE["steps"]
+    for step, (a, b) in enumerate(zip(norms, ref_norms), 1):
+        assert abs(a - b) <= rel * abs(b), f"step {step}: grad_norm {a!r} vs 1-process {b!r}"
+    grads, ref_grads = got["first_step_grads"], ref["first_step_grads"]
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        bound = GRAD_TOL * max(1.0, ref_grads[name].abs().max().item())
+        err = (g - ref_grads[name]).abs().max().item()
+        assert err <= bound, f"first-step grad of {name}: max abs error {err:.3e} > {bound:.1e}"
+
+
+def assert_replicas_identical(results):
+    """Every rank's parameters after training are bitwise equal (fails if gradient sync is broken)."""
+    digests = [r["param_digest"] for r in results]
+    assert len(set(digests)) == 1, f"ranks' parameters differ after training: {digests}"
+
+
+def test_reference_gradients_are_informative(reference):
+    """The 1-process reference itself: real, unclipped gradients (clip 1.0 would bite at these norms)."""
+    norms = grad_norms(reference)
+    assert all(n > 1.0 for n in norms[:1]), norms  # so clipping is active in the parity runs
+    grads = reference["first_step_grads"]
+    total = sum(float(g.double().pow(2).sum()) for g in grads.values()) ** 0.5
+    assert abs(total - norms[0]) <= 1e-9 * norms[0]  # unclipped gradients of step 1 == its recorded norm
+
+
 @pytest.mark.parametrize("strategy,overrides", PARITY_CASES, ids=[s for s, _ in PARITY_CASES])
 def test_parity_with_one_process(worlds, corpus, tmp_path, reference, strategy, overrides):
-    results = worlds.run(4, run_training, config(corpus, tmp_path, strategy=strategy, **overrides))
-    assert all(r["losses"] == results[0]["losses"] for r in results)
+    results = worlds.run(4, run_training, config(corpus, tmp_path, strategy=strategy, **overrides), gradients=True)
+    assert_replicas_identical(results)
     assert_losses_match(results[0]["losses"], reference["losses"])
+    assert_gradients_match(results[0], reference)
     assert results[0]["losses"][-1] < results[0]["losses"][0]  # it trains
     (step, val), = results[0]["val_losses"]
     assert step == BASE["steps"] and abs(val - reference["val_losses"][0][1]) <= PARITY_TOL * val
@@ -60,15 +99,19 @@ def test_parity_with_one_process(worlds, corpus, tmp_path, reference, strategy, 
 def test_parity_dp_x_sp(worlds, corpus, tmp_path, reference):
     """dp=2 x sp=2: one sequence per data-parallel rank == the 2-sequence batch on 1 process."""
     results = worlds.run(4, run_training, config(corpus, tmp_path, strategy="ring", dp=2, batch=1,
-                                                 layout="zigzag"))
+                                                 layout="zigzag"), gradients=True)
+    assert_replicas_identical(results)
     assert_losses_match(results[0]["losses"], reference["losses"])
+    assert_gradients_match(results[0], reference)
 
 
 def test_parity_fsdp_checkpointing_chunked(worlds, corpus, tmp_path, reference):
     """FSDP2 parameter sharding + activation checkpointing + FPDT chunked MLP/loss, still exact."""
     results = worlds.run(4, run_training, config(corpus, tmp_path, strategy="usp", ulysses=2, fsdp=True,
-                                                 activation_checkpointing=True, mlp_chunks=2, loss_chunks=2))
+                                                 activation_checkpointing=True, mlp_chunks=2, loss_chunks=2),
+                         gradients=True)
     assert_losses_match(results[0]["losses"], reference["losses"])
+    assert_gradients_match(results[0], reference)  # full gradients gathered from FSDP's shards
     assert "fsdp_reduce_scatter_est" in results[0]["records"][0]["comm"]
 
 

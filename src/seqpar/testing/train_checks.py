@@ -6,6 +6,8 @@ run with a 1-process run of the same function.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from typing import Any
 
 import numpy as np
@@ -17,7 +19,7 @@ import seqpar
 from seqpar.data import SequenceLoader, shard_batch
 from seqpar.model import IGNORE_INDEX, DiTBlock, ModelConfig, Transformer
 from seqpar.parallel import ParallelMesh, average_gradients
-from seqpar.train import TrainConfig, loss_and_backward, train
+from seqpar.train import TrainConfig, Trainer, loss_and_backward, train
 
 # (strategy, seqpar.init kwargs = TrainConfig overrides) on 4 processes: every strategy, causally balanced
 STRATEGY_CASES = [
@@ -43,7 +45,9 @@ def transformer_step(strategy: str, init_kwargs: dict[str, Any] | None = None, *
     ~30% of labels ignored (so ranks count different numbers of tokens).
 
     Returns rank 0's view: the global mean loss, logits of its dp rank's samples
-    [batch, seq_len, vocab] in global order, and every parameter's averaged gradient.
+    [batch, seq_len, vocab] in global order, and every parameter's averaged gradient; and this
+    rank's own share of the loss before the all-reduce: `local_loss_sum` and `local_count`
+    (labelled tokens in its shard), which differ between ranks and add up to the global.
     """
     mesh = ParallelMesh(dist.get_world_size() // dp)
     ctx = seqpar.init(strategy, group=mesh.sp_group, stats=mesh.stats, **(init_kwargs or {}))
@@ -60,8 +64,9 @@ def transformer_step(strategy: str, init_kwargs: dict[str, Any] | None = None, *
     average_gradients(net.parameters(), mesh, mode=grad_mode(strategy))
     with torch.no_grad():
         logits = ctx.unshard(net(tokens, positions))
+        local_sum, local_count = net(tokens, positions, labels)
     return {"loss": loss, "logits": logits, "grads": {n: p.grad.clone() for n, p in net.named_parameters()},
-            "dp_rank": mesh.dp_rank}
+            "dp_rank": mesh.dp_rank, "local_loss_sum": float(local_sum), "local_count": int(local_count)}
 
 
 def dit_step(strategy: str, init_kwargs: dict[str, Any] | None = None, *, batch: int = 2, seq: int = 32,
@@ -109,10 +114,60 @@ def loader_sharding(strategy: str, init_kwargs: dict[str, Any] | None = None, *,
             "sp_rank": mesh.sp_rank, "loader_state": loader.state_dict()}
 
 
-def run_training(cfg: dict[str, Any]) -> dict[str, Any]:
-    """train(TrainConfig(**cfg)) on this world; losses (identical on every rank) and val losses."""
-    result = train(TrainConfig(**cfg))
-    return {"losses": result["losses"], "val_losses": result["val_losses"], "records": result["records"]}
+def _full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's full gradient (FSDP's DTensor shards all-gathered: collective)."""
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        grads[name] = g.detach().cpu().clone()
+    return grads
+
+
+def _param_digest(model: nn.Module) -> str:
+    """sha256 of this rank's local parameter bytes (replicas must agree bitwise across ranks)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        h.update(name.encode())
+        h.update(local.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def first_step_gradients(cfg: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """Every parameter's gradient of the first training step, as the optimizer receives it:
+    the real `Trainer.train_step` (forward, backward, gradient averaging or FSDP's
+    reduce-scatter) with clipping off, captured by an optimizer step pre-hook.
+
+    Full (unsharded) gradients on rank 0, None elsewhere. Uses its own out_dir subfolder and
+    never resumes, so it can run next to `run_training(cfg)`.
+    """
+    trainer = Trainer(TrainConfig(**{**cfg, "grad_clip": 0.0, "resume": "", "checkpoint_every": 0,
+                                     "out_dir": os.path.join(cfg["out_dir"], "first_step")}))
+    captured: dict[str, torch.Tensor] = {}
+    hook = trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: captured.update(
+        _full_grads(trainer.model)))
+    try:
+        trainer.train_step()
+    finally:
+        hook.remove()
+        if trainer.log is not None:
+            trainer.log.close()
+    if not captured:  # the trainer skipped the optimizer step (non-finite loss or gradient norm)
+        raise RuntimeError("first_step_gradients: the first step took no optimizer step")
+    return captured if trainer.rank == 0 else None
+
+
+def run_training(cfg: dict[str, Any], *, gradients: bool = False) -> dict[str, Any]:
+    """Train(TrainConfig(**cfg)) on this world: losses and val losses (global means, the same on
+    every rank), rank 0's metrics records (per-step loss, grad_norm, comm bytes, ...) and
+    `param_digest`, a hash of this rank's parameters after training (bitwise the same on every
+    rank unless FSDP shards them). gradients=True adds `first_step_grads`
+    (`first_step_gradients(cfg)`, rank 0; None elsewhere)."""
+    first = first_step_gradients(cfg) if gradients else None
+    trainer = Trainer(TrainConfig(**cfg))
+    result = trainer.run()
+    return {"losses": result["losses"], "val_losses": result["val_losses"], "records": result["records"],
+            "param_digest": _param_digest(trainer.model), "first_step_grads": first}
 
 
 def training_error(cfg: dict[str, Any]) -> str:
