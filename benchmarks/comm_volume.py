@@ -47,7 +47,7 @@ def cases(ranks: int, heads: int) -> list[Case]:
     out.append(Case("allgather", "allgather", {}, 0, 2 * (p - 1) / p, "2BNH(P-1)/P (gather k,v)"))
     for c in (1, 2, 4):
         if p % (c * c) == 0:
-            out.append(Case(f"wallfacer C={c}", "wallfacer", {"teams": c}, 2 / c, 4 * (c - 1) / p,
+            out.append(Case(f"wallfacer C={c}", "wallfacer", {"team_size": c}, 2 / c, 4 * (c - 1) / p,
                             "paper: P2P 2BNH/C, coll 4BNH(C-1)/P"))
     return out
 
@@ -138,11 +138,11 @@ DISCUSSION = """## Reading the numbers
 
 def _discussion_numbers(rows, args, unit) -> dict[str, str]:
     ring = {p: m for p, c, m in rows if c.strategy == "ring"}
-    wf = [(p, c, m) for p, c, m in rows if c.strategy == "wallfacer" and c.kwargs["teams"] > 1]
-    ratios = ", ".join(f"P={p} C={c.kwargs['teams']}: {m['p2p_max'] / ring[p]['p2p_max']:.3f} "
-                       f"(1/C = {1 / c.kwargs['teams']:.3f})" for p, c, m in wf)
-    msgs = ", ".join(f"P={p} C={c.kwargs['teams']}: {m['msgs']:.0f} vs {ring[p]['msgs']:.0f}" for p, c, m in wf)
-    lse = ", ".join(f"P={p} C={c.kwargs['teams']}: +{(m['coll_max'] - c.coll * unit) / 1024:.0f} KiB"
+    wf = [(p, c, m) for p, c, m in rows if c.strategy == "wallfacer" and c.kwargs["team_size"] > 1]
+    ratios = ", ".join(f"P={p} C={c.kwargs['team_size']}: {m['p2p_max'] / ring[p]['p2p_max']:.3f} "
+                       f"(1/C = {1 / c.kwargs['team_size']:.3f})" for p, c, m in wf)
+    msgs = ", ".join(f"P={p} C={c.kwargs['team_size']}: {m['msgs']:.0f} vs {ring[p]['msgs']:.0f}" for p, c, m in wf)
+    lse = ", ".join(f"P={p} C={c.kwargs['team_size']}: +{(m['coll_max'] - c.coll * unit) / 1024:.0f} KiB"
                     for p, c, m in wf)
     return {"ratios": ratios, "msgs": msgs, "lse_note": f"head_dim={args.head_dim}; {lse}"}
 

@@ -70,7 +70,7 @@ def test_chunked_mlp_loss_and_checkpointing_are_exact(worlds, reference_step):
 
 
 @pytest.mark.parametrize("strategy,kwargs", [("ring", {"layout": "striped"}), ("ulysses", {}),
-                                             ("wallfacer", {"teams": 2})], ids=["ring", "ulysses", "wallfacer"])
+                                             ("wallfacer", {"team_size": 2})], ids=["ring", "ulysses", "wallfacer"])
 def test_dit_block_matches_one_process(worlds, strategy, kwargs):
     ref = worlds.run(1, dit_step, "local")[0]
     got = worlds.run(4, dit_step, strategy, kwargs)[0]

@@ -25,7 +25,7 @@ def tiny_input(world, seq, dtype="bfloat16", causal=True, **cluster):
 
 
 def wallfacer(layout, teams, placement):
-    return Config("wallfacer", layout, teams=teams, placement=placement)
+    return Config("wallfacer", layout, team_size=teams, placement=placement)
 
 
 CASES = {
@@ -92,7 +92,7 @@ def test_busiest_rank_tables_match_brute_force(kind, causal):
         sum(pair_count(block_pairs(kind, causal, r, src, n), n) for src in range(p)) for r in range(p))
     for world, teams in ((8, 2), (16, 2), (16, 4)):
         grid = WallFacerGrid(world, teams)
-        expected = tuple(busiest([(t, grid.kv_team(t, a, s)) for t in range(grid.teams) for a in range(teams)],
+        expected = tuple(busiest([(t, grid.kv_team(t, a, s)) for t in range(grid.team_count) for a in range(teams)],
                                  kind, causal, n) for s in range(grid.ring_len))
         assert wallfacer_step_pairs(kind, causal, world, teams, n) == expected
 
@@ -128,7 +128,7 @@ def test_ranked_by_time_with_memory_misfits_last():
 def best_wallfacer_teams(inter_lat):
     inp = PlanInput(Cluster(64, 8, intra_bw=300, inter_bw=100, intra_lat=2, inter_lat=inter_lat),
                     MODEL_PRESETS["llama-7b"], 32768, zero=3)
-    return next(c for c in plan(inp, ["wallfacer"]) if c.valid).config.teams
+    return next(c for c in plan(inp, ["wallfacer"]) if c.valid).config.team_size
 
 
 def test_high_inter_node_latency_favours_larger_teams():

@@ -27,7 +27,7 @@ def assert_exact(res, tol=FP64_TOL):
     (16, 2, "zigzag", True, 4),
 ])
 def test_exact_fp64(worlds, ranks, teams, layout, causal, kv_heads):
-    res = worlds.run(ranks, attention_exactness, "wallfacer", {"teams": teams, "layout": layout},
+    res = worlds.run(ranks, attention_exactness, "wallfacer", {"team_size": teams, "layout": layout},
                      seq=64, heads=4, kv_heads=kv_heads, causal=causal)
     for r in res:
         assert_exact(r)
@@ -41,7 +41,7 @@ def test_teams_1_is_ring_attention(worlds):
 
 def test_bf16_within_documented_bound(worlds):
     """bf16 inputs, fp32 accumulation: max error <= 2e-2 relative to the reference's max magnitude."""
-    res = worlds.run(8, attention_exactness, "wallfacer", {"teams": 2, "layout": "zigzag"}, seq=64,
+    res = worlds.run(8, attention_exactness, "wallfacer", {"team_size": 2, "layout": "zigzag"}, seq=64,
                      kv_heads=2, dtype="bfloat16", causal=True)
     for r in res:
         for name in GRADS:
@@ -55,7 +55,7 @@ def test_bf16_within_documented_bound(worlds):
     ("collectives_intra", None, True, True),  # detected: one host
 ])
 def test_placements_exact_and_described(worlds, placement, rpn, coll_intra, rings_intra):
-    opts = {"teams": 2, "layout": "zigzag", "placement": placement}
+    opts = {"team_size": 2, "layout": "zigzag", "placement": placement}
     if rpn is not None:
         opts["ranks_per_node"] = rpn
     infos = worlds.run(8, placement_info, opts)
@@ -64,7 +64,7 @@ def test_placements_exact_and_described(worlds, placement, rpn, coll_intra, ring
     for info in infos:
         assert info["roundtrip"] and info["positions_match"]
         d = info["describe"]
-        assert (d["teams"], d["team_count"], d["subring"], d["placement"]) == (2, 4, 2, placement)
+        assert (d["team_size"], d["team_count"], d["subring"], d["placement"]) == (2, 4, 2, placement)
         assert (d["collectives_intra_node"], d["rings_intra_node"]) == (coll_intra, rings_intra)
         assert d["ranks_per_node"] == (rpn or 8)
     for r in worlds.run(8, attention_exactness, "wallfacer", opts, seq=32, kv_heads=2, causal=True):
@@ -83,21 +83,22 @@ def test_skewed_placement_covers_every_team_once():
     """Across its sub-ring steps, the C members of each team see every team's K/V exactly once."""
     for ranks, c in ((8, 2), (16, 4), (16, 2), (8, 1)):
         grid = WallFacerGrid(ranks, c)
-        for t in range(grid.teams):
+        for t in range(grid.team_count):
             seen = sorted(grid.kv_team(t, a, s) for a in range(c) for s in range(grid.ring_len))
-            assert seen == list(range(grid.teams))
+            assert seen == list(range(grid.team_count))
             for a in range(c):
                 assert grid.placement_source(*grid.placement_target(t, a)) == (t, a)
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"teams": 3}, "teams=3 does not divide 8 ranks"),
-    ({"teams": 4}, "C^2=16 to divide 8 ranks"),
-    ({"teams": 0}, "must be >= 1"),
-    ({"teams": 2, "placement": "nodes"}, "unknown placement 'nodes'"),
-    ({"teams": 2, "ranks_per_node": 0}, "ranks_per_node must be a positive integer"),
-    ({"teams": 2, "ulysses": 2}, "does not use ulysses=2"),
-    ({"teams": 2, "ring_size": 2}, "does not take option(s) ['ring_size']"),
+    ({"team_size": 3}, "team_size=3 does not divide 8 ranks"),
+    ({"team_size": 4}, "C^2=16 to divide 8 ranks"),
+    ({"team_size": 0}, "must be >= 1"),
+    ({"team_size": 2, "placement": "nodes"}, "unknown placement 'nodes'"),
+    ({"team_size": 2, "ranks_per_node": 0}, "ranks_per_node must be a positive integer"),
+    ({"team_size": 2, "ulysses": 2}, "does not use ulysses=2"),
+    ({"teams": 3}, "team_size=3 does not divide 8 ranks"),
+    ({"team_size": 2, "ring_size": 2}, "does not take option(s) ['ring_size']"),
 ])
 def test_bad_configs_raise(worlds, kwargs, message):
     for err in worlds.run(8, expect_error, "wallfacer", kwargs):
@@ -107,7 +108,7 @@ def test_bad_configs_raise(worlds, kwargs, message):
 def test_bad_sequence_length_raises(worlds):
     # zigzag over 4 teams x 2 members needs lcm(2 * 4, 4 * 2) = 8 tokens (24 is exact): equal
     # shards always pass, so two ranks hold one token more (18 tokens in all)
-    errors = worlds.run(8, expect_error, "wallfacer", {"teams": 2, "layout": "zigzag"}, seq=16,
+    errors = worlds.run(8, expect_error, "wallfacer", {"team_size": 2, "layout": "zigzag"}, seq=16,
                         per_rank_seq={0: 3, 1: 3})
     for err in errors:
         assert "18 tokens in all" in err and "not divisible by 8" in err, err
@@ -122,7 +123,7 @@ def test_comm_bytes_match_formulas(worlds, ranks, teams):
     partial-LSE gather; P2P: 2BNH/C (placement + G-1 rotations; self-sends skipped),
     i.e. about 1/C of ring attention's 2BNH(P-1)/P."""
     problem = dict(batch=B, seq=N, heads=HEADS, kv_heads=KV_HEADS, head_dim=D, dtype="float32", causal=True)
-    wf = worlds.run(ranks, comm_volume, "wallfacer", {"teams": teams, "layout": "zigzag"}, **problem)
+    wf = worlds.run(ranks, comm_volume, "wallfacer", {"team_size": teams, "layout": "zigzag"}, **problem)
     ring = worlds.run(ranks, comm_volume, "ring", {"layout": "zigzag"}, **problem)
     grid = WallFacerGrid(ranks, teams)
     n, c, g = N // ranks, teams, grid.ring_len

@@ -1,15 +1,16 @@
 """seqpar: exact sequence-parallel attention and long-sequence training on torch.distributed.
 
-    ctx = seqpar.init("wallfacer", teams=2, layout="zigzag")
+    ctx = seqpar.init("wallfacer", team_size=2, layout="zigzag")
     q, k, v = (ctx.shard(t) for t in (q_full, k_full, v_full))
     out = ctx.attention(q, k, v, causal=True)
 """
 from .comm import CommStats
-from .context import SeqParallel, init
+from .context import SeqParallel, init, resolve
 from .kernels import available_kernels, get_kernel
 from .layout import LAYOUTS, TokenLayout
-from .attention import STRATEGIES
+from .attention import STRATEGIES, Settings
+from .modules import SequenceParallelAttention, UlyssesAttention
 
 __version__ = "0.1.0"
-__all__ = ["init", "SeqParallel", "CommStats", "TokenLayout", "LAYOUTS", "STRATEGIES", "get_kernel",
-           "available_kernels", "__version__"]
+__all__ = ["init", "resolve", "Settings", "SeqParallel", "SequenceParallelAttention", "UlyssesAttention",
+           "CommStats", "TokenLayout", "LAYOUTS", "STRATEGIES", "get_kernel", "available_kernels", "__version__"]

@@ -156,8 +156,9 @@ class Comm:
 
     # -- point to point ----------------------------------------------------------------
     def exchange(self, send: Tensor | None, dst: int | None, recv_like: Tensor | None, src: int | None,
-                 tag: int = 0, kind: str = "p2p") -> PendingRecv:
-        """Start sending `send` to group rank dst and receiving a tensor like `recv_like` from src.
+                 tag: int = 0, kind: str = "p2p", out: Tensor | None = None) -> PendingRecv:
+        """Start sending `send` to group rank dst and receiving a tensor like `recv_like` from src
+        (into `out` when given: a contiguous buffer reused across steps).
 
         Either side may be None. Returns a handle; the tensor sent must not be modified
         before `wait()`.
@@ -168,7 +169,7 @@ class Comm:
             send = send.contiguous()
             ops.append(dist.P2POp(dist.isend, send, self.global_ranks[dst], self.group, tag))
         if recv_like is not None and src is not None:
-            buffer = torch.empty_like(recv_like, memory_format=torch.contiguous_format)
+            buffer = out if out is not None else torch.empty_like(recv_like, memory_format=torch.contiguous_format)
             ops.append(dist.P2POp(dist.irecv, buffer, self.global_ranks[src], self.group, tag))
         works = dist.batch_isend_irecv(ops) if ops else []
         sent = _nbytes(send) if send is not None and dst is not None else 0
@@ -198,8 +199,9 @@ class RingComm:
         """Ring position of the rank whose block this rank holds after `step` rotations."""
         return (self.rank - step) % self.size
 
-    def send_recv(self, x: Tensor) -> PendingRecv:
-        return self.comm.exchange(x, self.next, x, self.prev, tag=self.tag)
+    def send_recv(self, x: Tensor, out: Tensor | None = None) -> PendingRecv:
+        """Send x to the next rank, receive the previous rank's (into `out` when given)."""
+        return self.comm.exchange(x, self.next, x, self.prev, tag=self.tag, out=out)
 
 
 # -- autograd wrappers ----------------------------------------------------------------------

@@ -8,13 +8,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .attention import StrategyConfig, get_strategy
+from .attention import Settings, StrategyConfig, get_strategy
 from .comm import Comm, CommStats
-from .kernels import BlockKernel, default_scale, get_kernel
-from .layout import LAYOUTS, TokenLayout
+from .kernels import BlockKernel, check_kernel_name, default_scale, get_kernel
+from .layout import TokenLayout
 from .mesh import Mesh
 
-__all__ = ["SeqParallel", "init"]
+__all__ = ["SeqParallel", "init", "resolve"]
 
 _DTYPES = tuple(sorted({t for t in vars(torch).values() if isinstance(t, torch.dtype)}, key=str))  # code: index
 _FLOATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -103,25 +103,23 @@ class SeqParallel:
     def __init__(self, strategy: str, cfg: StrategyConfig, group: dist.ProcessGroup | None = None,
                  kernel: str | BlockKernel = "auto", check_inputs: bool = True,
                  stats: CommStats | None = None):
-        if cfg.layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {cfg.layout!r}; choose from {LAYOUTS}")
         self.mesh = Mesh(group)
         self.group = self.mesh.group
         self.size, self.rank = self.mesh.size, self.mesh.rank
+        cls = get_strategy(strategy)
+        self.settings: Settings = cls.resolve(cfg, self.size)
         self.stats = stats if stats is not None else CommStats()
         self.comm = Comm(self.group, self.stats)
+        check_kernel_name(kernel)
         self.kernel_name = kernel
         self.check_inputs = check_inputs
         self.input_checks = 0  # cross-rank input-check collectives run so far
         self._validated: set[_Signature] = set()
         self._kernels: dict[tuple, BlockKernel] = {}
-        self._device, self._dtype = torch.device("cpu"), torch.float32  # of the latest attention call
-        self.strategy = get_strategy(strategy)(self, cfg)
+        self.strategy = cls(self.settings, self.mesh, self.comm, self.stats)
+        self.layout = self.settings.layout
 
     # -- layout ----------------------------------------------------------------------------
-    @property
-    def layout(self):
-        return self.strategy.layout
 
     @property
     def layout_rank(self) -> int:
@@ -145,16 +143,8 @@ class SeqParallel:
         """Global positions [seq_len / size] of the local tokens, for RoPE / position embeddings."""
         return self.layout.local_indices(seq_len, self.layout_rank).to(device or "cpu")
 
-    def local_seq_len(self, seq_len: int) -> int:
-        self.layout.check(seq_len)
-        return seq_len // self.size
-
     # -- attention ---------------------------------------------------------------------------
-    @property
-    def kernel(self) -> BlockKernel:
-        return self._kernel_for(self._device, self._dtype)
-
-    def _kernel_for(self, device: torch.device, dtype: torch.dtype) -> BlockKernel:
+    def kernel_for(self, device: torch.device, dtype: torch.dtype) -> BlockKernel:
         key = (device.type, dtype)
         if key not in self._kernels:
             self._kernels[key] = get_kernel(self.kernel_name, device, dtype)
@@ -169,8 +159,8 @@ class SeqParallel:
         (fp32, fp64 for fp64 inputs) when return_lse.
         """
         self._validate(q, k, v, causal)
-        self._device, self._dtype = q.device, q.dtype
-        out, lse = self.strategy.attention(q, k, v, causal, default_scale(q.shape[-1], scale), return_lse)
+        out, lse = self.strategy.attention(q, k, v, causal, default_scale(q.shape[-1], scale), return_lse,
+                                           self.kernel_for(q.device, q.dtype))
         return (out, lse) if return_lse else out
 
     def _validate(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
@@ -212,25 +202,36 @@ class SeqParallel:
     def describe(self) -> dict[str, Any]:
         return {**self.strategy.describe(), "size": self.size, "rank": self.rank, "kernel": str(self.kernel_name)}
 
+    def as_module(self) -> "torch.nn.Module":
+        """This context's attention as an `nn.Module` (see `seqpar.modules.SequenceParallelAttention`)."""
+        from .modules import SequenceParallelAttention
+        return SequenceParallelAttention(self)
+
     def __repr__(self) -> str:
         return f"SeqParallel({self.describe()})"
 
 
-def init(strategy: str, *, ulysses: int = 1, ring: int | None = None, teams: int = 1,
-         layout: str = "contiguous", group: dist.ProcessGroup | None = None, chunks: int = 1,
-         offload: bool = False, kernel: str | BlockKernel = "auto", check_inputs: bool = True,
-         stats: CommStats | None = None, **options: Any) -> SeqParallel:
+def init(strategy: str, *, group: dist.ProcessGroup | None = None, kernel: str | BlockKernel = "auto",
+         check_inputs: bool = True, stats: CommStats | None = None, **options: Any) -> SeqParallel:
     """Build a sequence-parallel context from an initialised torch.distributed.
 
     strategy: local | ring | ulysses | usp | allgather | wallfacer | lss | fpdt
-    ulysses / ring: USP degrees (ulysses x ring = group size); teams: WallFacer team size C;
-    layout: contiguous | zigzag | striped; chunks / offload: FPDT; group: the
-    sequence-parallel group (default WORLD); kernel: block kernel name or "auto";
+    options (each strategy takes only those it uses, and defaults what is not given):
+      layout: contiguous | zigzag | striped (default: zigzag for ring, usp, allgather,
+      wallfacer, lss; contiguous for ulysses, fpdt, local); ulysses / ring: USP degrees
+      (ulysses x ring = group size); team_size: WallFacer C (default 2 when 4 divides the
+      group size; `teams` is its deprecated alias); chunks / offload: FPDT;
+      placement: USP / WallFacer topology; ranks_per_node: WallFacer.
+    group: the sequence-parallel group (default WORLD); kernel: block kernel name or "auto";
     check_inputs: verify that every rank passes valid, matching q/k/v (one tiny all-gather the
-    first time each shape/dtype/mask signature is seen; every rank raises the same error);
-    options: strategy-specific extras (e.g. WallFacer's placement, ranks_per_node).
+    first time each shape/dtype/mask signature is seen; every rank raises the same error).
     Collective: every rank of `group` must call it with the same arguments.
     """
-    cfg = StrategyConfig(ulysses=ulysses, ring=ring, teams=teams, layout=layout, chunks=chunks,
-                         offload=offload, options=dict(options))
+    cfg = StrategyConfig.from_kwargs(**options)
     return SeqParallel(strategy, cfg, group=group, kernel=kernel, check_inputs=check_inputs, stats=stats)
+
+
+def resolve(strategy: str, size: int, **options: Any) -> Settings:
+    """The settings `seqpar.init(strategy, **options)` would use on a group of `size` ranks,
+    or the ValueError it would raise — without a process group (planner, trainer, CLI)."""
+    return get_strategy(strategy).resolve(StrategyConfig.from_kwargs(**options), size)

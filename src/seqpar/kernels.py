@@ -26,7 +26,7 @@ from torch import Tensor
 __all__ = [
     "BlockKernel", "MathKernel", "CpuFlashKernel", "SdpaFlashKernel", "SdpaEfficientKernel",
     "FlashAttnKernel", "get_kernel", "available_kernels", "accum_dtype", "LseAccumulator",
-    "merge_lse", "default_scale",
+    "merge_lse", "default_scale", "check_kernel_name",
 ]
 
 
@@ -288,6 +288,12 @@ def available_kernels() -> list[str]:
     return sorted(_KERNELS)
 
 
+def check_kernel_name(name: str | BlockKernel) -> None:
+    """Raise a clear ValueError for a kernel name that `get_kernel` cannot resolve."""
+    if not isinstance(name, BlockKernel) and name != "auto" and name not in _KERNELS:
+        raise ValueError(f"unknown attention kernel {name!r}; choose from {['auto'] + available_kernels()}")
+
+
 def get_kernel(name: str | BlockKernel = "auto", device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> BlockKernel:
     """Pick a kernel by name, or the fastest one supporting (device, dtype) for "auto"."""
@@ -299,8 +305,7 @@ def get_kernel(name: str | BlockKernel = "auto", device: torch.device | str = "c
             kernel = _KERNELS[cand]()
             if kernel.supports(device, dtype):
                 return kernel
-    if name not in _KERNELS:
-        raise ValueError(f"unknown attention kernel {name!r}; choose from {['auto'] + available_kernels()}")
+    check_kernel_name(name)
     kernel = _KERNELS[name]()
     if not kernel.supports(device, dtype):
         raise ValueError(f"kernel {name!r} does not support device={device.type} dtype={dtype}")

@@ -105,6 +105,10 @@ class TokenLayout:
             return x.narrow(dim, int(idx[0]), idx.numel())
         return x.index_select(dim, idx)
 
+    def block_pairs(self, causal: bool, q_rank: int, kv_rank: int, n_local: int) -> list["Pair"]:
+        """This layout's causal block rule (see `block_pairs`) for outer ranks q_rank, kv_rank."""
+        return block_pairs(self.kind, causal, q_rank, kv_rank, n_local)
+
     def unpermute(self, gathered: Tensor, dim: int = 1) -> Tensor:
         """Inverse of sharding: `gathered` is every rank's shard concatenated along dim in rank
         order; returns the tensor in global sequence order."""

@@ -8,16 +8,47 @@ only, keyed by their rank lists, so two contexts never share hidden state.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import torch.distributed as dist
 
-__all__ = ["Mesh", "Grid2D", "require_initialized"]
+__all__ = ["Mesh", "Grid2D", "require_initialized", "PLACEMENTS", "check_placement", "axis_order",
+           "physical_rank"]
+
+# Which traffic stays inside a node: the ranks of a collective group (Ulysses all-to-all,
+# WallFacer team) or of a ring (USP ring, WallFacer sub-ring) are made consecutive.
+PLACEMENTS = ("collectives_intra", "rings_intra")
 
 
 def require_initialized() -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised: call torch.distributed.init_process_group "
                            "(or run under `torchrun` / `seqpar.testing.ProcessWorld`) before seqpar.init")
+
+
+def check_placement(strategy: str, placement: str) -> str:
+    if placement not in PLACEMENTS:
+        raise ValueError(f"{strategy}: unknown placement {placement!r}; choose from {PLACEMENTS}")
+    return placement
+
+
+def axis_order(placement: str, collective: str, ring: str, outer: Sequence[str] = ()) -> tuple[str, ...]:
+    """Named logical axes from slowest to fastest varying over consecutive group ranks.
+
+    Nodes hold consecutive ranks, so the fastest axis is the one kept inside a node: the
+    collective axis for ``collectives_intra`` (yunchang's ``use_ulysses_low``), the ring
+    axis for ``rings_intra``; `outer` axes vary slowest."""
+    inner = (ring, collective) if check_placement("placement", placement) == "collectives_intra" \
+        else (collective, ring)
+    return (*outer, *inner)
+
+
+def physical_rank(coords: Mapping[str, int], sizes: Mapping[str, int], order: Sequence[str]) -> int:
+    """Group rank of a point of the logical grid: mixed radix over `order` (slowest first)."""
+    rank = 0
+    for axis in order:
+        rank = rank * sizes[axis] + coords[axis]
+    return rank
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Strategy, StrategyConfig
+from .base import Settings, Strategy, StrategyConfig
 
-__all__ = ["Strategy", "StrategyConfig", "STRATEGIES", "register", "get_strategy"]
+__all__ = ["Strategy", "StrategyConfig", "Settings", "STRATEGIES", "register", "get_strategy"]
 
 # name -> module defining it (imported on first use)
 STRATEGIES = {

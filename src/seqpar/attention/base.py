@@ -1,75 +1,181 @@
-"""Strategy interface and the block loops shared by all strategies."""
+"""Strategy interface: settings resolved once (no process group), and the block loops.
+
+Life of a configuration: `StrategyConfig` holds what the user gave (None = not given);
+`Strategy.resolve(cfg, size)` — a classmethod that needs no process group — rejects what
+the strategy does not use, fills in its defaults, computes its degrees and builds its
+`TokenLayout`, returning a frozen `Settings`. `seqpar.init`, the trainer's config check,
+the planner's validity check and `seqpar verify` all call it, so they accept and reject
+exactly the same configurations. A strategy instance is then built from the Settings
+and the process groups (collectively) and gets the kernel with every call.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
+from ..comm import Comm, CommStats
 from ..kernels import BlockKernel, LseAccumulator, accum_dtype
-from ..layout import Pair, TokenLayout
+from ..layout import LAYOUTS, Pair, TokenLayout
+from ..mesh import Mesh
 
-if TYPE_CHECKING:
-    from ..context import SeqParallel
+__all__ = ["Strategy", "StrategyConfig", "Settings", "forward_blocks", "backward_blocks", "grad_buffers",
+           "positive_int"]
 
-__all__ = ["Strategy", "StrategyConfig", "forward_blocks", "backward_blocks", "grad_buffers"]
+# value of each degree option that means "not used": a strategy that does not use an
+# option accepts it at this value (so generic callers may pass ulysses=1, chunks=1, ...)
+_NEUTRAL = {"ulysses": 1, "ring": 1, "team_size": 1, "chunks": 1, "offload": False}
+_ALIASES = {"teams": "team_size"}  # deprecated spelling -> option (one release)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StrategyConfig:
-    """Arguments of `seqpar.init`, as given by the user."""
+    """Arguments of `seqpar.init` as the user gave them; None = not given (strategy default)."""
 
-    ulysses: int = 1
+    ulysses: int | None = None
     ring: int | None = None
-    teams: int = 1
-    layout: str = "contiguous"
-    chunks: int = 1
+    team_size: int | None = None
+    layout: str | None = None
+    chunks: int | None = None
+    offload: bool | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)  # strategy-specific extras
+    spelled: Mapping[str, str] = field(default_factory=dict)  # option -> name the user wrote
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "StrategyConfig":
+        """Split keyword arguments into the common options and strategy-specific extras;
+        `teams` is accepted for `team_size` with a DeprecationWarning."""
+        common = {f.name for f in fields(cls)} - {"options", "spelled"}
+        given, options, spelled = {}, {}, {}
+        for name, value in kwargs.items():
+            target = _ALIASES.get(name, name)
+            if target != name:
+                warnings.warn(f"seqpar: '{name}' is deprecated, use '{target}' (WallFacer team size C)",
+                              DeprecationWarning, stacklevel=3)
+                if kwargs.get(target) is not None and value is not None and kwargs[target] != value:
+                    raise ValueError(f"{name}={value!r} and {target}={kwargs[target]!r} disagree")
+                spelled[target] = name
+            if target in common:
+                if value is not None:
+                    given[target] = value
+            else:
+                options[name] = value
+        return cls(**given, options=options, spelled=spelled)
+
+    def given(self) -> dict[str, Any]:
+        """The common options given with a value other than 'not used'."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("options", "spelled") or value is None:
+                continue
+            if f.name in _NEUTRAL and value == _NEUTRAL[f.name] and type(value) is type(_NEUTRAL[f.name]):
+                continue
+            out[f.name] = value
+        return out
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A strategy's resolved settings for a group of `size` ranks (degrees, layout, options)."""
+
+    strategy: str
+    size: int
+    layout: TokenLayout
+    ulysses: int = 1      # head-scatter (all-to-all) degree
+    ring: int = 1         # ring degree (K/V rotation)
+    team_size: int = 1    # WallFacer C
+    chunks: int = 1       # FPDT sequence chunks
     offload: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def option(self, name: str, default: Any = None) -> Any:
+        return dict(self.options).get(name, default)
+
+    def init_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `seqpar.init` that reproduce these settings."""
+        kw: dict[str, Any] = {"layout": self.layout.kind}
+        for name in ("ulysses", "ring", "team_size", "chunks", "offload"):
+            if getattr(self, name) != _NEUTRAL[name]:
+                kw[name] = getattr(self, name)
+        return {**kw, **dict(self.options)}
+
+
+def positive_int(strategy: str, name: str, value: Any) -> int:
+    """`value` as a degree (int >= 1) or a clear ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"strategy {strategy!r}: {name} must be >= 1 (an integer), got {value!r}")
+    return value
 
 
 class Strategy:
-    """One sequence-parallel attention method bound to a SeqParallel context.
+    """One sequence-parallel attention method.
 
-    Subclasses build their process groups in __init__ (collectively), expose the token
-    `layout`, and implement `attention`.
+    Class attributes declare what it takes: `uses` (StrategyConfig options it reads; any
+    other option given is rejected), `layouts` / `default_layout`, `accepted_options`
+    (strategy-specific extras), `double_grad_averaging` (LSS). `_resolve` computes the
+    degrees and the layout; `__init__` builds the process groups (collective).
     """
 
     name = "base"
-    #: options (extra keyword arguments of seqpar.init) this strategy accepts
+    uses: tuple[str, ...] = ()
+    layouts: tuple[str, ...] = LAYOUTS
+    default_layout = "zigzag"
+    layout_reason = ""  # why only `layouts` work, for the error message
     accepted_options: tuple[str, ...] = ()
+    double_grad_averaging = False
 
-    def __init__(self, sp: "SeqParallel", cfg: StrategyConfig):
-        self.sp, self.cfg = sp, cfg
-        unknown = set(cfg.options) - set(self.accepted_options)
+    # -- settings (no process group) ---------------------------------------------------------
+    @classmethod
+    def resolve(cls, cfg: StrategyConfig, size: int) -> Settings:
+        """Validate `cfg` for a group of `size` ranks and fill in the defaults."""
+        cls._reject_unused(cfg)
+        kind = cfg.layout if cfg.layout is not None else cls.default_layout
+        if kind not in LAYOUTS:
+            raise ValueError(f"unknown layout {kind!r}; choose from {LAYOUTS}")
+        if kind not in cls.layouts:
+            wanted = f"={cls.layouts[0]!r}" if len(cls.layouts) == 1 else f" in {list(cls.layouts)}"
+            raise ValueError(f"strategy {cls.name!r} needs layout{wanted} ({cls.layout_reason}), got {kind!r}")
+        return cls._resolve(cfg, size, kind)
+
+    @classmethod
+    def _reject_unused(cls, cfg: StrategyConfig) -> None:
+        for name, value in cfg.given().items():
+            if name != "layout" and name not in cls.uses:
+                raise ValueError(f"strategy {cls.name!r} does not use {cfg.spelled.get(name, name)}={value!r}")
+        unknown = set(cfg.options) - set(cls.accepted_options)
         if unknown:
-            raise ValueError(f"strategy {self.name!r} does not take option(s) {sorted(unknown)}; "
-                             f"it accepts {list(self.accepted_options) or 'none'}")
+            raise ValueError(f"strategy {cls.name!r} does not take option(s) {sorted(unknown)}; "
+                             f"it accepts {list(cls.accepted_options) or 'none'}")
 
-    @property
-    def layout(self) -> TokenLayout:  # pragma: no cover - abstract
+    @classmethod
+    def _resolve(cls, cfg: StrategyConfig, size: int, kind: str) -> Settings:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                  need_lse: bool) -> tuple[Tensor, Tensor | None]:
+    @classmethod
+    def _settings(cls, cfg: StrategyConfig, size: int, layout: TokenLayout, **degrees: Any) -> Settings:
+        return Settings(cls.name, size, layout, options=tuple(sorted(cfg.options.items())), **degrees)
+
+    # -- instance (process groups) -----------------------------------------------------------
+    def __init__(self, settings: Settings, mesh: Mesh, comm: Comm, stats: CommStats):
+        self.settings, self.mesh, self.comm, self.stats = settings, mesh, comm, stats
+        self.layout = settings.layout
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, need_lse: bool,
+                  kernel: BlockKernel) -> tuple[Tensor, Tensor | None]:
         """q [b, s_local, h, d], k/v [b, s_local, hkv, d] -> out [b, s_local, h, d],
         lse [b, h, s_local] (fp32/fp64) or None when not needed."""
         raise NotImplementedError
 
     def layout_ranks(self) -> list[int]:
         """Layout rank of each group rank (identity unless a strategy places ranks on a topology)."""
-        return list(range(self.sp.size))
+        return list(range(self.settings.size))
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name, "layout": self.layout.kind}
-
-    def _forbid(self, **given) -> None:
-        """Reject seqpar.init arguments that mean nothing for this strategy."""
-        defaults = StrategyConfig()
-        for name, value in given.items():
-            if value != getattr(defaults, name) and value is not None:
-                raise ValueError(f"strategy {self.name!r} does not use {name}={value!r}")
 
 
 def forward_blocks(acc: LseAccumulator, q: Tensor, k: Tensor, v: Tensor, pairs: list[Pair],

@@ -31,7 +31,7 @@ from ..comm import Comm
 from ..kernels import BlockKernel, LseAccumulator, accum_dtype
 from ..layout import TokenLayout
 from . import register
-from .base import Strategy
+from .base import Strategy, positive_int
 from .ulysses import kv_replication, scatter_heads
 
 __all__ = ["ChunkStore", "OffloadStats", "FpdtAttention", "FpdtStrategy"]
@@ -214,8 +214,10 @@ def _seq_to_heads(x: Tensor, comm: Comm) -> Tensor:
     return comm.all_to_all(x.contiguous(), scatter_dim=2, gather_dim=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Call:
+    """Per-call arguments of FpdtAttention (the store itself is mutable state of the call)."""
+
     comm: Comm
     plan: _Plan
     scale: float
@@ -329,34 +331,38 @@ class FpdtStrategy(Strategy):
     `last_offload_stats` holds the OffloadStats of the latest attention call.
     """
 
-    def __init__(self, sp, cfg):
-        super().__init__(sp, cfg)
-        self._forbid(teams=cfg.teams)
-        if cfg.ring not in (None, 1) or cfg.ulysses not in (1, sp.size):
-            raise ValueError(f"strategy 'fpdt' runs Ulysses over the whole group (degree {sp.size}); "
+    uses = ("ulysses", "ring", "chunks", "offload")
+    layouts = ("contiguous",)
+    default_layout = "contiguous"
+    layout_reason = "rank r holds piece r of every chunk; causal balance comes from the chunking"
+
+    @classmethod
+    def _resolve(cls, cfg, size, kind):
+        if cfg.ring not in (None, 1) or cfg.ulysses not in (None, 1, size):
+            raise ValueError(f"strategy 'fpdt' runs Ulysses over the whole group (degree {size}); "
                              f"got ulysses={cfg.ulysses}, ring={cfg.ring}")
-        if cfg.layout != "contiguous":
-            raise ValueError(f"strategy 'fpdt' needs layout='contiguous' (rank r holds piece r of every "
-                             f"chunk; causal balance comes from the chunking), got {cfg.layout!r}")
-        if not isinstance(cfg.offload, bool):
-            raise ValueError(f"offload must be True or False, got {cfg.offload!r}")
-        _ = self.layout  # validates chunks
+        offload = False if cfg.offload is None else cfg.offload
+        if not isinstance(offload, bool):
+            raise ValueError(f"offload must be True or False, got {offload!r}")
+        chunks = positive_int(cls.name, "chunks", cfg.chunks) if cfg.chunks is not None else 1
+        layout = TokenLayout(kind, outer=1, inner=size, chunks=chunks)
+        return cls._settings(cfg, size, layout, ulysses=size, chunks=chunks, offload=offload)
+
+    def __init__(self, settings, mesh, comm, stats):
+        super().__init__(settings, mesh, comm, stats)
         self.last_offload_stats: OffloadStats | None = None
 
-    @property
-    def layout(self):
-        return TokenLayout("contiguous", outer=1, inner=self.sp.size, chunks=self.cfg.chunks)
-
     def describe(self):
-        return {**super().describe(), "ulysses": self.sp.size, "chunks": self.cfg.chunks,
-                "offload": self.cfg.offload}
+        s = self.settings
+        return {**super().describe(), "ulysses": s.size, "chunks": s.chunks, "offload": s.offload}
 
-    def attention(self, q, k, v, causal, scale, need_lse):
-        kv_rep = kv_replication(q.shape[2], k.shape[2], self.sp.size)
-        store = ChunkStore(q.device, self.cfg.offload)
+    def attention(self, q, k, v, causal, scale, need_lse, kernel):
+        s = self.settings
+        kv_rep = kv_replication(q.shape[2], k.shape[2], s.size)
+        store = ChunkStore(q.device, s.offload)
         self.last_offload_stats = store.stats
         keep = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        plan = _Plan(self.cfg.chunks, q.shape[1] // self.cfg.chunks, causal)
-        call = _Call(self.sp.comm, plan, scale, self.sp.kernel, store, kv_rep, need_lse, keep)
+        plan = _Plan(s.chunks, q.shape[1] // s.chunks, causal)
+        call = _Call(self.comm, plan, scale, kernel, store, kv_rep, need_lse, keep)
         out, lse = FpdtAttention.apply(q, k, v, call)
         return out, (lse if need_lse else None)

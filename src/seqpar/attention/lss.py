@@ -40,12 +40,10 @@ class LssStrategy(AllGatherStrategy):
     """Segment-per-rank attention over the whole group: one all-gather of K,V forward, one
     reduce-scatter of dK,dV backward."""
 
-    def __init__(self, sp, cfg):
-        super().__init__(sp, cfg)
-        self._forbid(ring=cfg.ring)
-        if cfg.layout not in LSS_LAYOUTS:
-            raise ValueError(f"strategy 'lss' splits the sequence into segments: layout must be one of "
-                             f"{LSS_LAYOUTS}, got {cfg.layout!r}")
+    layouts = LSS_LAYOUTS
+    default_layout = "contiguous"  # the paper's segments
+    layout_reason = "it splits the sequence into segments: contiguous as in the paper, zigzag for causal balance"
+    double_grad_averaging = True
 
 
 class SegmentPositionEmbedding(nn.Module):

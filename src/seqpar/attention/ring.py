@@ -4,10 +4,13 @@ Forward: P steps; at step s this rank holds the K/V of ring rank (r - s) mod P w
 next block is in flight (double buffer). Causal masks follow the layout's block rules
 (contiguous: skip future blocks; zigzag: half blocks; striped: shifted diagonal).
 Backward: K/V rotate again; the dK/dV accumulator of each block travels with it on a
-second ring (its own tag) and arrives back at the owner after P sends.
+second ring (its own tag) and arrives back at the owner after P sends. Every buffer
+(K/V double buffer, dK/dV accumulators and their receive buffers) is allocated once
+per call, not per step.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -15,55 +18,69 @@ from torch import Tensor
 
 from ..comm import RingComm
 from ..kernels import BlockKernel, LseAccumulator
-from ..layout import Pair, TokenLayout, block_pairs
+from ..layout import Pair, TokenLayout
 from . import register
-from .base import Strategy, backward_blocks, forward_blocks, grad_buffers
+from .base import Strategy, backward_blocks, forward_blocks, grad_buffers, positive_int
 from .local import local_attention
-
 
 PairsAt = Callable[[int], list[Pair]]
 
 
-def _ring_pairs(kind: str, causal: bool, ring: RingComm, n_local: int) -> PairsAt:
-    """Blocks of step s when ring positions are the layout's outer ranks (plain ring attention)."""
-    return lambda step: block_pairs(kind, causal, ring.rank, ring.source(step), n_local)
+@dataclass(frozen=True)
+class RingCall:
+    """Per-call arguments of ring attention.
+
+    pairs_at(step) gives the blocks to compute against the K/V held after `step`
+    rotations (None: the layout's block rule with ring positions as outer ranks)."""
+
+    ring: RingComm
+    grad_ring: RingComm
+    layout: TokenLayout
+    causal: bool
+    scale: float
+    kernel: BlockKernel
+    pairs_at: PairsAt | None = None
+
+    def blocks(self, step: int, n_local: int) -> list[Pair]:
+        if self.pairs_at is not None:
+            return self.pairs_at(step)
+        return self.layout.block_pairs(self.causal, self.ring.rank, self.ring.source(step), n_local)
 
 
-def ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: RingComm, kind: str, causal: bool, scale: float,
-                 kernel: BlockKernel, pairs_at: PairsAt | None = None) -> tuple[Tensor, Tensor]:
-    """q [b, n, h, d], k/v [b, n, hkv, d] of this ring rank -> out [b, n, h, d], lse [b, h, n].
-
-    pairs_at(step) gives the blocks to compute against the K/V held after `step` rotations
-    (default: the layout's block rule with ring positions as outer ranks)."""
+def ring_forward(q: Tensor, k: Tensor, v: Tensor, call: RingCall) -> tuple[Tensor, Tensor]:
+    """q [b, n, h, d], k/v [b, n, hkv, d] of this ring rank -> out [b, n, h, d], lse [b, h, n]."""
     acc = LseAccumulator(q)
     kv = torch.stack([k, v])
-    pairs_at = pairs_at or _ring_pairs(kind, causal, ring, q.shape[1])
-    for step in range(ring.size):
-        pending = ring.send_recv(kv) if step + 1 < ring.size else None
-        forward_blocks(acc, q, kv[0], kv[1], pairs_at(step), kernel, scale)
+    spare = torch.empty_like(kv) if call.ring.size > 1 else None
+    for step in range(call.ring.size):
+        pending = call.ring.send_recv(kv, out=spare) if step + 1 < call.ring.size else None
+        forward_blocks(acc, q, kv[0], kv[1], call.blocks(step, q.shape[1]), call.kernel, call.scale)
         if pending is not None:
-            kv = pending.wait()
+            kv, spare = pending.wait(), kv
     return acc.result(q.dtype)
 
 
-def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, ring: RingComm,
-                  grad_ring: RingComm, kind: str, causal: bool, scale: float,
-                  kernel: BlockKernel, pairs_at: PairsAt | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact dq, dk, dv (accum dtype) for ring_forward's inputs (same pairs_at)."""
+def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  call: RingCall) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact dq, dk, dv (accum dtype) for ring_forward's inputs (same call)."""
+    ring, size = call.ring, call.ring.size
     dq = grad_buffers(q)
     kv = torch.stack([k, v])
+    spare = torch.empty_like(kv) if size > 1 else None
+    dkv_slots = grad_buffers(k, 2, 2)            # [slot, k|v, b, n, hkv, d]: one being sent, one filled
+    recv_slots = torch.empty_like(dkv_slots)     # where the travelling accumulators arrive
     incoming = None
-    pairs_at = pairs_at or _ring_pairs(kind, causal, ring, q.shape[1])
-    for step in range(ring.size):
-        pending = ring.send_recv(kv) if step + 1 < ring.size else None
-        dkv = grad_buffers(k, 2)
-        backward_blocks(dq, dkv[0], dkv[1], dout, q, kv[0], kv[1], out, lse, pairs_at(step), kernel, scale)
+    for step in range(size):
+        pending = ring.send_recv(kv, out=spare) if step + 1 < size else None
+        dkv = dkv_slots[step % 2].zero_()        # its previous send completed with last step's wait
+        backward_blocks(dq, dkv[0], dkv[1], dout, q, kv[0], kv[1], out, lse, call.blocks(step, q.shape[1]),
+                        call.kernel, call.scale)
         if incoming is not None:
             dkv += incoming.wait()  # what earlier ranks accumulated for this block
-        if ring.size > 1:
-            incoming = grad_ring.send_recv(dkv)
+        if size > 1:
+            incoming = call.grad_ring.send_recv(dkv, out=recv_slots[step % 2])
         if pending is not None:
-            kv = pending.wait()
+            kv, spare = pending.wait(), kv
     if incoming is not None:
         dkv = incoming.wait()  # our own block, back home with every rank's contribution
     return dq, dkv[0], dkv[1]
@@ -71,45 +88,42 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
 
 class RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, ring: RingComm, grad_ring: RingComm, kind: str, causal: bool, scale: float,
-                kernel: BlockKernel):
-        out, lse = ring_forward(q, k, v, ring, kind, causal, scale, kernel)
+    def forward(ctx, q, k, v, call: RingCall):
+        out, lse = ring_forward(q, k, v, call)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (ring, grad_ring, kind, causal, scale, kernel)
+        ctx.call = call
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, *ctx.args)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.call)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
-def ring_attention(q: Tensor, k: Tensor, v: Tensor, ring: RingComm, grad_ring: RingComm, kind: str,
-                   causal: bool, scale: float, kernel: BlockKernel) -> tuple[Tensor, Tensor]:
-    """Differentiable ring attention over `ring` (falls back to local attention on 1 rank)."""
-    if ring.size == 1:
-        return local_attention(q, k, v, causal, scale, kernel)
-    return RingAttention.apply(q, k, v, ring, grad_ring, kind, causal, scale, kernel)
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, call: RingCall) -> tuple[Tensor, Tensor]:
+    """Differentiable ring attention over `call.ring` (falls back to local attention on 1 rank)."""
+    if call.ring.size == 1:
+        return local_attention(q, k, v, call.causal, call.scale, call.kernel)
+    return RingAttention.apply(q, k, v, call)
 
 
 @register("ring")
 class RingStrategy(Strategy):
-    """Ring attention over the whole sequence-parallel group."""
+    """Ring attention over the whole sequence-parallel group (`ring` may only restate its size)."""
 
-    def __init__(self, sp, cfg):
-        super().__init__(sp, cfg)
-        self._forbid(ulysses=cfg.ulysses, teams=cfg.teams, chunks=cfg.chunks, offload=cfg.offload)
-        if cfg.ring not in (None, sp.size):
-            raise ValueError(f"ring={cfg.ring} does not match the group size {sp.size}")
-        self.kv_ring = sp.comm.ring(tag=0)
-        self.grad_ring = sp.comm.ring(tag=1)
+    uses = ("ring",)
 
-    @property
-    def layout(self):
-        return TokenLayout(self.cfg.layout, outer=self.sp.size)
+    @classmethod
+    def _resolve(cls, cfg, size, kind):
+        if cfg.ring is not None and positive_int(cls.name, "ring", cfg.ring) != size:
+            raise ValueError(f"ring={cfg.ring} does not match the group size {size}")
+        return cls._settings(cfg, size, TokenLayout(kind, outer=size), ring=size)
 
-    def attention(self, q, k, v, causal, scale, need_lse):
-        return ring_attention(q, k, v, self.kv_ring, self.grad_ring, self.cfg.layout, causal, scale,
-                              self.sp.kernel)
+    def __init__(self, settings, mesh, comm, stats):
+        super().__init__(settings, mesh, comm, stats)
+        self.kv_ring, self.grad_ring = comm.ring(tag=0), comm.ring(tag=1)
+
+    def attention(self, q, k, v, causal, scale, need_lse, kernel):
+        return ring_attention(q, k, v, RingCall(self.kv_ring, self.grad_ring, self.layout, causal, scale, kernel))

@@ -70,17 +70,16 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, comm: Comm, inner: InnerA
 class UlyssesStrategy(Strategy):
     """Ulysses over the whole group: degree = group size."""
 
-    def __init__(self, sp, cfg):
-        super().__init__(sp, cfg)
-        self._forbid(teams=cfg.teams, chunks=cfg.chunks, offload=cfg.offload)
-        if cfg.ulysses not in (1, sp.size) or cfg.ring not in (None, 1):
-            raise ValueError(f"strategy 'ulysses' uses the whole group (degree {sp.size}); "
+    uses = ("ulysses", "ring")
+    default_layout = "contiguous"
+
+    @classmethod
+    def _resolve(cls, cfg, size, kind):
+        if cfg.ulysses not in (None, 1, size) or cfg.ring not in (None, 1):
+            raise ValueError(f"strategy 'ulysses' uses the whole group (degree {size}); "
                              f"got ulysses={cfg.ulysses}, ring={cfg.ring}: use 'usp' for a 2-D mesh")
+        return cls._settings(cfg, size, TokenLayout(kind, outer=1, inner=size), ulysses=size)
 
-    @property
-    def layout(self):
-        return TokenLayout(self.cfg.layout, outer=1, inner=self.sp.size)
-
-    def attention(self, q, k, v, causal, scale, need_lse):
-        inner = lambda q_, k_, v_: local_attention(q_, k_, v_, causal, scale, self.sp.kernel)  # noqa: E731
-        return ulysses_attention(q, k, v, self.sp.comm, inner, need_lse)
+    def attention(self, q, k, v, causal, scale, need_lse, kernel):
+        inner = lambda q_, k_, v_: local_attention(q_, k_, v_, causal, scale, kernel)  # noqa: E731
+        return ulysses_attention(q, k, v, self.comm, inner, need_lse)

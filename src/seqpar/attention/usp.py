@@ -1,50 +1,71 @@
 """USP (arXiv 2405.07719): Ulysses x Ring on a 2-D mesh.
 
-Group ranks form a ring_degree x ulysses_degree grid: Ulysses groups are contiguous
-ranks (intra-node all-to-all), ring groups are strided. Ulysses all-to-all first, then
+Layout rank l = ring_rank * ulysses + ulysses_rank (outer = ring, inner = Ulysses). The
+option ``placement`` says which groups hold consecutive group ranks (inside a node):
+``collectives_intra`` (default: Ulysses all-to-all intra-node, yunchang's
+``use_ulysses_low``) or ``rings_intra`` (ring P2P intra-node) — the same mechanism as
+WallFacer's placement (`seqpar.mesh.axis_order`). Ulysses all-to-all first, then
 load-balanced ring attention over the ring group, then the inverse all-to-all.
 """
 from __future__ import annotations
 
 from ..comm import Comm
 from ..layout import TokenLayout
+from ..mesh import axis_order, check_placement, physical_rank
 from . import register
-from .base import Strategy
-from .ring import ring_attention
+from .base import Strategy, positive_int
+from .ring import RingCall, ring_attention
 from .ulysses import kv_replication, ulysses_attention
 
 
 @register("usp")
 class UspStrategy(Strategy):
-    def __init__(self, sp, cfg):
-        super().__init__(sp, cfg)
-        self._forbid(teams=cfg.teams, chunks=cfg.chunks, offload=cfg.offload)
-        size = sp.size
-        ud, rd = cfg.ulysses, cfg.ring
+    uses = ("ulysses", "ring")
+    accepted_options = ("placement",)
+
+    @classmethod
+    def _resolve(cls, cfg, size, kind):
+        ud = positive_int(cls.name, "ulysses", cfg.ulysses) if cfg.ulysses is not None else 1
+        rd = positive_int(cls.name, "ring", cfg.ring) if cfg.ring is not None else None
         if rd is None:
+            if size % ud:
+                raise ValueError(f"usp needs ulysses x ring = group size: ulysses={ud} does not divide {size}")
             rd = size // ud
-        elif ud == 1 and rd and size % rd == 0:
+        elif ud == 1 and size % rd == 0:
             ud = size // rd  # only the ring degree given: Ulysses takes the rest
         if ud < 1 or rd < 1 or ud * rd != size:
             raise ValueError(f"usp needs ulysses x ring = group size: {ud} x {rd} != {size}")
-        self.ulysses_degree, self.ring_degree = ud, rd
-        ulysses_group, ring_group = sp.mesh.grid(rows=rd, cols=ud)
-        self.ulysses_comm = Comm(ulysses_group, sp.stats)
-        ring_comm = Comm(ring_group, sp.stats)
+        check_placement("usp", cfg.options.get("placement", "collectives_intra"))
+        return cls._settings(cfg, size, TokenLayout(kind, outer=rd, inner=ud), ulysses=ud, ring=rd)
+
+    def __init__(self, settings, mesh, comm, stats):
+        super().__init__(settings, mesh, comm, stats)
+        ud, rd = settings.ulysses, settings.ring
+        self._sizes = {"ring": rd, "ulysses": ud}
+        self._order = axis_order(settings.option("placement", "collectives_intra"), collective="ulysses",
+                                 ring="ring")
+        ulysses_group = mesh.partition([[self._physical(r, u) for u in range(ud)] for r in range(rd)])
+        ring_group = mesh.partition([[self._physical(r, u) for r in range(rd)] for u in range(ud)])
+        self.ulysses_comm = Comm(ulysses_group, stats)
+        ring_comm = Comm(ring_group, stats)
         self.kv_ring, self.grad_ring = ring_comm.ring(tag=0), ring_comm.ring(tag=1)
 
-    @property
-    def layout(self):
-        return TokenLayout(self.cfg.layout, outer=self.ring_degree, inner=self.ulysses_degree)
+    def _physical(self, ring_rank: int, ulysses_rank: int) -> int:
+        return physical_rank({"ring": ring_rank, "ulysses": ulysses_rank}, self._sizes, self._order)
+
+    def layout_ranks(self) -> list[int]:
+        out = [0] * self.settings.size
+        for r in range(self.settings.ring):
+            for u in range(self.settings.ulysses):
+                out[self._physical(r, u)] = r * self.settings.ulysses + u
+        return out
 
     def describe(self):
-        return {**super().describe(), "ulysses": self.ulysses_degree, "ring": self.ring_degree}
+        return {**super().describe(), "ulysses": self.settings.ulysses, "ring": self.settings.ring,
+                "placement": self.settings.option("placement", "collectives_intra")}
 
-    def attention(self, q, k, v, causal, scale, need_lse):
-        kv_replication(q.shape[2], k.shape[2], self.ulysses_degree)
-        kernel, kind = self.sp.kernel, self.cfg.layout
-
-        def inner(q_, k_, v_):
-            return ring_attention(q_, k_, v_, self.kv_ring, self.grad_ring, kind, causal, scale, kernel)
-
-        return ulysses_attention(q, k, v, self.ulysses_comm, inner, need_lse)
+    def attention(self, q, k, v, causal, scale, need_lse, kernel):
+        kv_replication(q.shape[2], k.shape[2], self.settings.ulysses)
+        call = RingCall(self.kv_ring, self.grad_ring, self.layout, causal, scale, kernel)
+        return ulysses_attention(q, k, v, self.ulysses_comm, lambda q_, k_, v_: ring_attention(q_, k_, v_, call),
+                                 need_lse)

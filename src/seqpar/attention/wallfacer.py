@@ -1,6 +1,7 @@
 """WallFacer (arXiv 2407.00611): multi-dimensional ring attention with replicated teams.
 
-P ranks form T = P/C teams of C ranks (C = ``teams``, the replication factor; C^2 | P).
+P ranks form T = P/C teams of C ranks (C = ``team_size``, the replication factor; C^2 | P;
+default 2 when 4 | P, else 1).
 Logical rank l = t*C + a (team t, member a); G = P/C^2 is the sub-ring length.
 
 Forward, on every rank (n = local tokens):
@@ -24,10 +25,11 @@ G = 1: no sub-ring rotation, only the placement and the team collectives.
 Causal masks: the token layout balances *teams* (zigzag / striped / contiguous over
 T teams) and `block_pairs` is applied at team level with C*n-token blocks.
 
-Placement on the topology (option ``placement``): ``collectives_intra`` (default) puts
-the C members of a team on consecutive physical ranks (team collectives stay inside a
-node when C <= ranks_per_node); ``rings_intra`` puts the G members of a sub-ring on
-consecutive physical ranks (ring P2P stays inside a node when G <= ranks_per_node).
+Placement on the topology (option ``placement``, the mechanism USP shares:
+`seqpar.mesh.axis_order`): ``collectives_intra`` (default) puts the C members of a team on
+consecutive physical ranks (team collectives stay inside a node when C <= ranks_per_node);
+``rings_intra`` puts the G members of a sub-ring on consecutive physical ranks (ring P2P
+stays inside a node when G <= ranks_per_node).
 """
 from __future__ import annotations
 
@@ -42,12 +44,13 @@ from torch import Tensor
 
 from ..comm import Comm, RingComm
 from ..kernels import BlockKernel
-from ..layout import Pair, TokenLayout, block_pairs
+from ..layout import Pair, TokenLayout
+from ..mesh import PLACEMENTS, axis_order, check_placement, physical_rank
 from . import register
 from .base import Strategy
-from .ring import ring_backward, ring_forward
+from .ring import RingCall, ring_backward, ring_forward
 
-PLACEMENTS = ("collectives_intra", "rings_intra")
+__all__ = ["WallFacerGrid", "WallFacerStrategy", "PLACEMENTS"]
 _PLACE_TAG, _RETURN_TAG = 2, 3  # ring traffic uses tags 0 (K/V) and 1 (dK/dV)
 
 
@@ -61,19 +64,19 @@ class WallFacerGrid:
 
     def __post_init__(self):
         p, c = self.ranks, self.team_size
-        if c < 1:
-            raise ValueError(f"wallfacer: teams (team size C) must be >= 1, got {c}")
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"wallfacer: team_size (C) must be >= 1, got {c!r}")
         if p % c:
-            raise ValueError(f"wallfacer: teams={c} does not divide {p} ranks")
+            raise ValueError(f"wallfacer: team_size={c} does not divide {p} ranks")
         if p % (c * c):
-            raise ValueError(f"wallfacer: teams={c} needs C^2={c * c} to divide {p} ranks (C <= sqrt(P) "
+            raise ValueError(f"wallfacer: team_size={c} needs C^2={c * c} to divide {p} ranks (C <= sqrt(P) "
                              f"and P/C^2 sub-rings of equal length); choose C from "
                              f"{[d for d in range(1, p + 1) if p % (d * d) == 0]}")
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"wallfacer: unknown placement {self.placement!r}; choose from {PLACEMENTS}")
+        check_placement("wallfacer", self.placement)
 
     @property
-    def teams(self) -> int:
+    def team_count(self) -> int:
+        """T = P / C teams."""
         return self.ranks // self.team_size
 
     @property
@@ -81,16 +84,17 @@ class WallFacerGrid:
         return self.ranks // self.team_size ** 2
 
     def physical(self, team: int, member: int) -> int:
-        """Group rank of logical rank (team, member) under the placement."""
-        if self.placement == "collectives_intra":
-            return team * self.team_size + member
+        """Group rank of logical rank (team, member) under the placement: team = group*G + j,
+        with the team axis (member) or the sub-ring axis (j) varying fastest."""
         group, j = divmod(team, self.ring_len)
-        return (group * self.team_size + member) * self.ring_len + j
+        sizes = {"group": self.team_size, "j": self.ring_len, "member": self.team_size}
+        order = axis_order(self.placement, collective="member", ring="j", outer=("group",))
+        return physical_rank({"group": group, "j": j, "member": member}, sizes, order)
 
     def logical(self) -> list[int]:
         """Logical rank t*C + a of each physical rank."""
         out = [0] * self.ranks
-        for t in range(self.teams):
+        for t in range(self.team_count):
             for a in range(self.team_size):
                 out[self.physical(t, a)] = t * self.team_size + a
         return out
@@ -151,12 +155,13 @@ class WallFacerPlan:
         self.kv_ring, self.grad_ring = kv_ring, grad_ring
         self.team, self.member = grid.coords(world.rank)
 
-    def pairs_at(self, kind: str, causal: bool, team_tokens: int):
-        """step -> blocks of the team's queries vs the K/V held after `step` rotations."""
+    def ring_call(self, layout: TokenLayout, causal: bool, scale: float, kernel: BlockKernel,
+                  team_tokens: int) -> RingCall:
+        """Sub-ring attention whose step-s blocks are the team's queries vs the K/V held then."""
         def pairs(step: int) -> list[Pair]:
             kv_team = self.grid.kv_team(self.team, self.member, step)
-            return block_pairs(kind, causal, self.team, kv_team, team_tokens)
-        return pairs
+            return layout.block_pairs(causal, self.team, kv_team, team_tokens)
+        return RingCall(self.kv_ring, self.grad_ring, layout, causal, scale, kernel, pairs)
 
     def place(self, kv_team: Tensor) -> Tensor:
         """Skewed placement: send this team's K/V [2, b, C*n, hkv, d], receive the K/V to rotate."""
@@ -191,83 +196,95 @@ class WallFacerPlan:
         return mine, lse_team
 
 
+@dataclass(frozen=True)
+class WallFacerCall:
+    plan: WallFacerPlan
+    layout: TokenLayout
+    causal: bool
+    scale: float
+    kernel: BlockKernel
+
+    def ring(self, team_tokens: int) -> RingCall:
+        return self.plan.ring_call(self.layout, self.causal, self.scale, self.kernel, team_tokens)
+
+
 class WallFacerAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan: WallFacerPlan, kind: str, causal: bool, scale: float, kernel: BlockKernel):
-        heads, kv_heads = q.shape[2], k.shape[2]
+    def forward(ctx, q, k, v, call: WallFacerCall):
+        plan, heads, kv_heads = call.plan, q.shape[2], k.shape[2]
         qkv = plan.team_comm.all_gather(torch.cat([q, k, v], dim=2), dim=1)  # [b, C*n, h + 2hkv, d]
         q_team, k_team, v_team = qkv.split([heads, kv_heads, kv_heads], dim=2)
         kv = plan.place(torch.stack([k_team, v_team]))
-        pairs_at = plan.pairs_at(kind, causal, q_team.shape[1])
-        out_part, lse_part = ring_forward(q_team, kv[0], kv[1], plan.kv_ring, kind, causal, scale, kernel,
-                                          pairs_at)
+        out_part, lse_part = ring_forward(q_team, kv[0], kv[1], call.ring(q_team.shape[1]))
         out, lse_team = plan.combine(out_part, lse_part)
         n = q.shape[1]
         lse = lse_team[:, :, plan.member * n:(plan.member + 1) * n]
         ctx.save_for_backward(q_team.contiguous(), kv, out, lse_team)
-        ctx.args = (plan, kind, causal, scale, kernel)
+        ctx.call = call
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q_team, kv, out, lse_team = ctx.saved_tensors
-        plan, kind, causal, scale, kernel = ctx.args
-        team = plan.team_comm
+        call = ctx.call
+        team = call.plan.team_comm
         dout_team, out_team = team.all_gather(torch.stack([dout.to(out.dtype), out]), dim=2).unbind(0)
-        pairs_at = plan.pairs_at(kind, causal, q_team.shape[1])
-        dq_team, dk, dv = ring_backward(dout_team, q_team, kv[0], kv[1], out_team, lse_team, plan.kv_ring,
-                                        plan.grad_ring, kind, causal, scale, kernel, pairs_at)
+        dq_team, dk, dv = ring_backward(dout_team, q_team, kv[0], kv[1], out_team, lse_team,
+                                        call.ring(q_team.shape[1]))
         dq = team.reduce_scatter(dq_team, dim=1)
-        dkv = team.reduce_scatter(plan.unplace(torch.stack([dk, dv])), dim=2)
+        dkv = team.reduce_scatter(call.plan.unplace(torch.stack([dk, dv])), dim=2)
         dtype = q_team.dtype
-        return dq.to(dtype), dkv[0].to(dtype), dkv[1].to(dtype), None, None, None, None, None
+        return dq.to(dtype), dkv[0].to(dtype), dkv[1].to(dtype), None
 
 
 @register("wallfacer")
 class WallFacerStrategy(Strategy):
-    """WallFacer over the whole group; `teams` = C = team size (replication factor)."""
+    """WallFacer over the whole group; `team_size` = C (replication factor)."""
 
+    uses = ("team_size",)
     accepted_options = ("placement", "ranks_per_node")
 
-    def __init__(self, sp, cfg):
-        super().__init__(sp, cfg)
-        self._forbid(ulysses=cfg.ulysses, ring=cfg.ring, chunks=cfg.chunks, offload=cfg.offload)
+    @classmethod
+    def _resolve(cls, cfg, size, kind):
         rpn = cfg.options.get("ranks_per_node")
-        if rpn is not None and (not isinstance(rpn, int) or rpn < 1):
+        if rpn is not None and (isinstance(rpn, bool) or not isinstance(rpn, int) or rpn < 1):
             raise ValueError(f"wallfacer: ranks_per_node must be a positive integer, got {rpn!r}")
-        grid = WallFacerGrid(sp.size, cfg.teams, cfg.options.get("placement", "collectives_intra"))
-        self.grid = grid
+        c = cfg.team_size if cfg.team_size is not None else (2 if size % 4 == 0 else 1)
+        grid = WallFacerGrid(size, c, cfg.options.get("placement", "collectives_intra"))
+        layout = TokenLayout(kind, outer=grid.team_count, inner=grid.team_size)
+        return cls._settings(cfg, size, layout, team_size=grid.team_size)
+
+    def __init__(self, settings, mesh, comm, stats):
+        super().__init__(settings, mesh, comm, stats)
+        grid = self.grid = WallFacerGrid(settings.size, settings.team_size,
+                                         settings.option("placement", "collectives_intra"))
         self._logical = grid.logical()
-        team_group = sp.mesh.partition([grid.team_members(t) for t in range(grid.teams)])
-        team_comm = Comm(team_group, sp.stats)
-        team, member = grid.coords(sp.rank)
-        if _to_group_ranks(team_comm, sp.mesh.global_ranks, grid.team_members(team)) != list(range(grid.team_size)):
+        team_comm = Comm(mesh.partition([grid.team_members(t) for t in range(grid.team_count)]), stats)
+        team, member = grid.coords(mesh.rank)
+        if _to_group_ranks(team_comm, mesh.global_ranks, grid.team_members(team)) != list(range(grid.team_size)):
             raise RuntimeError("wallfacer: team group ranks are not in member order")  # all_gather order
         ring_ranks = grid.subring_members(team, member)
-        plan_rings = [sp.comm.ring(tag=tag, ranks=ring_ranks) for tag in (0, 1)]
-        self.plan = WallFacerPlan(grid, team_comm, sp.comm, *plan_rings)
-        self._topology = self._topology_info(_node_ids(sp.mesh, rpn), rpn)
+        plan_rings = [comm.ring(tag=tag, ranks=ring_ranks) for tag in (0, 1)]
+        self.plan = WallFacerPlan(grid, team_comm, comm, *plan_rings)
+        rpn = settings.option("ranks_per_node")
+        self._topology = self._topology_info(_node_ids(mesh, rpn), rpn)
 
     def _topology_info(self, node: list[Any], rpn: int | None) -> dict[str, Any]:
         grid = self.grid
-        teams = [grid.team_members(t) for t in range(grid.teams)]
-        rings = [grid.subring_members(t, a) for t in range(0, grid.teams, grid.ring_len)
+        teams = [grid.team_members(t) for t in range(grid.team_count)]
+        rings = [grid.subring_members(t, a) for t in range(0, grid.team_count, grid.ring_len)
                  for a in range(grid.team_size)]
-        return {"ranks_per_node": rpn if rpn is not None else len([x for x in node if x == node[self.sp.rank]]),
+        return {"ranks_per_node": rpn if rpn is not None else len([x for x in node if x == node[self.mesh.rank]]),
                 "collectives_intra_node": _same_node(node, teams), "rings_intra_node": _same_node(node, rings)}
-
-    @property
-    def layout(self):
-        return TokenLayout(self.cfg.layout, outer=self.grid.teams, inner=self.grid.team_size)
 
     def layout_ranks(self) -> list[int]:
         return list(self._logical)
 
     def describe(self):
         g = self.grid
-        return {**super().describe(), "teams": g.team_size, "team_count": g.teams, "subring": g.ring_len,
+        return {**super().describe(), "team_size": g.team_size, "team_count": g.team_count, "subring": g.ring_len,
                 "placement": g.placement, **self._topology}
 
-    def attention(self, q, k, v, causal, scale, need_lse):
-        return WallFacerAttention.apply(q, k, v, self.plan, self.cfg.layout, causal, scale, self.sp.kernel)
+    def attention(self, q, k, v, causal, scale, need_lse, kernel):
+        return WallFacerAttention.apply(q, k, v, WallFacerCall(self.plan, self.layout, causal, scale, kernel))

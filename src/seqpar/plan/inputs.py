@@ -179,17 +179,18 @@ class Config:
     layout: str = "contiguous"
     ulysses: int = 1
     ring: int | None = None
-    teams: int = 1
+    team_size: int = 1
     chunks: int = 1
     offload: bool = False
     placement: str | None = None
 
     def init_kwargs(self, ranks_per_node: int | None = None) -> dict:
+        """Arguments of `seqpar.init` / `seqpar.resolve` for this candidate."""
         kw: dict = {"layout": self.layout}
         if self.strategy == "usp":
             kw.update(ulysses=self.ulysses, ring=self.ring)
-        if self.teams > 1:
-            kw["teams"] = self.teams
+        if self.team_size > 1:
+            kw["team_size"] = self.team_size
         if self.chunks > 1:
             kw["chunks"] = self.chunks
         if self.offload:
@@ -206,7 +207,7 @@ class Config:
         if self.strategy == "usp":
             parts.append(f"u{self.ulysses}xr{self.ring}")
         if self.strategy == "wallfacer":
-            parts.append(f"C={self.teams} {self.placement}")
+            parts.append(f"C={self.team_size} {self.placement}")
         if self.chunks > 1 or self.offload:
             parts.append(f"chunks={self.chunks}" + (" offload" if self.offload else ""))
         parts.append(self.layout)

@@ -66,7 +66,7 @@ def wallfacer_memory(inp: PlanInput, cfg: Config) -> tuple[float, float]:
     """Saved: the team's q (C*n rows), the placed team K/V and the team LSE; backward peak:
     gathered dO and O of the team plus ring_backward's buffers on C*n-token blocks."""
     m, b, e = inp.model, inp.batch, inp.itemsize
-    team_tokens = cfg.teams * inp.tokens_per_rank
+    team_tokens = cfg.team_size * inp.tokens_per_rank
     saved = b * team_tokens * (m.hidden + 2 * m.kv_dim) * e + _lse_bytes(inp, m.heads, team_tokens)
     peak = 2 * b * team_tokens * m.hidden * e + _ring_buffers(inp, team_tokens, m.heads, m.kv_heads)
     return saved, peak

@@ -34,21 +34,21 @@ def usp_groups(world: int, ulysses: int, rank: int) -> tuple[tuple[int, ...], tu
 
 
 def wallfacer_grid(inp: PlanInput, cfg: Config):
-    return _grid(inp.world, cfg.teams, cfg.placement or "collectives_intra")
+    return _grid(inp.world, cfg.team_size, cfg.placement or "collectives_intra")
 
 
 @lru_cache(maxsize=64)
-def _grid(world: int, teams: int, placement: str):
+def _grid(world: int, team_size: int, placement: str):
     from ..attention.wallfacer import WallFacerGrid
-    return WallFacerGrid(world, teams, placement)
+    return WallFacerGrid(world, team_size, placement)
 
 
 @lru_cache(maxsize=64)
 def _grid_ranks(grid) -> list[tuple[int, int, tuple[int, ...], tuple[int, ...]]]:
     """(team, member, team group, sub-ring) of every physical rank, computed once per grid."""
-    teams = [tuple(grid.team_members(t)) for t in range(grid.teams)]
+    teams = [tuple(grid.team_members(t)) for t in range(grid.team_count)]
     rings = {(t - t % grid.ring_len, a): tuple(grid.subring_members(t, a))
-             for t in range(0, grid.teams, grid.ring_len) for a in range(grid.team_size)}
+             for t in range(0, grid.team_count, grid.ring_len) for a in range(grid.team_size)}
     out = []
     for logical in grid.logical():
         t, a = divmod(logical, grid.team_size)
@@ -158,7 +158,7 @@ def wallfacer_schedule(inp: PlanInput, cfg: Config, rank: int) -> list[Stage]:
     partial LSEs + reduce-scatter of the weighted outputs. Backward: team all-gather of dO and
     O; ring backward on the sub-ring; reduce-scatter of dQ; reverse placement of dK/dV (P2P);
     reduce-scatter of dK/dV."""
-    m, b, n, c = inp.model, inp.batch, inp.tokens_per_rank, cfg.teams
+    m, b, n, c = inp.model, inp.batch, inp.tokens_per_rank, cfg.team_size
     grid = wallfacer_grid(inp, cfg)
     t, a, team, ring = _grid_ranks(grid)[rank]
     dst = grid.physical(*grid.placement_target(t, a))
@@ -179,8 +179,8 @@ def wallfacer_schedule(inp: PlanInput, cfg: Config, rank: int) -> list[Stage]:
 
 def _wallfacer_loops(inp: PlanInput, cfg: Config, ring: tuple[int, ...]) -> list[RingLoop]:
     """ring_forward / ring_backward on the sub-ring (no sends when it has one rank)."""
-    m, team_tokens = inp.model, cfg.teams * inp.tokens_per_rank
-    pairs = wallfacer_step_pairs(cfg.layout, inp.causal, inp.world, cfg.teams, team_tokens)
+    m, team_tokens = inp.model, cfg.team_size * inp.tokens_per_rank
+    pairs = wallfacer_step_pairs(cfg.layout, inp.causal, inp.world, cfg.team_size, team_tokens)
     block = 2 * inp.batch * team_tokens * m.kv_dim
     fwd, bwd = loop_steps(inp, m.heads, pairs, block, len(ring) > 1)
     return [RingLoop(ring, "fwd", fwd), RingLoop(ring, "bwd", bwd)]

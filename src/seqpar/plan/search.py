@@ -29,20 +29,19 @@ STRATEGY_ORDER = ("ring", "ulysses", "usp", "allgather", "lss", "fpdt", "wallfac
 @dataclass(frozen=True)
 class StrategyModel:
     schedule: Callable[[PlanInput, Config, int], list[Stage]]
-    check: Callable[[PlanInput, Config], None]
     #: attention memory beyond the layer's own q/k/v/out: (saved per layer, peak working set), bytes
     memory: Callable[[PlanInput, Config], tuple[float, float]]
 
 
 STRATEGY_MODELS: dict[str, StrategyModel] = {
-    "ring": StrategyModel(sched.ring_schedule, val.check_ring, mem.ring_memory),
-    "ulysses": StrategyModel(sched.ulysses_schedule, val.check_ulysses, mem.ulysses_memory),
-    "usp": StrategyModel(sched.usp_schedule, val.check_usp, mem.usp_memory),
-    "allgather": StrategyModel(sched.allgather_schedule, val.check_ring, mem.allgather_memory),
-    "wallfacer": StrategyModel(sched.wallfacer_schedule, val.check_wallfacer, mem.wallfacer_memory),
-    "fpdt": StrategyModel(sched.fpdt_schedule, val.check_fpdt, mem.fpdt_memory),
+    "ring": StrategyModel(sched.ring_schedule, mem.ring_memory),
+    "ulysses": StrategyModel(sched.ulysses_schedule, mem.ulysses_memory),
+    "usp": StrategyModel(sched.usp_schedule, mem.usp_memory),
+    "allgather": StrategyModel(sched.allgather_schedule, mem.allgather_memory),
+    "wallfacer": StrategyModel(sched.wallfacer_schedule, mem.wallfacer_memory),
+    "fpdt": StrategyModel(sched.fpdt_schedule, mem.fpdt_memory),
     # attention/lss.py is AllGatherStrategy restricted to segment layouts
-    "lss": StrategyModel(sched.allgather_schedule, val.check_lss, mem.allgather_memory),
+    "lss": StrategyModel(sched.allgather_schedule, mem.allgather_memory),
 }
 
 
@@ -55,7 +54,7 @@ def _strategy_model(name: str) -> StrategyModel:
 def attention_schedule(inp: PlanInput, cfg: Config, rank: int = 0) -> list[Stage]:
     """The stages of one attention layer (fwd + bwd) on `rank`; raises ValueError if invalid."""
     model = _strategy_model(cfg.strategy)
-    model.check(inp, cfg)
+    val.check(inp, cfg)
     return model.schedule(inp, cfg, rank)
 
 
@@ -126,10 +125,10 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _placements(world: int, teams: int) -> tuple[str, ...]:
+def _placements(world: int, team_size: int) -> tuple[str, ...]:
     """WallFacer placements worth comparing: with C^2 = P the sub-rings have one rank and both
     placements are the same rank mapping."""
-    return ("collectives_intra",) if teams * teams == world else ("collectives_intra", "rings_intra")
+    return ("collectives_intra",) if team_size * team_size == world else ("collectives_intra", "rings_intra")
 
 
 def candidate_configs(inp: PlanInput, strategies: list[str] | None = None) -> list[Config]:
@@ -146,7 +145,7 @@ def candidate_configs(inp: PlanInput, strategies: list[str] | None = None) -> li
         elif name == "usp":
             out += [Config("usp", lay, ulysses=u, ring=p // u) for u in _divisors(p)[1:-1] for lay in layouts]
         elif name == "wallfacer":
-            out += [Config("wallfacer", lay, teams=c, placement=pl) for c in _divisors(p)[1:] if p % (c * c) == 0
+            out += [Config("wallfacer", lay, team_size=c, placement=pl) for c in _divisors(p)[1:] if p % (c * c) == 0
                     for pl in _placements(p, c) for lay in layouts]
         elif name == "fpdt":
             out += [Config("fpdt", "contiguous", chunks=u, offload=off) for u in (1, 2, 4, 8) for off in (False, True)]
@@ -168,7 +167,7 @@ def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
     """Predict step time, bytes and memory of one configuration (invalid -> valid=False + reason)."""
     model = _strategy_model(cfg.strategy)
     try:
-        model.check(inp, cfg)
+        val.check(inp, cfg)
         schedules = [model.schedule(inp, cfg, r) for r in range(inp.world)]
         memory = mem.memory_estimate(inp, model.memory(inp, cfg))
     except ValueError as e:

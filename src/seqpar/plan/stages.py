@@ -240,10 +240,10 @@ def all_pairs_busiest(kind: str, causal: bool, size: int, n_local: int) -> int:
 
 
 @lru_cache(maxsize=None)
-def wallfacer_step_pairs(kind: str, causal: bool, world: int, teams: int, team_tokens: int) -> tuple[int, ...]:
+def wallfacer_step_pairs(kind: str, causal: bool, world: int, team_size: int, team_tokens: int) -> tuple[int, ...]:
     """Pairs of the busiest rank at each sub-ring step (team-level block rules, C*n-token blocks)."""
     from ..attention.wallfacer import WallFacerGrid
-    grid = WallFacerGrid(world, teams)
+    grid = WallFacerGrid(world, team_size)
     cls = block_class_pairs(kind, causal, team_tokens)
-    return tuple(max(cls[k] for k in {_order(t, grid.kv_team(t, a, s)) for t in range(grid.teams)
-                                      for a in range(teams)}) for s in range(grid.ring_len))
+    return tuple(max(cls[k] for k in {_order(t, grid.kv_team(t, a, s)) for t in range(grid.team_count)
+                                      for a in range(team_size)}) for s in range(grid.ring_len))

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 import seqpar
+from seqpar.attention import get_strategy
 from seqpar.data import SequenceLoader, shard_batch
 from seqpar.model import IGNORE_INDEX, DiTBlock, ModelConfig, Transformer
 from seqpar.parallel import ParallelMesh, average_gradients
@@ -27,7 +28,7 @@ STRATEGY_CASES = [
     ("ulysses", {}),
     ("usp", {"ulysses": 2, "layout": "zigzag"}),
     ("allgather", {"layout": "striped"}),
-    ("wallfacer", {"teams": 2, "layout": "zigzag"}),
+    ("wallfacer", {"team_size": 2, "layout": "zigzag"}),
     ("lss", {}),
     ("fpdt", {"chunks": 2}),
 ]
@@ -36,7 +37,7 @@ TINY_MODEL = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
 
 def grad_mode(strategy: str) -> str:
     """Gradient averaging the trainer uses: LSS's double averaging, flat otherwise."""
-    return "double" if strategy == "lss" else "flat"
+    return "double" if get_strategy(strategy).double_grad_averaging else "flat"
 
 
 def transformer_step(strategy: str, init_kwargs: dict[str, Any] | None = None, *, model: dict | None = None,

@@ -39,7 +39,7 @@ def same_as_ring(layout: str = "zigzag", *, causal: bool = True, seq: int = 32, 
                  kv_heads: int = 2, head_dim: int = 8, seed: int = 0) -> dict[str, Any]:
     """WallFacer with teams=1 vs ring attention on the same fp64 inputs: bitwise equal results?"""
     results = {}
-    for name, kwargs in (("wallfacer", {"teams": 1}), ("ring", {})):
+    for name, kwargs in (("wallfacer", {"team_size": 1}), ("ring", {})):
         ctx = seqpar.init(name, layout=layout, **kwargs)
         q, k, v, dout = (ctx.shard(t) for t in make_inputs(2, seq, heads, kv_heads, head_dim, torch.float64, seed))
         q, k, v = (t.clone().requires_grad_() for t in (q, k, v))

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -14,8 +15,9 @@ from typing import Any
 
 import torch
 
-from ..attention import STRATEGIES
-from ..layout import LAYOUTS
+from ..attention import STRATEGIES, Settings
+from ..context import resolve
+from ..kernels import check_kernel_name
 from ..model import ModelConfig
 
 __all__ = ["TrainConfig", "DTYPES", "load_config", "build_config", "config_from_args", "add_arguments"]
@@ -74,8 +76,9 @@ class TrainConfig:
     strategy: str = _opt("wallfacer", "attention strategy: local ring ulysses usp allgather wallfacer lss fpdt")
     ulysses: int = _opt(0, "Ulysses degree (usp); 0: the strategy's default")
     ring: int = _opt(0, "ring degree (usp); 0: the strategy's default")
-    teams: int = _opt(0, "WallFacer team size C; 0: 2 for wallfacer when sp % 4 == 0")
-    layout: str = _opt("zigzag", "token layout: contiguous | zigzag | striped")
+    team_size: int = _opt(0, "WallFacer team size C (--teams: deprecated alias); 0: the strategy's default "
+                             "(2 when 4 divides sp)")
+    layout: str = _opt("", "token layout: contiguous | zigzag | striped; empty: the strategy's default")
     chunks: int = _opt(1, "FPDT sequence chunks")
     offload: bool = _opt(False, "FPDT host offload of K/V chunks")
     kernel: str = _opt("auto", "block attention kernel")
@@ -106,18 +109,12 @@ class TrainConfig:
     def sp_size(self, world: int) -> int:
         return self.sp or world // self.dp
 
-    def strategy_kwargs(self, sp: int) -> dict[str, Any]:
-        """Keyword arguments of seqpar.init for this strategy (0 = leave the strategy's default)."""
-        kwargs: dict[str, Any] = {"layout": self.layout, "kernel": self.kernel, **self.strategy_options}
-        teams = self.teams or (2 if self.strategy == "wallfacer" and sp % 4 == 0 else 0)
-        for name, value in (("ulysses", self.ulysses), ("ring", self.ring), ("teams", teams)):
-            if value:
-                kwargs[name] = value
-        if self.chunks != 1:
-            kwargs["chunks"] = self.chunks
-        if self.offload:
-            kwargs["offload"] = True
-        return kwargs
+    def strategy_settings(self, world: int) -> Settings:
+        """The attention strategy's settings on this run's sp group, resolved by the strategy
+        itself (`seqpar.resolve`: what seqpar.init accepts; 0 / empty = the strategy's default)."""
+        given = {"layout": self.layout or None, "ulysses": self.ulysses or None, "ring": self.ring or None,
+                 "team_size": self.team_size or None, "chunks": self.chunks, "offload": self.offload}
+        return resolve(self.strategy, self.sp_size(world), **given, **self.strategy_options)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -134,12 +131,12 @@ class TrainConfig:
         self.model_config()  # model shape errors
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("strategy", self.strategy, STRATEGIES)
-        _check_choice("layout", self.layout, LAYOUTS)
+        check_kernel_name(self.kernel)
         _check_choice("nonfinite", self.nonfinite, NONFINITE)
         for name in ("seq_len", "batch", "steps", "nproc", "dp", "chunks", "log_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("sp", "ulysses", "ring", "teams", "warmup", "eval_every", "checkpoint_every",
+        for name in ("sp", "ulysses", "ring", "team_size", "warmup", "eval_every", "checkpoint_every",
                      "keep_checkpoints", "corpus_bytes", "max_skips"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -167,12 +164,11 @@ class TrainConfig:
         if sp < 1 or self.dp * sp != world:
             raise ValueError(f"dp ({self.dp}) x sp ({self.sp or 'auto'}) must equal the number of processes "
                              f"({world})")
-        if self.strategy == "local" and sp != 1:
-            raise ValueError(f"strategy 'local' needs sp = 1, got sp = {sp}; pick a sequence-parallel strategy")
-        granularity = sp * self.chunks * (2 if self.layout == "zigzag" else 1)
-        if self.seq_len % granularity:
-            raise ValueError(f"seq_len {self.seq_len} must be a multiple of {granularity} (sp {sp} x chunks "
-                             f"{self.chunks}" + (" x 2 for zigzag" if self.layout == "zigzag" else "") + ")")
+        layout = self.strategy_settings(world).layout
+        try:
+            layout.check(self.seq_len)
+        except ValueError as e:
+            raise ValueError(f"seq_len {self.seq_len} must be a multiple of {layout.granularity()}: {e}") from None
 
 
 def _check_choice(name: str, value: str, choices) -> None:
@@ -199,9 +195,16 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     return value
 
 
+_DEPRECATED = {"teams": "team_size"}  # old key -> field (kept one release, with a warning)
+
+
 def _flatten(raw: dict[str, Any], source: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in raw.items():
+        if key in _DEPRECATED:
+            warnings.warn(f"{source}: '{key}' is deprecated, use '{_DEPRECATED[key]}'", DeprecationWarning,
+                          stacklevel=2)
+            key = _DEPRECATED[key]
         if isinstance(value, dict) and key in SECTIONS:
             flat.update(_flatten(value, f"{source} [{key}]"))
         elif key in _FIELDS:
@@ -270,7 +273,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
         else:
-            parser.add_argument(flag, dest=name, type=kind, default=None, metavar=kind.__name__.upper(),
+            aliases = ["--" + old for old, new in _DEPRECATED.items() if new == name]
+            parser.add_argument(flag, *aliases, dest=name, type=kind, default=None, metavar=kind.__name__.upper(),
                                 help=help_text)
 
 

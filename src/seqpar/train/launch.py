@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ..attention.ulysses import kv_replication
 from ..checkpoint import read_meta, resolve_checkpoint
 from ..data import open_tokens, split_tokens, stdlib_corpus
 from ..kernels import get_kernel
@@ -52,33 +53,13 @@ def check_out_dir(out_dir: str) -> None:
         raise ValueError(f"--out-dir {out_dir!r} is not writable")
 
 
-def _ulysses_degree(strategy: str, kwargs: dict[str, Any], sp: int) -> int:
-    """The all-to-all degree heads are split over (0 if none, or if the worker's own check decides):
-    ulysses and fpdt use the whole group; usp resolves its degrees as UspStrategy does."""
-    if strategy in ("ulysses", "fpdt"):
-        return sp
-    if strategy != "usp":
-        return 0
-    ud, rd = kwargs.get("ulysses", 1), kwargs.get("ring")
-    if rd is None:
-        rd = sp // ud if ud else 0
-    elif ud == 1 and sp % rd == 0:
-        ud = sp // rd
-    return ud if ud >= 1 and ud * rd == sp else 0
-
-
 def check_strategy(cfg: TrainConfig, world: int, device: str = "cpu") -> None:
-    """Checks seqpar.init and the first attention call would make inside the workers, run here on
-    plain values with the same code: WallFacer's team grid, the Ulysses head split, the kernel."""
-    sp = cfg.sp_size(world)
-    kwargs = cfg.strategy_kwargs(sp)
-    if cfg.strategy == "wallfacer":
-        from ..attention.wallfacer import WallFacerGrid
-        WallFacerGrid(sp, kwargs.get("teams", 1), kwargs.get("placement", "collectives_intra"))
-    degree = _ulysses_degree(cfg.strategy, kwargs, sp)
-    if degree > 1:
-        from ..attention.ulysses import kv_replication
-        kv_replication(cfg.n_heads, cfg.n_kv_heads, degree)
+    """What the first attention call would check inside the workers, run here with the same code:
+    the Ulysses head split of the strategy's resolved settings, and the kernel for the run's dtype
+    (`cfg.validate` already resolved the strategy's options, degrees and layout)."""
+    settings = cfg.strategy_settings(world)
+    if settings.ulysses > 1:
+        kv_replication(cfg.n_heads, cfg.n_kv_heads, settings.ulysses)
     if cfg.kernel != "auto":  # attention runs in the autocast dtype (bf16) or the parameter dtype
         get_kernel(cfg.kernel, device, DTYPES[cfg.dtype])
 

@@ -98,8 +98,9 @@ class Trainer:
         self.rank = dist.get_rank(group)
         self.device = _device_for(group)
         self.mesh = ParallelMesh(cfg.sp_size(world), group)
-        self.ctx = seqpar.init(cfg.strategy, group=self.mesh.sp_group, stats=self.mesh.stats,
-                               **cfg.strategy_kwargs(self.mesh.sp))
+        self.settings = cfg.strategy_settings(world)
+        self.ctx = seqpar.init(cfg.strategy, group=self.mesh.sp_group, stats=self.mesh.stats, kernel=cfg.kernel,
+                               **self.settings.init_kwargs())
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model_cfg = cfg.model_config()
         param_dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
@@ -158,7 +159,6 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
-        self.ctx.check_inputs = False  # shapes never change: verified across ranks on the first step
         self.step += 1
         record = self._record(loss, lr, grad_norm, seconds, skipped=not finite)
         self._nonfinite_skips = 0 if finite else getattr(self, "_nonfinite_skips", 0) + 1
@@ -185,7 +185,7 @@ class Trainer:
             self.mesh.stats.record("fsdp_all_gather_est", 2 * vol, 2 * vol)  # forward + backward re-gather
             self.mesh.stats.record("fsdp_reduce_scatter_est", vol, vol)
             return
-        mode = "double" if self.cfg.strategy == "lss" else "flat"
+        mode = "double" if self.ctx.strategy.double_grad_averaging else "flat"
         average_gradients(self.model.parameters(), self.mesh, mode=mode)
 
     def _clip(self) -> float:
