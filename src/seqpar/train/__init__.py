@@ -5,6 +5,9 @@
     seqpar train --strategy usp --ulysses 2 --layout zigzag --data enwik8
     torchrun --nproc-per-node 8 -m seqpar train --config my.toml   # cluster: NCCL on GPUs
 
+The NCCL/GPU path is written against the same interfaces but has never been run in this
+project (no GPU was available); torchrun on CPU (gloo), one or several agents, is tested.
+
 Configuration: defaults < config file (TOML or YAML; flat keys or [model]/[data]/[optim]/
 [parallel]/[output] tables) < command-line flags. `train(cfg, group)` is the training loop
 on an already-initialised process group (what the launchers and the tests call).
