@@ -256,9 +256,10 @@ def test_timeout_flags_are_validated():
 
 # -- item 10: one run per output directory ------------------------------------------------------------------
 def test_concurrent_run_into_the_same_out_dir_is_refused(sigterm_run, import_seconds):
-    """Refused before anything is spawned: as fast as the import (which the running first run slows)."""
+    """Refused before anything is spawned: about the import time, while the first run's two
+    workers hold both cores (the bound allows for that contention)."""
     second = sigterm_run["second"]
-    assert second.returncode == 2 and sigterm_run["second_seconds"] < max(5.0, 2 * import_seconds)
+    assert second.returncode == 2 and sigterm_run["second_seconds"] < max(10.0, 3 * import_seconds)
     (line,) = second.stderr.strip().splitlines()
     assert "is in use by pid" in line and socket.gethostname() in line and "seqpar.lock" in line
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
-__all__ = ["ProcessWorld", "WorldPool", "WorkerError"]
+__all__ = ["ProcessWorld", "WorldPool", "WorkerError", "start_ranks", "init_local_gloo"]
 
 
 class WorkerError(RuntimeError):
@@ -36,14 +36,33 @@ class WorkerError(RuntimeError):
         return self.errors[min(self.errors)].strip().splitlines()[-1]
 
 
-def _worker(rank: int, size: int, init_file: str, tasks, results, threads: int, pg_timeout: float) -> None:
+def start_ranks(target: Callable[..., None], size: int, args_of: Callable[[int], tuple], *,
+                daemon: bool = False, name: str = "seqpar-rank") -> list:
+    """Start `size` spawn-context processes running target(*args_of(rank)), one per rank: the one
+    way seqpar starts local workers (ProcessWorld for tests / verify / plan --profile, and
+    `seqpar train`'s local launcher)."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=args_of(r), name=f"{name}{r}", daemon=daemon) for r in range(size)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def init_local_gloo(rank: int, size: int, init_file: str, timeout_s: float, threads: int = 1) -> None:
+    """In a worker: `threads` torch threads and a gloo process group over loopback (file:// rendezvous)."""
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size,
-                            timeout=datetime.timedelta(seconds=pg_timeout))
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _worker(rank: int, size: int, init_file: str, tasks, results, threads: int, pg_timeout: float) -> None:
+    import torch.distributed as dist
+
+    init_local_gloo(rank, size, init_file, pg_timeout, threads)
     results.put(("ready", rank, None))
     while True:
         item = tasks.get()
@@ -67,11 +86,8 @@ class ProcessWorld:
         init_file = os.path.join(self._dir, "init")
         self._tasks = [ctx.Queue() for _ in range(size)]
         self._results = ctx.Queue()
-        self._procs = [ctx.Process(target=_worker, args=(r, size, init_file, self._tasks[r], self._results,
-                                                         threads, pg_timeout), daemon=True)
-                       for r in range(size)]
-        for p in self._procs:
-            p.start()
+        self._procs = start_ranks(_worker, size, lambda r: (r, size, init_file, self._tasks[r], self._results,
+                                                            threads, pg_timeout), daemon=True, name="seqpar-world")
         self._next_id = 0
         self._collect("ready")
 

@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ..attention.ulysses import kv_replication
 from ..checkpoint import read_meta, resolve_checkpoint
 from ..data import open_tokens, split_tokens, stdlib_corpus
 from ..kernels import get_kernel
+from ..world import init_local_gloo, start_ranks
 from . import control
 from .config import DTYPES, TrainConfig, config_from_args
 from .trainer import lr_at, train
@@ -120,11 +120,8 @@ def _local_worker(rank: int, world: int, control_dir: str, cfg_dict: dict[str, A
     control.install_stop_handlers()
     cfg = TrainConfig(**cfg_dict)
     control.start_heartbeat(control_dir, rank, min(1.0, control.stall_limit(cfg) / 5), parent_pid)
-    torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
-        dist.init_process_group("gloo", init_method=f"file://{control_dir}/init", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=cfg.timeout))
+        init_local_gloo(rank, world, f"{control_dir}/init", cfg.timeout)
         train(cfg)
     except control.TrainingStopped as stop:
         if rank == 0:
@@ -173,13 +170,10 @@ def launch_local(cfg: TrainConfig, signals: control.SignalCatcher | None = None)
     with contextlib.ExitStack() as stack:
         signals = signals or stack.enter_context(control.SignalCatcher())
         control_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="seqpar-train-"))
-        spawn = mp.get_context("spawn")
-        procs = [spawn.Process(target=_local_worker, name=f"seqpar-rank{rank}",
-                               args=(rank, cfg.nproc, control_dir, cfg.to_dict(), os.getpid()))
-                 for rank in range(cfg.nproc)]
+        procs = []
         try:
-            for p in procs:
-                p.start()
+            procs += start_ranks(_local_worker, cfg.nproc,
+                                 lambda rank: (rank, cfg.nproc, control_dir, cfg.to_dict(), os.getpid()))
             outcome = control.supervise(procs, control_dir, signals, stall=control.stall_limit(cfg),
                                         startup_limit=cfg.timeout, stop_grace=cfg.stop_grace)
         finally:
