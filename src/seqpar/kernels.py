@@ -18,6 +18,7 @@ then call the kernel's `block_forward` / `block_backward`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor
 __all__ = [
     "BlockKernel", "MathKernel", "CpuFlashKernel", "SdpaFlashKernel", "SdpaEfficientKernel",
     "FlashAttnKernel", "get_kernel", "available_kernels", "accum_dtype", "LseAccumulator",
-    "merge_lse", "default_scale", "check_kernel_name",
+    "merge_lse", "default_scale", "check_kernel_name", "FlopStats", "CountingKernel",
 ]
 
 
@@ -337,10 +338,67 @@ class LseAccumulator:
         self.out = torch.zeros(b, s, h, d, dtype=acc, device=q.device)
         self.lse = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
 
-    def add(self, out: Tensor, lse: Tensor, rows: slice = slice(None)) -> None:
-        o, l_ = merge_lse(self.out[:, rows], self.lse[:, :, rows], out.to(self.out.dtype), lse.to(self.lse.dtype))
-        self.out[:, rows] = o
-        self.lse[:, :, rows] = l_
+    def add(self, out: Tensor, lse: Tensor, rows: slice = slice(None), batch: slice = slice(None)) -> None:
+        o, l_ = merge_lse(self.out[batch, rows], self.lse[batch, :, rows], out.to(self.out.dtype),
+                          lse.to(self.lse.dtype))
+        self.out[batch, rows] = o
+        self.lse[batch, :, rows] = l_
 
     def result(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return self.out.to(dtype), self.lse
+
+
+@dataclass
+class FlopStats:
+    """Attention work computed by one rank's kernels since the last reset.
+
+    pairs: (query, key) scores computed, summed over batch and heads (a causal square of
+    L rows counts L(L+1)/2); flops: 4 * head_dim per pair forward (QK^T and PV), 8 per
+    pair backward (dQ, dK, dV and dP; the softmax recompute is not counted).
+    """
+
+    forward_pairs: int = 0
+    backward_pairs: int = 0
+    forward_flops: int = 0
+    backward_flops: int = 0
+    blocks: int = 0
+
+    def record(self, q: Tensor, k: Tensor, causal: bool, backward: bool) -> None:
+        b, sq, h, d = q.shape
+        pairs = b * h * (sq * (sq + 1) // 2 if causal else sq * k.shape[1])
+        if backward:
+            self.backward_pairs += pairs
+            self.backward_flops += 8 * d * pairs
+        else:
+            self.forward_pairs += pairs
+            self.forward_flops += 4 * d * pairs
+        self.blocks += 1
+
+    def snapshot(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def reset(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, 0)
+
+
+class CountingKernel(BlockKernel):
+    """Any kernel, with every block it computes counted in a FlopStats."""
+
+    def __init__(self, inner: BlockKernel, stats: FlopStats):
+        self.inner, self.stats = inner, stats
+        self.name = inner.name
+
+    def supports(self, device, dtype):
+        return self.inner.supports(device, dtype)
+
+    def forward(self, q, k, v, causal, scale):
+        self.stats.record(q, k, causal, backward=False)
+        return self.inner.forward(q, k, v, causal, scale)
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        self.stats.record(q, k, causal, backward=True)
+        return self.inner.backward(dout, q, k, v, out, lse, causal, scale)
+
+    def __repr__(self) -> str:
+        return repr(self.inner)

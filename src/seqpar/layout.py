@@ -25,9 +25,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .documents import DocMask
 
 __all__ = ["LAYOUTS", "TokenLayout", "block_pairs"]
 
@@ -105,9 +109,14 @@ class TokenLayout:
             return x.narrow(dim, int(idx[0]), idx.numel())
         return x.index_select(dim, idx)
 
-    def block_pairs(self, causal: bool, q_rank: int, kv_rank: int, n_local: int) -> list["Pair"]:
-        """This layout's causal block rule (see `block_pairs`) for outer ranks q_rank, kv_rank."""
-        return block_pairs(self.kind, causal, q_rank, kv_rank, n_local)
+    def block_pairs(self, causal: bool, q_rank: int, kv_rank: int, n_local: int,
+                    mask: "DocMask | None" = None) -> list:
+        """Blocks for outer ranks q_rank, kv_rank holding n_local tokens each: this layout's causal
+        rule (see `block_pairs`), or with a document mask its sub-blocks (`DocMask.pairs`)."""
+        if mask is None:
+            return block_pairs(self.kind, causal, q_rank, kv_rank, n_local)
+        n = n_local * self.outer
+        return mask.pairs(self.outer_indices(n, q_rank), self.outer_indices(n, kv_rank), key=(q_rank, kv_rank))
 
     def unpermute(self, gathered: Tensor, dim: int = 1) -> Tensor:
         """Inverse of sharding: `gathered` is every rank's shard concatenated along dim in rank

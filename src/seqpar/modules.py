@@ -31,9 +31,11 @@ class SequenceParallelAttention(nn.Module):
         super().__init__()
         self.ctx = ctx
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None) -> Tensor:
-        """q [b, s_local, h, d], k/v [b, s_local, hkv, d] -> out [b, s_local, h, d]."""
-        return self.ctx.attention(q, k, v, causal=causal, scale=scale)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
+                cu_seqlens=None) -> Tensor:
+        """q [b, s_local, h, d], k/v [b, s_local, hkv, d] -> out [b, s_local, h, d]; cu_seqlens:
+        global document boundaries (see `SeqParallel.attention`)."""
+        return self.ctx.attention(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.ctx.strategy.describe().items())

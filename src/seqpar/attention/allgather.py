@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..comm import Comm
+from ..documents import DocMask
 from ..kernels import BlockKernel, LseAccumulator
 from ..layout import TokenLayout
 from . import register
@@ -24,9 +25,10 @@ class AllGatherCall:
     causal: bool
     scale: float
     kernel: BlockKernel
+    mask: DocMask | None = None
 
     def blocks(self, src: int, n_local: int):
-        return self.layout.block_pairs(self.causal, self.comm.rank, src, n_local)
+        return self.layout.block_pairs(self.causal, self.comm.rank, src, n_local, self.mask)
 
 
 class AllGatherAttention(torch.autograd.Function):
@@ -64,5 +66,5 @@ class AllGatherStrategy(Strategy):
     def _resolve(cls, cfg, size, kind):
         return cls._settings(cfg, size, TokenLayout(kind, outer=size))
 
-    def attention(self, q, k, v, causal, scale, need_lse, kernel):
-        return AllGatherAttention.apply(q, k, v, AllGatherCall(self.comm, self.layout, causal, scale, kernel))
+    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
+        return AllGatherAttention.apply(q, k, v, AllGatherCall(self.comm, self.layout, causal, scale, kernel, mask))

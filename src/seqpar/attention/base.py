@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..comm import Comm, CommStats
 from ..kernels import BlockKernel, LseAccumulator, accum_dtype
+from ..documents import BPair, DocMask
 from ..layout import LAYOUTS, Pair, TokenLayout
 from ..mesh import Mesh
 
@@ -165,9 +166,10 @@ class Strategy:
         self.layout = settings.layout
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, need_lse: bool,
-                  kernel: BlockKernel) -> tuple[Tensor, Tensor | None]:
+                  kernel: BlockKernel, mask: DocMask | None = None) -> tuple[Tensor, Tensor | None]:
         """q [b, s_local, h, d], k/v [b, s_local, hkv, d] -> out [b, s_local, h, d],
-        lse [b, h, s_local] (fp32/fp64) or None when not needed."""
+        lse [b, h, s_local] (fp32/fp64) or None when not needed. `mask`: packed documents
+        (the blocks come from `mask.pairs` instead of the layout's causal rule)."""
         raise NotImplementedError
 
     def layout_ranks(self) -> list[int]:
@@ -178,23 +180,31 @@ class Strategy:
         return {"strategy": self.name, "layout": self.layout.kind}
 
 
-def forward_blocks(acc: LseAccumulator, q: Tensor, k: Tensor, v: Tensor, pairs: list[Pair],
+Block = Pair | BPair  # (q_rows, kv_rows, causal), or with the batch rows first (document masks)
+_ALL = slice(None)
+
+
+def _unpack(pair: Block) -> BPair:
+    return pair if len(pair) == 4 else (_ALL, *pair)
+
+
+def forward_blocks(acc: LseAccumulator, q: Tensor, k: Tensor, v: Tensor, pairs: list[Block],
                    kernel: BlockKernel, scale: float) -> None:
-    """Merge attention of q rows vs k/v rows for each (q_rows, kv_rows, causal) pair."""
-    for q_rows, kv_rows, causal in pairs:
-        out, lse = kernel.forward(q[:, q_rows], k[:, kv_rows], v[:, kv_rows], causal, scale)
-        acc.add(out, lse, q_rows)
+    """Merge attention of q rows vs k/v rows for each ([batch rows,] q_rows, kv_rows, causal) pair."""
+    for b, q_rows, kv_rows, causal in map(_unpack, pairs):
+        out, lse = kernel.forward(q[b, q_rows], k[b, kv_rows], v[b, kv_rows], causal, scale)
+        acc.add(out, lse, q_rows, b)
 
 
 def backward_blocks(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                    out: Tensor, lse: Tensor, pairs: list[Pair], kernel: BlockKernel, scale: float) -> None:
+                    out: Tensor, lse: Tensor, pairs: list[Block], kernel: BlockKernel, scale: float) -> None:
     """Accumulate the block gradients of `pairs` into dq/dk/dv (in place)."""
-    for q_rows, kv_rows, causal in pairs:
-        gq, gk, gv = kernel.backward(dout[:, q_rows], q[:, q_rows], k[:, kv_rows], v[:, kv_rows],
-                                     out[:, q_rows], lse[:, :, q_rows], causal, scale)
-        dq[:, q_rows] += gq
-        dk[:, kv_rows] += gk
-        dv[:, kv_rows] += gv
+    for b, q_rows, kv_rows, causal in map(_unpack, pairs):
+        gq, gk, gv = kernel.backward(dout[b, q_rows], q[b, q_rows], k[b, kv_rows], v[b, kv_rows],
+                                     out[b, q_rows], lse[b, :, q_rows], causal, scale)
+        dq[b, q_rows] += gq
+        dk[b, kv_rows] += gk
+        dv[b, kv_rows] += gv
 
 
 def grad_buffers(like: Tensor, *leading: int) -> Tensor:

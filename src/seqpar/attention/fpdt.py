@@ -28,10 +28,11 @@ import torch
 from torch import Tensor
 
 from ..comm import Comm
+from ..documents import DocMask
 from ..kernels import BlockKernel, LseAccumulator, accum_dtype
 from ..layout import TokenLayout
 from . import register
-from .base import Strategy, positive_int
+from .base import Strategy, backward_blocks, forward_blocks, positive_int
 from .ulysses import kv_replication, scatter_heads
 
 __all__ = ["ChunkStore", "OffloadStats", "FpdtAttention", "FpdtStrategy"]
@@ -199,6 +200,14 @@ class _Plan:
     def diagonal(self, i: int, j: int) -> bool:
         return self.causal and i == j
 
+    def blocks(self, i: int, j: int, mask: DocMask | None) -> list:
+        """Sub-blocks of query chunk i vs K/V chunk j (global chunks of piece * P tokens)."""
+        if mask is None:
+            return [(slice(None), slice(None), self.diagonal(i, j))]
+        size = mask.docs.seq_len // self.chunks  # C = N / u tokens per global chunk
+        pos = lambda c: torch.arange(c * size, (c + 1) * size)  # noqa: E731
+        return mask.pairs(pos(i), pos(j), key=("fpdt", i, j))
+
     def local(self, x: Tensor, j: int, dim: int = 1) -> Tensor:
         """This rank's piece of chunk j of a local tensor (sequence along `dim`)."""
         return x.narrow(dim, j * self.piece, self.piece)
@@ -226,6 +235,7 @@ class _Call:
     kv_rep: int        # K/V head replication for Ulysses (kv_heads < P)
     need_lse: bool
     keep: bool         # keep the chunks for backward
+    mask: DocMask | None = None
 
 
 # -- forward ---------------------------------------------------------------------------------
@@ -244,7 +254,7 @@ def _attend_chunk(i: int, call: _Call, dtype: torch.dtype) -> tuple[Tensor, Tens
     acc = LseAccumulator(qi)
     kv_chunks = plan.kv_for(i)
     for j, (kv,) in zip(kv_chunks, _streamed(store, [(("kv", j),) for j in kv_chunks])):
-        acc.add(*call.kernel.forward(qi, kv[0], kv[1], plan.diagonal(i, j), call.scale))
+        forward_blocks(acc, qi, kv[0], kv[1], plan.blocks(i, j, call.mask), call.kernel, call.scale)
     return acc.result(dtype)
 
 
@@ -292,10 +302,11 @@ def _backward(dout: Tensor, q_meta: Tensor, kv_meta: Tensor, call: _Call) -> tup
         q_chunks = plan.q_for(j)
         groups = [(("q", i), ("o", i), ("lse", i), ("do", i), ("dq", i)) for i in q_chunks]
         for i, (qi, oi, lse_i, do_i, dq_i) in zip(q_chunks, _streamed(store, groups)):
-            gq, gk, gv = kernel.backward(do_i, qi, kv[0], kv[1], oi, lse_i, plan.diagonal(i, j), call.scale)
-            dkv[0] += gk
-            dkv[1] += gv
-            store.put(("dq", i), gq if dq_i is None else dq_i.add_(gq))
+            if dq_i is None:
+                dq_i = torch.zeros(qi.shape, dtype=accum_dtype(qi.dtype), device=qi.device)
+            backward_blocks(dq_i, dkv[0], dkv[1], do_i, qi, kv[0], kv[1], oi, lse_i, plan.blocks(i, j, call.mask),
+                            kernel, call.scale)
+            store.put(("dq", i), dq_i)
         _return_kv_grads(dkv, j, dk, dv, call)
     for i in range(plan.chunks):
         plan.local(dq, i).copy_(_heads_to_seq(store.get(("dq", i)).to(dq.dtype), comm))
@@ -356,13 +367,13 @@ class FpdtStrategy(Strategy):
         s = self.settings
         return {**super().describe(), "ulysses": s.size, "chunks": s.chunks, "offload": s.offload}
 
-    def attention(self, q, k, v, causal, scale, need_lse, kernel):
+    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
         s = self.settings
         kv_rep = kv_replication(q.shape[2], k.shape[2], s.size)
         store = ChunkStore(q.device, s.offload)
         self.last_offload_stats = store.stats
         keep = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         plan = _Plan(s.chunks, q.shape[1] // s.chunks, causal)
-        call = _Call(self.comm, plan, scale, kernel, store, kv_rep, need_lse, keep)
+        call = _Call(self.comm, plan, scale, kernel, store, kv_rep, need_lse, keep, mask)
         out, lse = FpdtAttention.apply(q, k, v, call)
         return out, (lse if need_lse else None)

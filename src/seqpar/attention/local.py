@@ -6,10 +6,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..kernels import BlockKernel
+from ..documents import DocMask
+from ..kernels import BlockKernel, LseAccumulator
 from ..layout import TokenLayout
 from . import register
-from .base import Strategy
+from .base import Strategy, backward_blocks, forward_blocks, grad_buffers
 
 
 @dataclass(frozen=True)
@@ -17,14 +18,26 @@ class LocalCall:
     causal: bool
     scale: float
     kernel: BlockKernel
+    mask: DocMask | None = None
+
+    def blocks(self, n: int) -> list:
+        """Sub-blocks of the whole sequence (positions 0..n-1) under the document mask."""
+        pos = torch.arange(n)
+        return self.mask.pairs(pos, pos, key="local")
 
 
 class LocalAttention(torch.autograd.Function):
-    """Whole-sequence attention of one rank: out, lse = kernel(q, k, v)."""
+    """Whole-sequence attention of one rank: out, lse = kernel(q, k, v) (block by block under a
+    document mask)."""
 
     @staticmethod
     def forward(ctx, q, k, v, call: LocalCall):
-        out, lse = call.kernel.forward(q, k, v, call.causal, call.scale)
+        if call.mask is None:
+            out, lse = call.kernel.forward(q, k, v, call.causal, call.scale)
+        else:
+            acc = LseAccumulator(q)
+            forward_blocks(acc, q, k, v, call.blocks(q.shape[1]), call.kernel, call.scale)
+            out, lse = acc.result(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call = call
         ctx.mark_non_differentiable(lse)
@@ -34,14 +47,18 @@ class LocalAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         call = ctx.call
-        dq, dk, dv = call.kernel.backward(dout, q, k, v, out, lse, call.causal, call.scale)
+        if call.mask is None:
+            dq, dk, dv = call.kernel.backward(dout, q, k, v, out, lse, call.causal, call.scale)
+        else:
+            dq, dk, dv = grad_buffers(q), grad_buffers(k), grad_buffers(v)
+            backward_blocks(dq, dk, dv, dout, q, k, v, out, lse, call.blocks(q.shape[1]), call.kernel, call.scale)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                    kernel: BlockKernel) -> tuple[Tensor, Tensor]:
+                    kernel: BlockKernel, mask: DocMask | None = None) -> tuple[Tensor, Tensor]:
     """Differentiable attention of whole local tensors -> out [b, s, h, d], lse [b, h, s]."""
-    return LocalAttention.apply(q, k, v, LocalCall(causal, scale, kernel))
+    return LocalAttention.apply(q, k, v, LocalCall(causal, scale, kernel, mask))
 
 
 @register("local")
@@ -57,5 +74,5 @@ class LocalStrategy(Strategy):
                              f"{size}; pass group=<a one-rank group> or choose a sequence-parallel strategy")
         return cls._settings(cfg, size, TokenLayout(kind, 1, 1))
 
-    def attention(self, q, k, v, causal, scale, need_lse, kernel):
-        return local_attention(q, k, v, causal, scale, kernel)
+    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
+        return local_attention(q, k, v, causal, scale, kernel, mask)

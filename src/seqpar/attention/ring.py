@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..comm import RingComm
+from ..documents import DocMask
 from ..kernels import BlockKernel, LseAccumulator
 from ..layout import Pair, TokenLayout
 from . import register
@@ -31,7 +32,8 @@ class RingCall:
     """Per-call arguments of ring attention.
 
     pairs_at(step) gives the blocks to compute against the K/V held after `step`
-    rotations (None: the layout's block rule with ring positions as outer ranks)."""
+    rotations (None: the layout's block rule with ring positions as outer ranks, or the
+    document mask's sub-blocks when `mask` is given)."""
 
     ring: RingComm
     grad_ring: RingComm
@@ -40,11 +42,12 @@ class RingCall:
     scale: float
     kernel: BlockKernel
     pairs_at: PairsAt | None = None
+    mask: DocMask | None = None
 
     def blocks(self, step: int, n_local: int) -> list[Pair]:
         if self.pairs_at is not None:
             return self.pairs_at(step)
-        return self.layout.block_pairs(self.causal, self.ring.rank, self.ring.source(step), n_local)
+        return self.layout.block_pairs(self.causal, self.ring.rank, self.ring.source(step), n_local, self.mask)
 
 
 def ring_forward(q: Tensor, k: Tensor, v: Tensor, call: RingCall) -> tuple[Tensor, Tensor]:
@@ -105,7 +108,7 @@ class RingAttention(torch.autograd.Function):
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, call: RingCall) -> tuple[Tensor, Tensor]:
     """Differentiable ring attention over `call.ring` (falls back to local attention on 1 rank)."""
     if call.ring.size == 1:
-        return local_attention(q, k, v, call.causal, call.scale, call.kernel)
+        return local_attention(q, k, v, call.causal, call.scale, call.kernel, call.mask)
     return RingAttention.apply(q, k, v, call)
 
 
@@ -125,5 +128,6 @@ class RingStrategy(Strategy):
         super().__init__(settings, mesh, comm, stats)
         self.kv_ring, self.grad_ring = comm.ring(tag=0), comm.ring(tag=1)
 
-    def attention(self, q, k, v, causal, scale, need_lse, kernel):
-        return ring_attention(q, k, v, RingCall(self.kv_ring, self.grad_ring, self.layout, causal, scale, kernel))
+    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
+        call = RingCall(self.kv_ring, self.grad_ring, self.layout, causal, scale, kernel, mask=mask)
+        return ring_attention(q, k, v, call)

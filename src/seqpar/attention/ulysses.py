@@ -80,6 +80,6 @@ class UlyssesStrategy(Strategy):
                              f"got ulysses={cfg.ulysses}, ring={cfg.ring}: use 'usp' for a 2-D mesh")
         return cls._settings(cfg, size, TokenLayout(kind, outer=1, inner=size), ulysses=size)
 
-    def attention(self, q, k, v, causal, scale, need_lse, kernel):
-        inner = lambda q_, k_, v_: local_attention(q_, k_, v_, causal, scale, kernel)  # noqa: E731
+    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
+        inner = lambda q_, k_, v_: local_attention(q_, k_, v_, causal, scale, kernel, mask)  # noqa: E731
         return ulysses_attention(q, k, v, self.comm, inner, need_lse)

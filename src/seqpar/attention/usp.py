@@ -64,8 +64,8 @@ class UspStrategy(Strategy):
         return {**super().describe(), "ulysses": self.settings.ulysses, "ring": self.settings.ring,
                 "placement": self.settings.option("placement", "collectives_intra")}
 
-    def attention(self, q, k, v, causal, scale, need_lse, kernel):
+    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
         kv_replication(q.shape[2], k.shape[2], self.settings.ulysses)
-        call = RingCall(self.kv_ring, self.grad_ring, self.layout, causal, scale, kernel)
+        call = RingCall(self.kv_ring, self.grad_ring, self.layout, causal, scale, kernel, mask=mask)
         return ulysses_attention(q, k, v, self.ulysses_comm, lambda q_, k_, v_: ring_attention(q_, k_, v_, call),
                                  need_lse)

@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..comm import Comm, RingComm
+from ..documents import DocMask
 from ..kernels import BlockKernel
 from ..layout import Pair, TokenLayout
 from ..mesh import PLACEMENTS, axis_order, check_placement, physical_rank
@@ -156,12 +157,12 @@ class WallFacerPlan:
         self.team, self.member = grid.coords(world.rank)
 
     def ring_call(self, layout: TokenLayout, causal: bool, scale: float, kernel: BlockKernel,
-                  team_tokens: int) -> RingCall:
+                  team_tokens: int, mask: DocMask | None = None) -> RingCall:
         """Sub-ring attention whose step-s blocks are the team's queries vs the K/V held then."""
         def pairs(step: int) -> list[Pair]:
             kv_team = self.grid.kv_team(self.team, self.member, step)
-            return layout.block_pairs(causal, self.team, kv_team, team_tokens)
-        return RingCall(self.kv_ring, self.grad_ring, layout, causal, scale, kernel, pairs)
+            return layout.block_pairs(causal, self.team, kv_team, team_tokens, mask)
+        return RingCall(self.kv_ring, self.grad_ring, layout, causal, scale, kernel, pairs, mask)
 
     def place(self, kv_team: Tensor) -> Tensor:
         """Skewed placement: send this team's K/V [2, b, C*n, hkv, d], receive the K/V to rotate."""
@@ -203,9 +204,10 @@ class WallFacerCall:
     causal: bool
     scale: float
     kernel: BlockKernel
+    mask: DocMask | None = None
 
     def ring(self, team_tokens: int) -> RingCall:
-        return self.plan.ring_call(self.layout, self.causal, self.scale, self.kernel, team_tokens)
+        return self.plan.ring_call(self.layout, self.causal, self.scale, self.kernel, team_tokens, self.mask)
 
 
 class WallFacerAttention(torch.autograd.Function):
@@ -286,5 +288,6 @@ class WallFacerStrategy(Strategy):
         return {**super().describe(), "team_size": g.team_size, "team_count": g.team_count, "subring": g.ring_len,
                 "placement": g.placement, **self._topology}
 
-    def attention(self, q, k, v, causal, scale, need_lse, kernel):
-        return WallFacerAttention.apply(q, k, v, WallFacerCall(self.plan, self.layout, causal, scale, kernel))
+    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
+        call = WallFacerCall(self.plan, self.layout, causal, scale, kernel, mask)
+        return WallFacerAttention.apply(q, k, v, call)

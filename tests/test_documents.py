@@ -1,0 +1,92 @@
+"""Packed documents (cu_seqlens): every strategy matches fp64 attention with the block-diagonal
+document mask (out, lse, dq, dk, dv to 1e-10) on real gloo worlds; masked-out blocks are not
+computed; bad cu_seqlens raise the same ValueError on every rank."""
+import random
+
+import pytest
+import torch
+
+from seqpar.documents import DocMask, Documents, visible_pairs
+from seqpar.layout import TokenLayout
+from seqpar.testing.doc_checks import doc_error, doc_exactness_all, doc_flops, doc_positions, expected_pairs
+
+CASES = [  # (strategy, init kwargs) on 4 ranks
+    ("ring", {"layout": "contiguous"}), ("ring", {"layout": "zigzag"}), ("ring", {"layout": "striped"}),
+    ("ulysses", {}), ("usp", {"ulysses": 2, "layout": "zigzag"}), ("usp", {"ring": 4, "layout": "striped"}),
+    ("allgather", {"layout": "zigzag"}), ("lss", {}),
+    ("wallfacer", {"team_size": 1}), ("wallfacer", {"team_size": 2}),
+    ("wallfacer", {"team_size": 2, "placement": "rings_intra"}),
+    ("fpdt", {"chunks": 2}), ("fpdt", {"chunks": 4, "offload": True}),
+]
+
+
+@pytest.mark.parametrize("strategy,kwargs", CASES, ids=lambda c: str(c))
+def test_every_strategy_is_exact_with_documents(worlds, strategy, kwargs):
+    """Patterns: documents straddling rank/chunk boundaries, shorter than a block, one document
+    (= plain causal), many 1-token documents, one cu_seqlens per batch row; causal and not; GQA."""
+    for rank, res in enumerate(worlds.run(4, doc_exactness_all, strategy, kwargs)):
+        for case, r in res.items():
+            for field in ("out", "lse", "dq", "dk", "dv"):
+                assert r[field] < 1e-10, f"rank {rank} {case}: {field} error {r[field]:.3e}"
+
+
+def test_sub_blocks_cover_exactly_the_visible_entries():
+    """DocMask.pairs on every layout's block pairs equals the brute-force mask, entry by entry."""
+    rng = random.Random(0)
+    for _ in range(150):
+        n, p = rng.choice([16, 32, 48]), rng.choice([1, 2, 4])
+        cu = [0] + sorted(rng.sample(range(1, n), rng.randint(0, n - 1))) + [n]
+        layout, causal = TokenLayout(rng.choice(["contiguous", "zigzag", "striped"]), outer=p), rng.random() < 0.6
+        mask = DocMask(Documents.from_rows([tuple(cu)]), causal)
+        doc = torch.searchsorted(torch.tensor(cu), torch.arange(n), right=True)
+        for qr in range(p):
+            for kr in range(p):
+                qp, kp = layout.outer_indices(n, qr), layout.outer_indices(n, kr)
+                want = (doc[qp][:, None] == doc[kp][None, :]) & ((kp[None, :] <= qp[:, None]) | (not causal))
+                got = torch.zeros(want.shape, dtype=torch.int)
+                for _, rows, cols, tri in mask.pairs(qp, kp):
+                    block = torch.ones(rows.stop - rows.start, cols.stop - cols.start, dtype=torch.int)
+                    got[rows, cols] += block.tril() if tri else block
+                assert torch.equal(got, want.int()), (cu, layout, qr, kr, causal)
+
+
+@pytest.mark.parametrize("strategy,kwargs", [("ring", {"layout": "zigzag"}), ("ulysses", {}),
+                                             ("wallfacer", {"team_size": 2}), ("fpdt", {"chunks": 2})])
+def test_masked_blocks_are_not_computed(worlds, strategy, kwargs):
+    """A packed batch of 8-token documents computes exactly its visible pairs: 9/129 of a causal
+    128-token sequence, forward and backward."""
+    seq, cu = 128, list(range(0, 129, 8))
+    stats = worlds.run(4, doc_flops, strategy, kwargs, cu, seq)
+    want = expected_pairs(cu, True)
+    assert sum(s["forward_pairs"] for s in stats) == want == sum(s["backward_pairs"] for s in stats)
+    assert want / expected_pairs([0, seq], True) == pytest.approx(9 / 129)
+    assert all(s["forward_flops"] == 4 * 4 * s["forward_pairs"] for s in stats)  # head_dim 4
+
+
+def test_visible_pairs():
+    assert visible_pairs([0, 4, 6], True) == 10 + 3 and visible_pairs([0, 4, 6], False) == 16 + 4
+
+
+BAD_CU = [  # (per-rank cu_seqlens, default cu_seqlens, message fragment)
+    ({}, [1, 10, 32], "must start at 0"),
+    ({}, [0, 10, 30], "must end at the (global) sequence length"),
+    ({}, [0, 10, 10, 32], "strictly increasing"),
+    ({}, torch.tensor([0.0, 32.0]), "1-D integer tensor"),
+    ({}, [[0, 32]], "one tensor per batch row"),
+    ({2: [0, 12, 32]}, [0, 10, 32], "differ between ranks"),
+    ({1: [0, 5, 32]}, [5, 32], "must start at 0"),  # only one rank's boundaries are valid
+]
+
+
+@pytest.mark.parametrize("per_rank,default,message", BAD_CU, ids=[b[-1] for b in BAD_CU])
+def test_bad_cu_seqlens_raise_the_same_error_on_every_rank(worlds, per_rank, default, message):
+    errors = worlds.run(4, doc_error, "ring", {"layout": "zigzag"}, per_rank, default)
+    assert errors[0] and len(set(errors)) == 1 and message in errors[0], errors
+
+
+def test_positions_restart_in_each_document(worlds):
+    cu, seq = [0, 5, 18, 32], 32
+    for r in worlds.run(4, doc_positions, "ring", {"layout": "zigzag"}, cu, seq):
+        starts = [max(c for c in cu[:-1] if c <= p) for p in r["global"]]
+        assert r["doc"] == [p - s for p, s in zip(r["global"], starts)]
+        assert r["rows"] == [r["doc"], r["global"]]
