@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from seqpar.documents import DocMask, Documents, visible_pairs
-from seqpar.layout import TokenLayout
+from seqpar.layout import TokenLayout, document_zigzag
 from seqpar.testing.doc_checks import doc_error, doc_exactness_all, doc_flops, doc_positions, expected_pairs
 
 CASES = [  # (strategy, init kwargs) on 4 ranks
@@ -17,6 +17,8 @@ CASES = [  # (strategy, init kwargs) on 4 ranks
     ("wallfacer", {"team_size": 1}), ("wallfacer", {"team_size": 2}),
     ("wallfacer", {"team_size": 2, "placement": "rings_intra"}),
     ("fpdt", {"chunks": 2}), ("fpdt", {"chunks": 4, "offload": True}),
+    ("ring", {"layout": "documents"}), ("usp", {"ulysses": 2, "layout": "documents"}),
+    ("allgather", {"layout": "documents"}), ("wallfacer", {"team_size": 2, "layout": "documents"}),
 ]
 
 
@@ -90,3 +92,14 @@ def test_positions_restart_in_each_document(worlds):
         starts = [max(c for c in cu[:-1] if c <= p) for p in r["global"]]
         assert r["doc"] == [p - s for p, s in zip(r["global"], starts)]
         assert r["rows"] == [r["doc"], r["global"]]
+
+
+@pytest.mark.parametrize("outer", [1, 2, 4, 8])
+def test_document_zigzag_is_a_balanced_partition(outer):
+    """Every rank holds N/outer sorted positions, each document in 2*outer zigzag chunks."""
+    cu = (0, 3, 300, 301, 310, 777, 1024)
+    parts = document_zigzag(cu, outer)
+    assert sorted(torch.cat(parts).tolist()) == list(range(1024))
+    assert all(p.numel() == 1024 // outer and bool((p[1:] > p[:-1]).all()) for p in parts)
+    work = [visible_pairs(list(cu), True, p) for p in parts]
+    assert max(work) / (sum(work) / outer) < 1.05

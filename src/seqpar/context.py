@@ -12,6 +12,7 @@ from .comm import Comm, CommStats
 from .documents import DocMask, Documents, check_cu_seqlens, document_positions
 from .inputcheck import InputChecker
 from .kernels import BlockKernel, CountingKernel, FlopStats, check_kernel_name, default_scale, get_kernel
+from .layout import DOCUMENTS
 from .mesh import Mesh
 
 __all__ = ["SeqParallel", "init", "resolve"]
@@ -50,24 +51,35 @@ class SeqParallel:
         """This rank's index in the token layout (differs from `rank` under topology-aware placement)."""
         return self.strategy.layout_ranks()[self.rank]
 
-    def shard(self, x: Tensor, dim: int = 1) -> Tensor:
-        """This rank's shard of a full-sequence tensor (tokens, labels, activations)."""
-        return self.layout.shard(x, self.layout_rank, dim)
+    def layout_for(self, seq_len: int, cu_seqlens=None) -> TokenLayout:
+        """The token layout of one batch: the documents layout needs its cu_seqlens (one tensor, or
+        a list of equal ones); the other layouts ignore them."""
+        if self.layout.kind != DOCUMENTS or cu_seqlens is None:
+            return self.layout
+        batch = len(cu_seqlens) if isinstance(cu_seqlens, (list, tuple)) else 1
+        rows = check_cu_seqlens(cu_seqlens, seq_len, batch)
+        if len(set(rows)) > 1:
+            raise ValueError("the 'documents' layout needs the same cu_seqlens for every batch row")
+        return self.layout.with_documents(rows[0])
 
-    def unshard(self, x: Tensor, dim: int = 1) -> Tensor:
+    def shard(self, x: Tensor, dim: int = 1, cu_seqlens=None) -> Tensor:
+        """This rank's shard of a full-sequence tensor (tokens, labels, activations)."""
+        return self.layout_for(x.shape[dim], cu_seqlens).shard(x, self.layout_rank, dim)
+
+    def unshard(self, x: Tensor, dim: int = 1, cu_seqlens=None) -> Tensor:
         """Inverse of `shard`: gather every rank's shard and restore global order (not differentiable)."""
         gathered = self.comm.all_gather(x.detach().contiguous(), dim=dim)
         order = self.strategy.layout_ranks()
         if order != sorted(order):  # put shards in layout-rank order first
             pieces = gathered.chunk(self.size, dim=dim)
             gathered = torch.cat([pieces[order.index(r)] for r in range(self.size)], dim=dim)
-        return self.layout.unpermute(gathered, dim)
+        return self.layout_for(gathered.shape[dim], cu_seqlens).unpermute(gathered, dim)
 
     def positions(self, seq_len: int, device: torch.device | str | None = None, cu_seqlens=None) -> Tensor:
         """Positions [seq_len / size] of the local tokens, for RoPE / position embeddings: global
         ones, or with `cu_seqlens` (global document boundaries) positions inside each token's own
         document — [batch, seq_len / size] when cu_seqlens is a list (one tensor per batch row)."""
-        pos = self.layout.local_indices(seq_len, self.layout_rank)
+        pos = self.layout_for(seq_len, cu_seqlens).local_indices(seq_len, self.layout_rank)
         if cu_seqlens is not None:
             batch = len(cu_seqlens) if isinstance(cu_seqlens, (list, tuple)) else 1
             rows = [document_positions(pos, cu) for cu in check_cu_seqlens(cu_seqlens, seq_len, batch)]
@@ -94,6 +106,8 @@ class SeqParallel:
         (fp32, fp64 for fp64 inputs) when return_lse.
         """
         rows = self._inputs.validate(q, k, v, causal, self.layout, cu_seqlens)
+        if self.layout.kind == DOCUMENTS and (rows is None or len(set(rows)) > 1):
+            raise ValueError("the 'documents' layout needs cu_seqlens, the same for every batch row")
         mask = None if rows is None else self._mask(rows, causal)
         out, lse = self.strategy.attention(q, k, v, causal, default_scale(q.shape[-1], scale), return_lse,
                                            self.kernel_for(q.device, q.dtype), mask)
@@ -105,7 +119,7 @@ class SeqParallel:
         if key not in self._masks:
             if len(self._masks) >= 4:
                 self._masks.pop(next(iter(self._masks)))
-            self._masks[key] = DocMask(Documents.from_rows(rows), causal)
+            self._masks[key] = DocMask(Documents.from_rows(rows), causal, self.layout.with_documents(rows[0]))
         return self._masks[key]
 
     @property

@@ -20,10 +20,13 @@ FPDT its chunks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
+from typing import TYPE_CHECKING, Hashable, Sequence
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .layout import TokenLayout
 
 __all__ = ["Documents", "DocMask", "BPair", "cu_seqlens_error", "document_positions", "visible_pairs"]
 
@@ -185,6 +188,7 @@ class DocMask:
 
     docs: Documents
     causal: bool
+    layout: "TokenLayout | None" = None  # the batch's documents layout (positions of outer ranks)
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def pairs(self, q_pos: Tensor, kv_pos: Tensor, key: Hashable = None) -> list[BPair]:

@@ -8,6 +8,10 @@ rank = outer_rank * inner + inner_rank:
    - ``contiguous``: outer rank o holds [o*N/outer, (o+1)*N/outer);
    - ``zigzag``: 2*outer chunks, outer rank o holds chunks o and 2*outer-1-o;
    - ``striped``: token i goes to outer rank i % outer;
+   - ``documents``: packed documents (`cu` boundaries), each document cut into 2*outer
+     chunks placed zigzag (TransformerEngine's THD layout), with the tokens that do not
+     divide evenly dealt round-robin so every outer rank holds N/outer tokens
+     (`document_zigzag`); the layout of one batch, built by `with_documents(cu)`;
 2. the *inner* split cuts the outer rank's token list into `chunks` consecutive chunks,
    each cut into `inner` equal pieces; the inner rank keeps its piece of every chunk
    (inner = Ulysses degree / team size; chunks > 1 is FPDT's chunk interleaving).
@@ -24,8 +28,9 @@ nothing more, the inner group reassembling the whole outer list (e.g. USP 2x2 zi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor
@@ -33,9 +38,10 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .documents import DocMask
 
-__all__ = ["LAYOUTS", "TokenLayout", "block_pairs"]
+__all__ = ["LAYOUTS", "DOCUMENTS", "TokenLayout", "block_pairs", "document_zigzag"]
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
+DOCUMENTS = "documents"  # the document-balanced layout (needs cu_seqlens with every batch)
 
 
 @dataclass(frozen=True)
@@ -44,10 +50,11 @@ class TokenLayout:
     outer: int = 1
     inner: int = 1
     chunks: int = 1
+    cu: tuple[int, ...] | None = None  # document boundaries of the batch (documents layout only)
 
     def __post_init__(self):
-        if self.kind not in LAYOUTS:
-            raise ValueError(f"unknown layout {self.kind!r}; choose from {LAYOUTS}")
+        if self.kind not in LAYOUTS + (DOCUMENTS,):
+            raise ValueError(f"unknown layout {self.kind!r}; choose from {LAYOUTS + (DOCUMENTS,)}")
         for name in ("outer", "inner", "chunks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"layout {name} must be >= 1, got {getattr(self, name)}")
@@ -56,9 +63,13 @@ class TokenLayout:
     def size(self) -> int:
         return self.outer * self.inner
 
+    def with_documents(self, cu: Sequence[int]) -> "TokenLayout":
+        """This layout for a batch with document boundaries cu (only the documents layout changes)."""
+        return replace(self, cu=tuple(cu)) if self.kind == DOCUMENTS else self
+
     def granularity(self) -> int:
         """Valid sequence lengths are exactly the positive multiples of this (module docstring)."""
-        outer_split = 2 * self.outer if self.kind == "zigzag" else self.outer
+        outer_split = 2 * self.outer if self.kind == "zigzag" else self.outer  # documents: outer
         return math.lcm(outer_split, self.outer * self.inner * self.chunks)
 
     def error(self, seq_len: int) -> str | None:
@@ -89,6 +100,11 @@ class TokenLayout:
             first = torch.arange(outer_rank * c, (outer_rank + 1) * c)
             second = torch.arange((2 * n - 1 - outer_rank) * c, (2 * n - outer_rank) * c)
             return torch.cat([first, second])
+        if self.kind == DOCUMENTS:
+            if self.cu is None or self.cu[-1] != seq_len:
+                raise ValueError("the 'documents' layout needs the batch's cu_seqlens (ending at the sequence "
+                                 f"length {seq_len}): pass cu_seqlens= to shard, unshard, positions and attention")
+            return document_zigzag(self.cu, n)[outer_rank]
         return torch.arange(outer_rank, seq_len, n)
 
     def local_indices(self, seq_len: int, rank: int) -> Tensor:
@@ -115,8 +131,8 @@ class TokenLayout:
         rule (see `block_pairs`), or with a document mask its sub-blocks (`DocMask.pairs`)."""
         if mask is None:
             return block_pairs(self.kind, causal, q_rank, kv_rank, n_local)
-        n = n_local * self.outer
-        return mask.pairs(self.outer_indices(n, q_rank), self.outer_indices(n, kv_rank), key=(q_rank, kv_rank))
+        layout, n = mask.layout or self, n_local * self.outer
+        return mask.pairs(layout.outer_indices(n, q_rank), layout.outer_indices(n, kv_rank), key=(q_rank, kv_rank))
 
     def unpermute(self, gathered: Tensor, dim: int = 1) -> Tensor:
         """Inverse of sharding: `gathered` is every rank's shard concatenated along dim in rank
@@ -153,4 +169,31 @@ def block_pairs(kind: str, causal: bool, q_rank: int, kv_rank: int, n_local: int
         if kv_rank < q_rank:  # key kv_rank + P*b <= query q_rank + P*a  <=>  b <= a
             return [(_ALL, _ALL, True)]
         return [(slice(1, None), slice(0, n_local - 1), True)] if n_local > 1 else []  # b < a
+    if kind == DOCUMENTS:
+        raise ValueError("the 'documents' layout needs cu_seqlens in every attention call")
     raise ValueError(f"unknown layout {kind!r}")
+
+
+@lru_cache(maxsize=16)
+def document_zigzag(cu: tuple[int, ...], outer: int) -> tuple[Tensor, ...]:
+    """Global positions of each outer rank (sorted) when every document [cu[i], cu[i+1]) is cut
+    into 2*outer chunks and outer rank r takes chunks r and 2*outer-1-r; the len % (2*outer)
+    leftover tokens of each document go round-robin over the ranks (continuing across
+    documents), so ranks hold equal token counts when outer divides the sequence length."""
+    parts: list[list[Tensor]] = [[] for _ in range(outer)]
+    turn = 0
+    for a, b in zip(cu, cu[1:]):
+        q, rem = divmod(b - a, 2 * outer)
+        extra = [0] * outer
+        for i in range(rem):
+            extra[(turn + i) % outer] += 1
+        turn = (turn + rem) % outer
+        sizes = [0] * (2 * outer)
+        for r in range(outer):
+            sizes[r] = q + (extra[r] + 1) // 2
+            sizes[2 * outer - 1 - r] = q + extra[r] // 2
+        starts = [a + s for s in torch.tensor([0] + sizes[:-1]).cumsum(0).tolist()]
+        for r in range(outer):
+            for slot in (r, 2 * outer - 1 - r):
+                parts[r].append(torch.arange(starts[slot], starts[slot] + sizes[slot]))
+    return tuple(torch.cat(p) for p in parts)

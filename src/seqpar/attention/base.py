@@ -20,7 +20,7 @@ from torch import Tensor
 from ..comm import Comm, CommStats
 from ..kernels import BlockKernel, LseAccumulator, accum_dtype
 from ..documents import BPair, DocMask
-from ..layout import LAYOUTS, Pair, TokenLayout
+from ..layout import DOCUMENTS, LAYOUTS, Pair, TokenLayout
 from ..mesh import Mesh
 
 __all__ = ["Strategy", "StrategyConfig", "Settings", "forward_blocks", "backward_blocks", "grad_buffers",
@@ -123,7 +123,7 @@ class Strategy:
 
     name = "base"
     uses: tuple[str, ...] = ()
-    layouts: tuple[str, ...] = LAYOUTS
+    layouts: tuple[str, ...] = LAYOUTS + (DOCUMENTS,)
     default_layout = "zigzag"
     layout_reason = ""  # why only `layouts` work, for the error message
     accepted_options: tuple[str, ...] = ()
@@ -135,8 +135,8 @@ class Strategy:
         """Validate `cfg` for a group of `size` ranks and fill in the defaults."""
         cls._reject_unused(cfg)
         kind = cfg.layout if cfg.layout is not None else cls.default_layout
-        if kind not in LAYOUTS:
-            raise ValueError(f"unknown layout {kind!r}; choose from {LAYOUTS}")
+        if kind not in LAYOUTS + (DOCUMENTS,):
+            raise ValueError(f"unknown layout {kind!r}; choose from {LAYOUTS + (DOCUMENTS,)}")
         if kind not in cls.layouts:
             wanted = f"={cls.layouts[0]!r}" if len(cls.layouts) == 1 else f" in {list(cls.layouts)}"
             raise ValueError(f"strategy {cls.name!r} needs layout{wanted} ({cls.layout_reason}), got {kind!r}")
