@@ -8,7 +8,8 @@ import torch
 
 from seqpar.documents import DocMask, Documents, visible_pairs
 from seqpar.layout import TokenLayout, document_zigzag
-from seqpar.testing.doc_checks import doc_error, doc_exactness_all, doc_flops, doc_positions, expected_pairs
+from seqpar.testing.doc_checks import (doc_error, doc_exactness_all, doc_flops, doc_positions, expected_pairs,
+                                      packed_training)
 
 CASES = [  # (strategy, init kwargs) on 4 ranks
     ("ring", {"layout": "contiguous"}), ("ring", {"layout": "zigzag"}), ("ring", {"layout": "striped"}),
@@ -19,6 +20,7 @@ CASES = [  # (strategy, init kwargs) on 4 ranks
     ("fpdt", {"chunks": 2}), ("fpdt", {"chunks": 4, "offload": True}),
     ("ring", {"layout": "documents"}), ("usp", {"ulysses": 2, "layout": "documents"}),
     ("allgather", {"layout": "documents"}), ("wallfacer", {"team_size": 2, "layout": "documents"}),
+    ("ulysses", {"layout": "documents"}),
 ]
 
 
@@ -103,3 +105,11 @@ def test_document_zigzag_is_a_balanced_partition(outer):
     assert all(p.numel() == 1024 // outer and bool((p[1:] > p[:-1]).all()) for p in parts)
     work = [visible_pairs(list(cu), True, p) for p in parts]
     assert max(work) / (sum(work) / outer) < 1.05
+
+
+@pytest.mark.parametrize("strategy,kwargs", [("ring", {"layout": "zigzag"}), ("usp", {"ulysses": 2, "layout": "documents"})])
+def test_packed_training_matches_one_process(worlds, strategy, kwargs):
+    """3 AdamW steps of the tiny Transformer on packed documents (fp32): 4 ranks == 1 process."""
+    ref = worlds.run(1, packed_training, "local")[0]
+    for losses in worlds.run(4, packed_training, strategy, kwargs):
+        assert losses == pytest.approx(ref, abs=1e-6, rel=0), (losses, ref)

@@ -179,13 +179,20 @@ class SequenceLoader:
         self.seed, self.step = int(state["seed"]), int(state["step"])
 
 
-def shard_batch(ctx: SeqParallel, window: Tensor, device: torch.device | str = "cpu"
+def shard_batch(ctx: SeqParallel, window: Tensor, device: torch.device | str = "cpu", cu_seqlens: Tensor | None = None
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """window [batch, seq_len + 1] -> tokens, labels [batch, seq_local], positions [seq_local].
 
     Labels are shifted on the *full* sequence before sharding, so every local token keeps
-    its true next token even when the layout interleaves (zigzag/striped).
+    its true next token even when the layout interleaves (zigzag/striped). With packed
+    documents (`cu_seqlens`, global boundaries of the seq_len tokens) positions restart in
+    each document and the last token of a document predicts nothing (its label, the next
+    document's first token, is IGNORE_INDEX = -100).
     """
     seq_len = window.shape[1] - 1
     tokens, labels = window[:, :-1], window[:, 1:]
-    return (ctx.shard(tokens).to(device), ctx.shard(labels).to(device), ctx.positions(seq_len, device))
+    if cu_seqlens is not None:
+        labels = labels.clone()
+        labels[:, cu_seqlens[1:-1].long() - 1] = -100
+    shard = lambda t: ctx.shard(t, cu_seqlens=cu_seqlens).to(device)  # noqa: E731
+    return shard(tokens), shard(labels), ctx.positions(seq_len, device, cu_seqlens=cu_seqlens)

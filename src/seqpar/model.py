@@ -140,8 +140,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=bias)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """x [batch, seq_local, dim] -> [batch, seq_local, dim]."""
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, cu_seqlens=None) -> Tensor:
+        """x [batch, seq_local, dim] -> [batch, seq_local, dim]; cu_seqlens: packed documents."""
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
@@ -149,7 +149,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         with torch.autocast(x.device.type, enabled=False):  # q/k/v keep their (autocast) dtype
-            out = self.ctx.attention(q, k, v, causal=self.causal)
+            out = self.ctx.attention(q, k, v, causal=self.causal, cu_seqlens=cu_seqlens)
         return self.wo(out.reshape(b, s, -1))
 
 
@@ -175,8 +175,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cu_seqlens=None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, cu_seqlens)
         return x + chunked_mlp(self.mlp, self.mlp_norm(x), self.mlp_chunks)
 
 
@@ -204,8 +204,10 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, tokens: Tensor, positions: Tensor, labels: Tensor | None = None):
-        """tokens/labels [batch, seq_local] (int64), positions [seq_local] (global indices).
+    def forward(self, tokens: Tensor, positions: Tensor, labels: Tensor | None = None, cu_seqlens=None):
+        """tokens/labels [batch, seq_local] (int64), positions [seq_local] (global indices, or
+        positions inside documents with packed documents); cu_seqlens: global document
+        boundaries, passed to every layer's attention (see `SeqParallel.attention`).
 
         Without labels: logits [batch, seq_local, vocab]. With labels: (loss_sum, n_valid), the
         *sum* of token cross-entropies of this rank's tokens (fp32/fp64) and the number of
@@ -215,9 +217,9 @@ class Transformer(nn.Module):
         rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.layers:
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rope, use_reentrant=False)
+                x = checkpoint(layer, x, rope, cu_seqlens, use_reentrant=False)
             else:
-                x = layer(x, rope)
+                x = layer(x, rope, cu_seqlens)
         h = self.norm(x)
         if labels is None:
             return self.output(h)

@@ -119,3 +119,34 @@ def doc_positions(strategy: str, init_kwargs: dict[str, Any], cu: list[int], seq
     ctx = seqpar.init(strategy, **init_kwargs)
     return {"global": ctx.positions(seq).tolist(), "doc": ctx.positions(seq, cu_seqlens=torch.tensor(cu)).tolist(),
             "rows": ctx.positions(seq, cu_seqlens=[torch.tensor(cu), torch.tensor([0, seq])]).tolist()}
+
+
+def packed_training(strategy: str, init_kwargs: dict[str, Any] | None = None, *, steps: int = 3,
+                    seq_len: int = 64, batch: int = 2) -> list[float]:
+    """Losses of `steps` AdamW steps (fp32) of the tiny Transformer on packed documents: positions
+    restart per document, no label crosses a boundary, cu_seqlens reach every layer."""
+    from seqpar.data import shard_batch
+    from seqpar.model import ModelConfig, Transformer
+    from seqpar.parallel import ParallelMesh, average_gradients
+    from seqpar.train import loss_and_backward
+
+    from .train_checks import TINY_MODEL, grad_mode
+
+    mesh = ParallelMesh(torch.distributed.get_world_size())
+    ctx = seqpar.init(strategy, group=mesh.sp_group, stats=mesh.stats, **(init_kwargs or {}))
+    torch.manual_seed(0)
+    net = Transformer(ModelConfig(**TINY_MODEL), ctx)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(steps):
+        window = torch.randint(0, TINY_MODEL["vocab_size"], (batch, seq_len + 1), generator=gen)
+        cuts = sorted(torch.randperm(seq_len - 1, generator=gen)[:5 + step].add(1).tolist())
+        cu = torch.tensor([0] + cuts + [seq_len])
+        tokens, labels, positions = shard_batch(ctx, window, cu_seqlens=cu)
+        opt.zero_grad()
+        losses.append(loss_and_backward(lambda *a: net(*a, cu_seqlens=cu), tokens, labels, positions,
+                                        mesh.world_comm))
+        average_gradients(net.parameters(), mesh, mode=grad_mode(strategy))
+        opt.step()
+    return losses
