@@ -12,7 +12,7 @@ from .comm import Comm, CommStats
 from .documents import DocMask, Documents, check_cu_seqlens, document_positions
 from .inputcheck import InputChecker
 from .kernels import BlockKernel, CountingKernel, FlopStats, check_kernel_name, default_scale, get_kernel
-from .layout import DOCUMENTS
+from .layout import DOCUMENTS, TokenLayout
 from .mesh import Mesh
 
 __all__ = ["SeqParallel", "init", "resolve"]
