@@ -9,7 +9,8 @@ import torch
 from seqpar.documents import DocMask, Documents, visible_pairs
 from seqpar.layout import TokenLayout, document_zigzag
 from seqpar.testing.doc_checks import (doc_error, doc_exactness_all, doc_flops, doc_positions, expected_pairs,
-                                      packed_training)
+                                      packed_loader_batch, packed_training)
+from seqpar.testing.train_checks import run_training
 
 CASES = [  # (strategy, init kwargs) on 4 ranks
     ("ring", {"layout": "contiguous"}), ("ring", {"layout": "zigzag"}), ("ring", {"layout": "striped"}),
@@ -113,3 +114,117 @@ def test_packed_training_matches_one_process(worlds, strategy, kwargs):
     ref = worlds.run(1, packed_training, "local")[0]
     for losses in worlds.run(4, packed_training, strategy, kwargs):
         assert losses == pytest.approx(ref, abs=1e-6, rel=0), (losses, ref)
+
+
+# -- training: `seqpar train --pack-documents` -------------------------------------------------------------
+def test_packed_loader_finds_each_windows_documents():
+    """Document starts inside each window, including one right after it (its label is ignored)."""
+    import numpy as np
+
+    from seqpar.data import Packed, SequenceLoader
+    starts = np.array([0, 3, 10, 11, 17, 30])
+    loader = SequenceLoader(np.arange(40), seq_len=7, batch=3, vocab_size=40, doc_starts=starts, seed=5)
+    for step in range(20):
+        packed = loader.documents_at(step)
+        for o, row, cu in zip(loader.global_offsets(step), packed.starts, packed.cu_seqlens()):
+            assert row == tuple(int(s - o) for s in starts if o < s <= o + 7)
+            assert cu.tolist() == [0, *(s for s in row if s < 7), 7]
+    packed = Packed(((3, 7), ()), 7)
+    assert packed.ignored_labels().nonzero().tolist() == [[0, 2], [0, 6]]
+    assert packed.mean_document_length == 14 / 3
+
+
+def test_shard_batch_packs_labels_and_positions(worlds):
+    """4 ranks, zigzag: gathered labels never cross a document start, positions restart at 0."""
+    tokens, starts, seq = list(range(300)), [0, 7, 9, 30, 31, 45, 77, 100, 101, 150, 190, 260], 32
+    for r in worlds.run(4, packed_loader_batch, "ring", {"layout": "zigzag"}, tokens, starts, seq):
+        for o, labels, positions, cu in zip(r["offsets"], r["labels"], r["positions"], r["cu"]):
+            for i in range(seq):
+                begins_next = (o + i + 1) in starts
+                assert labels[i] == (-100 if begins_next else o + i + 1), (o, i)
+                start = max(s for s in starts if s <= o + i)
+                assert positions[i] == o + i - max(start, o), (o, i)
+            assert cu == [0, *(s - o for s in starts if o < s < o + seq), seq]
+
+
+@pytest.fixture(scope="module")
+def separated_corpus(tmp_path_factory):
+    """stdlib bytes cut into documents of 4..40 tokens, each ended by separator token 0 (.npy)."""
+    import numpy as np
+
+    from seqpar.data import stdlib_corpus
+    text = np.fromfile(stdlib_corpus(tmp_path_factory.mktemp("corpus"), max_bytes=40_000), dtype=np.uint8)
+    assert not (text == 0).any()
+    rng, pieces, at = np.random.default_rng(0), [], 0
+    while at < len(text):
+        n = int(rng.integers(4, 40))
+        pieces += [text[at:at + n], [0]]
+        at += n
+    path = tmp_path_factory.mktemp("tokens") / "docs.npy"
+    np.save(path, np.concatenate(pieces).astype(np.int64))
+    return str(path)
+
+
+PACKED_TRAIN = dict(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=64, batch=2, steps=3,
+                    warmup=1, lr=1e-2, min_lr=1e-3, dtype="float32", eval_every=0, eval_batches=1,
+                    checkpoint_every=0, progress=False, plot=False, strategy="local", layout="contiguous",
+                    doc_separator=0)
+
+
+@pytest.mark.parametrize("strategy,overrides", [("ring", {"layout": "zigzag"}), ("wallfacer", {"layout": ""}),
+                                                ("usp", {"ulysses": 2, "layout": "documents", "batch": 1, "dp": 2,
+                                                         "sp": 2})])
+def test_packed_training_run_matches_one_process(worlds, separated_corpus, tmp_path, strategy, overrides):
+    """The training loop on separator-packed data (fp32): 4 ranks == 1 process to 1e-6, and the
+    losses differ from the unpacked run (the test sees the document mask)."""
+    base = {**PACKED_TRAIN, "data": separated_corpus}
+    ref = worlds.run(1, run_training, {**base, "out_dir": str(tmp_path / "ref")})[0]["losses"]
+    got = worlds.run(4, run_training, {**base, "strategy": strategy, "out_dir": str(tmp_path / "sp"),
+                                       **overrides})[0]["losses"]
+    assert got == pytest.approx(ref, abs=1e-6, rel=0), (got, ref)
+    if strategy == "ring":
+        plain = worlds.run(1, run_training, {**base, "doc_separator": -1, "pack_documents": False,
+                                             "out_dir": str(tmp_path / "plain")})[0]["losses"]
+        assert abs(plain[0] - ref[0]) > 1e-3, (plain, ref)
+
+
+def test_stdlib_corpus_documents_are_its_files(tmp_path):
+    """The stdlib corpus's index marks exactly the files it concatenates."""
+    import hashlib
+    import sysconfig
+    from pathlib import Path
+
+    import numpy as np
+
+    from seqpar.data import find_documents, open_tokens, stdlib_corpus
+    data = find_documents(open_tokens(stdlib_corpus(tmp_path, max_bytes=200_000)), None)
+    starts, blob = data.doc_starts, np.asarray(data.tokens).tobytes()
+    assert starts[0] == 0 and len(starts) > 5
+    root = Path(sysconfig.get_paths()["stdlib"])
+    digests = {hashlib.sha1(f.read_bytes()).hexdigest() for f in root.rglob("*.py") if "site-packages" not in f.parts}
+    for a, b in zip(starts[:-1], starts[1:]):  # every complete document is one whole stdlib file
+        assert hashlib.sha1(blob[a:b]).hexdigest() in digests
+
+
+def test_corrupt_document_index_is_a_clear_error(tmp_path):
+    from seqpar.data import find_documents, open_tokens
+    path = tmp_path / "data.txt"
+    path.write_bytes(b"x" * 100)
+    (tmp_path / "data.txt.docs.npy").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="is not a valid .npy file"):
+        find_documents(open_tokens(path), None)
+    import numpy as np
+    np.save(tmp_path / "data.txt.docs.npy", np.array([0, 50, 40]))
+    with pytest.raises(ValueError, match="strictly increasing offsets"):
+        find_documents(open_tokens(path), None)
+
+
+@pytest.mark.parametrize("kwargs", [{"team_size": 2}, {"team_size": 2, "layout": "documents"},
+                                    {"team_size": 2, "placement": "rings_intra", "layout": "striped"}])
+def test_wallfacer_sub_rings_are_exact_with_documents(worlds, kwargs):
+    """8 ranks, C=2: KV travel on C^2=4 sub-rings of length 2 (more than one ring step) under the
+    document mask."""
+    for rank, res in enumerate(worlds.run(8, doc_exactness_all, "wallfacer", kwargs, 64)):
+        for case, r in res.items():
+            for field in ("out", "lse", "dq", "dk", "dv"):
+                assert r[field] < 1e-10, f"rank {rank} {case}: {field} error {r[field]:.3e}"

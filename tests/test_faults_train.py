@@ -316,6 +316,10 @@ CLI_ERRORS = [
     ("unknown_kernel", ["--kernel", "nope"], "unknown attention kernel 'nope'"),
     ("data_vocab", ["--data", "{tokens}"], "needs vocab_size >= 1000, the model has 256"),
     ("bad_timeout", ["--timeout", "0"], "need timeout > 0"),
+    ("separator_not_in_vocab", ["--doc-separator", "256"], "doc_separator 256 is not a token id"),
+    ("separator_absent", ["--doc-separator", "7"], "document separator 7 never occurs"),
+    ("separator_unpacked", ["--doc-separator", "7", "--no-pack-documents"], "needs a token id >= 0 (-1: none) and "
+     "--pack-documents"),
 ]
 
 

@@ -143,8 +143,25 @@ def test_contiguous_causal_ring_pays_the_busiest_rank():
     assert t["contiguous"] / t["zigzag"] == pytest.approx((0.5 + 7) / (0.5 + 7 * 0.5), rel=1e-3)
 
 
+def test_mean_document_length_scales_attention_compute_not_bytes():
+    """Packed documents of mean length L: the visible-pair fraction of equal-length documents, the
+    one seqpar really computes (test_documents.test_masked_blocks_are_not_computed measures 9/129
+    for 8-token documents of a 128-token sequence); bytes stay, compute-bound time shrinks by it."""
+    assert PlanInput(Cluster(4), TINY, 128, mean_doc_len=8).attention_fraction == pytest.approx(9 / 129)
+    assert PlanInput(Cluster(4), TINY, 128, causal=False, mean_doc_len=8).attention_fraction == 8 / 128
+    fast = dict(intra_bw=1e9, inter_bw=1e9, intra_lat=0, inter_lat=0)
+    whole, packed = (PlanInput(Cluster(8, **fast), TINY, 4096, mean_doc_len=L) for L in (None, 256))
+    for cfg in (Config("ring", "zigzag"), Config("ulysses"), wallfacer("zigzag", 2, "collectives_intra")):
+        a, b = evaluate(whole, cfg), evaluate(packed, cfg)
+        assert a.comm_bytes == b.comm_bytes
+        assert b.attention_time / a.attention_time == pytest.approx(257 / 4097, rel=0.02)
+    slow = PlanInput(Cluster(8), MODEL_PRESETS["llama-7b"], 131072, zero=3, mean_doc_len=4096)
+    assert plan(slow)[0].config.strategy != "ring"  # ring becomes bound by its K/V traffic
+
+
 # -- errors ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("build,match", [
+    (lambda: PlanInput(Cluster(8), TINY, 64, mean_doc_len=0.5), "mean document length must be"),
     (lambda: Cluster(1), "world size must be >= 2"),
     (lambda: Cluster(12, 8), "not a multiple of ranks per node"),
     (lambda: Cluster(8, inter_bw=0), "inter_bw must be > 0"),

@@ -8,7 +8,14 @@ Sources (all memory-mapped, read-only, 1-D token arrays):
   version (1) and vocab size, then uint16 little-endian tokens (`write_token_file`).
 
 With no data file, `stdlib_corpus` builds a deterministic byte corpus from the Python
-standard library's ``.py`` sources (hash-ordered files, capped), cached under the run directory.
+standard library's ``.py`` sources (hash-ordered files, capped), cached under the run directory,
+with its document index (each file's start offset) beside it.
+
+Packed documents: a token source may carry document boundaries, either a sidecar index
+``<file>.docs.npy`` (1-D sorted start offsets, written by `write_document_index`) or a
+separator token that ends every document (EOS style: `find_documents`). `SequenceLoader`
+then also gives, per window row, the document starts inside it (`Packed`), from which
+`shard_batch` derives cu_seqlens, per-document positions and the labels to ignore.
 
 `SequenceLoader` draws windows of seq_len + 1 tokens at offsets that depend only on
 (seed, step), so its state is two integers and a resumed run sees the same batches;
@@ -18,7 +25,9 @@ data-parallel rank r takes rows [r*batch, (r+1)*batch) of each global batch.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -30,9 +39,10 @@ from torch import Tensor
 
 from .context import SeqParallel
 from .io import atomic_write
+from .model import IGNORE_INDEX
 
-__all__ = ["open_tokens", "write_token_file", "stdlib_corpus", "split_tokens", "SequenceLoader", "shard_batch",
-           "TOKEN_MAGIC"]
+__all__ = ["open_tokens", "write_token_file", "write_document_index", "find_documents", "stdlib_corpus",
+           "split_tokens", "SequenceLoader", "Packed", "shard_batch", "TOKEN_MAGIC", "IGNORE_INDEX"]
 
 TOKEN_MAGIC = b"SEQPTOK1"
 _HEADER = np.dtype([("magic", "S8"), ("version", "<u4"), ("vocab", "<u4")])
@@ -45,9 +55,56 @@ class TokenData:
     tokens: np.ndarray
     vocab_size: int
     path: str
+    doc_starts: np.ndarray | None = None  # sorted int64 document start offsets (None: no boundaries known)
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+
+def _index_path(path: str | os.PathLike) -> Path:
+    return Path(f"{path}.docs.npy")
+
+
+def write_document_index(data_path: str | os.PathLike, starts) -> Path:
+    """Write the document start offsets of a token source as its sidecar ``<file>.docs.npy``."""
+    starts = np.asarray(starts, dtype=np.int64)
+    if starts.ndim != 1 or (len(starts) > 1 and not (np.diff(starts) > 0).all()) or (len(starts) and starts[0] < 0):
+        raise ValueError("document starts must be a 1-D strictly increasing array of offsets >= 0")
+    out = _index_path(data_path)
+    buf = io.BytesIO()
+    np.save(buf, starts)
+    atomic_write(out, buf.getvalue())
+    return out
+
+
+def _read_document_index(data: TokenData) -> np.ndarray | None:
+    path = _index_path(data.path)
+    if not path.is_file():
+        return None
+    try:
+        starts = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"document index {str(path)!r} is not a valid .npy file: {e}") from None
+    ok = starts.ndim == 1 and np.issubdtype(starts.dtype, np.integer) and (np.diff(starts) > 0).all()
+    if not ok or (len(starts) and (starts[0] < 0 or starts[-1] >= len(data))):
+        raise ValueError(f"document index {str(path)!r} must hold strictly increasing offsets in "
+                         f"[0, {len(data)}) (the data has {len(data)} tokens); rebuild it or delete it")
+    return starts.astype(np.int64)
+
+
+def find_documents(data: TokenData, separator: int | None) -> TokenData:
+    """`data` with its document starts: after every `separator` token (which ends its document)
+    when one is given, else from the sidecar index ``<file>.docs.npy`` when present."""
+    if separator is None:
+        return dataclasses.replace(data, doc_starts=_read_document_index(data))
+    if not 0 <= separator < max(data.vocab_size, 1):
+        raise ValueError(f"document separator {separator} is not a token id of {data.path!r} "
+                         f"(vocab {data.vocab_size})")
+    ends = np.flatnonzero(np.asarray(data.tokens) == separator)
+    if not len(ends):
+        raise ValueError(f"document separator {separator} never occurs in {data.path!r}: no documents to pack")
+    starts = np.concatenate([[0], ends + 1]).astype(np.int64)
+    return dataclasses.replace(data, doc_starts=starts[starts < len(data)])
 
 
 def write_token_file(path: str | os.PathLike, tokens: np.ndarray, vocab_size: int) -> None:
@@ -108,18 +165,22 @@ def stdlib_corpus(cache_dir: str | os.PathLike, max_bytes: int = 4_000_000) -> P
     Files are taken in the order of the SHA-1 of their relative paths: deterministic for a
     given Python installation, yet a mix of the whole library (alphabetical order would put,
     e.g., all the encodings/ code-page tables into the held-out tail). Written atomically,
-    rebuilt only if missing.
+    rebuilt only if missing. Each file is a document: their start offsets go to the sidecar
+    index (`write_document_index`).
     """
     out = Path(cache_dir) / f"python_stdlib_{max_bytes}.txt"
-    if out.is_file() and out.stat().st_size > 0:
+    if out.is_file() and out.stat().st_size > 0 and _index_path(out).is_file():
         return out
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [f for f in root.rglob("*.py") if "site-packages" not in f.parts and f.is_file()]
     files.sort(key=lambda f: hashlib.sha1(f.relative_to(root).as_posix().encode()).hexdigest())
-    pieces, total = [], 0
+    pieces, starts, total = [], [], 0
     for f in files:
         data = f.read_bytes()
+        if not data:
+            continue
         pieces.append(data)
+        starts.append(total)
         total += len(data)
         if total >= max_bytes:
             break
@@ -127,11 +188,13 @@ def stdlib_corpus(cache_dir: str | os.PathLike, max_bytes: int = 4_000_000) -> P
     if not blob:
         raise FileNotFoundError(f"no Python sources found under {root}; pass a data file with --data")
     atomic_write(out, blob)
+    write_document_index(out, starts)
     return out
 
 
-def split_tokens(data: TokenData, val_fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) views: the last val_fraction of the tokens is held out; both must fit a window."""
+def split_tokens(data: TokenData, val_fraction: float, seq_len: int) -> tuple[TokenData, TokenData]:
+    """(train, val): the last val_fraction of the tokens is held out (document starts follow);
+    both must fit a window."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     n_val = int(len(data) * val_fraction)
@@ -140,32 +203,77 @@ def split_tokens(data: TokenData, val_fraction: float, seq_len: int) -> tuple[np
     if len(train) < need or len(val) < need:
         raise ValueError(f"data file {data.path!r} has {len(data)} tokens: too few for train/val windows of "
                          f"{need} tokens with val_fraction {val_fraction} (train {len(train)}, val {len(val)})")
-    return train, val
+    split = len(train)
+    starts = data.doc_starts
+    train_starts = None if starts is None else starts[starts < split]
+    val_starts = None if starts is None else np.concatenate([[0], starts[starts > split] - split])
+    return (TokenData(train, data.vocab_size, data.path, train_starts),
+            TokenData(val, data.vocab_size, data.path, val_starts))
+
+
+@dataclass(frozen=True)
+class Packed:
+    """The documents of one batch of windows: starts[r] = sorted offsets in [1, seq_len] of row r
+    where a document begins (seq_len: the row's last label is the next document's first token)."""
+
+    starts: tuple[tuple[int, ...], ...]
+    seq_len: int
+
+    def cu_seqlens(self) -> list[Tensor]:
+        """Global boundaries of each row's seq_len input tokens: [0, ..., seq_len] (int64)."""
+        return [torch.tensor([0, *(s for s in row if s < self.seq_len), self.seq_len]) for row in self.starts]
+
+    def ignored_labels(self) -> Tensor:
+        """bool [rows, seq_len]: the labels that would predict the first token of the next document."""
+        mask = torch.zeros(len(self.starts), self.seq_len, dtype=torch.bool)
+        for r, row in enumerate(self.starts):
+            mask[r, [s - 1 for s in row]] = True
+        return mask
+
+    @property
+    def mean_document_length(self) -> float:
+        return self.seq_len * len(self.starts) / sum(1 + sum(s < self.seq_len for s in row) for row in self.starts)
 
 
 class SequenceLoader:
-    """Random windows [batch, seq_len + 1] for one data-parallel rank; state = (seed, step)."""
+    """Random windows [batch, seq_len + 1] for one data-parallel rank; state = (seed, step).
+
+    With `doc_starts` (sorted start offsets of the documents in `tokens`), `documents_at(step)`
+    gives the documents inside each window (`Packed`)."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch: int, vocab_size: int, *, dp: int = 1,
-                 dp_rank: int = 0, seed: int = 0):
+                 dp_rank: int = 0, seed: int = 0, doc_starts: np.ndarray | None = None):
         if len(tokens) < seq_len + 1:
             raise ValueError(f"{len(tokens)} tokens cannot fill a window of {seq_len + 1}")
         self.tokens, self.seq_len, self.batch, self.vocab_size = tokens, seq_len, batch, vocab_size
         self.dp, self.dp_rank, self.seed, self.step = dp, dp_rank, seed, 0
+        self.doc_starts = None if doc_starts is None else np.asarray(doc_starts, dtype=np.int64)
 
     def global_offsets(self, step: int) -> np.ndarray:
         """Start offsets of the dp * batch windows of `step` (identical on every rank)."""
         rng = np.random.default_rng([self.seed, step])
         return rng.integers(0, len(self.tokens) - self.seq_len, size=self.dp * self.batch)
 
+    def _offsets(self, step: int) -> np.ndarray:
+        return self.global_offsets(step)[self.dp_rank * self.batch:(self.dp_rank + 1) * self.batch]
+
     def batch_at(self, step: int) -> Tensor:
         """This dp rank's windows of `step`: int64 [batch, seq_len + 1]."""
-        offsets = self.global_offsets(step)[self.dp_rank * self.batch:(self.dp_rank + 1) * self.batch]
-        rows = np.stack([np.asarray(self.tokens[o:o + self.seq_len + 1], dtype=np.int64) for o in offsets])
+        rows = np.stack([np.asarray(self.tokens[o:o + self.seq_len + 1], dtype=np.int64) for o in self._offsets(step)])
         if rows.max() >= self.vocab_size:
             raise ValueError(f"token id {int(rows.max())} in the data is >= the model's vocab_size "
                              f"{self.vocab_size}")
         return torch.from_numpy(rows)
+
+    def documents_at(self, step: int) -> Packed | None:
+        """The documents inside this dp rank's windows of `step` (None without document starts)."""
+        if self.doc_starts is None:
+            return None
+        rows = []
+        for o in self._offsets(step):
+            lo, hi = np.searchsorted(self.doc_starts, [o + 1, o + self.seq_len + 1])
+            rows.append(tuple(int(s - o) for s in self.doc_starts[lo:hi]))
+        return Packed(tuple(rows), self.seq_len)
 
     def next(self) -> Tensor:
         window = self.batch_at(self.step)
@@ -179,20 +287,29 @@ class SequenceLoader:
         self.seed, self.step = int(state["seed"]), int(state["step"])
 
 
-def shard_batch(ctx: SeqParallel, window: Tensor, device: torch.device | str = "cpu", cu_seqlens: Tensor | None = None
-                ) -> tuple[Tensor, Tensor, Tensor]:
-    """window [batch, seq_len + 1] -> tokens, labels [batch, seq_local], positions [seq_local].
+def shard_batch(ctx: SeqParallel, window: Tensor, device: torch.device | str = "cpu", cu_seqlens=None,
+                ignore: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """window [batch, seq_len + 1] -> tokens, labels [batch, seq_local], positions.
 
     Labels are shifted on the *full* sequence before sharding, so every local token keeps
     its true next token even when the layout interleaves (zigzag/striped). With packed
-    documents (`cu_seqlens`, global boundaries of the seq_len tokens) positions restart in
-    each document and the last token of a document predicts nothing (its label, the next
-    document's first token, is IGNORE_INDEX = -100).
+    documents (`cu_seqlens`: global boundaries of the seq_len tokens, one tensor or one per
+    batch row) positions restart in each document ([seq_local], or [batch, seq_local] for a
+    list) and the last token of a document predicts nothing (its label, the next document's
+    first token, is IGNORE_INDEX); `ignore` (bool [batch, seq_len]) marks further labels to
+    ignore, e.g. `Packed.ignored_labels()` for a document that starts right after the window.
     """
     seq_len = window.shape[1] - 1
     tokens, labels = window[:, :-1], window[:, 1:]
-    if cu_seqlens is not None:
+    if cu_seqlens is not None or ignore is not None:
         labels = labels.clone()
-        labels[:, cu_seqlens[1:-1].long() - 1] = -100
+    if cu_seqlens is not None:
+        rows = cu_seqlens if isinstance(cu_seqlens, (list, tuple)) else [cu_seqlens] * len(labels)
+        if len(rows) != len(labels):
+            raise ValueError(f"cu_seqlens has {len(rows)} rows, the batch {len(labels)}")
+        for row, cu in zip(labels, rows):
+            row[torch.as_tensor(cu)[1:-1].long() - 1] = IGNORE_INDEX
+    if ignore is not None:
+        labels[ignore] = IGNORE_INDEX
     shard = lambda t: ctx.shard(t, cu_seqlens=cu_seqlens).to(device)  # noqa: E731
     return shard(tokens), shard(labels), ctx.positions(seq_len, device, cu_seqlens=cu_seqlens)

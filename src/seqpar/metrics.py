@@ -22,9 +22,10 @@ _GPU_PEAKS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40": 181.0, "A10": 
 CPU_PEAK_TFLOPS = 0.1  # one AVX2/AVX-512 core with FMA: ~2 FMA x 8-16 lanes x 2 flops x ~3 GHz
 
 
-def training_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
+def training_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True,
+                             doc_len: float | None = None) -> float:
     """Model FLOPs of one training token (forward + backward): `ModelConfig.flops_per_token`."""
-    return cfg.flops_per_token(seq_len, causal)
+    return cfg.flops_per_token(seq_len, causal, doc_len)
 
 
 def default_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:

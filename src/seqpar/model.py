@@ -85,15 +85,18 @@ class ModelConfig:
         LM head (embeddings are lookups)."""
         return 2.0 * (self.n_layers * self.layer_matmul_params() + self.dim * self.vocab_size)
 
-    def attention_flops_per_token(self, seq_len: int, causal: bool = True) -> float:
+    def attention_flops_per_token(self, seq_len: int, causal: bool = True, doc_len: float | None = None) -> float:
         """Forward FLOPs of one token's attention scores and weighted sum over `seq_len` keys
-        (ATTENTION_FLOPS_PER_PAIR x head_dim per key and head), halved for a causal mask."""
+        (ATTENTION_FLOPS_PER_PAIR x head_dim per key and head), halved for a causal mask. With
+        packed documents of length `doc_len` a token sees only its own document's keys (the
+        skipped blocks are not computed), so min(doc_len, seq_len) replaces seq_len."""
         width = self.n_heads * self.head_dim
-        return ATTENTION_FLOPS_PER_PAIR * seq_len * width * self.n_layers * (0.5 if causal else 1.0)
+        keys = seq_len if doc_len is None else min(float(doc_len), seq_len)
+        return ATTENTION_FLOPS_PER_PAIR * keys * width * self.n_layers * (0.5 if causal else 1.0)
 
-    def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
+    def flops_per_token(self, seq_len: int, causal: bool = True, doc_len: float | None = None) -> float:
         """Model FLOPs of one training token: forward + backward = 3x forward (recompute not counted)."""
-        return 3.0 * (self.matmul_flops_per_token() + self.attention_flops_per_token(seq_len, causal))
+        return 3.0 * (self.matmul_flops_per_token() + self.attention_flops_per_token(seq_len, causal, doc_len))
 
 
 
@@ -113,11 +116,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin [seq_local, 1, head_dim/2] for the *global* positions [seq_local] of the local tokens."""
+    """cos, sin [..., seq_local, 1, head_dim/2] for the positions [..., seq_local] of the local tokens
+    ([seq_local] global positions, or [batch, seq_local] positions inside each row's documents)."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=work, device=positions.device) / head_dim)
-    angles = positions.to(work)[:, None] * inv_freq[None, :]
-    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+    angles = positions.to(work)[..., None] * inv_freq
+    return angles.cos().unsqueeze(-2), angles.sin().unsqueeze(-2)
 
 
 def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
@@ -205,9 +209,9 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, tokens: Tensor, positions: Tensor, labels: Tensor | None = None, cu_seqlens=None):
-        """tokens/labels [batch, seq_local] (int64), positions [seq_local] (global indices, or
-        positions inside documents with packed documents); cu_seqlens: global document
-        boundaries, passed to every layer's attention (see `SeqParallel.attention`).
+        """tokens/labels [batch, seq_local] (int64); positions [seq_local] (global indices) or, with
+        packed documents, positions inside documents ([batch, seq_local] for per-row cu_seqlens);
+        cu_seqlens: global document boundaries, passed to every layer's attention.
 
         Without labels: logits [batch, seq_local, vocab]. With labels: (loss_sum, n_valid), the
         *sum* of token cross-entropies of this rank's tokens (fp32/fp64) and the number of

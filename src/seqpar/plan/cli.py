@@ -50,6 +50,8 @@ def _model_arguments(model) -> None:
     model.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bfloat16")
     model.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     model.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="ZeRO stage (memory only)")
+    model.add_argument("--mean-doc-len", type=float, help="packed documents of this mean length: attention skips "
+                       "the blocks where documents do not meet (default: one document per sequence)")
 
 
 def _profile_arguments(prof) -> None:
@@ -73,7 +75,7 @@ def plan_input_from_args(args: argparse.Namespace) -> PlanInput:
     cluster = Cluster(args.world, args.ranks_per_node, args.intra_bw, args.inter_bw, args.intra_lat,
                       args.inter_lat, args.tflops, args.efficiency, args.memory_gib, args.host_bw)
     return PlanInput(cluster, replace(preset, **overrides), args.seq_len, args.batch, args.dtype, args.causal,
-                     args.zero)
+                     args.zero, getattr(args, "mean_doc_len", None))
 
 
 def _strategies(args) -> list[str] | None:
@@ -139,7 +141,9 @@ def _describe(inp: PlanInput) -> str:
     return (f"P={c.world} ({c.ranks_per_node}/node, intra {c.intra_bw:g} GB/s {c.intra_lat:g} us, inter "
             f"{c.inter_bw:g} GB/s {c.inter_lat:g} us, {c.tflops:g} TFLOP/s x {c.efficiency:g}, {c.memory_gib:g} GiB)"
             f"; model L={m.layers} H={m.hidden} heads={m.heads}/{m.kv_heads} ffn={m.ffn_hidden} V={m.vocab}; "
-            f"N={inp.seq_len} B={inp.batch} {inp.dtype} {'causal' if inp.causal else 'full'} ZeRO-{inp.zero}")
+            f"N={inp.seq_len} B={inp.batch} {inp.dtype} {'causal' if inp.causal else 'full'} ZeRO-{inp.zero}"
+            + (f"; documents of mean length {inp.mean_doc_len:g} (attention x{inp.attention_fraction:.3g})"
+               if inp.mean_doc_len else ""))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -6,6 +6,8 @@ mask and ZeRO stage. `Config` is one candidate: the arguments of `seqpar.init`.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -141,8 +143,11 @@ class PlanInput:
     dtype: str = "bfloat16"
     causal: bool = True
     zero: int = 0  # ZeRO stage over the world: 1 shards optimizer states, 2 also grads, 3 also weights
+    mean_doc_len: float | None = None  # packed documents of this mean length (None: one document)
 
     def __post_init__(self):
+        if self.mean_doc_len is not None and not (math.isfinite(self.mean_doc_len) and self.mean_doc_len >= 1):
+            raise ValueError(f"mean document length must be a finite number >= 1, got {self.mean_doc_len}")
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"zero stage must be 0, 1, 2 or 3, got {self.zero}")
         if self.dtype not in DTYPE_BYTES:
@@ -169,6 +174,18 @@ class PlanInput:
     @property
     def tokens_per_rank(self) -> int:
         return self.seq_len // self.world
+
+    @property
+    def attention_fraction(self) -> float:
+        """Fraction of the (causal or full) attention pairs that packed documents of mean length L
+        keep, taken as equal-length documents: (L+1)/(N+1) causal, L/N full. seqpar skips the
+        block pairs whose documents do not meet and splits the others at document boundaries, so
+        attention compute scales by this fraction (on a document-balanced layout); communication
+        does not (K/V still travel)."""
+        if self.mean_doc_len is None or self.mean_doc_len >= self.seq_len:
+            return 1.0
+        length = self.mean_doc_len
+        return (length + 1) / (self.seq_len + 1) if self.causal else length / self.seq_len
 
 
 @dataclass(frozen=True)

@@ -177,8 +177,9 @@ def max_bytes_by_kind(schedules: list[list[Stage]]) -> dict[str, int]:
 
 # -- block compute -----------------------------------------------------------------------------
 def attention_flops(inp: PlanInput, heads: int, pairs: int) -> float:
-    """Forward flops of `pairs` (query, key) pairs on `heads` heads (seqpar.model's per-pair count)."""
-    return float(inp.batch) * heads * pairs * ATTENTION_FLOPS_PER_PAIR * inp.model.head_dim
+    """Forward flops of `pairs` (query, key) pairs on `heads` heads (seqpar.model's per-pair count),
+    of which packed documents keep `inp.attention_fraction`."""
+    return float(inp.batch) * heads * pairs * ATTENTION_FLOPS_PER_PAIR * inp.model.head_dim * inp.attention_fraction
 
 
 @lru_cache(maxsize=None)

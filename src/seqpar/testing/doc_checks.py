@@ -150,3 +150,20 @@ def packed_training(strategy: str, init_kwargs: dict[str, Any] | None = None, *,
         average_gradients(net.parameters(), mesh, mode=grad_mode(strategy))
         opt.step()
     return losses
+
+
+def packed_loader_batch(strategy: str, init_kwargs: dict[str, Any], tokens: list[int], doc_starts: list[int],
+                        seq_len: int, batch: int = 2) -> dict[str, Any]:
+    """Step 0 of a packed SequenceLoader, sharded by `shard_batch` and gathered back: the window
+    offsets, full labels and full per-document positions of every row."""
+    import numpy as np
+
+    from seqpar.data import SequenceLoader, shard_batch
+
+    ctx = seqpar.init(strategy, **init_kwargs)
+    loader = SequenceLoader(np.asarray(tokens), seq_len, batch, vocab_size=1000, doc_starts=np.asarray(doc_starts))
+    packed = loader.documents_at(0)
+    cu = packed.cu_seqlens()
+    _, labels, positions = shard_batch(ctx, loader.batch_at(0), cu_seqlens=cu, ignore=packed.ignored_labels())
+    return {"offsets": loader.global_offsets(0).tolist(), "labels": ctx.unshard(labels, cu_seqlens=cu).tolist(),
+            "positions": ctx.unshard(positions, cu_seqlens=cu).tolist(), "cu": [c.tolist() for c in cu]}

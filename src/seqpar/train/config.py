@@ -53,6 +53,10 @@ class TrainConfig:
     data: str = _opt("", "raw byte file, .npy or .bin token file; empty: Python stdlib corpus")
     corpus_bytes: int = _opt(4_000_000, "size of the stdlib corpus")
     val_fraction: float = _opt(0.05, "held-out tail of the data for validation")
+    pack_documents: bool = _opt(True, "mask attention at document boundaries (positions restart, no label "
+                                      "crosses into the next document) where the data has documents: the stdlib "
+                                      "corpus's files, a data file's <file>.docs.npy index, or --doc-separator")
+    doc_separator: int = _opt(-1, "token id that ends every document of the data file (EOS style); -1: none")
     seq_len: int = _opt(1024, "global sequence length (sharded over sp ranks)")
     batch: int = _opt(1, "sequences per data-parallel rank and step")
     # optimisation
@@ -144,6 +148,12 @@ class TrainConfig:
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("need 0 <= beta1, beta2 < 1, weight_decay >= 0 and grad_clip >= 0")
+        if self.doc_separator < -1 or (self.doc_separator >= 0 and not self.pack_documents):
+            raise ValueError(f"doc_separator {self.doc_separator}: needs a token id >= 0 (-1: none) and "
+                             "--pack-documents")
+        if self.doc_separator >= self.vocab_size:
+            raise ValueError(f"doc_separator {self.doc_separator} is not a token id of the model's vocabulary "
+                             f"(vocab_size {self.vocab_size})")
         if self.peak_tflops < 0:
             raise ValueError(f"peak_tflops must be >= 0 (0 = auto), got {self.peak_tflops}")
         if not (self.timeout > 0 and self.stop_grace > 0 and self.stall_timeout >= 0):
@@ -165,6 +175,10 @@ class TrainConfig:
             raise ValueError(f"dp ({self.dp}) x sp ({self.sp or 'auto'}) must equal the number of processes "
                              f"({world})")
         layout = self.strategy_settings(world).layout
+        if layout.kind == "documents" and self.pack_documents and self.batch > 1:
+            raise ValueError(f"layout 'documents' places tokens by one batch's documents, but --pack-documents "
+                             f"gives each of the {self.batch} rows its own: use --batch 1 (more rows: --dp) or "
+                             f"another layout")
         try:
             layout.check(self.seq_len)
         except ValueError as e:

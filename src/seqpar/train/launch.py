@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from ..attention.ulysses import kv_replication
 from ..checkpoint import read_meta, resolve_checkpoint
-from ..data import open_tokens, split_tokens, stdlib_corpus
+from ..data import find_documents, open_tokens, split_tokens, stdlib_corpus
 from ..kernels import get_kernel
 from ..world import init_local_gloo, start_ranks
 from . import control
@@ -80,9 +80,21 @@ def resolve_inputs(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"data {data.path!r} needs vocab_size >= {data.vocab_size}, the model has "
                          f"{cfg.vocab_size}")
     split_tokens(data, cfg.val_fraction, cfg.seq_len)
+    if cfg.pack_documents:  # a corrupt index or an absent separator fails here, in one line
+        find_documents(data, cfg.doc_separator if cfg.doc_separator >= 0 else None)
     if cfg.resume:
         resolve_checkpoint(cfg.resume, Path(cfg.out_dir) / "checkpoints")
     return cfg
+
+
+def documents_note(cfg: TrainConfig) -> str:
+    """How the run treats document boundaries, for the launch line."""
+    if not cfg.pack_documents:
+        return "documents not packed (--no-pack-documents)"
+    starts = find_documents(open_tokens(cfg.data), cfg.doc_separator if cfg.doc_separator >= 0 else None).doc_starts
+    if starts is None:
+        return "no document boundaries in the data (add <file>.docs.npy or --doc-separator to pack)"
+    return f"{len(starts)} packed documents (mean length {round(len(open_tokens(cfg.data)) / len(starts))})"
 
 
 def prepare(cfg: TrainConfig, world: int, device: str = "cpu") -> TrainConfig:
@@ -239,6 +251,7 @@ def main(args: argparse.Namespace) -> int:
                                            control.latest_checkpoint(cfg.out_dir)), file=sys.stderr)
                 return 128 + signals.received[0]
             print(f"seqpar train: {cfg.nproc} local gloo processes, strategy {cfg.strategy} (dp={cfg.dp}, "
-                  f"sp={cfg.sp_size(world)}), seq_len {cfg.seq_len}, data {cfg.data}, out {cfg.out_dir}",
+                  f"sp={cfg.sp_size(world)}), seq_len {cfg.seq_len}, data {cfg.data}, {documents_note(cfg)}, "
+                  f"out {cfg.out_dir}",
                   file=sys.stderr)
             return launch_local(cfg, signals)

@@ -24,7 +24,8 @@ import seqpar
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from ..comm import Comm
-from ..data import SequenceLoader, open_tokens, shard_batch, split_tokens, stdlib_corpus
+from ..data import SequenceLoader, find_documents, open_tokens, shard_batch, split_tokens, stdlib_corpus
+from ..documents import visible_pairs
 from ..metrics import (JsonlLog, ProgressBar, default_peak_tflops, peak_memory_mb, plot_loss_curve, read_jsonl,
                        training_flops_per_token)
 from ..model import Transformer
@@ -48,13 +49,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def loss_and_backward(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
-                      positions: torch.Tensor, world: Comm, autocast=contextlib.nullcontext) -> float:
-    """Forward + backward of this rank's shard with the global-mean normalisation (see module doc).
+                      positions: torch.Tensor, world: Comm, autocast=contextlib.nullcontext,
+                      cu_seqlens=None) -> float:
+    """Forward + backward of this rank's shard with the global-mean normalisation (see module doc);
+    cu_seqlens (packed documents) reach every layer.
 
     Returns the global mean token loss of the batch (identical on every rank).
     """
+    extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
     with autocast():
-        loss_sum, count = model(tokens, positions, labels)
+        loss_sum, count = model(tokens, positions, labels, **extra)
     totals = torch.stack([loss_sum.detach().double(), count.double()])
     world.all_reduce(totals, kind="loss_all_reduce")
     if totals[1] <= 0:
@@ -126,11 +130,30 @@ class Trainer:
         if data.vocab_size > cfg.vocab_size:
             raise ValueError(f"data {data.path!r} needs vocab_size >= {data.vocab_size}, the model has "
                              f"{cfg.vocab_size}")
-        train_tokens, val_tokens = split_tokens(data, cfg.val_fraction, cfg.seq_len)
+        if cfg.pack_documents:
+            data = find_documents(data, cfg.doc_separator if cfg.doc_separator >= 0 else None)
+        self.packed = data.doc_starts is not None
+        train, val = split_tokens(data, cfg.val_fraction, cfg.seq_len)
         common = dict(seq_len=cfg.seq_len, batch=cfg.batch, vocab_size=cfg.vocab_size, dp=self.mesh.dp,
                       dp_rank=self.mesh.dp_rank)
-        self.loader = SequenceLoader(train_tokens, seed=cfg.seed, **common)
-        self.val_loader = SequenceLoader(val_tokens, seed=cfg.seed + 1, **common)
+        self.loader = SequenceLoader(train.tokens, seed=cfg.seed, doc_starts=train.doc_starts, **common)
+        self.val_loader = SequenceLoader(val.tokens, seed=cfg.seed + 1, doc_starts=val.doc_starts, **common)
+
+    def _shard(self, loader: SequenceLoader, step: int):
+        """Batch `step` of `loader`, sharded: tokens, labels, positions, cu_seqlens (None unpacked)."""
+        window, packed = loader.batch_at(step), loader.documents_at(step)
+        if packed is None:
+            return (*shard_batch(self.ctx, window, self.device), None)
+        cu = packed.cu_seqlens()
+        return (*shard_batch(self.ctx, window, self.device, cu, packed.ignored_labels()), cu)
+
+    def _flops_per_token(self, cu_seqlens) -> float:
+        """Training FLOPs per token of this batch: packed documents attend within themselves only."""
+        if cu_seqlens is None:
+            return self.flops_per_token
+        seq = self.cfg.seq_len
+        doc_len = sum(2 * visible_pairs(cu.tolist(), True) / seq for cu in cu_seqlens) / len(cu_seqlens)
+        return training_flops_per_token(self.model_cfg, seq, causal=True, doc_len=doc_len)
 
     def _autocast(self):
         if self.cfg.dtype == "bfloat16":
@@ -146,8 +169,9 @@ class Trainer:
             group["lr"] = lr
         self.mesh.stats.reset()
         t0 = time.perf_counter()
-        tokens, labels, positions = shard_batch(self.ctx, self.loader.next(), self.device)
-        loss = loss_and_backward(self.model, tokens, labels, positions, self.mesh.world_comm, self._autocast)
+        tokens, labels, positions, cu = self._shard(self.loader, self.loader.step)
+        self.loader.step += 1
+        loss = loss_and_backward(self.model, tokens, labels, positions, self.mesh.world_comm, self._autocast, cu)
         self._sync_gradients()
         grad_norm = self._clip()
         # the loss is all-reduced and the norm is of the averaged (or FSDP-global) gradient, so every
@@ -160,7 +184,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
         self.step += 1
-        record = self._record(loss, lr, grad_norm, seconds, skipped=not finite)
+        record = self._record(loss, lr, grad_norm, seconds, skipped=not finite, flops_per_token=self._flops_per_token(cu))
         self._nonfinite_skips = 0 if finite else getattr(self, "_nonfinite_skips", 0) + 1
         if not finite and (cfg.nonfinite == "stop" or self._nonfinite_skips > cfg.max_skips):
             if self.log is not None:  # the failing step is logged (loss / grad_norm null) before stopping
@@ -197,11 +221,11 @@ class Trainer:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def _record(self, loss: float, lr: float, grad_norm: float, seconds: float,
-                skipped: bool = False) -> dict[str, Any]:
+    def _record(self, loss: float, lr: float, grad_norm: float, seconds: float, skipped: bool = False,
+                flops_per_token: float | None = None) -> dict[str, Any]:
         tokens = self.mesh.dp * self.cfg.batch * self.cfg.seq_len
         comm = self.mesh.stats.snapshot()
-        flops_per_s = self.flops_per_token * tokens / seconds
+        flops_per_s = (flops_per_token or self.flops_per_token) * tokens / seconds
         return {"type": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "skipped": skipped, "step_time_s": seconds, "tokens_per_s": tokens / seconds,
                 "mfu": flops_per_s / (self.peak_tflops * 1e12 * self.mesh.size),
@@ -213,9 +237,9 @@ class Trainer:
         """Mean token loss over `eval_batches` fixed validation batches (same on every rank)."""
         totals = torch.zeros(2, dtype=torch.float64)
         for i in range(self.cfg.eval_batches):
-            tokens, labels, positions = shard_batch(self.ctx, self.val_loader.batch_at(i), self.device)
+            tokens, labels, positions, cu = self._shard(self.val_loader, i)
             with self._autocast():
-                loss_sum, count = self.model(tokens, positions, labels)
+                loss_sum, count = self.model(tokens, positions, labels, **({} if cu is None else {"cu_seqlens": cu}))
             totals += torch.stack([loss_sum.double().cpu(), count.double().cpu()])
         totals = totals.to(self.device)
         self.mesh.world_comm.all_reduce(totals, kind="loss_all_reduce")
@@ -321,6 +345,7 @@ class Trainer:
     def _write_config(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         info = {"config": self.cfg.to_dict(), "num_params": self.num_params, "world_size": self.mesh.size,
+                "packed_documents": self.packed,
                 "context": self.ctx.describe(), "torch": torch.__version__}
         (self.out_dir / "config.json").write_text(json.dumps(info, indent=1, default=str))
 
