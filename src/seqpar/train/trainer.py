@@ -24,16 +24,13 @@ import seqpar
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from ..comm import Comm
-from ..data import SequenceLoader, find_documents, open_tokens, shard_batch, split_tokens, stdlib_corpus
-from ..documents import visible_pairs
-from ..metrics import (JsonlLog, ProgressBar, default_peak_tflops, peak_memory_mb, plot_loss_curve, read_jsonl,
-                       training_flops_per_token)
-from ..model import Transformer
+from ..metrics import JsonlLog, ProgressBar, default_peak_tflops, peak_memory_mb, plot_loss_curve, read_jsonl
 from ..parallel import ParallelMesh, average_gradients
 from . import control
-from .config import _SHAPE_KEYS, TrainConfig
+from .config import TrainConfig
+from .tasks import build_task
 
-__all__ = ["Trainer", "train", "lr_at", "loss_and_backward", "NonFiniteError"]
+__all__ = ["Trainer", "train", "lr_at", "loss_and_backward", "backward_global_mean", "NonFiniteError"]
 
 
 class NonFiniteError(ValueError):
@@ -59,6 +56,13 @@ def loss_and_backward(model: torch.nn.Module, tokens: torch.Tensor, labels: torc
     extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
     with autocast():
         loss_sum, count = model(tokens, positions, labels, **extra)
+    return backward_global_mean(loss_sum, count, world)
+
+
+def backward_global_mean(loss_sum: torch.Tensor, count: torch.Tensor, world: Comm) -> float:
+    """Back-propagate this rank's share of the global mean: one all-reduce of (sum, count) over
+    the world, then backward of loss_sum * world / global_count (see the module docstring).
+    Returns the global mean (identical on every rank)."""
     totals = torch.stack([loss_sum.detach().double(), count.double()])
     world.all_reduce(totals, kind="loss_all_reduce")
     if totals[1] <= 0:
@@ -73,7 +77,7 @@ def _device_for(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
-def _apply_fsdp(model: Transformer, group: dist.ProcessGroup | None, device: torch.device) -> None:
+def _apply_fsdp(model: torch.nn.Module, group: dist.ProcessGroup | None, device: torch.device) -> None:
     """FSDP2: shard every block and the root over all ranks of `group` (works on CPU/gloo too)."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
@@ -105,55 +109,20 @@ class Trainer:
         self.settings = cfg.strategy_settings(world)
         self.ctx = seqpar.init(cfg.strategy, group=self.mesh.sp_group, stats=self.mesh.stats, kernel=cfg.kernel,
                                **self.settings.init_kwargs())
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model_cfg = cfg.model_config()
-        param_dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-        self.model = Transformer(self.model_cfg, self.ctx).to(device=self.device, dtype=param_dtype)
-        self.num_params = self.model.num_params()
+        self.task = build_task(cfg, self.ctx, self.mesh.dp, self.mesh.dp_rank, self.device)
+        self.model = self.task.model
+        self.num_params = sum(p.numel() for p in self.model.parameters())
         if cfg.fsdp:
             _apply_fsdp(self.model, group, self.device)
         self.optimizer = _optimizer(self.model, cfg)
-        self._build_loaders()
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.step = 0
         if cfg.resume:
             self._resume()
-        self.flops_per_token = training_flops_per_token(self.model_cfg, cfg.seq_len, causal=True)
         self.peak_tflops = cfg.peak_tflops or default_peak_tflops(self.device, cfg.torch_dtype)
         self.log = JsonlLog(self.out_dir / "metrics.jsonl", keep_until_step=self.step if cfg.resume else None) \
             if self.rank == 0 else None
-
-    def _build_loaders(self) -> None:
-        cfg = self.cfg
-        data = open_tokens(cfg.data or stdlib_corpus(Path(cfg.out_dir) / "data", cfg.corpus_bytes))
-        if data.vocab_size > cfg.vocab_size:
-            raise ValueError(f"data {data.path!r} needs vocab_size >= {data.vocab_size}, the model has "
-                             f"{cfg.vocab_size}")
-        if cfg.pack_documents:
-            data = find_documents(data, cfg.doc_separator if cfg.doc_separator >= 0 else None)
-        self.packed = data.doc_starts is not None
-        train, val = split_tokens(data, cfg.val_fraction, cfg.seq_len)
-        common = dict(seq_len=cfg.seq_len, batch=cfg.batch, vocab_size=cfg.vocab_size, dp=self.mesh.dp,
-                      dp_rank=self.mesh.dp_rank)
-        self.loader = SequenceLoader(train.tokens, seed=cfg.seed, doc_starts=train.doc_starts, **common)
-        self.val_loader = SequenceLoader(val.tokens, seed=cfg.seed + 1, doc_starts=val.doc_starts, **common)
-
-    def _shard(self, loader: SequenceLoader, step: int):
-        """Batch `step` of `loader`, sharded: tokens, labels, positions, cu_seqlens (None unpacked)."""
-        window, packed = loader.batch_at(step), loader.documents_at(step)
-        if packed is None:
-            return (*shard_batch(self.ctx, window, self.device), None)
-        cu = packed.cu_seqlens()
-        return (*shard_batch(self.ctx, window, self.device, cu, packed.ignored_labels()), cu)
-
-    def _flops_per_token(self, cu_seqlens) -> float:
-        """Training FLOPs per token of this batch: packed documents attend within themselves only."""
-        if cu_seqlens is None:
-            return self.flops_per_token
-        seq = self.cfg.seq_len
-        doc_len = sum(2 * visible_pairs(cu.tolist(), True) / seq for cu in cu_seqlens) / len(cu_seqlens)
-        return training_flops_per_token(self.model_cfg, seq, causal=True, doc_len=doc_len)
 
     def _autocast(self):
         if self.cfg.dtype == "bfloat16":
@@ -169,9 +138,11 @@ class Trainer:
             group["lr"] = lr
         self.mesh.stats.reset()
         t0 = time.perf_counter()
-        tokens, labels, positions, cu = self._shard(self.loader, self.loader.step)
-        self.loader.step += 1
-        loss = loss_and_backward(self.model, tokens, labels, positions, self.mesh.world_comm, self._autocast, cu)
+        batch = self.task.batch("train", self.task.step)
+        self.task.advance()
+        with self._autocast():
+            loss_sum, count = self.task.loss_terms(batch)
+        loss = backward_global_mean(loss_sum, count, self.mesh.world_comm)
         self._sync_gradients()
         grad_norm = self._clip()
         # the loss is all-reduced and the norm is of the averaged (or FSDP-global) gradient, so every
@@ -184,7 +155,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
         self.step += 1
-        record = self._record(loss, lr, grad_norm, seconds, skipped=not finite, flops_per_token=self._flops_per_token(cu))
+        record = self._record(loss, lr, grad_norm, seconds, self.task.flops_per_token(batch), skipped=not finite)
         self._nonfinite_skips = 0 if finite else getattr(self, "_nonfinite_skips", 0) + 1
         if not finite and (cfg.nonfinite == "stop" or self._nonfinite_skips > cfg.max_skips):
             if self.log is not None:  # the failing step is logged (loss / grad_norm null) before stopping
@@ -204,7 +175,7 @@ class Trainer:
 
     def _sync_gradients(self) -> None:
         if self.cfg.fsdp:  # FSDP reduce-scatters (averages) inside backward; count its bytes (estimate)
-            n, pbytes = self.mesh.size, self.num_params * self.model.output.weight.element_size()
+            n, pbytes = self.mesh.size, self.num_params * next(self.model.parameters()).element_size()
             vol = pbytes * (n - 1) // n
             self.mesh.stats.record("fsdp_all_gather_est", 2 * vol, 2 * vol)  # forward + backward re-gather
             self.mesh.stats.record("fsdp_reduce_scatter_est", vol, vol)
@@ -221,11 +192,11 @@ class Trainer:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def _record(self, loss: float, lr: float, grad_norm: float, seconds: float, skipped: bool = False,
-                flops_per_token: float | None = None) -> dict[str, Any]:
-        tokens = self.mesh.dp * self.cfg.batch * self.cfg.seq_len
+    def _record(self, loss: float, lr: float, grad_norm: float, seconds: float, flops_per_token: float,
+                skipped: bool = False) -> dict[str, Any]:
+        tokens = self.mesh.dp * self.task.tokens_per_batch
         comm = self.mesh.stats.snapshot()
-        flops_per_s = (flops_per_token or self.flops_per_token) * tokens / seconds
+        flops_per_s = flops_per_token * tokens / seconds
         return {"type": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "skipped": skipped, "step_time_s": seconds, "tokens_per_s": tokens / seconds,
                 "mfu": flops_per_s / (self.peak_tflops * 1e12 * self.mesh.size),
@@ -237,9 +208,8 @@ class Trainer:
         """Mean token loss over `eval_batches` fixed validation batches (same on every rank)."""
         totals = torch.zeros(2, dtype=torch.float64)
         for i in range(self.cfg.eval_batches):
-            tokens, labels, positions, cu = self._shard(self.val_loader, i)
             with self._autocast():
-                loss_sum, count = self.model(tokens, positions, labels, **({} if cu is None else {"cu_seqlens": cu}))
+                loss_sum, count = self.task.loss_terms(self.task.batch("val", i))
             totals += torch.stack([loss_sum.double().cpu(), count.double().cpu()])
         totals = totals.to(self.device)
         self.mesh.world_comm.all_reduce(totals, kind="loss_all_reduce")
@@ -248,7 +218,7 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self) -> Path:
         self._check_finite_state()
-        meta = {"loader": self.loader.state_dict(), "model": self.model_cfg.to_dict(), "config": self.cfg.to_dict()}
+        meta = {"loader": self.task.loader_state(), "model": self.task.shape(), "config": self.cfg.to_dict()}
         return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, meta, self.group,
                                keep=self.cfg.keep_checkpoints)
 
@@ -270,15 +240,15 @@ class Trainer:
     def _resume(self) -> None:
         path = resolve_checkpoint(self.cfg.resume, self.ckpt_root)  # sizes only; load_checkpoint hashes
         meta = load_checkpoint(path, self.model, self.optimizer, self.group)
-        saved = {k: meta.get("model", {}).get(k) for k in _SHAPE_KEYS}
-        wanted = {k: getattr(self.model_cfg, k) for k in _SHAPE_KEYS}
+        wanted = self.task.shape()
+        saved = {k: meta.get("model", {}).get(k) for k in wanted}
         if saved != wanted:
             raise ValueError(f"checkpoint {str(path)!r} holds a model of shape {saved}, this run has {wanted}")
-        self.loader.load_state_dict(meta["loader"])
+        self.task.load_loader_state(meta["loader"])
         self.step = int(meta["step"])
-        if self.step != self.loader.step:
+        if self.step != self.task.step:
             raise ValueError(f"checkpoint {str(path)!r} is inconsistent: step {self.step} vs loader step "
-                             f"{self.loader.step}")
+                             f"{self.task.step}")
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -345,7 +315,7 @@ class Trainer:
     def _write_config(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         info = {"config": self.cfg.to_dict(), "num_params": self.num_params, "world_size": self.mesh.size,
-                "packed_documents": self.packed,
+                "packed_documents": self.task.packed,
                 "context": self.ctx.describe(), "torch": torch.__version__}
         (self.out_dir / "config.json").write_text(json.dumps(info, indent=1, default=str))
 

@@ -1,0 +1,141 @@
+"""What the trainer trains: a `Task` owns the model, its batches and its loss terms.
+
+The trainer (trainer.py) is the same loop for every task: it asks the task for the batch
+of a step, for the (loss_sum, count) of its local shard, and normalises by the global
+count (`backward_global_mean`). A task:
+
+- `model`: an nn.Module with `layers` (FSDP wraps each) built on the sequence-parallel context;
+- `batch(split, step)`: the sharded batch of a step ("train" or "val"), opaque to the trainer;
+- `loss_terms(batch)`: (sum of this rank's loss terms, their number), as 0-d tensors;
+- `flops_per_token(batch)`, `tokens_per_batch`: for tokens/s and MFU;
+- `loader_state()` / `load_loader_state(state)`: resumable data position (step);
+- `shape()`: what a checkpoint must match to be resumed; `finish(out_dir)`: end-of-run output.
+
+`LanguageTask`: the built-in Llama-style `Transformer`, or a Hugging Face causal LM
+(`--hf-model`), on token data with packed documents.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..context import SeqParallel
+from ..data import SequenceLoader, find_documents, open_tokens, shard_batch, split_tokens, stdlib_corpus
+from ..documents import visible_pairs
+from ..metrics import training_flops_per_token
+from ..model import Transformer
+from .config import _SHAPE_KEYS, TrainConfig
+
+__all__ = ["Task", "LanguageTask", "build_task", "corpus_path"]
+
+
+class Task:
+    """Base class; see the module docstring for the protocol."""
+
+    model: torch.nn.Module
+    tokens_per_batch: int
+    packed: bool = False
+
+    def batch(self, split: str, step: int) -> Any:
+        raise NotImplementedError
+
+    def loss_terms(self, batch: Any) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def flops_per_token(self, batch: Any) -> float:
+        raise NotImplementedError
+
+    def loader_state(self) -> dict:
+        return self.loaders["train"].state_dict()
+
+    def load_loader_state(self, state: dict) -> None:
+        self.loaders["train"].load_state_dict(state)
+
+    @property
+    def step(self) -> int:
+        """The next training batch's step."""
+        return self.loaders["train"].step
+
+    def advance(self) -> None:
+        self.loaders["train"].step += 1
+
+    def shape(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def finish(self, out_dir: Path) -> list[Path]:
+        """Files written at the end of a run (rank 0 calls it after the loss curve)."""
+        return []
+
+
+def corpus_path(cfg: TrainConfig) -> str:
+    """The data file: --data, or the stdlib corpus (built once, with its document index)."""
+    return cfg.data or str(stdlib_corpus(Path(cfg.out_dir) / "data", cfg.corpus_bytes))
+
+
+def param_dtype(cfg: TrainConfig) -> torch.dtype:
+    """Weights are fp64 for float64 runs, fp32 otherwise (bf16 runs autocast)."""
+    return torch.float64 if cfg.dtype == "float64" else torch.float32
+
+
+class LanguageTask(Task):
+    """Next-token prediction on token data: tokens, labels shifted before sharding, positions
+    (restarting per document when packed), cu_seqlens for every layer."""
+
+    def __init__(self, cfg: TrainConfig, ctx: SeqParallel, dp: int, dp_rank: int, device: torch.device):
+        self.cfg, self.ctx, self.device = cfg, ctx, device
+        self.model_cfg = cfg.model_config()
+        self.model = Transformer(self.model_cfg, ctx).to(device=device, dtype=param_dtype(cfg))
+        self.loaders = self._loaders(dp, dp_rank)
+        self.tokens_per_batch = cfg.batch * cfg.seq_len
+        self._flops = training_flops_per_token(self.model_cfg, cfg.seq_len, causal=True)
+
+    def _loaders(self, dp: int, dp_rank: int) -> dict[str, SequenceLoader]:
+        cfg = self.cfg
+        data = open_tokens(corpus_path(cfg))
+        if data.vocab_size > cfg.vocab_size:
+            raise ValueError(f"data {data.path!r} needs vocab_size >= {data.vocab_size}, the model has "
+                             f"{cfg.vocab_size}")
+        if cfg.pack_documents:
+            data = find_documents(data, cfg.doc_separator if cfg.doc_separator >= 0 else None)
+        self.packed = data.doc_starts is not None
+        train, val = split_tokens(data, cfg.val_fraction, cfg.seq_len)
+        common = dict(seq_len=cfg.seq_len, batch=cfg.batch, vocab_size=cfg.vocab_size, dp=dp, dp_rank=dp_rank)
+        return {"train": SequenceLoader(train.tokens, seed=cfg.seed, doc_starts=train.doc_starts, **common),
+                "val": SequenceLoader(val.tokens, seed=cfg.seed + 1, doc_starts=val.doc_starts, **common)}
+
+    def batch(self, split: str, step: int) -> tuple[Tensor, Tensor, Tensor, list[Tensor] | None]:
+        """Sharded tokens, labels [batch, seq_local], positions, cu_seqlens (None unpacked)."""
+        loader = self.loaders[split]
+        window, packed = loader.batch_at(step), loader.documents_at(step)
+        if packed is None:
+            return (*shard_batch(self.ctx, window, self.device), None)
+        cu = packed.cu_seqlens()
+        return (*shard_batch(self.ctx, window, self.device, cu, packed.ignored_labels()), cu)
+
+    def loss_terms(self, batch) -> tuple[Tensor, Tensor]:
+        tokens, labels, positions, cu = batch
+        return self.model(tokens, positions, labels, **({} if cu is None else {"cu_seqlens": cu}))
+
+    def flops_per_token(self, batch) -> float:
+        """Training FLOPs per token: packed documents attend within themselves only."""
+        cu_seqlens = batch[3]
+        if cu_seqlens is None:
+            return self._flops
+        seq = self.cfg.seq_len
+        doc_len = sum(2 * visible_pairs(cu.tolist(), True) / seq for cu in cu_seqlens) / len(cu_seqlens)
+        return training_flops_per_token(self.model_cfg, seq, causal=True, doc_len=doc_len)
+
+    def shape(self) -> dict[str, Any]:
+        return {k: getattr(self.model_cfg, k) for k in _SHAPE_KEYS}
+
+    def describe(self) -> dict[str, Any]:
+        return self.model_cfg.to_dict()
+
+
+def build_task(cfg: TrainConfig, ctx: SeqParallel, dp: int, dp_rank: int, device: torch.device) -> Task:
+    """The task of this run's config (same weights on every rank: seeded before building)."""
+    torch.manual_seed(cfg.seed)
+    return LanguageTask(cfg, ctx, dp, dp_rank, device)
