@@ -1,0 +1,350 @@
+"""Hugging Face causal LMs (Llama, Qwen2, Qwen3, Mistral, ...) through any seqpar strategy.
+
+`HFCausalLM(hf_model, ctx)` wraps a `transformers` causal LM so that it follows the protocol of
+`seqpar.model.Transformer`: `forward(tokens, positions, labels=None, cu_seqlens=None)` on this
+rank's shard of the sequence, `(loss_sum, count)` with labels, logits without; `layers` (the
+decoder blocks, for FSDP) and `num_params()`. Its state-dict keys are the HF model's keys with
+the prefix ``hf_model.``.
+
+How the context reaches attention: importing this module registers ONE attention function,
+``"seqpar"``, in transformers' `AttentionInterface` (no model class is patched). The wrapper
+sets the model's `attn_implementation` to it and passes its context with every forward as the
+keyword argument ``seqpar_context`` (and the packed-document boundaries as
+``seqpar_cu_seqlens``); transformers hands a model's forward kwargs through every decoder
+layer to the attention function, which calls `ctx.attention(q, k, v, causal=True,
+scale=scaling, cu_seqlens=...)`. So each model carries its own context and no process group
+is global; calling `.hf_model` directly without ``seqpar_context`` raises. ``"seqpar"`` has no
+entry in transformers' `AttentionMaskInterface`, which is transformers' sanctioned way for
+custom attention to get no mask at all (`create_causal_mask` returns None) rather than one
+built for the local shard only; the causal and document masks are applied by seqpar, over the
+global sequence.
+
+Helpers for the trainer / CLI: `load_hf_model` (a local model directory: config.json, with or
+without safetensors weights), `hf_vocab_size`, `tokenize_corpus` (text -> seqpar token file
+with the model's tokenizer) and `export_checkpoint` (a seqpar training checkpoint -> a
+`save_pretrained` directory that `AutoModelForCausalLM.from_pretrained` loads).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint import resolve_checkpoint
+from .context import SeqParallel
+from .data import write_token_file
+from .documents import check_cu_seqlens
+from .io import atomic_write
+
+try:
+    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+except ImportError as e:  # pragma: no cover - the "hf" extra is not installed
+    raise ImportError("seqpar.hf needs transformers: pip install 'seqpar[hf]'") from e
+
+__all__ = ["HFCausalLM", "load_hf_model", "hf_vocab_size", "tokenize_corpus", "export_checkpoint",
+           "seqpar_attention_forward", "IMPLEMENTATION", "CONTEXT_KWARG", "CU_SEQLENS_KWARG", "PREFIX"]
+
+IMPLEMENTATION = "seqpar"              # the attn_implementation name registered with transformers
+CONTEXT_KWARG = "seqpar_context"       # forward kwarg carrying the SeqParallel context to attention
+CU_SEQLENS_KWARG = "seqpar_cu_seqlens"  # forward kwarg carrying the global document boundaries
+PREFIX = "hf_model."                   # HFCausalLM state-dict key = PREFIX + HF model key
+IGNORE_INDEX = -100
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "spiece.model", "vocab.txt",
+                   "chat_template.jinja", "chat_template.json")
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")  # logit soft-capping, attention sinks
+
+
+# -- the attention function ----------------------------------------------------------------------
+def seqpar_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                             attention_mask: Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                             sliding_window: int | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+    """transformers attention function: query [batch, heads, seq_local, head_dim], key/value
+    [batch, kv_heads, seq_local, head_dim] -> (out [batch, seq_local, heads, head_dim], None), exact
+    causal self-attention over the whole (sharded) sequence of `kwargs["seqpar_context"]`."""
+    ctx = kwargs.get(CONTEXT_KWARG)
+    if not isinstance(ctx, SeqParallel):
+        raise ValueError(f"attn_implementation {IMPLEMENTATION!r} needs the sequence-parallel context: call the "
+                         f"model through seqpar.hf.HFCausalLM, or pass {CONTEXT_KWARG}=ctx to its forward")
+    cu_seqlens = kwargs.get(CU_SEQLENS_KWARG)
+    _check_supported(module, query, key, attention_mask, dropout, sliding_window, kwargs, ctx, cu_seqlens)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    with torch.autocast(q.device.type, enabled=False):  # q/k/v keep their (autocast) dtype
+        out = ctx.attention(q, k, v, causal=True, scale=scaling, cu_seqlens=cu_seqlens)
+    return out, None
+
+
+def _check_supported(module: nn.Module, query: Tensor, key: Tensor, attention_mask, dropout: float,
+                     sliding_window: int | None, kwargs: dict[str, Any], ctx: SeqParallel, cu_seqlens) -> None:
+    """ValueError for what sequence-parallel causal self-attention cannot compute exactly."""
+    name = type(module).__name__
+    if not getattr(module, "is_causal", True):
+        raise ValueError(f"{name} is not causal: seqpar's Hugging Face attention supports causal self-attention only")
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(f"{name}: {query.shape[2]} queries but {key.shape[2]} keys per rank; seqpar supports "
+                         "self-attention over the sharded sequence only (no cross-attention, no KV cache: "
+                         "use_cache=False)")
+    if attention_mask is not None:
+        raise ValueError(f"{name} got an attention mask; seqpar applies the causal mask itself over the global "
+                         "sequence: pass no attention_mask (packed documents: cu_seqlens)")
+    if dropout and dropout > 0:
+        raise ValueError(f"{name}: attention dropout {dropout} is not supported by seqpar; set the config's "
+                         "attention_dropout to 0 (or evaluate with model.eval())")
+    for extra in _UNSUPPORTED_KWARGS:
+        if kwargs.get(extra) is not None:
+            raise ValueError(f"{name}: attention with {extra!r} is not supported by seqpar")
+    if sliding_window is not None:
+        seq_len = query.shape[2] * ctx.size
+        span = seq_len
+        if cu_seqlens is not None:  # a token sees only its own document
+            batch = len(cu_seqlens) if isinstance(cu_seqlens, (list, tuple)) else 1
+            span = max(b - a for row in check_cu_seqlens(cu_seqlens, seq_len, batch) for a, b in zip(row, row[1:]))
+        if sliding_window < span:
+            raise ValueError(f"{name}: sliding window {sliding_window} is smaller than the {span} tokens a query can "
+                             f"see (global sequence {seq_len}); seqpar computes full causal attention only — use "
+                             f"seq_len <= {sliding_window} or a model without a sliding window")
+
+
+AttentionInterface.register(IMPLEMENTATION, seqpar_attention_forward)
+
+
+# -- the model -----------------------------------------------------------------------------------
+class HFCausalLM(nn.Module):
+    """A `transformers` causal LM with the `seqpar.model.Transformer` protocol (see module doc).
+
+    Sets `hf_model`'s attention implementation to ``"seqpar"`` (on its config object: a config
+    shared with another model changes for both) and turns its KV cache off.
+    """
+
+    def __init__(self, hf_model: nn.Module, ctx: SeqParallel | None, activation_checkpointing: bool = False):
+        super().__init__()
+        self.hf_model, self.ctx = hf_model, ctx
+        hf_model.set_attn_implementation(IMPLEMENTATION)
+        hf_model.config.use_cache = False
+        if activation_checkpointing:
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder blocks (FSDP wraps each one)."""
+        return self.hf_model.get_decoder().layers
+
+    @property
+    def config(self):
+        """The Hugging Face config."""
+        return self.hf_model.config
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, tokens: Tensor, positions: Tensor, labels: Tensor | None = None, cu_seqlens=None):
+        """tokens/labels [batch, seq_local] (int64), positions [seq_local] or [batch, seq_local]
+        (global positions, or positions inside documents); cu_seqlens: global document boundaries
+        (see `SeqParallel.attention`), handed to every layer's attention.
+
+        Without labels: logits [batch, seq_local, vocab]. With labels (already shifted, see
+        `seqpar.data.shard_batch`): (loss_sum, count), the sum of this rank's token cross-entropies
+        (fp32, fp64 for fp64 logits; labels == -100 ignored) and the number of labelled tokens.
+        """
+        if self.ctx is None:
+            raise ValueError("this HFCausalLM has no sequence-parallel context (built with ctx=None)")
+        if positions.dim() == 1:
+            positions = positions.unsqueeze(0).expand(tokens.shape[0], -1)
+        logits = self.hf_model(input_ids=tokens, position_ids=positions, use_cache=False,
+                               **{CONTEXT_KWARG: self.ctx, CU_SEQLENS_KWARG: cu_seqlens}).logits
+        if labels is None:
+            return logits
+        work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        loss_sum = F.cross_entropy(logits.flatten(0, 1).to(work), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="sum")
+        return loss_sum, (labels != IGNORE_INDEX).sum()
+
+
+# -- model directories ---------------------------------------------------------------------------
+def _config(path: str | os.PathLike):
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"Hugging Face model directory {str(path)!r} has no config.json")
+    return AutoConfig.from_pretrained(path)
+
+
+def has_weights(path: str | os.PathLike) -> bool:
+    """Whether a model directory holds safetensors weights."""
+    return any((Path(path) / name).is_file() for name in WEIGHT_FILES)
+
+
+def hf_vocab_size(path: str | os.PathLike) -> int:
+    """The vocabulary size (embedding rows) of the model in directory `path`."""
+    return int(_config(path).get_text_config().vocab_size)
+
+
+def load_hf_model(path: str | os.PathLike, ctx: SeqParallel | None, dtype: torch.dtype = torch.float32,
+                  seed: int = 0, activation_checkpointing: bool = False) -> HFCausalLM:
+    """The causal LM of local directory `path` (config.json; weights from its safetensors files,
+    or a random initialisation from the config, the same on every rank for the same `seed`;
+    the caller's RNG state is left as it was), on the CPU in `dtype`, wrapped in `HFCausalLM`."""
+    config = _config(path)
+    if has_weights(path):
+        with _quiet():  # no per-rank "Loading weights" progress bars
+            hf = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                      attn_implementation=IMPLEMENTATION)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            hf = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=IMPLEMENTATION)
+    return HFCausalLM(hf, ctx, activation_checkpointing)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """transformers' progress bars off for the block (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+# -- tokenizing ----------------------------------------------------------------------------------
+def has_tokenizer(model_dir: str | os.PathLike) -> bool:
+    return any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def tokenize_corpus(model_dir: str | os.PathLike, text_path: str | os.PathLike, out_path: str | os.PathLike,
+                    chunk_bytes: int = 1 << 20) -> Path | None:
+    """Tokenize the UTF-8 text file `text_path` with the tokenizer of `model_dir` (no special
+    tokens added; read in line-aligned chunks of about `chunk_bytes`) into a seqpar token file:
+    `out_path` with suffix .bin (`seqpar.data.write_token_file`) when the model's vocabulary has
+    at most 65536 entries, else .npy (1-D int32). Returns that path, or None when `model_dir`
+    has no tokenizer files (the trainer then reads raw bytes)."""
+    if not has_tokenizer(model_dir):
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocab = hf_vocab_size(model_dir)
+    pieces = []
+    with open(text_path, encoding="utf-8") as fh:
+        while True:
+            chunk = fh.read(chunk_bytes)
+            if not chunk:
+                break
+            chunk += fh.readline()  # end the chunk at a line boundary
+            pieces.append(np.asarray(tokenizer(chunk, add_special_tokens=False)["input_ids"], dtype=np.int64))
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    if tokens.size and int(tokens.max()) >= vocab:
+        raise ValueError(f"the tokenizer of {str(model_dir)!r} produced token id {int(tokens.max())}, outside the "
+                         f"model's vocabulary of {vocab}")
+    if vocab <= 65536:
+        out = Path(out_path).with_suffix(".bin")
+        write_token_file(out, tokens, vocab)
+    else:
+        out = Path(out_path).with_suffix(".npy")
+        buffer = io.BytesIO()
+        np.save(buffer, tokens.astype(np.int32))
+        atomic_write(out, buffer.getvalue())
+    return out
+
+
+# -- export --------------------------------------------------------------------------------------
+def _checkpoint_tensors(path: Path) -> dict[str, Any]:
+    """{HF key: tensor metadata} of the model tensors in a seqpar DCP checkpoint."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    head = f"model.{PREFIX}"
+    found = {k[len(head):]: m for k, m in meta.items() if k.startswith(head)}
+    if not found:
+        raise ValueError(f"checkpoint {str(path)!r} holds no HFCausalLM weights (no 'model.{PREFIX}*' tensors)")
+    return found
+
+
+def _load_dcp(path: Path, hf: nn.Module, keys: set[str]) -> None:
+    """Load the model tensors of a DCP checkpoint into `hf`, in this one process (no process group)."""
+    import torch.distributed.checkpoint as dcp
+
+    own = hf.state_dict()
+    state = {"model": {PREFIX + k: t for k, t in own.items() if k in keys}}
+    with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        except dcp.CheckpointException as e:  # a BaseException: one line of the first failure
+            failure = next(iter(getattr(e, "failures", {}).values()), e)
+            raise RuntimeError(str(failure[0] if isinstance(failure, tuple) else failure)) from None
+    _check_keys(hf, {k[len(PREFIX):] for k in state["model"]}, keys, f"checkpoint {str(path)!r}")
+
+
+def _check_keys(hf: nn.Module, loaded: set[str], available: set[str], source: Any) -> None:
+    """Every HF key was loaded or is tied to a loaded one; nothing in the source was left over."""
+    own = hf.state_dict()
+    ptrs = {own[k].data_ptr() for k in loaded}
+    missing = sorted(k for k in own if k not in loaded and own[k].data_ptr() not in ptrs)
+    extra = sorted(available - set(own))
+    if missing or extra:
+        more = lambda keys: "..." if len(keys) > 3 else ""  # noqa: E731
+        raise ValueError(f"{source!s} does not match the model of this config: missing {missing[:3]}{more(missing)}, "
+                         f"unexpected {extra[:3]}{more(extra)}")
+
+
+def export_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Tensor], model_dir: str | os.PathLike,
+                      out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write the weights of a trained HFCausalLM as a Hugging Face model directory `out_dir`
+    (config.json of `model_dir`, model.safetensors, and `model_dir`'s tokenizer and generation
+    config files), loadable with `AutoModelForCausalLM.from_pretrained(out_dir)`.
+
+    checkpoint: a seqpar checkpoint directory (a ``step_*`` directory, or a checkpoint root with
+    a ``latest`` pointer; verified against its checksums and read in this one process, no
+    process group needed, whatever the world size and FSDP sharding it was saved with), or a
+    state dict (`HFCausalLM.state_dict()`, or the HF model's own). dtype: of the saved weights
+    (default: as stored). `out_dir` must not exist or be empty; it is written as a temporary
+    sibling and renamed into place.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"export directory {str(out)!r} exists and is not empty")
+    config = _config(model_dir)
+    if isinstance(checkpoint, Mapping):
+        state = {k.removeprefix(PREFIX): v for k, v in checkpoint.items()}
+        stored = next(v.dtype for v in state.values() if v.is_floating_point())
+    else:
+        path = resolve_checkpoint(str(checkpoint), checkpoint, verify="full")
+        tensors = _checkpoint_tensors(path)
+        dtypes = [getattr(getattr(m, "properties", None), "dtype", None) for m in tensors.values()]
+        stored = next(d for d in dtypes if d is not None and d.is_floating_point)
+    hf = AutoModelForCausalLM.from_config(config, dtype=dtype or stored)
+    try:
+        if isinstance(checkpoint, Mapping):
+            result = hf.load_state_dict({k: v.to(dtype or stored) for k, v in state.items()}, strict=False)
+            _check_keys(hf, set(state) - set(result.unexpected_keys), set(state), "the state dict")
+        else:
+            _load_dcp(path, hf, set(tensors))
+    except RuntimeError as e:  # shape mismatches (DCP's CheckpointException is a BaseException)
+        raise ValueError(f"{checkpoint!s:.200} does not match the model of {str(model_dir)!r}: "
+                         f"{str(e).strip().splitlines()[-1]}") from None
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with _quiet():
+        hf.save_pretrained(tmp)
+    for name in TOKENIZER_FILES + ("generation_config.json",):
+        if (Path(model_dir) / name).is_file():
+            shutil.copy2(Path(model_dir) / name, tmp / name)
+    if out.exists():
+        out.rmdir()
+    os.rename(tmp, out)
+    return out

@@ -1,0 +1,196 @@
+"""Hugging Face causal LMs through seqpar strategies, against stock single-process transformers.
+
+The 4-rank runs use the trainer's own pieces (shard_batch, loss_and_backward, average_gradients);
+the reference is the same checkpoint loaded with `attn_implementation="sdpa"` in this process,
+with the standard mean token loss (transformers' own `labels=` loss in the fp32 case).
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast,  # noqa: E402
+                          Qwen2Config, Qwen3Config)
+
+from seqpar.data import open_tokens  # noqa: E402
+from seqpar.hf import PREFIX, export_checkpoint, hf_vocab_size, load_hf_model, tokenize_corpus  # noqa: E402
+from seqpar.testing.hf_checks import hf_errors, hf_steps, hf_train_and_save  # noqa: E402
+
+SEQ, BATCH, VOCAB = 64, 2, 128
+SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, initializer_range=0.1)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**SHAPE),
+    "qwen2": lambda: Qwen2Config(**SHAPE, tie_word_embeddings=True),  # q/k/v biases, tied embeddings
+    "qwen3": lambda: Qwen3Config(**SHAPE, head_dim=16),                # q/k norms
+    "mistral": lambda: MistralConfig(**SHAPE),                         # sliding window 4096 >= SEQ
+    "mistral_w16": lambda: MistralConfig(**SHAPE, sliding_window=16),
+    "llama_dropout": lambda: LlamaConfig(**SHAPE, attention_dropout=0.1),
+}
+ALL_STRATEGIES = [("ring", {"layout": "zigzag"}), ("usp", {"ulysses": 2, "ring": 2}),
+                  ("wallfacer", {"team_size": 2}), ("fpdt", {"chunks": 2})]
+DOCS = [0, 5, 16, 30, 31, 44, 56, SEQ]         # packed documents, all <= 16 tokens
+DOCS_LONG = [0, 9, 40, SEQ]                 # a 31-token document
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """name -> a saved tiny model directory (config.json + model.safetensors, fp32)."""
+    root = tmp_path_factory.mktemp("hf_models")
+    out = {}
+    for i, (name, make) in enumerate(CONFIGS.items()):
+        torch.manual_seed(i)
+        AutoModelForCausalLM.from_config(make()).save_pretrained(root / name)
+        out[name] = str(root / name)
+    return out
+
+
+def batch(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    window = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
+    return window, torch.rand(BATCH, SEQ, generator=gen) < 0.3
+
+
+def reference(model_dir, window, ignored, cu=None, dtype=torch.float64):
+    """Stock transformers (sdpa) on the full batch: (mean loss, logits [b, SEQ, vocab], grads by name).
+    Packed documents: per-document positions and a block-diagonal causal 4-D mask."""
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    tokens, labels = window[:, :-1], window[:, 1:].masked_fill(ignored, -100)
+    if cu is None and dtype == torch.float32:  # transformers' own shift and mean loss on SEQ + 1 tokens
+        hf_labels = window.clone()
+        hf_labels[:, 1:] = labels
+        out = ref(input_ids=window, labels=hf_labels)
+        loss, logits = out.loss, out.logits[:, :-1]
+    else:
+        kwargs = {}
+        if cu is not None:
+            doc = torch.searchsorted(torch.tensor(cu), torch.arange(SEQ), right=True)
+            labels[:, torch.tensor(cu[1:-1]) - 1] = -100  # a document's last token predicts nothing
+            kwargs["position_ids"] = (torch.arange(SEQ) - torch.tensor(cu)[doc - 1]).expand(BATCH, -1)
+            causal = torch.arange(SEQ)[None, :] <= torch.arange(SEQ)[:, None]
+            kwargs["attention_mask"] = ((doc[:, None] == doc[None, :]) & causal).expand(BATCH, 1, SEQ, SEQ)
+        logits = ref(input_ids=tokens, **kwargs).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    loss.backward()
+    return loss.item(), logits.detach(), {n: p.grad for n, p in ref.named_parameters()}
+
+
+def rel(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def assert_matches(results, ref, tol, label):
+    """Every rank's loss, rank 0's logits and every gradient within relative `tol` of the reference."""
+    loss, logits, grads = ref
+    for rank, got in enumerate(results):
+        assert abs(got["loss"] - loss) <= tol * abs(loss), (label, rank, got["loss"], loss)
+    got = results[0]
+    assert rel(got["logits"], logits) < tol, label
+    assert got["grads"].keys() == grads.keys(), label
+    errors = {n: rel(got["grads"][n], g) for n, g in grads.items()}
+    assert max(errors.values()) < tol, (label, {n: e for n, e in errors.items() if e >= tol})
+
+
+@pytest.mark.parametrize("name,cases,dtype,tol", [
+    ("llama", ALL_STRATEGIES, "float64", 1e-9),
+    ("qwen2", ALL_STRATEGIES, "float64", 1e-9),
+    ("mistral", [("usp", {"ulysses": 4})], "float64", 1e-9),
+    ("qwen3", [("ring", {"layout": "zigzag"})], "float32", 1e-5),
+])
+def test_matches_single_process_transformers(worlds, models, name, cases, dtype, tol):
+    window, ignored = batch()
+    ref = reference(models[name], window, ignored, dtype=getattr(torch, dtype))
+    steps = worlds.run(4, hf_steps, models[name], cases, window, ignored, dtype=dtype,
+                       activation_checkpointing=dtype == "float32")
+    for i, (strategy, _) in enumerate(cases):
+        assert_matches([r[i] for r in steps], ref, tol, strategy)
+
+
+@pytest.mark.parametrize("name,strategy,kwargs,cu", [
+    ("llama", "usp", {"ulysses": 2, "ring": 2}, DOCS_LONG),
+    ("mistral_w16", "ring", {"layout": "zigzag"}, DOCS),  # window 16 >= every document: exact
+])
+def test_packed_documents(worlds, models, name, strategy, kwargs, cu):
+    window, ignored = batch(1)
+    ref = reference(models[name], window, ignored, cu=cu)
+    steps = worlds.run(4, hf_steps, models[name], [(strategy, kwargs)], window, ignored, cu=cu)
+    assert_matches([r[0] for r in steps], ref, 1e-9, strategy)
+
+
+def test_unsupported_settings_raise(worlds, models):
+    cases = [(models["mistral_w16"], "eval", {}),                 # window 16 < 64 tokens
+             (models["mistral_w16"], "eval", {"cu": DOCS_LONG}),  # a 31-token document
+             (models["llama_dropout"], "train", {}),
+             (models["llama_dropout"], "eval", {}),               # no dropout in eval: fine
+             (models["llama"], "direct", {})]                     # no context given
+    for errors in worlds.run(4, hf_errors, cases):
+        assert "sliding window 16 is smaller than the 64 tokens" in errors[0]
+        assert "sliding window 16 is smaller than the 31 tokens" in errors[1]
+        assert "attention dropout 0.1 is not supported" in errors[2]
+        assert errors[3] == ""
+        assert "seqpar_context=ctx" in errors[4]
+
+
+def _write_tokenizer(model_dir):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "the", "cat", "sat", "on", "mat", ".", "\n"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", behavior="removed"),
+                                                 pre_tokenizers.Split(Regex(r"[.\n]"), behavior="isolated")])
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(model_dir)
+    return words
+
+
+def test_export_round_trip(worlds, models, tmp_path):
+    """Train 2 steps with FSDP on 4 ranks, checkpoint, export in this process, from_pretrained."""
+    src = tmp_path / "qwen2"
+    AutoModelForCausalLM.from_pretrained(models["qwen2"]).save_pretrained(src)
+    _write_tokenizer(src)
+    window, _ = batch(2)
+    trained = worlds.run(4, hf_train_and_save, str(src), str(tmp_path / "ckpt"), "ring", {}, window)[0]
+    out = export_checkpoint(tmp_path / "ckpt", src, tmp_path / "export")
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    back = AutoModelForCausalLM.from_pretrained(out)
+    state = back.state_dict()
+    assert back.lm_head.weight is back.model.embed_tokens.weight  # still tied
+    assert set(trained) <= set(state)
+    for k, v in trained.items():
+        assert torch.equal(state[k], v), k
+    # a state dict exports the same; a mismatching one fails clearly; out_dir is never overwritten
+    export_checkpoint({PREFIX + k: v for k, v in trained.items()}, src, tmp_path / "export2")
+    assert all(torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "export2").state_dict()[k], v)
+               for k, v in trained.items())
+    with pytest.raises(ValueError, match="does not match"):
+        export_checkpoint({"model.embed_tokens.weight": trained["model.embed_tokens.weight"]}, src, tmp_path / "x")
+    with pytest.raises(FileExistsError):
+        export_checkpoint(tmp_path / "ckpt", src, out)
+
+
+def test_random_init_is_seeded_and_tokenizer_files(models, tmp_path):
+    cfg_dir = tmp_path / "cfg"
+    LlamaConfig(**SHAPE).save_pretrained(cfg_dir)  # config only: random init
+    state = torch.get_rng_state()
+    a, b, c = (load_hf_model(cfg_dir, None, torch.float32, seed=s).state_dict() for s in (3, 3, 4))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a[PREFIX + "lm_head.weight"],
+                                                                         c[PREFIX + "lm_head.weight"])
+    assert hf_vocab_size(cfg_dir) == VOCAB
+    text = tmp_path / "corpus.txt"
+    text.write_text("the cat sat on the mat.\nthe dog sat.\n" * 3)
+    assert tokenize_corpus(cfg_dir, text, tmp_path / "tokens") is None  # no tokenizer: bytes
+    words = _write_tokenizer(cfg_dir)
+    path = tokenize_corpus(cfg_dir, text, tmp_path / "tokens", chunk_bytes=10)
+    data = open_tokens(path)
+    assert path.suffix == ".bin" and data.vocab_size == VOCAB
+    assert [words[t] for t in data.tokens[:8]] == ["the", "cat", "sat", "on", "the", "mat", ".", "\n"]
+    assert list(data.tokens).count(0) == 3  # "dog" is unknown
+    config = json.loads((cfg_dir / "config.json").read_text())
+    (cfg_dir / "config.json").write_text(json.dumps({**config, "vocab_size": 70000}))
+    big = tokenize_corpus(cfg_dir, text, tmp_path / "tokens")
+    assert big.suffix == ".npy" and np.load(big).dtype == np.int32 and np.array_equal(np.load(big), data.tokens)
