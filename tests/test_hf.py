@@ -194,3 +194,53 @@ def test_random_init_is_seeded_and_tokenizer_files(models, tmp_path):
     (cfg_dir / "config.json").write_text(json.dumps({**config, "vocab_size": 70000}))
     big = tokenize_corpus(cfg_dir, text, tmp_path / "tokens")
     assert big.suffix == ".npy" and np.load(big).dtype == np.int32 and np.array_equal(np.load(big), data.tokens)
+
+
+def test_tokenized_corpus_keeps_its_documents(tmp_path):
+    """A text with a document index: each document is tokenized alone, token offsets indexed."""
+    from seqpar.data import find_documents, write_document_index
+    cfg_dir = tmp_path / "cfg"
+    LlamaConfig(**SHAPE).save_pretrained(cfg_dir)
+    _write_tokenizer(cfg_dir)
+    text = tmp_path / "corpus.txt"
+    text.write_text("the cat sat on the mat.\nthe dog sat.\n" * 3)
+    write_document_index(text, [0, 24, 37, 61, 74, 98])
+    data = find_documents(open_tokens(tokenize_corpus(cfg_dir, text, tmp_path / "tokens")), None)
+    assert data.doc_starts.tolist() == [0, 8, 13, 21, 26, 34] and len(data) == 39
+
+
+def _char_tokenizer(model_dir):
+    """A character-level tokenizer (printable ASCII, newline, <unk>) saved to model_dir."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    chars = ["<unk>", "\n"] + [chr(c) for c in range(32, 127)]
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(model_dir)
+
+
+def test_cli_hf_model_trains_the_same_on_1_and_4_processes_and_exports(tmp_path):
+    """`seqpar train --hf-model DIR` (config + tokenizer, random init): 1 process and 4 (USP 2x2) give
+    the same losses over 3 steps (fp64); `seqpar export` of both loads back with the same weights."""
+    import subprocess
+    import sys
+    model_dir = tmp_path / "llama"
+    LlamaConfig(**SHAPE).save_pretrained(model_dir)
+    _char_tokenizer(model_dir)
+    common = ["--hf-model", str(model_dir), "--seq-len", "64", "--batch", "2", "--steps", "3", "--warmup", "1",
+              "--eval-every", "0", "--eval-batches", "1", "--checkpoint-every", "3", "--corpus-bytes", "40000",
+              "--no-plot", "--no-progress", "--lr", "1e-2", "--dtype", "float64"]
+    runs = {"one": ["--nproc", "1", "--strategy", "local"], "usp": ["--nproc", "4", "--strategy", "usp",
+                                                                    "--ulysses", "2"]}
+    losses, exported = {}, {}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        for cmd in (["train", *common, *extra, "--out-dir", str(out)], ["export", str(out), str(tmp_path / f"x{name}")]):
+            proc = subprocess.run([sys.executable, "-m", "seqpar", *cmd], capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in records if r["type"] == "train"]
+        assert list((out / "data").glob("*.tokens.bin")), "the corpus was not tokenized with the model's tokenizer"
+        exported[name] = AutoModelForCausalLM.from_pretrained(tmp_path / f"x{name}").state_dict()
+    assert len(losses["one"]) == 3 and losses["usp"] == pytest.approx(losses["one"], rel=1e-9)
+    for key, value in exported["one"].items():
+        assert value.dtype == torch.float64 and torch.allclose(exported["usp"][key], value, rtol=0, atol=1e-9), key

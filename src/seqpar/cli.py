@@ -1,4 +1,4 @@
-"""`seqpar` command line: train | plan | verify.
+"""`seqpar` command line: train | plan | verify | export.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and
 `main(args) -> int`; modules are imported only when their subcommand runs.
@@ -15,6 +15,7 @@ SUBCOMMANDS = {
                               "in this project, no GPU was available)"),
     "plan": ("seqpar.plan", "rank strategies and degrees by predicted step time and memory"),
     "verify": ("seqpar.verify", "check a strategy's exactness against single-device attention"),
+    "export": ("seqpar.export", "write a --hf-model training run's checkpoint as a Hugging Face model directory"),
 }
 
 

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .checkpoint import resolve_checkpoint
 from .context import SeqParallel
-from .data import write_token_file
+from .data import find_documents, open_tokens, write_document_index, write_token_file
 from .documents import check_cu_seqlens
 from .io import atomic_write
 
@@ -51,7 +51,7 @@ try:
 except ImportError as e:  # pragma: no cover - the "hf" extra is not installed
     raise ImportError("seqpar.hf needs transformers: pip install 'seqpar[hf]'") from e
 
-__all__ = ["HFCausalLM", "load_hf_model", "hf_vocab_size", "tokenize_corpus", "export_checkpoint",
+__all__ = ["HFCausalLM", "load_hf_model", "hf_vocab_size", "hf_model_shape", "tokenize_corpus", "export_checkpoint",
            "seqpar_attention_forward", "IMPLEMENTATION", "CONTEXT_KWARG", "CU_SEQLENS_KWARG", "PREFIX"]
 
 IMPLEMENTATION = "seqpar"              # the attn_implementation name registered with transformers
@@ -189,6 +189,15 @@ def hf_vocab_size(path: str | os.PathLike) -> int:
     return int(_config(path).get_text_config().vocab_size)
 
 
+def hf_model_shape(path: str | os.PathLike) -> dict[str, int]:
+    """The model's shape in seqpar.model.ModelConfig's terms (for FLOP counts and resume checks)."""
+    c = _config(path).get_text_config()
+    return {"vocab_size": int(c.vocab_size), "dim": int(c.hidden_size), "n_layers": int(c.num_hidden_layers),
+            "n_heads": int(c.num_attention_heads),
+            "n_kv_heads": int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads),
+            "ffn_dim": int(c.intermediate_size)}
+
+
 def load_hf_model(path: str | os.PathLike, ctx: SeqParallel | None, dtype: torch.dtype = torch.float32,
                   seed: int = 0, activation_checkpointing: bool = False) -> HFCausalLM:
     """The causal LM of local directory `path` (config.json; weights from its safetensors files,
@@ -230,22 +239,26 @@ def tokenize_corpus(model_dir: str | os.PathLike, text_path: str | os.PathLike, 
     """Tokenize the UTF-8 text file `text_path` with the tokenizer of `model_dir` (no special
     tokens added; read in line-aligned chunks of about `chunk_bytes`) into a seqpar token file:
     `out_path` with suffix .bin (`seqpar.data.write_token_file`) when the model's vocabulary has
-    at most 65536 entries, else .npy (1-D int32). Returns that path, or None when `model_dir`
-    has no tokenizer files (the trainer then reads raw bytes)."""
+    at most 65536 entries, else .npy (1-D int32). When the text has a document index
+    (``<text>.docs.npy``, byte offsets) each document is tokenized on its own and the token
+    offsets of the documents go to the output's index. Returns that path, or None when
+    `model_dir` has no tokenizer files (the trainer then reads raw bytes)."""
     if not has_tokenizer(model_dir):
         return None
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     vocab = hf_vocab_size(model_dir)
-    pieces = []
-    with open(text_path, encoding="utf-8") as fh:
-        while True:
-            chunk = fh.read(chunk_bytes)
-            if not chunk:
-                break
-            chunk += fh.readline()  # end the chunk at a line boundary
-            pieces.append(np.asarray(tokenizer(chunk, add_special_tokens=False)["input_ids"], dtype=np.int64))
+    blob = Path(text_path).read_bytes()
+    byte_starts = find_documents(open_tokens(text_path), None).doc_starts
+    bounds = [0, len(blob)] if byte_starts is None else [*byte_starts.tolist(), len(blob)]
+    pieces, token_starts, total = [], [], 0
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        token_starts.append(total)
+        for text in _line_chunks(blob[lo:hi].decode("utf-8", errors="replace"), chunk_bytes):
+            ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+            pieces.append(ids)
+            total += len(ids)
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     if tokens.size and int(tokens.max()) >= vocab:
         raise ValueError(f"the tokenizer of {str(model_dir)!r} produced token id {int(tokens.max())}, outside the "
@@ -258,7 +271,20 @@ def tokenize_corpus(model_dir: str | os.PathLike, text_path: str | os.PathLike, 
         buffer = io.BytesIO()
         np.save(buffer, tokens.astype(np.int32))
         atomic_write(out, buffer.getvalue())
+    if byte_starts is not None:
+        starts = np.unique(np.asarray(token_starts, dtype=np.int64))  # an empty document adds no start
+        write_document_index(out, starts[starts < len(tokens)])
     return out
+
+
+def _line_chunks(text: str, size: int):
+    """`text` in pieces of about `size` characters, each ending at a line boundary."""
+    at = 0
+    while at < len(text):
+        end = text.find("\n", at + size)
+        end = len(text) if end < 0 else end + 1
+        yield text[at:end]
+        at = end
 
 
 # -- export --------------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ class TrainConfig:
     mlp_chunks: int = _opt(1, "FPDT chunked MLP (recompute in backward)")
     loss_chunks: int = _opt(1, "FPDT chunked LM head + cross-entropy")
     activation_checkpointing: bool = _opt(False, "recompute every block in backward")
+    hf_model: str = _opt("", "a Hugging Face causal LM directory (config.json, optional safetensors weights and "
+                             "tokenizer) to train instead of the built-in model; its shape replaces the model flags")
     # data
     data: str = _opt("", "raw byte file, .npy or .bin token file; empty: Python stdlib corpus")
     corpus_bytes: int = _opt(4_000_000, "size of the stdlib corpus")
@@ -151,7 +153,9 @@ class TrainConfig:
         if self.doc_separator < -1 or (self.doc_separator >= 0 and not self.pack_documents):
             raise ValueError(f"doc_separator {self.doc_separator}: needs a token id >= 0 (-1: none) and "
                              "--pack-documents")
-        if self.doc_separator >= self.vocab_size:
+        if self.hf_model:
+            self._validate_hf_model()
+        if self.doc_separator >= self.vocab_size and not self.hf_model:
             raise ValueError(f"doc_separator {self.doc_separator} is not a token id of the model's vocabulary "
                              f"(vocab_size {self.vocab_size})")
         if self.peak_tflops < 0:
@@ -160,6 +164,17 @@ class TrainConfig:
             raise ValueError(f"need timeout > 0, stop_grace > 0 and stall_timeout >= 0, got timeout={self.timeout}, "
                              f"stop_grace={self.stop_grace}, stall_timeout={self.stall_timeout}")
         self._validate_mesh(world)
+
+    def _validate_hf_model(self) -> None:
+        path = Path(self.hf_model)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--hf-model {self.hf_model!r} is not a Hugging Face model directory (no config.json)")
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ValueError("--hf-model needs transformers: pip install -e '.[hf]'") from None
+        if self.mlp_chunks > 1 or self.loss_chunks > 1:
+            raise ValueError("--mlp-chunks / --loss-chunks apply to the built-in model only, not --hf-model")
 
     def _validate_finite(self) -> None:
         """Every float field (and float strategy option) must be finite: inf/nan would train NaN."""

@@ -34,6 +34,7 @@ from ..kernels import get_kernel
 from ..world import init_local_gloo, start_ranks
 from . import control
 from .config import DTYPES, TrainConfig, config_from_args
+from .tasks import tokenized_corpus
 from .trainer import lr_at, train
 
 __all__ = ["check", "prepare", "resolve_inputs", "resume_note", "launch_local", "launch_torchrun", "main"]
@@ -58,8 +59,13 @@ def check_strategy(cfg: TrainConfig, world: int, device: str = "cpu") -> None:
     the Ulysses head split of the strategy's resolved settings, and the kernel for the run's dtype
     (`cfg.validate` already resolved the strategy's options, degrees and layout)."""
     settings = cfg.strategy_settings(world)
+    heads, kv_heads = cfg.n_heads, cfg.n_kv_heads
+    if cfg.hf_model:
+        from ..hf import hf_model_shape
+        shape = hf_model_shape(cfg.hf_model)
+        heads, kv_heads = shape["n_heads"], shape["n_kv_heads"]
     if settings.ulysses > 1:
-        kv_replication(cfg.n_heads, cfg.n_kv_heads, settings.ulysses)
+        kv_replication(heads, kv_heads, settings.ulysses)
     if cfg.kernel != "auto":  # attention runs in the autocast dtype (bf16) or the parameter dtype
         get_kernel(cfg.kernel, device, DTYPES[cfg.dtype])
 
@@ -72,13 +78,17 @@ def check(cfg: TrainConfig, world: int, device: str = "cpu") -> None:
 
 
 def resolve_inputs(cfg: TrainConfig) -> TrainConfig:
-    """Open the data (building the stdlib corpus once, atomically) and the checkpoint to resume."""
+    """Open the data (building the stdlib corpus once, atomically; tokenizing it once with an
+    --hf-model's tokenizer) and the checkpoint to resume."""
     if not cfg.data:
         cfg = dataclasses.replace(cfg, data=str(stdlib_corpus(Path(cfg.out_dir) / "data", cfg.corpus_bytes)))
+    vocab = cfg.vocab_size
+    if cfg.hf_model:
+        from ..hf import hf_vocab_size
+        cfg, vocab = dataclasses.replace(cfg, data=tokenized_corpus(cfg)), hf_vocab_size(cfg.hf_model)
     data = open_tokens(cfg.data)
-    if data.vocab_size > cfg.vocab_size:  # the same check as Trainer._build_loaders
-        raise ValueError(f"data {data.path!r} needs vocab_size >= {data.vocab_size}, the model has "
-                         f"{cfg.vocab_size}")
+    if data.vocab_size > vocab:  # the same check as LanguageTask
+        raise ValueError(f"data {data.path!r} needs vocab_size >= {data.vocab_size}, the model has {vocab}")
     split_tokens(data, cfg.val_fraction, cfg.seq_len)
     if cfg.pack_documents:  # a corrupt index or an absent separator fails here, in one line
         find_documents(data, cfg.doc_separator if cfg.doc_separator >= 0 else None)

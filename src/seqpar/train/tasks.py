@@ -16,6 +16,7 @@ count (`backward_global_mean`). A task:
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from ..context import SeqParallel
 from ..data import SequenceLoader, find_documents, open_tokens, shard_batch, split_tokens, stdlib_corpus
 from ..documents import visible_pairs
 from ..metrics import training_flops_per_token
-from ..model import Transformer
+from ..model import ModelConfig, Transformer
 from .config import _SHAPE_KEYS, TrainConfig
 
 __all__ = ["Task", "LanguageTask", "build_task", "corpus_path"]
@@ -80,29 +81,57 @@ def param_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.float64 if cfg.dtype == "float64" else torch.float32
 
 
+def tokenized_corpus(cfg: TrainConfig) -> str:
+    """The data file of a language run: with `--hf-model` whose directory has a tokenizer, the
+    corpus tokenized with it (cached in <out_dir>/data by the tokenizer's and text's identity;
+    documents kept), else `corpus_path(cfg)` (bytes or a token file)."""
+    text = corpus_path(cfg)
+    if not cfg.hf_model or Path(text).suffix in (".bin", ".npy"):
+        return text
+    from ..hf import has_tokenizer, tokenize_corpus
+    if not has_tokenizer(cfg.hf_model):
+        return text
+    key = hashlib.sha1()
+    for f in sorted(Path(cfg.hf_model).glob("*token*")) + [Path(cfg.hf_model) / "config.json"]:
+        key.update(f.name.encode() + f.read_bytes())
+    stat = Path(text).stat()
+    key.update(f"{Path(text).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    out = Path(cfg.out_dir) / "data" / f"{Path(text).name}.{key.hexdigest()[:12]}.tokens.bin"  # or .npy
+    cached = [p for p in (out.with_suffix(".bin"), out.with_suffix(".npy")) if p.is_file()]
+    return str(cached[0] if cached else tokenize_corpus(cfg.hf_model, text, out))
+
+
 class LanguageTask(Task):
     """Next-token prediction on token data: tokens, labels shifted before sharding, positions
-    (restarting per document when packed), cu_seqlens for every layer."""
+    (restarting per document when packed), cu_seqlens for every layer. The model is the
+    built-in `Transformer`, or with `--hf-model` a Hugging Face causal LM (`seqpar.hf`)."""
 
     def __init__(self, cfg: TrainConfig, ctx: SeqParallel, dp: int, dp_rank: int, device: torch.device):
         self.cfg, self.ctx, self.device = cfg, ctx, device
-        self.model_cfg = cfg.model_config()
-        self.model = Transformer(self.model_cfg, ctx).to(device=device, dtype=param_dtype(cfg))
+        if cfg.hf_model:
+            from ..hf import hf_model_shape, load_hf_model
+            self.model_cfg = ModelConfig(**hf_model_shape(cfg.hf_model))
+            self.model = load_hf_model(cfg.hf_model, ctx, param_dtype(cfg), seed=cfg.seed,
+                                       activation_checkpointing=cfg.activation_checkpointing).to(device)
+        else:
+            self.model_cfg = cfg.model_config()
+            self.model = Transformer(self.model_cfg, ctx).to(device=device, dtype=param_dtype(cfg))
+        self.vocab_size = self.model_cfg.vocab_size
         self.loaders = self._loaders(dp, dp_rank)
         self.tokens_per_batch = cfg.batch * cfg.seq_len
         self._flops = training_flops_per_token(self.model_cfg, cfg.seq_len, causal=True)
 
     def _loaders(self, dp: int, dp_rank: int) -> dict[str, SequenceLoader]:
         cfg = self.cfg
-        data = open_tokens(corpus_path(cfg))
-        if data.vocab_size > cfg.vocab_size:
+        data = open_tokens(tokenized_corpus(cfg))
+        if data.vocab_size > self.vocab_size:
             raise ValueError(f"data {data.path!r} needs vocab_size >= {data.vocab_size}, the model has "
-                             f"{cfg.vocab_size}")
+                             f"{self.vocab_size}")
         if cfg.pack_documents:
             data = find_documents(data, cfg.doc_separator if cfg.doc_separator >= 0 else None)
         self.packed = data.doc_starts is not None
         train, val = split_tokens(data, cfg.val_fraction, cfg.seq_len)
-        common = dict(seq_len=cfg.seq_len, batch=cfg.batch, vocab_size=cfg.vocab_size, dp=dp, dp_rank=dp_rank)
+        common = dict(seq_len=cfg.seq_len, batch=cfg.batch, vocab_size=self.vocab_size, dp=dp, dp_rank=dp_rank)
         return {"train": SequenceLoader(train.tokens, seed=cfg.seed, doc_starts=train.doc_starts, **common),
                 "val": SequenceLoader(val.tokens, seed=cfg.seed + 1, doc_starts=val.doc_starts, **common)}
 
@@ -129,7 +158,8 @@ class LanguageTask(Task):
         return training_flops_per_token(self.model_cfg, seq, causal=True, doc_len=doc_len)
 
     def shape(self) -> dict[str, Any]:
-        return {k: getattr(self.model_cfg, k) for k in _SHAPE_KEYS}
+        shape = {k: getattr(self.model_cfg, k) for k in _SHAPE_KEYS}
+        return {**shape, "hf_model": str(Path(self.cfg.hf_model).resolve())} if self.cfg.hf_model else shape
 
     def describe(self) -> dict[str, Any]:
         return self.model_cfg.to_dict()
