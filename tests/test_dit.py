@@ -106,6 +106,16 @@ def test_loss_terms_is_the_rectified_flow_objective(batch):
     assert len({float(flow_draws(s, range(1), (1, 1, 1))[0]) for s in seeds}) == len(seeds)
 
 
+def test_activation_checkpointing_is_exact(batch):
+    images, labels = batch
+    plain = reference_step(images, labels, GEN)
+    recomputed = reference_step(images, labels, GEN, cfg=DiTConfig.preset("test", class_dropout=0.5,
+                                                                           activation_checkpointing=True))
+    assert plain["loss"] == recomputed["loss"]
+    for name, g in plain["grads"].items():
+        assert_close(recomputed["grads"][name], g, name)
+
+
 # -- sequence parallel = one process (4-rank gloo worlds) -------------------------------------------------
 @pytest.mark.parametrize("strategy,kwargs,dp", [
     ("ulysses", {}, 1),                          # contiguous tokens, heads all-to-all
