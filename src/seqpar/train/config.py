@@ -24,6 +24,7 @@ __all__ = ["TrainConfig", "DTYPES", "load_config", "build_config", "config_from_
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 NONFINITE = ("stop", "skip")
+MODELS = ("llama", "dit")
 SECTIONS = ("model", "data", "optim", "parallel", "output")
 _MODEL_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "mlp_chunks", "loss_chunks",
                "activation_checkpointing")
@@ -40,6 +41,8 @@ class TrainConfig:
     """Everything a training run needs; every field is a `--flag` and a config-file key."""
 
     # model (byte-level by default: vocab 256)
+    model: str = _opt("llama", "llama: the built-in byte-level decoder (or --hf-model) on text | dit: a diffusion "
+                               "transformer on scikit-image's sample photos, sharded over patch tokens")
     vocab_size: int = _opt(256, "vocabulary size (256 for raw bytes)")
     dim: int = _opt(256, "model width")
     n_layers: int = _opt(4, "decoder blocks")
@@ -51,6 +54,11 @@ class TrainConfig:
     activation_checkpointing: bool = _opt(False, "recompute every block in backward")
     hf_model: str = _opt("", "a Hugging Face causal LM directory (config.json, optional safetensors weights and "
                              "tokenizer) to train instead of the built-in model; its shape replaces the model flags")
+    # images (--model dit): (image_size / patch_size)^2 tokens per image replace seq_len
+    image_size: int = _opt(256, "dit: square crop size in pixels")
+    patch_size: int = _opt(2, "dit: patch size in pixels")
+    samples: int = _opt(8, "dit: images sampled into samples.png at the end (one per class, cycling); 0: none")
+    sample_steps: int = _opt(8, "dit: Euler steps of the sampler")
     # data
     data: str = _opt("", "raw byte file, .npy or .bin token file; empty: Python stdlib corpus")
     corpus_bytes: int = _opt(4_000_000, "size of the stdlib corpus")
@@ -112,6 +120,17 @@ class TrainConfig:
     def model_config(self) -> ModelConfig:
         return ModelConfig(**{k: getattr(self, k) for k in _MODEL_KEYS})
 
+    def dit_config(self, num_classes: int = 10):
+        """The DiT of --model dit (model width flags shared with the language model)."""
+        from ..dit import DiTConfig
+        return DiTConfig(image_size=self.image_size, patch_size=self.patch_size, dim=self.dim, n_layers=self.n_layers,
+                         n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, num_classes=num_classes,
+                         activation_checkpointing=self.activation_checkpointing)
+
+    def sequence_length(self) -> int:
+        """Tokens per sample, sharded over the sp ranks: seq_len, or the patches of an image (dit)."""
+        return self.dit_config().num_tokens if self.model == "dit" else self.seq_len
+
     def sp_size(self, world: int) -> int:
         return self.sp or world // self.dp
 
@@ -134,7 +153,11 @@ class TrainConfig:
         """Raise ValueError for anything that cannot work (world: number of ranks, default nproc)."""
         world = world or self.nproc
         self._validate_finite()
-        self.model_config()  # model shape errors
+        _check_choice("model", self.model, MODELS)
+        if self.model == "dit":
+            self._validate_dit()
+        else:
+            self.model_config()  # model shape errors
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("strategy", self.strategy, STRATEGIES)
         check_kernel_name(self.kernel)
@@ -165,6 +188,18 @@ class TrainConfig:
                              f"stop_grace={self.stop_grace}, stall_timeout={self.stall_timeout}")
         self._validate_mesh(world)
 
+    def _validate_dit(self) -> None:
+        self.dit_config()  # shape errors
+        if self.data or self.hf_model:
+            raise ValueError("--model dit trains on scikit-image's sample photos: --data / --hf-model are for "
+                             "language models")
+        if self.samples < 0 or self.sample_steps < 1:
+            raise ValueError(f"need samples >= 0 and sample_steps >= 1, got {self.samples}, {self.sample_steps}")
+        try:
+            import skimage  # noqa: F401
+        except ImportError:
+            raise ValueError("--model dit needs scikit-image: pip install -e '.[dit]'") from None
+
     def _validate_hf_model(self) -> None:
         path = Path(self.hf_model)
         if not (path / "config.json").is_file():
@@ -190,14 +225,16 @@ class TrainConfig:
             raise ValueError(f"dp ({self.dp}) x sp ({self.sp or 'auto'}) must equal the number of processes "
                              f"({world})")
         layout = self.strategy_settings(world).layout
-        if layout.kind == "documents" and self.pack_documents and self.batch > 1:
+        if layout.kind == "documents" and self.pack_documents and self.batch > 1 and self.model != "dit":
             raise ValueError(f"layout 'documents' places tokens by one batch's documents, but --pack-documents "
                              f"gives each of the {self.batch} rows its own: use --batch 1 (more rows: --dp) or "
                              f"another layout")
+        n = self.sequence_length()
+        what = f"seq_len {n}" if self.model != "dit" else f"the {n} patch tokens of --image-size {self.image_size}"
         try:
-            layout.check(self.seq_len)
+            layout.check(n)
         except ValueError as e:
-            raise ValueError(f"seq_len {self.seq_len} must be a multiple of {layout.granularity()}: {e}") from None
+            raise ValueError(f"{what} must be a multiple of {layout.granularity()}: {e}") from None
 
 
 def _check_choice(name: str, value: str, choices) -> None:

@@ -80,6 +80,12 @@ def check(cfg: TrainConfig, world: int, device: str = "cpu") -> None:
 def resolve_inputs(cfg: TrainConfig) -> TrainConfig:
     """Open the data (building the stdlib corpus once, atomically; tokenizing it once with an
     --hf-model's tokenizer) and the checkpoint to resume."""
+    if cfg.model == "dit":
+        from ..images import image_loaders
+        image_loaders(cfg.image_size, 1)  # the photos load and crop (skimage present, sizes valid)
+        if cfg.resume:
+            resolve_checkpoint(cfg.resume, Path(cfg.out_dir) / "checkpoints")
+        return cfg
     if not cfg.data:
         cfg = dataclasses.replace(cfg, data=str(stdlib_corpus(Path(cfg.out_dir) / "data", cfg.corpus_bytes)))
     vocab = cfg.vocab_size
@@ -99,6 +105,8 @@ def resolve_inputs(cfg: TrainConfig) -> TrainConfig:
 
 def documents_note(cfg: TrainConfig) -> str:
     """How the run treats document boundaries, for the launch line."""
+    if cfg.model == "dit":
+        return f"{cfg.image_size}x{cfg.image_size} crops of scikit-image's photos"
     if not cfg.pack_documents:
         return "documents not packed (--no-pack-documents)"
     starts = find_documents(open_tokens(cfg.data), cfg.doc_separator if cfg.doc_separator >= 0 else None).doc_starts
@@ -261,7 +269,8 @@ def main(args: argparse.Namespace) -> int:
                                            control.latest_checkpoint(cfg.out_dir)), file=sys.stderr)
                 return 128 + signals.received[0]
             print(f"seqpar train: {cfg.nproc} local gloo processes, strategy {cfg.strategy} (dp={cfg.dp}, "
-                  f"sp={cfg.sp_size(world)}), seq_len {cfg.seq_len}, data {cfg.data}, {documents_note(cfg)}, "
+                  f"sp={cfg.sp_size(world)}), {cfg.model}, seq_len {cfg.sequence_length()}, data {cfg.data or '-'}, "
+                  f"{documents_note(cfg)}, "
                   f"out {cfg.out_dir}",
                   file=sys.stderr)
             return launch_local(cfg, signals)

@@ -12,7 +12,9 @@ count (`backward_global_mean`). A task:
 - `shape()`: what a checkpoint must match to be resumed; `finish(out_dir)`: end-of-run output.
 
 `LanguageTask`: the built-in Llama-style `Transformer`, or a Hugging Face causal LM
-(`--hf-model`), on token data with packed documents.
+(`--hf-model`), on token data with packed documents. `ImageTask` (`--model dit`): a DiT on
+the sample photos scikit-image ships, rectified flow, sharded over patch tokens; it writes a
+grid of samples at the end.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from ..metrics import training_flops_per_token
 from ..model import ModelConfig, Transformer
 from .config import _SHAPE_KEYS, TrainConfig
 
-__all__ = ["Task", "LanguageTask", "build_task", "corpus_path"]
+__all__ = ["Task", "LanguageTask", "ImageTask", "build_task", "corpus_path", "tokenized_corpus"]
 
 
 class Task:
@@ -66,8 +68,8 @@ class Task:
     def shape(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def finish(self, out_dir: Path) -> list[Path]:
-        """Files written at the end of a run (rank 0 calls it after the loss curve)."""
+    def finish(self, out_dir: Path, write: bool = True) -> list[Path]:
+        """End-of-run outputs (every rank calls it, it may be collective; only `write` ranks write)."""
         return []
 
 
@@ -165,7 +167,64 @@ class LanguageTask(Task):
         return self.model_cfg.to_dict()
 
 
+class ImageTask(Task):
+    """`--model dit`: rectified-flow DiT on random crops of skimage's photos (seqpar.dit,
+    seqpar.images); validation on held-out photos; `finish` samples a PNG grid."""
+
+    def __init__(self, cfg: TrainConfig, ctx: SeqParallel, dp: int, dp_rank: int, device: torch.device):
+        from ..dit import DiT
+        from ..images import image_loaders
+        self.cfg, self.ctx, self.device = cfg, ctx, device
+        train, val = image_loaders(cfg.image_size, cfg.batch, dp=dp, dp_rank=dp_rank, seed=cfg.seed)
+        self.dit_cfg = cfg.dit_config(num_classes=train.num_classes)
+        self.model = DiT(self.dit_cfg, ctx).to(device=device, dtype=param_dtype(cfg))
+        self.loaders = {"train": train, "val": val}
+        self.tokens_per_batch = cfg.batch * self.dit_cfg.num_tokens
+        self._flops = self.dit_cfg.flops_per_token()
+
+    def batch(self, split: str, step: int) -> tuple[str, int, Tensor, Tensor]:
+        images, class_ids = self.loaders[split].batch_at(step)
+        return split, step, images, class_ids
+
+    def loss_terms(self, batch) -> tuple[Tensor, Tensor]:
+        from ..dit import loss_terms, noise_seed
+        split, step, images, class_ids = batch
+        was_training = self.model.training
+        self.model.train(split == "train")  # class dropout only in training
+        try:
+            return loss_terms(self.model, self.ctx, images, class_ids, noise_seed(self.cfg.seed, step, split),
+                              self.loaders[split].row_offset)
+        finally:
+            self.model.train(was_training)
+
+    def flops_per_token(self, batch) -> float:
+        return self._flops
+
+    def shape(self) -> dict[str, Any]:
+        keys = ("image_size", "patch_size", "channels", "dim", "n_layers", "n_heads", "n_kv_heads", "num_classes")
+        return {k: getattr(self.dit_cfg, k) for k in keys}
+
+    def finish(self, out_dir: Path, write: bool = True) -> list[Path]:
+        """Sample one image per class (collective: every rank calls it); rank 0 writes samples.png."""
+        from ..dit import sample
+        from ..images import save_image_grid
+        if not self.cfg.samples:
+            return []
+        classes = [i % self.dit_cfg.num_classes for i in range(self.cfg.samples)]
+        was_training = self.model.training
+        self.model.eval()
+        images = sample(self.model, self.ctx, classes, self.cfg.sample_steps, self.cfg.seed)
+        self.model.train(was_training)
+        if not write:
+            return []
+        path = Path(out_dir) / "samples.png"
+        save_image_grid(images.float(), path)
+        return [path]
+
+
 def build_task(cfg: TrainConfig, ctx: SeqParallel, dp: int, dp_rank: int, device: torch.device) -> Task:
     """The task of this run's config (same weights on every rank: seeded before building)."""
     torch.manual_seed(cfg.seed)
+    if cfg.model == "dit":
+        return ImageTask(cfg, ctx, dp, dp_rank, device)
     return LanguageTask(cfg, ctx, dp, dp_rank, device)

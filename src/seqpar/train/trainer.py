@@ -320,6 +320,7 @@ class Trainer:
         (self.out_dir / "config.json").write_text(json.dumps(info, indent=1, default=str))
 
     def _finish(self) -> None:
+        outputs = self.task.finish(self.out_dir, write=self.log is not None)  # may be collective: every rank
         if self.log is None:
             return
         self.log.close()
@@ -328,8 +329,8 @@ class Trainer:
             plot_loss_curve(read_jsonl(self.log.path), self.out_dir / "loss.png", title)
         if self.cfg.progress:
             print(f"seqpar train: done; log {self.log.path}" + (f", plot {self.out_dir / 'loss.png'}" if self.cfg.plot
-                  else "") + (f", checkpoints {self.ckpt_root}" if self.cfg.checkpoint_every else ""),
-                  file=sys.stderr)
+                  else "") + "".join(f", {p.stem} {p}" for p in outputs)
+                  + (f", checkpoints {self.ckpt_root}" if self.cfg.checkpoint_every else ""), file=sys.stderr)
 
 
 def train(cfg: TrainConfig, group: dist.ProcessGroup | None = None) -> dict[str, Any]:
