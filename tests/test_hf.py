@@ -244,3 +244,23 @@ def test_cli_hf_model_trains_the_same_on_1_and_4_processes_and_exports(tmp_path)
     assert len(losses["one"]) == 3 and losses["usp"] == pytest.approx(losses["one"], rel=1e-9)
     for key, value in exported["one"].items():
         assert value.dtype == torch.float64 and torch.allclose(exported["usp"][key], value, rtol=0, atol=1e-9), key
+
+
+def test_trainer_hf_model_with_fsdp_dp_and_resume(worlds, tmp_path):
+    """The training loop with --hf-model (bytes, packed stdlib documents, fp64): dp=2 x sp=2 ring
+    zigzag with FSDP equals 1 process; a run resumed from its step-2 checkpoint reproduces step 3."""
+    from seqpar.data import stdlib_corpus
+    from seqpar.testing.train_checks import run_training
+    model_dir = tmp_path / "llama256"
+    LlamaConfig(**{**SHAPE, "vocab_size": 256}).save_pretrained(model_dir)
+    base = dict(hf_model=str(model_dir), data=str(stdlib_corpus(tmp_path / "corpus", max_bytes=40_000)), seq_len=64,
+                batch=2, steps=3, warmup=1, lr=1e-2, min_lr=1e-3, dtype="float64", eval_every=0, eval_batches=1,
+                checkpoint_every=0, progress=False, plot=False, strategy="local", layout="contiguous")
+    ref = worlds.run(1, run_training, {**base, "out_dir": str(tmp_path / "ref")})[0]["losses"]
+    sharded = {**base, "strategy": "ring", "layout": "zigzag", "dp": 2, "batch": 1, "fsdp": True}
+    got = worlds.run(4, run_training, {**sharded, "out_dir": str(tmp_path / "fsdp")})[0]["losses"]
+    assert got == pytest.approx(ref, rel=1e-9)
+    out = str(tmp_path / "resume")
+    worlds.run(4, run_training, {**sharded, "out_dir": out, "steps": 2, "checkpoint_every": 2})
+    resumed = worlds.run(4, run_training, {**sharded, "out_dir": out, "resume": "latest"})[0]["losses"]
+    assert resumed == pytest.approx(ref[2:], rel=1e-9)

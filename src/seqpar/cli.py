@@ -10,7 +10,8 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "train": ("seqpar.train", "train a Llama-style model with sequence parallelism (default: local gloo world; "
+    "train": ("seqpar.train", "train a Llama-style model, a Hugging Face causal LM (--hf-model) or a DiT "
+                              "(--model dit) with sequence parallelism (default: local gloo world; "
                               "under torchrun: gloo on CPU, NCCL on GPUs - the NCCL/GPU path has never been run "
                               "in this project, no GPU was available)"),
     "plan": ("seqpar.plan", "rank strategies and degrees by predicted step time and memory"),

@@ -1,4 +1,5 @@
-"""`seqpar train`: train a byte-level Llama-style model with sequence parallelism.
+"""`seqpar train`: train a byte-level Llama-style model (or a Hugging Face causal LM,
+`--hf-model DIR`, or a DiT on images, `--model dit`) with sequence parallelism.
 
     seqpar train                                 # 4 local gloo processes, wallfacer, stdlib corpus
     seqpar train --config tiny --steps 50        # a packaged config (src/seqpar/configs/tiny.toml)
