@@ -264,3 +264,26 @@ def test_trainer_hf_model_with_fsdp_dp_and_resume(worlds, tmp_path):
     worlds.run(4, run_training, {**sharded, "out_dir": out, "steps": 2, "checkpoint_every": 2})
     resumed = worlds.run(4, run_training, {**sharded, "out_dir": out, "resume": "latest"})[0]["losses"]
     assert resumed == pytest.approx(ref[2:], rel=1e-9)
+
+
+def test_builtin_model_exports_as_llama(worlds, tmp_path):
+    """`seqpar export` of a built-in-model run: LlamaForCausalLM gives the same logits (fp64 weights;
+    transformers computes RoPE tables and RMSNorm in fp32, hence 1e-6, where a wrong key or rotation
+    convention gives O(1) differences)."""
+    from seqpar.data import stdlib_corpus
+    from seqpar.export import export_run
+    from seqpar.testing.hf_checks import builtin_logits
+    from seqpar.testing.train_checks import run_training
+    run = tmp_path / "run"
+    cfg = dict(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=64, batch=2, steps=2, warmup=1,
+               dtype="float64", eval_every=0, eval_batches=1, checkpoint_every=2, progress=False, plot=False,
+               strategy="ring", data=str(stdlib_corpus(tmp_path / "corpus", max_bytes=40_000)), out_dir=str(run))
+    worlds.run(2, run_training, cfg)
+    out = export_run(run, tmp_path / "llama")
+    llama = AutoModelForCausalLM.from_pretrained(out)
+    assert type(llama).__name__ == "LlamaForCausalLM" and llama.dtype == torch.float64
+    tokens = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+    ours = torch.tensor(worlds.run(1, builtin_logits, str(run), tokens.tolist())[0], dtype=torch.float64)
+    with torch.no_grad():
+        theirs = llama(tokens).logits
+    assert (ours - theirs).abs().max().item() < 1e-6 * max(1.0, theirs.abs().max().item())

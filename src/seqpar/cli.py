@@ -16,7 +16,7 @@ SUBCOMMANDS = {
                               "in this project, no GPU was available)"),
     "plan": ("seqpar.plan", "rank strategies and degrees by predicted step time and memory"),
     "verify": ("seqpar.verify", "check a strategy's exactness against single-device attention"),
-    "export": ("seqpar.export", "write a --hf-model training run's checkpoint as a Hugging Face model directory"),
+    "export": ("seqpar.export", "write a training run's checkpoint as a Hugging Face model directory"),
 }
 
 

@@ -1,9 +1,14 @@
 """`seqpar export RUN_DIR OUT_DIR`: a training run's checkpoint as a Hugging Face model directory.
 
-For runs trained with `--hf-model`: the checkpoint (the newest, or `--checkpoint`) is verified,
-read in this one process whatever world size and FSDP sharding wrote it, and saved with
-`save_pretrained` next to the model directory's config and tokenizer files, so
-`AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads the trained weights.
+The checkpoint (the newest, or `--checkpoint`) is verified and read in this one process,
+whatever world size and FSDP sharding wrote it, and saved with `save_pretrained`, so
+`AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads the trained weights:
+
+- runs trained with `--hf-model`: the same architecture, next to the model directory's
+  config and tokenizer files (`seqpar.hf.export_checkpoint`);
+- runs of the built-in model: a `LlamaForCausalLM` — the built-in decoder is Llama's
+  architecture (RMSNorm, RoPE with half-split rotation, GQA, SwiGLU, untied head), so
+  the weights map one to one (`LLAMA_KEYS`) and the logits agree.
 """
 from __future__ import annotations
 
@@ -12,11 +17,11 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["add_arguments", "main", "export_run"]
+__all__ = ["add_arguments", "main", "export_run", "export_builtin", "load_builtin", "llama_key", "llama_config"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="a `seqpar train --hf-model` output directory (config.json, checkpoints/)")
+    p.add_argument("run_dir", help="a `seqpar train` output directory (config.json, checkpoints/)")
     p.add_argument("out_dir", help="the Hugging Face model directory to write (must not exist or be empty)")
     p.add_argument("--checkpoint", default="latest", help="'latest' or a checkpoint directory (default: latest)")
     p.add_argument("--model-dir", help="the model directory trained from (default: the run's --hf-model)")
@@ -28,7 +33,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
                dtype: str | None = None) -> Path:
     import torch
 
-    from .hf import export_checkpoint
     run = Path(run_dir)
     info_path = run / "config.json"
     if not info_path.is_file():
@@ -37,12 +41,91 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
         config = json.loads(info_path.read_text())["config"]
     except (ValueError, KeyError) as e:
         raise ValueError(f"{str(info_path)!r} is not a seqpar run config: {e}") from None
+    if config.get("model", "llama") != "llama":
+        raise ValueError(f"run {str(run)!r} trained a {config['model']!r} model; seqpar export writes language models")
     model_dir = model_dir or config.get("hf_model")
-    if not model_dir:
-        raise ValueError(f"run {str(run)!r} trained the built-in model; seqpar export writes runs trained with "
-                         "--hf-model (or give --model-dir of a matching Hugging Face model)")
     ckpt = run / "checkpoints" if checkpoint == "latest" else Path(checkpoint)
+    from .hf import export_checkpoint
+    if not model_dir:
+        return export_builtin(ckpt, config, out_dir, getattr(torch, dtype) if dtype else None)
     return export_checkpoint(ckpt, model_dir, out_dir, getattr(torch, dtype) if dtype else None)
+
+
+# -- the built-in model as LlamaForCausalLM --------------------------------------------------------
+LLAMA_KEYS = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
+              "attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+              "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+              "attention.wo": "self_attn.o_proj", "mlp.w1": "mlp.gate_proj", "mlp.w3": "mlp.up_proj",
+              "mlp.w2": "mlp.down_proj"}
+
+
+def llama_key(key: str) -> str:
+    """seqpar.model.Transformer state-dict key -> LlamaForCausalLM key."""
+    name, _, leaf = key.rpartition(".")
+    if name.startswith("layers."):
+        _, index, rest = name.split(".", 2)
+        return f"model.layers.{index}.{LLAMA_KEYS[rest]}.{leaf}"
+    return f"{LLAMA_KEYS[name]}.{leaf}"
+
+
+def llama_config(cfg, max_positions: int):
+    """The transformers LlamaConfig of a seqpar ModelConfig."""
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_hidden,
+                       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                       num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
+                       rope_theta=cfg.rope_theta, max_position_embeddings=max_positions, tie_word_embeddings=False,
+                       attention_bias=False, mlp_bias=False, hidden_act="silu", initializer_range=cfg.init_std)
+
+
+def load_builtin(checkpoint: Path, run_config: dict, ctx=None):
+    """(Transformer with the checkpoint's weights, on `ctx`, its TrainConfig), in this one process."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from .checkpoint import resolve_checkpoint
+    from .model import Transformer
+    from .train.config import TrainConfig
+    cfg = TrainConfig(**{k: v for k, v in run_config.items() if k in TrainConfig.__dataclass_fields__})
+    path = resolve_checkpoint(str(checkpoint), checkpoint, verify="full")
+    model = Transformer(cfg.model_config(), ctx).to({"float64": torch.float64}.get(cfg.dtype, torch.float32))
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        except dcp.CheckpointException as e:
+            raise ValueError(f"checkpoint {str(path)!r} does not hold this run's model: {str(e).splitlines()[-1]}") \
+                from None
+    model.load_state_dict(state["model"])
+    return model, cfg
+
+
+def export_builtin(checkpoint: Path, run_config: dict, out_dir: str | Path, dtype=None) -> Path:
+    """A checkpoint of the built-in Transformer -> a LlamaForCausalLM `save_pretrained` directory."""
+    import os
+    import shutil
+
+    from transformers import LlamaForCausalLM
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"export directory {str(out)!r} exists and is not empty")
+    model, cfg = load_builtin(checkpoint, run_config)
+    model_cfg, stored = model.cfg, next(model.parameters()).dtype
+    state = {"model": model.state_dict()}
+    llama = LlamaForCausalLM(llama_config(model_cfg, max(cfg.seq_len, 2048))).to(dtype or stored)
+    missing, unexpected = llama.load_state_dict({llama_key(k): v for k, v in state["model"].items()}, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weight mapping incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    llama.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()
+    os.rename(tmp, out)
+    return out
 
 
 def main(args: argparse.Namespace) -> int:

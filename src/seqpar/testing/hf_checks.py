@@ -104,3 +104,17 @@ def hf_train_and_save(model_dir: str, root: str, strategy: str, init_kwargs: dic
     save_checkpoint(root, 2, model, opt, {"model_dir": model_dir}, keep=1)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k.removeprefix(PREFIX): v.clone() for k, v in full.items()} if mesh.rank == 0 else None
+
+
+def builtin_logits(run_dir: str, tokens: list[list[int]]) -> list:
+    """Logits of a built-in-model run's newest checkpoint on `tokens` (1-process world)."""
+    import json
+    from pathlib import Path
+
+    import seqpar
+    from seqpar.export import load_builtin
+    config = json.loads((Path(run_dir) / "config.json").read_text())["config"]
+    model, _ = load_builtin(Path(run_dir) / "checkpoints", config, seqpar.init("local"))
+    t = torch.tensor(tokens)
+    with torch.no_grad():
+        return model(t, torch.arange(t.shape[1])).tolist()
