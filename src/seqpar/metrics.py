@@ -125,7 +125,8 @@ def _ema(values: Iterable[float], decay: float = 0.9) -> list[float]:
     return out
 
 
-def plot_loss_curve(records: Iterable[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
+def plot_loss_curve(records: Iterable[dict[str, Any]], path: str | os.PathLike, title: str = "",
+                    ylabel: str = "loss (nats / token)") -> Path:
     """Write train (and validation) loss vs step as a PNG (matplotlib, Agg backend)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -142,7 +143,7 @@ def plot_loss_curve(records: Iterable[dict[str, Any]], path: str | os.PathLike, 
     if val:
         ax.plot(*zip(*val), "o-", color="tab:orange", label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -41,6 +41,7 @@ class Task:
     model: torch.nn.Module
     tokens_per_batch: int
     packed: bool = False
+    loss_label: str = "loss (nats / token)"
 
     def batch(self, split: str, step: int) -> Any:
         raise NotImplementedError
@@ -170,6 +171,8 @@ class LanguageTask(Task):
 class ImageTask(Task):
     """`--model dit`: rectified-flow DiT on random crops of skimage's photos (seqpar.dit,
     seqpar.images); validation on held-out photos; `finish` samples a PNG grid."""
+
+    loss_label = "loss (velocity MSE per pixel value)"
 
     def __init__(self, cfg: TrainConfig, ctx: SeqParallel, dp: int, dp_rank: int, device: torch.device):
         from ..dit import DiT

@@ -326,7 +326,7 @@ class Trainer:
         self.log.close()
         if self.cfg.plot:
             title = f"{self.cfg.strategy} sp={self.mesh.sp} dp={self.mesh.dp} ({self.num_params / 1e6:.2f}M params)"
-            plot_loss_curve(read_jsonl(self.log.path), self.out_dir / "loss.png", title)
+            plot_loss_curve(read_jsonl(self.log.path), self.out_dir / "loss.png", title, self.task.loss_label)
         if self.cfg.progress:
             print(f"seqpar train: done; log {self.log.path}" + (f", plot {self.out_dir / 'loss.png'}" if self.cfg.plot
                   else "") + "".join(f", {p.stem} {p}" for p in outputs)
