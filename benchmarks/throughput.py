@@ -37,7 +37,7 @@ QUICK = STRATEGIES[:2]
 def config(seq: int, steps: int, out: str, **overrides) -> dict:
     return {"seq_len": seq, "batch": 1, "steps": steps, "warmup": 1, "eval_every": 0, "eval_batches": 1,
             "checkpoint_every": 0, "progress": False, "plot": False, "pack_documents": False, "out_dir": out,
-            "nproc": 2, "layout": "", **overrides}
+            "nproc": 2, "layout": "", "corpus_bytes": max(400_000, 25 * seq), **overrides}
 
 
 def measure(world: ProcessWorld, cfg: dict, warmup: int) -> dict:

@@ -69,6 +69,14 @@ def test_chunked_mlp_loss_and_checkpointing_are_exact(worlds, reference_step):
     assert_same_step(results[0], reference_step)
 
 
+def test_offloaded_activations_are_exact(worlds, reference_step):
+    """FPDT with K/V offload + chunked MLP/loss + every block's saved input in host memory."""
+    options = {"mlp_chunks": 2, "loss_chunks": 2, "offload_activations": True}
+    results = worlds.run(4, transformer_step, "fpdt", {"chunks": 2, "offload": True}, model=options)
+    assert_losses_partition(results, reference_step)
+    assert_same_step(results[0], reference_step)
+
+
 @pytest.mark.parametrize("strategy,kwargs", [("ring", {"layout": "striped"}), ("ulysses", {}),
                                              ("wallfacer", {"team_size": 2})], ids=["ring", "ulysses", "wallfacer"])
 def test_dit_block_matches_one_process(worlds, strategy, kwargs):

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .kernels import accum_dtype
 
-__all__ = ["chunked_mlp", "chunked_lm_loss", "count_tokens"]
+__all__ = ["chunked_mlp", "chunked_lm_loss", "count_tokens", "offloaded_checkpoint"]
 
 REDUCTIONS = ("sum", "mean")
 
@@ -109,3 +109,38 @@ def chunked_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, num_chunks: 
             for h, y in zip(torch.tensor_split(flat_hidden, pieces), torch.tensor_split(flat_labels, pieces))
         ]).sum()
     return total / count_tokens(labels, ignore_index) if reduction == "mean" else total
+
+
+# -- activation checkpointing with the block input in host memory (FPDT / ALST offload) ------
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """y = block(x, *args) without autograd state on the device: the forward runs under no_grad
+    and moves x to host memory; the backward brings x back, recomputes the block with grad and
+    back-propagates through it (parameter gradients accumulate as in reentrant checkpointing)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, block: Callable[..., Tensor], host, *args) -> Tensor:
+        ctx.block, ctx.host, ctx.args = block, host, args
+        ctx.handle, ctx.x_requires_grad = host.to_host(x), x.requires_grad
+        with torch.no_grad():
+            return block(x, *args)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, event = ctx.host.to_device(ctx.handle)
+        ctx.host.ready(x, event)
+        x = x.detach().requires_grad_(ctx.x_requires_grad)
+        with torch.enable_grad():
+            out = ctx.block(x, *ctx.args)
+        torch.autograd.backward(out, grad)
+        ctx.handle = None
+        return (x.grad, None, None) + (None,) * len(ctx.args)
+
+
+def offloaded_checkpoint(block: Callable[..., Tensor], x: Tensor, *args) -> Tensor:
+    """Activation checkpointing of `block(x, *args)` whose saved input x [b, s, H] lives in host
+    memory between forward and backward (pinned buffers and a side stream on CUDA, a
+    numpy-owned copy on CPU), so a checkpointed model keeps no per-token state on the device.
+    Exact: the backward recomputes the same operations. `args` are not differentiated."""
+    from .attention.fpdt import host_store
+    return _OffloadedCheckpoint.apply(x, block, host_store(x.device), *args)
+

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .chunked import chunked_lm_loss, chunked_mlp
+from .chunked import chunked_lm_loss, chunked_mlp, offloaded_checkpoint
 from .context import SeqParallel
 
 __all__ = ["ModelConfig", "Transformer", "DiTBlock", "RMSNorm", "Attention", "SwiGLU", "Block",
@@ -46,6 +46,7 @@ class ModelConfig:
     mlp_chunks: int = 1          # FPDT-style chunked MLP (seqpar.chunked), exact, recompute in backward
     loss_chunks: int = 1         # chunked LM head + cross-entropy (seqpar.chunked)
     activation_checkpointing: bool = False
+    offload_activations: bool = False  # checkpoint every block, its saved input in host memory (FPDT/ALST)
 
     def __post_init__(self):
         self.validate()
@@ -220,7 +221,9 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.layers:
-            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+            if self.cfg.offload_activations and torch.is_grad_enabled():
+                x = offloaded_checkpoint(layer, x, rope, cu_seqlens)
+            elif self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, rope, cu_seqlens, use_reentrant=False)
             else:
                 x = layer(x, rope, cu_seqlens)

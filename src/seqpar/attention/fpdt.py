@@ -106,6 +106,12 @@ class _PinnedHost:
         t.record_stream(current)  # allocated on the side stream, used on the current one
 
 
+def host_store(device: torch.device):
+    """The host memory for offloads from `device`: pinned + side stream on CUDA, numpy on CPU."""
+    device = torch.device(device)
+    return _PinnedHost(device) if device.type == "cuda" else _NumpyHost(device)
+
+
 class ChunkStore:
     """Tensors of one FPDT call by key, on the device or offloaded to host memory.
 

@@ -187,3 +187,41 @@ def attention_memory(strategy: str, init_kwargs: dict[str, Any], *, seq: int, ba
             "peak": max(phases["forward"][0] - interface, phases["backward"][0] - interface - grads),
             "input_bytes": _nbytes(q, k, v), "host_peak": stats.host_peak if stats else 0,
             "rss_growth": peak_rss_bytes() - rss_before, "seconds": seconds, "device": dev.type}
+
+
+def training_step_memory(cfg: dict[str, Any]) -> dict[str, float]:
+    """Device bytes of one whole training step of `seqpar train`'s loop on this rank, by phase
+    (CPU: StorageMeter; FPDT's offloaded K/V live outside torch). A first step runs unmetered
+    (it creates the optimizer state); the second is metered, phase by phase, with the trainer's
+    own pieces: `activations` = the forward + backward working peak above what was live when
+    the step began (activations, attention, logits/loss, gradients), `retained` = what the
+    forward leaves for the backward, `optimizer` = the peak of gradient sync, clipping and the
+    AdamW update; `static` = parameters + AdamW state."""
+    from seqpar.train import TrainConfig, Trainer
+    from seqpar.train.trainer import backward_global_mean
+
+    trainer = Trainer(TrainConfig(**cfg))
+    trainer.train_step()
+    params = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    optim = sum(t.numel() * t.element_size() for s in trainer.optimizer.state.values() for t in s.values()
+                if torch.is_tensor(t))
+    task = trainer.task
+    dist.barrier()
+    t0 = time.perf_counter()
+    with StorageMeter() as meter:
+        batch = task.batch("train", task.step)
+        loss_sum, count = task.loss_terms(batch)
+        retained = meter.live
+        backward_global_mean(loss_sum, count, trainer.mesh.world_comm)
+        del loss_sum, count, batch
+        activations = meter.peak
+        meter.reset_peak()
+        trainer._sync_gradients()
+        trainer._clip()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        optimizer = meter.peak
+    stats = getattr(trainer.ctx.strategy, "last_offload_stats", None)
+    return {"static": params + optim, "params": params, "activations": activations, "retained": retained,
+            "optimizer": optimizer, "tokens_per_rank": task.tokens_per_batch // trainer.ctx.size,
+            "host_peak": stats.host_peak if stats else 0, "seconds": time.perf_counter() - t0}

@@ -27,7 +27,7 @@ NONFINITE = ("stop", "skip")
 MODELS = ("llama", "dit")
 SECTIONS = ("model", "data", "optim", "parallel", "output")
 _MODEL_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "mlp_chunks", "loss_chunks",
-               "activation_checkpointing")
+               "activation_checkpointing", "offload_activations")
 _SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
 
 
@@ -52,6 +52,9 @@ class TrainConfig:
     mlp_chunks: int = _opt(1, "FPDT chunked MLP (recompute in backward)")
     loss_chunks: int = _opt(1, "FPDT chunked LM head + cross-entropy")
     activation_checkpointing: bool = _opt(False, "recompute every block in backward")
+    offload_activations: bool = _opt(False, "checkpoint every block and keep its saved input in host memory "
+                                            "(pinned on CUDA): no per-token state on the device between forward "
+                                            "and backward (FPDT / ALST); not with --fsdp")
     hf_model: str = _opt("", "a Hugging Face causal LM directory (config.json, optional safetensors weights and "
                              "tokenizer) to train instead of the built-in model; its shape replaces the model flags")
     # images (--model dit): (image_size / patch_size)^2 tokens per image replace seq_len
@@ -173,6 +176,8 @@ class TrainConfig:
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("need 0 <= beta1, beta2 < 1, weight_decay >= 0 and grad_clip >= 0")
+        if self.offload_activations and (self.fsdp or self.model != "llama" or self.hf_model):
+            raise ValueError("--offload-activations applies to the built-in language model without --fsdp")
         if self.doc_separator < -1 or (self.doc_separator >= 0 and not self.pack_documents):
             raise ValueError(f"doc_separator {self.doc_separator}: needs a token id >= 0 (-1: none) and "
                              "--pack-documents")
