@@ -21,14 +21,15 @@ from .profiling import KINDS, attention_iteration, profile, profile_rank
 from .schedules import fpdt_host_bytes, usp_groups
 from .search import (STRATEGY_MODELS, Candidate, StrategyModel, attention_bytes, attention_schedule,
                      candidate_configs, evaluate, paper_block_volume, plan)
-from .stages import (Collective, Compute, RingLoop, Send, Stage, Step, Steps, all_pairs_busiest, block_class_pairs,
-                     bytes_by_kind, max_bytes_by_kind, pair_count, ring_step_pairs, wallfacer_step_pairs)
+from .stages import Collective, Compute, Load, RingLoop, Send, Stage, Step, Steps, Work, bytes_by_kind, max_bytes_by_kind
+from .tables import all_pairs_busiest, block_class_pairs, pair_count, ring_step_pairs, wallfacer_step_pairs
 
 __all__ = [
     # inputs
     "GiB", "DTYPE_BYTES", "MODEL_PRESETS", "ModelShape", "Cluster", "Link", "PlanInput", "Config",
     # stages and tables
-    "Collective", "RingLoop", "Compute", "Send", "Step", "Steps", "Stage", "bytes_by_kind", "max_bytes_by_kind",
+    "Collective", "RingLoop", "Compute", "Send", "Step", "Steps", "Stage", "Work", "Load", "bytes_by_kind",
+    "max_bytes_by_kind",
     "pair_count", "block_class_pairs", "ring_step_pairs", "all_pairs_busiest", "wallfacer_step_pairs",
     # schedules, memory, search
     "usp_groups", "fpdt_host_bytes", "model_state_bytes", "memory_estimate", "StrategyModel", "STRATEGY_MODELS",

@@ -16,7 +16,7 @@ from typing import Callable
 from . import memory as mem
 from . import schedules as sched
 from . import validity as val
-from .inputs import GiB, Cluster, Config, PlanInput
+from .inputs import GiB, Config, Hardware, PlanInput
 from .stages import Collective, Compute, RingLoop, Stage, bytes_by_kind, max_bytes_by_kind
 
 __all__ = ["StrategyModel", "STRATEGY_MODELS", "STRATEGY_ORDER", "Candidate", "attention_schedule",
@@ -157,10 +157,11 @@ def candidate_configs(inp: PlanInput, strategies: list[str] | None = None) -> li
 # -- evaluation and ranking --------------------------------------------------------------------
 def _dense_seconds(inp: PlanInput) -> float:
     """Projections, MLP and LM head of one rank's tokens, forward + backward
-    (seqpar.model.ModelConfig.matmul_flops_per_token)."""
+    (seqpar.model.ModelConfig.matmul_flops_per_token), every rank computing at once."""
     tokens = inp.batch * inp.tokens_per_rank
     flops = (1 + DENSE_BWD_FACTOR) * tokens * inp.model.config.matmul_flops_per_token()
-    return flops / inp.cluster.flops_per_s
+    hw = inp.hardware
+    return flops / hw.matmul_flops_per_s * hw.contention
 
 
 def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
@@ -172,13 +173,16 @@ def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
         memory = mem.memory_estimate(inp, model.memory(inp, cfg))
     except ValueError as e:
         return Candidate(cfg, valid=False, reason=str(e))
-    cl = inp.cluster
-    attn = max(sum(_stage_seconds(s, cl) for s in stages) for stages in schedules)
-    compute = max(sum(_compute_seconds(s, cl) for s in stages) for stages in schedules)
+    hw, cl = inp.hardware, inp.cluster
+    attn = max(sum(_stage_seconds(s, hw) for s in stages) for stages in schedules)
+    compute = max(sum(_compute_seconds(s, hw) for s in stages) for stages in schedules)
     dense = _dense_seconds(inp)
     grads = Collective("all_reduce", inp.model.params(), inp.itemsize, cl.ranks, "bwd", "grads")
-    grad_sync = max(0.0, grads.seconds(cl) - DENSE_BWD_FACTOR / (1 + DENSE_BWD_FACTOR) * dense)
+    grad_sync = max(0.0, grads.seconds(hw) - DENSE_BWD_FACTOR / (1 + DENSE_BWD_FACTOR) * dense)
     step = inp.model.layers * attn + dense + grad_sync
+    if inp.checkpointing:  # every block's forward runs again in backward
+        attn_fwd = max(sum(_stage_seconds(s, hw) for s in stages if s.phase == "fwd") for stages in schedules)
+        step += inp.model.layers * attn_fwd + dense / (1 + DENSE_BWD_FACTOR)
     host = max(sum(s.host_bytes for s in stages if isinstance(s, Compute)) for stages in schedules)
     return Candidate(cfg, step_time=step, attention_time=attn, exposed_comm_time=attn - compute,
                      comm_bytes=max_bytes_by_kind(schedules), host_bytes=host, memory=memory,
@@ -186,15 +190,13 @@ def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
 
 
 @lru_cache(maxsize=65536)
-def _stage_seconds(stage: Stage, cluster: Cluster) -> float:
+def _stage_seconds(stage: Stage, hw: Hardware) -> float:
     """Memoised: ranks running the same stage on equal groups share the result."""
-    return stage.seconds(cluster)
+    return stage.seconds(hw)
 
 
-def _compute_seconds(stage: Stage, cluster: Cluster) -> float:
-    if isinstance(stage, RingLoop):
-        return stage.compute_seconds(cluster)
-    return stage.flops / cluster.flops_per_s if isinstance(stage, Compute) else 0.0
+def _compute_seconds(stage: Stage, hw: Hardware) -> float:
+    return stage.compute_seconds(hw) if isinstance(stage, (RingLoop, Compute)) else 0.0
 
 
 def _rank_key(c: Candidate):
