@@ -19,7 +19,7 @@ from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-__all__ = ["SCHEMA", "LINK_CLASSES", "CALIBRATED_KINDS", "ALPHA_STEPS", "Link", "LinkFit", "KernelTable",
+__all__ = ["SCHEMA", "LINK_CLASSES", "CALIBRATED_KINDS", "KERNEL_COLUMNS", "ALPHA_STEPS", "Link", "LinkFit", "KernelTable",
            "Calibration", "fit_alpha_beta", "calibrated_peak_flops"]
 
 SCHEMA = "seqpar.calibration/1"
@@ -84,28 +84,32 @@ def fit_alpha_beta(kind: str, points: list[tuple[int, int, float]]) -> LinkFit:
     return LinkFit(a, b, tuple((int(n), int(nb), float(t)) for n, nb, t in points))
 
 
+KERNEL_COLUMNS = ("full_fwd", "full_bwd", "causal_fwd", "causal_bwd")
+
+
 @dataclass(frozen=True, eq=False)
 class KernelTable:
     """Seconds of one kernel call on `heads` query heads (`kv_heads` K/V heads) of `head_dim`,
-    batch 1, for square blocks of each size: full and causal, forward and backward."""
+    batch 1, for square blocks of each size, per column of KERNEL_COLUMNS: `alone` (one rank
+    computing, the others idle) and `together` (every rank running the same calls at once:
+    shared cores and caches)."""
 
     heads: int
     kv_heads: int
     head_dim: int
     sizes: tuple[int, ...]
-    full_fwd: tuple[float, ...]
-    full_bwd: tuple[float, ...]
-    causal_fwd: tuple[float, ...]
-    causal_bwd: tuple[float, ...]
+    alone: dict[str, tuple[float, ...]]
+    together: dict[str, tuple[float, ...]]
 
-    def seconds(self, nq: int, nk: int, causal: bool, backward: bool, rows: int, head_dim: int) -> float:
+    def seconds(self, nq: int, nk: int, causal: bool, backward: bool, rows: int, head_dim: int,
+                together: bool = False) -> float:
         """One call of nq x nk (causal: nq == nk) on `rows` = batch x query heads. Log-log
         interpolation in the block size (sqrt(nq nk) for rectangles); above the largest size
         at its FLOP rate, below the smallest at its time (call overhead)."""
         if nq <= 0 or nk <= 0:
             return 0.0
-        table = (self.causal_bwd if backward else self.causal_fwd) if causal else (
-            self.full_bwd if backward else self.full_fwd)
+        column = f"{'causal' if causal else 'full'}_{'bwd' if backward else 'fwd'}"
+        table = (self.together if together else self.alone)[column]
         size = float(nq) if causal else math.sqrt(float(nq) * nk)
         work = (lambda s: s * (s + 1) / 2) if causal else (lambda s: s * s)
         sizes = self.sizes
@@ -119,6 +123,11 @@ class KernelTable:
             y0, y1 = math.log(table[i - 1]), math.log(table[i])
             t = math.exp(y0 + (y1 - y0) * (math.log(size) - x0) / (x1 - x0))
         return t * rows / self.heads * head_dim / self.head_dim
+
+    def contention(self) -> float:
+        """Median over sizes and columns of together / alone time."""
+        ratios = sorted(t / a for c in KERNEL_COLUMNS for t, a in zip(self.together[c], self.alone[c]))
+        return ratios[len(ratios) // 2]
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,10 +144,11 @@ class Calibration:
     date: str
     slots: float                        # ranks computing at full speed at once (<= world)
     overlap: float                      # fraction of the shorter of compute / P2P hidden under the other
+    sync_s: float                       # extra seconds a collective / ring step costs between computes
     host_bw: float                      # host copy bytes/s
     links: dict[str, dict[str, LinkFit]] = field(default_factory=dict)
     kernels: dict[str, KernelTable] = field(default_factory=dict)
-    matmul_flops: dict[str, float] = field(default_factory=dict)  # per dtype, one rank alone
+    matmul_flops: dict[str, tuple[float, float]] = field(default_factory=dict)  # dtype: (alone, together)
 
     # -- lookups -----------------------------------------------------------------------------
     def link(self, link_class: str) -> Link:
@@ -158,15 +168,16 @@ class Calibration:
                              f"{next(iter(sorted(self.kernels)), '?')}")
         return self.kernels[dtype]
 
-    def matmul_flops_per_s(self, dtype: str) -> float:
+    def matmul_flops_per_s(self, dtype: str, together: bool = True) -> float:
+        """Matmul FLOP/s of one rank, while every rank computes (default) or alone."""
         if dtype not in self.matmul_flops:
             raise ValueError(f"the calibration has no matmul timing for {dtype} (measured: {sorted(self.matmul_flops)})")
-        return self.matmul_flops[dtype]
+        return self.matmul_flops[dtype][1 if together else 0]
 
     def peak_flops_per_process(self, dtype: str) -> float:
-        """Matmul FLOP/s one process reaches while every rank of the world computes: the
-        alone rate shared by the ranks beyond `slots` (threads vs cores, measured)."""
-        return self.matmul_flops_per_s(dtype) * min(1.0, self.slots / self.world)
+        """Matmul FLOP/s one process reaches while every rank of the world computes (threads
+        vs cores as they were: 4 single-threaded processes on 2 cores get about half each)."""
+        return self.matmul_flops_per_s(dtype, together=True)
 
     # -- JSON --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -174,7 +185,11 @@ class Calibration:
         d["links"] = {c: {k: {"alpha_s": f.alpha_s, "beta_s_per_byte": f.beta_s_per_byte,
                               "points": [list(p) for p in f.points]} for k, f in fits.items()}
                       for c, fits in self.links.items()}
-        d["kernels"] = {dt: {**asdict(t), "sizes": list(t.sizes)} for dt, t in self.kernels.items()}
+        d["kernels"] = {dt: {"heads": t.heads, "kv_heads": t.kv_heads, "head_dim": t.head_dim, "sizes": list(t.sizes),
+                             "alone": {c: list(v) for c, v in t.alone.items()},
+                             "together": {c: list(v) for c, v in t.together.items()}}
+                        for dt, t in self.kernels.items()}
+        d["matmul_flops"] = {dt: list(v) for dt, v in self.matmul_flops.items()}
         return {"schema": SCHEMA, **d}
 
     def to_json(self) -> str:
@@ -225,7 +240,7 @@ class Calibration:
         kernels = {dt: v.kernel_table(t, f"kernels.{dt}") for dt, t in v.obj(data.get("kernels"), "kernels").items()}
         if not kernels:
             v.fail("kernels", "is empty")
-        matmul = {dt: v.number(m, f"matmul_flops.{dt}", positive=True)
+        matmul = {dt: v.numbers(m, f"matmul_flops.{dt}", True, 2)
                   for dt, m in v.obj(data.get("matmul_flops"), "matmul_flops").items()}
         slots = v.number(data.get("slots"), "slots", positive=True)
         if slots > world + 1e-9:
@@ -235,12 +250,13 @@ class Calibration:
             v.fail("overlap", f"must be in [0, 1], got {overlap}")
         return cls(world, rpn, v.integer(data, "threads", 1), v.integer(data, "cores", 1), v.text(data, "device"),
                    v.text(data, "backend"), v.text(data, "torch_version"), v.text(data, "date"), slots, overlap,
-                   v.number(data.get("host_bw"), "host_bw", positive=True), links, kernels, matmul)
+                   v.number(data.get("sync_s"), "sync_s"), v.number(data.get("host_bw"), "host_bw", positive=True),
+                   links, kernels, matmul)
 
     def summary(self) -> str:
         return (f"calibrated {self.date} on {self.world} ranks ({self.ranks_per_node}/node, {self.device}, "
                 f"{self.backend}, {self.threads} thread(s) each, {self.cores} cores, {self.slots:.3g} compute "
-                f"at full speed, overlap {self.overlap:.2f})")
+                f"at full speed, overlap {self.overlap:.2f}, sync {self.sync_s * 1e3:.2g} ms)")
 
 
 class _Validator:
@@ -273,9 +289,9 @@ class _Validator:
             self.fail(key, f"must be a string, got {data.get(key)!r}")
         return data[key]
 
-    def numbers(self, xs, where: str, positive: bool) -> tuple[float, ...]:
-        if not isinstance(xs, list) or not xs:
-            self.fail(where, f"must be a non-empty list, got {xs!r}")
+    def numbers(self, xs, where: str, positive: bool, count: int | None = None) -> tuple[float, ...]:
+        if not isinstance(xs, list) or not xs or (count is not None and len(xs) != count):
+            self.fail(where, f"must be a non-empty list{f' of {count}' if count else ''}, got {xs!r}")
         return tuple(self.number(x, f"{where}[{i}]", positive) for i, x in enumerate(xs))
 
     def link_fit(self, f, where: str, kind: str) -> LinkFit:
@@ -295,19 +311,19 @@ class _Validator:
         sizes = self.numbers(t.get("sizes"), f"{where}.sizes", True)
         if list(sizes) != sorted(set(sizes)):
             self.fail(f"{where}.sizes", f"must be increasing, got {list(sizes)}")
-        cols = {}
-        for name in ("full_fwd", "full_bwd", "causal_fwd", "causal_bwd"):
-            cols[name] = self.numbers(t.get(name), f"{where}.{name}", True)
-            if len(cols[name]) != len(sizes):
-                self.fail(f"{where}.{name}", f"has {len(cols[name])} entries for {len(sizes)} sizes")
+        modes = {}
+        for mode in ("alone", "together"):
+            cols = self.obj(t.get(mode), f"{where}.{mode}")
+            modes[mode] = {c: self.numbers(cols.get(c), f"{where}.{mode}.{c}", True, len(sizes))
+                           for c in KERNEL_COLUMNS}
         return KernelTable(self.integer(t, "heads", 1), self.integer(t, "kv_heads", 1), self.integer(t, "head_dim", 1),
-                           tuple(int(s) for s in sizes), **cols)
+                           tuple(int(s) for s in sizes), modes["alone"], modes["together"])
 
 
 def calibrated_peak_flops(calibration: Calibration | str | os.PathLike, dtype: str = "float32") -> float:
     """Per-process peak FLOP/s for MFU from a calibration (object or JSON file): the matmul
-    rate one rank measured, shared among the ranks that run at once beyond the measured
-    `slots` (so 4 processes on 2 cores get half each). Trainer: `peak_tflops =
-    calibrated_peak_flops(path, dtype) / 1e12`."""
+    rate of one rank measured while every rank of the world ran matmuls at once (so 4
+    single-threaded processes on 2 cores get about half a core each). Trainer:
+    `peak_tflops = calibrated_peak_flops(path, dtype) / 1e12`."""
     cal = calibration if isinstance(calibration, Calibration) else Calibration.load(calibration)
     return cal.peak_flops_per_process(dtype)

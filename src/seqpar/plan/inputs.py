@@ -146,11 +146,12 @@ class Hardware:
     from the cluster's calibration when it has one (then `kernels` times each block).
 
     - `link(group)`: alpha-beta per collective kind of the link the group crosses;
-    - `kernels` / `flops_per_s`: attention block time (calibrated table, else flops at
-      peak x efficiency); `matmul_flops_per_s`: dense layers;
-    - `contention`: how much slower a rank computes while every rank computes (world /
-      slots when processes outnumber cores; 1 with a device per rank);
+    - `kernels` / `flops_per_s`: attention block time (calibrated table, one rank alone and
+      every rank at once, else flops at peak x efficiency); `matmul_flops_per_s`: dense
+      layers, every rank computing;
     - `overlap`: fraction of the shorter of (compute, P2P / host copy) hidden under the other;
+    - `sync_s`: extra time of each collective call / ring step between computations (waking
+      a rank whose core is busy: processes outnumbering cores); 0 without calibration;
     - `host_bw`: host<->device bytes/s.
 
     Compared and hashed by identity (the memo tables key on it): `PlanInput.hardware` is one
@@ -188,10 +189,10 @@ class Hardware:
         cal = self.cluster.calibration
         return cal.matmul_flops_per_s(self.dtype) if cal else self.cluster.flops_per_s
 
-    @cached_property
-    def contention(self) -> float:
+    @property
+    def sync_s(self) -> float:
         cal = self.cluster.calibration
-        return max(1.0, self.cluster.world / cal.slots) if cal else 1.0
+        return cal.sync_s if cal else 0.0
 
     @property
     def overlap(self) -> float:

@@ -19,8 +19,8 @@ from . import validity as val
 from .inputs import GiB, Config, Hardware, PlanInput
 from .stages import Collective, Compute, RingLoop, Stage, bytes_by_kind, max_bytes_by_kind
 
-__all__ = ["StrategyModel", "STRATEGY_MODELS", "STRATEGY_ORDER", "Candidate", "attention_schedule",
-           "attention_bytes", "paper_block_volume", "candidate_configs", "evaluate", "plan"]
+__all__ = ["StrategyModel", "STRATEGY_MODELS", "STRATEGY_ORDER", "FPDT_CHUNKS", "Candidate", "attention_schedule",
+           "attention_bytes", "paper_block_volume", "candidate_configs", "evaluate", "memory_fits", "plan"]
 
 DENSE_BWD_FACTOR = 2.0  # backward of a linear layer: grad input + grad weight
 STRATEGY_ORDER = ("ring", "ulysses", "usp", "allgather", "lss", "fpdt", "wallfacer")
@@ -131,7 +131,11 @@ def _placements(world: int, team_size: int) -> tuple[str, ...]:
     return ("collectives_intra",) if team_size * team_size == world else ("collectives_intra", "rings_intra")
 
 
-def candidate_configs(inp: PlanInput, strategies: list[str] | None = None) -> list[Config]:
+FPDT_CHUNKS = (1, 2, 4, 8)
+
+
+def candidate_configs(inp: PlanInput, strategies: list[str] | None = None,
+                      fpdt_chunks: tuple[int, ...] = FPDT_CHUNKS) -> list[Config]:
     """Every strategy x degree x layout worth considering (invalid ones included, to be reported)."""
     names = [s for s in STRATEGY_ORDER if s in STRATEGY_MODELS] if strategies is None else strategies
     unknown = [s for s in names if s not in STRATEGY_MODELS]
@@ -148,7 +152,7 @@ def candidate_configs(inp: PlanInput, strategies: list[str] | None = None) -> li
             out += [Config("wallfacer", lay, team_size=c, placement=pl) for c in _divisors(p)[1:] if p % (c * c) == 0
                     for pl in _placements(p, c) for lay in layouts]
         elif name == "fpdt":
-            out += [Config("fpdt", "contiguous", chunks=u, offload=off) for u in (1, 2, 4, 8) for off in (False, True)]
+            out += [Config("fpdt", "contiguous", chunks=u, offload=off) for u in fpdt_chunks for off in (False, True)]
         else:
             out += [Config(name, lay) for lay in layouts]
     return out
@@ -160,8 +164,7 @@ def _dense_seconds(inp: PlanInput) -> float:
     (seqpar.model.ModelConfig.matmul_flops_per_token), every rank computing at once."""
     tokens = inp.batch * inp.tokens_per_rank
     flops = (1 + DENSE_BWD_FACTOR) * tokens * inp.model.config.matmul_flops_per_token()
-    hw = inp.hardware
-    return flops / hw.matmul_flops_per_s * hw.contention
+    return flops / inp.hardware.matmul_flops_per_s
 
 
 def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
@@ -199,14 +202,25 @@ def _compute_seconds(stage: Stage, hw: Hardware) -> float:
     return stage.compute_seconds(hw) if isinstance(stage, (RingLoop, Compute)) else 0.0
 
 
+def memory_fits(inp: PlanInput, cfg: Config) -> bool:
+    """Whether a valid candidate fits device memory (the memory model only, no timing)."""
+    try:
+        val.check(inp, cfg)
+        total = mem.memory_estimate(inp, _strategy_model(cfg.strategy).memory(inp, cfg))["total"]
+    except ValueError:
+        return False
+    return total <= inp.cluster.memory_gib * GiB
+
+
 def _rank_key(c: Candidate):
     return (not c.valid, not c.fits, c.step_time)
 
 
-def plan(inp: PlanInput, strategies: list[str] | None = None) -> list[Candidate]:
+def plan(inp: PlanInput, strategies: list[str] | None = None,
+         fpdt_chunks: tuple[int, ...] = FPDT_CHUNKS) -> list[Candidate]:
     """All candidates ranked: valid and fitting by predicted step time, then valid but too
     large for device memory, then invalid ones (each with its reason)."""
-    candidates = [evaluate(inp, cfg) for cfg in candidate_configs(inp, strategies)]
+    candidates = [evaluate(inp, cfg) for cfg in candidate_configs(inp, strategies, fpdt_chunks)]
     rings = [c.step_time for c in candidates if c.valid and c.config.strategy == "ring"]
     if rings:
         for c in candidates:

@@ -47,12 +47,13 @@ class Work:
         flops = float(self.rows) * pairs * ATTENTION_FLOPS_PER_PAIR * self.head_dim
         return ATTN_BWD_FACTOR * flops if self.backward else flops
 
-    def seconds(self, hw: Hardware) -> float:
-        """flops at peak x efficiency, or the calibrated kernel time of each call."""
+    def seconds(self, hw: Hardware, together: bool = False) -> float:
+        """flops at peak x efficiency, or the calibrated kernel time of each call (one rank
+        alone, or while every rank computes)."""
         table = hw.kernels
         if table is None:
             return self.flops / hw.flops_per_s
-        return sum(c * table.seconds(nq, nk, causal, self.backward, self.rows, self.head_dim)
+        return sum(c * table.seconds(nq, nk, causal, self.backward, self.rows, self.head_dim, together)
                    for nq, nk, causal, c in self.calls)
 
 
@@ -69,7 +70,8 @@ def work_of(parts, rows: int, head_dim: int, backward: bool) -> Work:
 class Load:
     """The attention work of one synchronous step: the works the busiest rank may have (which
     one is busiest depends on the hardware) and the mean over the world's ranks. Step time =
-    max(busiest alone, mean x contention): ranks that wait free their cores for the others."""
+    max(the busiest rank's calls alone, the mean rank's calls while every rank computes):
+    ranks that wait free their cores for the others (identical without a calibration)."""
 
     busiest: tuple[Work, ...]
     mean: Work
@@ -85,8 +87,8 @@ class Load:
 @lru_cache(maxsize=65536)
 def _load_seconds(load: Load, hw: Hardware) -> float:
     busy = max(w.seconds(hw) for w in load.busiest)
-    if hw.contention > 1.0:
-        busy = max(busy, load.mean.seconds(hw) * hw.contention)
+    if hw.kernels is not None:
+        busy = max(busy, load.mean.seconds(hw, together=True))
     return busy
 
 
@@ -128,7 +130,7 @@ class Collective:
     def seconds(self, hw: Hardware) -> float:
         if len(self.group) == 1:
             return 0.0
-        return hw.link(self.group).seconds(self.kind, len(self.group), self.nbytes)
+        return hw.link(self.group).seconds(self.kind, len(self.group), self.nbytes) + hw.sync_s
 
 
 @dataclass(frozen=True)
@@ -182,14 +184,14 @@ def _loop_seconds(steps: Steps, link: Link, hw: Hardware) -> float:
     for step in steps.items:
         compute = step.load.seconds(hw) if step.load is not None else 0.0
         comm = sum(s.nbytes for s in step.sends) * beta
-        total += hw.combine(compute, comm) + (alpha if step.sends else 0.0)
+        total += hw.combine(compute, comm) + (alpha + hw.sync_s if step.sends else 0.0)
     return total
 
 
 @dataclass(frozen=True)
 class RingLoop:
     """P2P steps on `group` (ring order): step time = compute and sends combined (the longer
-    one when they overlap) + one latency."""
+    one when they overlap) + one latency (+ the calibrated sync cost)."""
 
     group: tuple[int, ...]
     phase: str
