@@ -18,7 +18,8 @@ and fits its timings (docs/planner.md, "Calibration"):
   sits between computations on every rank (waking a rank whose core is busy);
 - `overlap`: a ring exchange started before a compute chunk and waited after it, vs both
   apart (CPU gloo: comm and compute share the cores, little overlap);
-- matmul FLOP/s (alone and together) and host copy bandwidth.
+- the cost of merging a block's output by log-sum-exp (`LseAccumulator.add`) per element,
+  matmul FLOP/s (alone and together) and host copy bandwidth.
 
 Every timed value is a median over repeats after a warm-up call; every rank returns the same
 result (timings max-reduced, the together-times averaged).
@@ -173,7 +174,7 @@ def _probe_kernels(dtype: str, kernel_sizes, heads, kv_heads, head_dim, repeats,
     seconds per flop, alone and together."""
     import torch
 
-    from ..kernels import get_kernel
+    from ..kernels import LseAccumulator, get_kernel
 
     torch_dtype = getattr(torch, dtype)
     kernel = get_kernel("auto", device, torch_dtype)
@@ -188,8 +189,14 @@ def _probe_kernels(dtype: str, kernel_sizes, heads, kv_heads, head_dim, repeats,
             together[column].append(y)
     m = 1024 if device.type == "cuda" else 256
     a, b = (torch.randn(m, m).to(device, torch_dtype) for _ in range(2))
-    mm_alone, mm_together = _alone_then_together([lambda: a @ b], sync, repeats, device, target_s)
-    return {"alone": alone, "together": together, "matmul": (2.0 * m ** 3 / mm_alone[0], 2.0 * m ** 3 / mm_together[0])}
+    rows = min(1024, max(kernel_sizes))
+    q = torch.randn(1, rows, heads, head_dim).to(device, torch_dtype)
+    acc, (out, lse) = LseAccumulator(q), kernel.forward(q, q[:, :, :kv_heads], q[:, :, :kv_heads], False, 1.0)
+    (mm_alone, merge_alone), (mm_together, merge_together) = _alone_then_together(
+        [lambda: a @ b, lambda: acc.add(out, lse)], sync, repeats, device, target_s)
+    elems = rows * heads * head_dim
+    return {"alone": alone, "together": together, "matmul": (2.0 * m ** 3 / mm_alone, 2.0 * m ** 3 / mm_together),
+            "merge_s": (merge_alone / elems, merge_together / elems)}
 
 
 def _probe_sharing(dtype: str, size: int, heads, kv_heads, head_dim, p2p_bytes: int, repeats, device, sync,
@@ -209,7 +216,7 @@ def _probe_sharing(dtype: str, size: int, heads, kv_heads, head_dim, p2p_bytes: 
     comm = Comm(None, CommStats())
     ring, small = comm.ring(), torch.zeros(256 * comm.size, device=device)
     calls = [lambda: comm.all_to_all(small, 0, 0), lambda: ring.send_recv(small).wait()]
-    units = 20
+    units = 10
     bare = _agree([_together(fwd, sync, units, repeats)] + [_together(c, sync, units, repeats) for c in calls],
                   device, "mean")
     loaded = _agree([_together(lambda c=c: (fwd(), c()), sync, units, repeats) for c in calls], device, "mean")
@@ -249,7 +256,7 @@ def probe_rank(*, ranks_per_node: int, sizes=DEFAULT_SIZES, kernel_sizes=DEFAULT
     links = _probe_links(ranks_per_node, sizes, repeats, device, sync)
     kernels = {dt: _probe_kernels(dt, kernel_sizes, heads, kv_heads, head_dim, repeats, device, sync, target_s)
                for dt in dtypes}
-    sharing = _probe_sharing(dtypes[0], min(512, max(kernel_sizes)), heads, kv_heads, head_dim, max(sizes), repeats,
+    sharing = _probe_sharing(dtypes[0], min(1024, max(kernel_sizes)), heads, kv_heads, head_dim, max(sizes), repeats,
                              device, sync, target_s)
     src = torch.zeros(8 * 2 ** 20, device=device)
     dst = torch.empty(src.shape, pin_memory=device.type == "cuda")
@@ -275,7 +282,7 @@ def build_calibration(raw: dict[str, Any], *, world: int, ranks_per_node: int, k
     for dtype, k in raw["kernels"].items():
         kernels[dtype] = KernelTable(heads, kv_heads, head_dim, tuple(kernel_sizes),
                                      {c: tuple(v) for c, v in k["alone"].items()},
-                                     {c: tuple(v) for c, v in k["together"].items()})
+                                     {c: tuple(v) for c, v in k["together"].items()}, tuple(k["merge_s"]))
         matmul[dtype] = tuple(k["matmul"])
     first = kernels[next(iter(kernels))]
     slots = min(float(world), max(1.0, world / first.contention()))

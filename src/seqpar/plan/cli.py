@@ -220,6 +220,9 @@ def main(args: argparse.Namespace) -> int:
                     notes.append("calibration measured on this world for the profile (not saved; --calibrate saves it)")
             inp = replace(inp, cluster=replace(inp.cluster, calibration=calibration))
             candidates = plan(inp, _strategies(args), chunks)
+            if args.profile and calibration.world != inp.world:
+                notes.append(f"note: the calibration was measured on {calibration.world} ranks, this world has "
+                             f"{inp.world}: predictions extrapolate")
             if args.profile:
                 report = profile(inp, candidates, args, calibration=calibration,
                                  runner=lambda world, configs, kw: run(profile_rank, configs, **kw))

@@ -4,11 +4,13 @@ A calibration holds what `seqpar plan --calibrate` measures (seqpar.plan.calibra
 real world: per link class ("intra": groups inside a node, "inter": groups spanning nodes)
 and collective kind a least-squares alpha-beta fit `t = steps(kind, n) alpha + bytes beta`
 (bytes as `CommStats` counts them); the attention kernel's time per block size (causal and
-full, forward and backward, through `seqpar.kernels`); matmul FLOP/s; how many ranks compute
-at full speed at once (`slots`: fewer than the ranks when processes outnumber cores); how
-much of a P2P transfer hides under compute (`overlap`); host copy bandwidth. The cost model
-reads every hardware number through `seqpar.plan.inputs.Hardware`, which takes them from a
-calibration when the cluster has one. No torch import here.
+full, forward and backward, through `seqpar.kernels`), with one rank computing alone and
+with every rank computing at once, and the LSE merge per element; matmul FLOP/s; how many
+ranks compute at full speed at once (`slots`: fewer than the ranks when processes outnumber
+cores); the extra cost of a collective between computations (`sync_s`); how much of a P2P
+transfer hides under compute (`overlap`); host copy bandwidth. The cost model reads every
+hardware number through `seqpar.plan.inputs.Hardware`, which takes them from a calibration
+when the cluster has one. No torch import here.
 """
 from __future__ import annotations
 
@@ -92,7 +94,8 @@ class KernelTable:
     """Seconds of one kernel call on `heads` query heads (`kv_heads` K/V heads) of `head_dim`,
     batch 1, for square blocks of each size, per column of KERNEL_COLUMNS: `alone` (one rank
     computing, the others idle) and `together` (every rank running the same calls at once:
-    shared cores and caches)."""
+    shared cores and caches); `merge_s`: seconds per output element (row x head x head_dim)
+    of merging a block's result into the running output by log-sum-exp (alone, together)."""
 
     heads: int
     kv_heads: int
@@ -100,6 +103,7 @@ class KernelTable:
     sizes: tuple[int, ...]
     alone: dict[str, tuple[float, ...]]
     together: dict[str, tuple[float, ...]]
+    merge_s: tuple[float, float] = (0.0, 0.0)
 
     def seconds(self, nq: int, nk: int, causal: bool, backward: bool, rows: int, head_dim: int,
                 together: bool = False) -> float:
@@ -187,7 +191,7 @@ class Calibration:
                       for c, fits in self.links.items()}
         d["kernels"] = {dt: {"heads": t.heads, "kv_heads": t.kv_heads, "head_dim": t.head_dim, "sizes": list(t.sizes),
                              "alone": {c: list(v) for c, v in t.alone.items()},
-                             "together": {c: list(v) for c, v in t.together.items()}}
+                             "together": {c: list(v) for c, v in t.together.items()}, "merge_s": list(t.merge_s)}
                         for dt, t in self.kernels.items()}
         d["matmul_flops"] = {dt: list(v) for dt, v in self.matmul_flops.items()}
         return {"schema": SCHEMA, **d}
@@ -316,8 +320,9 @@ class _Validator:
             cols = self.obj(t.get(mode), f"{where}.{mode}")
             modes[mode] = {c: self.numbers(cols.get(c), f"{where}.{mode}.{c}", True, len(sizes))
                            for c in KERNEL_COLUMNS}
+        merge = self.numbers(t.get("merge_s"), f"{where}.merge_s", False, 2)
         return KernelTable(self.integer(t, "heads", 1), self.integer(t, "kv_heads", 1), self.integer(t, "head_dim", 1),
-                           tuple(int(s) for s in sizes), modes["alone"], modes["together"])
+                           tuple(int(s) for s in sizes), modes["alone"], modes["together"], merge)
 
 
 def calibrated_peak_flops(calibration: Calibration | str | os.PathLike, dtype: str = "float32") -> float:

@@ -34,12 +34,15 @@ ATTN_BWD_FACTOR = 2.5  # flash backward: 5 matmuls (S recompute, dV, dP, dQ, dK)
 @dataclass(frozen=True, eq=False)
 class Work:
     """Kernel calls of one rank: ((q rows, kv rows, causal, count), ...) on `rows` = batch x
-    query heads of `head_dim`, forward or backward. Built once per table (hashed by identity)."""
+    query heads of `head_dim`, forward or backward; `merged`: forward results merged into a
+    running output by log-sum-exp (block loops; not a whole-sequence local call). Built once
+    per table (hashed by identity)."""
 
     calls: tuple[tuple[int, int, bool, float], ...]
     rows: int
     head_dim: int
     backward: bool
+    merged: bool = True
 
     @cached_property
     def flops(self) -> float:
@@ -53,17 +56,21 @@ class Work:
         table = hw.kernels
         if table is None:
             return self.flops / hw.flops_per_s
-        return sum(c * table.seconds(nq, nk, causal, self.backward, self.rows, self.head_dim, together)
-                   for nq, nk, causal, c in self.calls)
+        t = sum(c * table.seconds(nq, nk, causal, self.backward, self.rows, self.head_dim, together)
+                for nq, nk, causal, c in self.calls)
+        if self.merged and not self.backward:
+            t += sum(c * nq for nq, _, _, c in self.calls) * self.rows * self.head_dim * table.merge_s[together]
+        return t
 
 
-def work_of(parts, rows: int, head_dim: int, backward: bool) -> Work:
+def work_of(parts, rows: int, head_dim: int, backward: bool, merged: bool = True) -> Work:
     """A Work from (calls, weight) parts: weights of equal calls add up."""
-    merged: dict[tuple[int, int, bool], float] = {}
+    total: dict[tuple[int, int, bool], float] = {}
     for calls, weight in parts:
         for call in calls:
-            merged[call] = merged.get(call, 0.0) + weight
-    return Work(tuple((nq, nk, causal, w) for (nq, nk, causal), w in merged.items() if w), rows, head_dim, backward)
+            total[call] = total.get(call, 0.0) + weight
+    return Work(tuple((nq, nk, causal, w) for (nq, nk, causal), w in total.items() if w), rows, head_dim, backward,
+                merged)
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,11 +99,11 @@ def _load_seconds(load: Load, hw: Hardware) -> float:
     return busy
 
 
-def balanced_loads(calls, rows: int, head_dim: int) -> tuple[Load, Load]:
+def balanced_loads(calls, rows: int, head_dim: int, merged: bool = True) -> tuple[Load, Load]:
     """(forward, backward) loads of a step where every rank makes the same kernel calls."""
     out = []
     for backward in (False, True):
-        w = work_of([(calls, 1.0)], rows, head_dim, backward)
+        w = work_of([(calls, 1.0)], rows, head_dim, backward, merged)
         out.append(Load((w,), w))
     return out[0], out[1]
 

@@ -139,8 +139,8 @@ def wallfacer_step_loads(kind: str, causal: bool, world: int, team_size: int, te
 
 @lru_cache(maxsize=None)
 def local_load(seq: int, causal: bool, rows: int, head_dim: int) -> tuple[Load, Load]:
-    """One whole-sequence call per rank (Ulysses' local attention)."""
-    return balanced_loads(((seq, seq, causal),), rows, head_dim)
+    """One whole-sequence call per rank (Ulysses' local attention: nothing to merge)."""
+    return balanced_loads(((seq, seq, causal),), rows, head_dim, merged=False)
 
 
 @lru_cache(maxsize=None)
