@@ -4,8 +4,9 @@ For every shape (sequence length x MHA / GQA) the planner predicts one attention
 (forward + backward) of every valid candidate on a calibration of the world, then
 `seqpar plan --profile`'s machinery measures them all (interleaved, median of --iters after a
 warm-up, slowest rank). Per shape: Spearman rank correlation of predicted vs measured time,
-and the regret = measured time of the predicted best / the measured best (1.00: the planner
-picked the fastest). One calibration per GQA ratio (the kernel table depends on it), saved
+the regret = measured time of the predicted best / the measured best (1.00: the planner
+picked the fastest), and the confirmed regret: the same two re-measured on their own
+(`--confirm` interleaved iterations), free of the minimum's bias towards lucky runs. One calibration per GQA ratio (the kernel table depends on it), saved
 next to the output and reusable with --calibration-dir.
 
     python3 benchmarks/planner_regret.py                  # full study, writes its table into docs/planner.md
@@ -70,6 +71,7 @@ def study(args) -> tuple[list[dict], list[str]]:
             inp = PlanInput(Cluster(args.world, args.world, calibration=cal), model, seq, 1, args.dtype, True)
             candidates = plan(inp, args.strategies)
             opts = argparse.Namespace(profile_top=args.top, profile_iters=args.iters, profile_warmup=1,
+                                      profile_confirm=args.confirm,
                                       profile_seq=None, profile_heads=None, profile_kv_heads=None,
                                       profile_head_dim=None, profile_dtype=None)
             t0 = time.time()
@@ -78,13 +80,14 @@ def study(args) -> tuple[list[dict], list[str]]:
             measured = {c.label: c.measured for c in report.candidates}
             rows.append({"shape": f"{name} N={seq} h={heads}/{kv_heads}", "n": len(report.candidates),
                          "spearman": report.spearman, "regret": report.regret,
+                         "confirmed": report.confirmed_regret,
                          "predicted_best": report.predicted_best, "measured_best": report.measured_best,
                          "t_pred_best": measured[report.predicted_best]["seconds"],
                          "t_best": measured[report.measured_best]["seconds"], "seconds": time.time() - t0,
                          "detail": [(c.label, c.measured.get("predicted_seconds"), c.measured.get("seconds"))
                                     for c in report.candidates]})
-            print(f"# {rows[-1]['shape']}: spearman {report.spearman:.3f} regret {report.regret:.3f} "
-                  f"({rows[-1]['seconds']:.0f} s)", file=sys.stderr)
+            print(f"# {rows[-1]['shape']}: spearman {report.spearman:.3f} regret {report.regret:.3f} confirmed "
+                  f"{report.confirmed_regret:.3f} ({rows[-1]['seconds']:.0f} s)", file=sys.stderr)
     return rows, [c.summary() for c in cals.values()]
 
 
@@ -97,12 +100,13 @@ def markdown(rows: list[dict], cal_lines: list[str], args, total: float) -> str:
         f"Shapes: batch 1, head_dim {args.head_dim}, {args.dtype}, causal; every valid candidate, median of "
         f"{args.iters} interleaved iterations after a warm-up.",
         "",
-        "| shape | candidates | Spearman | regret | predicted best (measured) | measured best |",
-        "|---|---:|---:|---:|---|---|",
+        "| shape | candidates | Spearman | regret | confirmed regret | predicted best (measured) | measured best |",
+        "|---|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['n']} | {r['spearman']:.2f} | {r['regret']:.2f} | {r['predicted_best']} "
-                     f"({r['t_pred_best'] * 1e3:.0f} ms) | {r['measured_best']} ({r['t_best'] * 1e3:.0f} ms) |")
+        lines.append(f"| {r['shape']} | {r['n']} | {r['spearman']:.2f} | {r['regret']:.2f} | {r['confirmed']:.2f} | "
+                     f"{r['predicted_best']} ({r['t_pred_best'] * 1e3:.0f} ms) | {r['measured_best']} "
+                     f"({r['t_best'] * 1e3:.0f} ms) |")
     lines += ["", "Calibrations: " + "; ".join(cal_lines), ""]
     if args.details:
         for r in rows:
@@ -133,6 +137,7 @@ def main() -> int:
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--confirm", type=int, default=5, help="re-measure the predicted and measured best (iterations)")
     p.add_argument("--top", type=int, default=0, help="profile only the best K predicted (0: all valid)")
     p.add_argument("--strategies", type=lambda s: s.split(","), help="comma-separated subset")
     p.add_argument("--repeats", type=int, default=5, help="calibration repeats")

@@ -197,7 +197,7 @@ def test_profile_ranks_by_measured_time(worlds):
     add_arguments(parser)
     args = parser.parse_args(["--world", "4", "--ranks-per-node", "2", "--model", "tiny", "--seq-len", "256",
                               "--profile-seq", "64", "--profile-top", "3", "--profile-iters", "2",
-                              "--profile-dtype", "float32"])
+                              "--profile-dtype", "float32", "--profile-confirm", "0"])
     from seqpar.plan import plan_input_from_args
     inp = plan_input_from_args(args)
     report = profile(inp, plan(inp), args,

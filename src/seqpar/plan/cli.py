@@ -80,6 +80,8 @@ def _profile_arguments(prof) -> None:
     prof.add_argument("--profile-dtype", choices=sorted(DTYPE_BYTES), help="dtype to run (default: --dtype)")
     prof.add_argument("--profile-iters", type=int, default=5, help="timed iterations (median reported)")
     prof.add_argument("--profile-warmup", type=int, default=1)
+    prof.add_argument("--profile-confirm", type=int, default=5,
+                      help="re-measure the predicted and the measured best this many iterations (0: no)")
 
 
 def plan_input_from_args(args: argparse.Namespace) -> PlanInput:
@@ -157,7 +159,7 @@ def format_profile(report: ProfileReport) -> str:
     lines += [_profile_row(i, c) for i, c in enumerate(report.candidates, 1)]
     lines.append(f"Spearman rank correlation (predicted vs measured) {report.spearman:.3f}; regret {report.regret:.3f} "
                  f"= measured time of the predicted best ({report.predicted_best}) / the measured best "
-                 f"({report.measured_best})")
+                 f"({report.measured_best}); confirmed by re-measuring the two: {report.confirmed_regret:.3f}")
     return "\n".join(lines + report.notes)
 
 

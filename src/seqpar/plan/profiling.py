@@ -9,7 +9,9 @@ change of the machine's load hits them all alike. A candidate's time is the medi
 iterations of the slowest rank's time (each iteration starts at a barrier). The report: per
 candidate predicted and measured time and bytes, the Spearman rank correlation of
 predicted vs measured times, and the regret = measured time of the predicted best / the
-measured best.
+measured best. The minimum of noisy times is biased low (the winner's curse), so with
+`--profile-confirm N` the predicted best and the measured best run again, on their own and
+interleaved, N iterations each: their ratio is the confirmed regret.
 """
 from __future__ import annotations
 
@@ -160,6 +162,7 @@ class ProfileReport:
     warmup: int
     spearman: float = math.nan
     regret: float = math.nan
+    confirmed_regret: float = math.nan  # the two re-measured alone (interleaved): no winner's curse
     predicted_best: str = ""
     measured_best: str = ""
     calibration: str = ""
@@ -167,7 +170,8 @@ class ProfileReport:
 
     def to_dict(self) -> dict:
         return {"shape": self.shape, "iters": self.iters, "warmup": self.warmup, "spearman": _finite(self.spearman),
-                "regret": _finite(self.regret), "predicted_best": self.predicted_best,
+                "regret": _finite(self.regret), "confirmed_regret": _finite(self.confirmed_regret),
+                "predicted_best": self.predicted_best,
                 "measured_best": self.measured_best, "calibration": self.calibration,
                 "candidates": [c.to_dict() for c in self.candidates]}
 
@@ -200,10 +204,18 @@ def profile(inp: PlanInput, candidates: list[Candidate], args, runner: Runner | 
     if runner is None:
         from .worlds import open_world
         with open_world(inp.world) as run:
-            results = run(profile_rank, configs, **kwargs)
-    else:
-        results = runner(inp.world, configs, kwargs)
-    return _report(small, chosen, results, shape, args, calibration)
+            return profile(inp, candidates, args, lambda w, c, kw: run(profile_rank, c, **kw), calibration)
+    report = _report(small, chosen, runner(inp.world, configs, kwargs), shape, args, calibration)
+    confirm = getattr(args, "profile_confirm", 0)
+    if confirm and report.predicted_best and report.predicted_best != report.measured_best:
+        pair = [next(c for c in chosen if c.label == label) for label in (report.predicted_best, report.measured_best)]
+        again = runner(inp.world, [(c.config.strategy, c.config.init_kwargs(inp.cluster.ranks_per_node)) for c in pair],
+                       {**kwargs, "iters": confirm})
+        if all("seconds" in r for r in again):
+            report.confirmed_regret = max(1.0, again[0]["seconds"] / again[1]["seconds"])
+    elif report.predicted_best:
+        report.confirmed_regret = 1.0
+    return report
 
 
 def _report(small: PlanInput, chosen: list[Candidate], results: list[dict], shape: dict, args,
