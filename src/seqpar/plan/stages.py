@@ -10,8 +10,8 @@ of stages:
 
 A stage's `nbytes` is exactly what `seqpar.comm.CommStats` counts for the same call; its
 `seconds(hw)` follow the alpha-beta model on `Hardware.link` and the attention `Load` of each
-step: the kernel calls the busiest rank may make and the world's mean rank, timed at flops /
-(peak x efficiency) or by a calibrated kernel table. seqpar.plan.tables derives them from the
+step: the kernel calls of every class of ranks, timed at flops / (peak x efficiency) or by a
+calibrated kernel table. seqpar.plan.tables derives them from the
 layout's causal block rules.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .inputs import Hardware, Link, PlanInput
 
 __all__ = ["Collective", "Send", "Step", "Steps", "RingLoop", "Compute", "Stage", "Work", "Load", "ATTN_BWD_FACTOR",
            "stage_kind", "bytes_by_kind", "max_bytes_by_kind", "attention_flops", "loop_steps", "balanced_loads",
-           "work_of"]
+           "work_of", "shared_makespan"]
 
 ATTN_BWD_FACTOR = 2.5  # flash backward: 5 matmuls (S recompute, dV, dP, dQ, dK) vs 2 forward
 
@@ -75,37 +75,55 @@ def work_of(parts, rows: int, head_dim: int, backward: bool, merged: bool = True
 
 @dataclass(frozen=True, eq=False)
 class Load:
-    """The attention work of one synchronous step: the works the busiest rank may have (which
-    one is busiest depends on the hardware) and the mean over the world's ranks. Step time =
-    max(the busiest rank's calls alone, the mean rank's calls while every rank computes):
-    ranks that wait free their cores for the others (identical without a calibration)."""
+    """The attention work of one synchronous step over the world: (work, share of the world's
+    ranks doing it), shares summing to 1. With flags the step takes its busiest rank; with a
+    calibration, the makespan of the ranks sharing the cores (`shared_makespan`)."""
 
-    busiest: tuple[Work, ...]
-    mean: Work
+    classes: tuple[tuple[Work, float], ...]
 
     @cached_property
     def flops(self) -> float:
-        return max(w.flops for w in self.busiest)
+        """Flops of the busiest rank."""
+        return max((w.flops for w, share in self.classes if share), default=0.0)
 
     def seconds(self, hw: Hardware) -> float:
         return _load_seconds(self, hw)
 
 
+def shared_makespan(alone: list[tuple[float, float]], slots: float) -> float:
+    """When the last of a group of ranks finishes, each needing `seconds` alone, `count` of
+    them per (seconds, count), sharing `slots` cores fairly: while k ranks run each progresses
+    at min(1, slots / k). (Ranks that finish or wait free their cores for the others.)"""
+    active, done, t = sum(n for _, n in alone), 0.0, 0.0
+    for seconds, count in sorted(alone):
+        if seconds > done:
+            t += (seconds - done) / min(1.0, slots / active)
+            done = seconds
+        active -= count
+    return t
+
+
 @lru_cache(maxsize=65536)
 def _load_seconds(load: Load, hw: Hardware) -> float:
-    busy = max(w.seconds(hw) for w in load.busiest)
-    if hw.kernels is not None:
-        busy = max(busy, load.mean.seconds(hw, together=True))
-    return busy
+    alone = [(w.seconds(hw), share) for w, share in load.classes if share]
+    if not alone:
+        return 0.0
+    if hw.kernels is None:
+        return max(t for t, _ in alone)
+    # every rank computing at once runs at the measured together-speed: slots = P alone / together
+    mean_alone = sum(t * share for t, share in alone)
+    together = sum(w.seconds(hw, together=True) * share for w, share in load.classes if share)
+    if mean_alone <= 0 or together <= 0:
+        return max(t for t, _ in alone)
+    world = hw.world
+    slots = min(float(world), max(1.0, world * mean_alone / together))
+    return shared_makespan([(t, share * world) for t, share in alone], slots)
 
 
 def balanced_loads(calls, rows: int, head_dim: int, merged: bool = True) -> tuple[Load, Load]:
     """(forward, backward) loads of a step where every rank makes the same kernel calls."""
-    out = []
-    for backward in (False, True):
-        w = work_of([(calls, 1.0)], rows, head_dim, backward, merged)
-        out.append(Load((w,), w))
-    return out[0], out[1]
+    return tuple(Load(((work_of([(calls, 1.0)], rows, head_dim, backward, merged), 1.0),))
+                 for backward in (False, True))
 
 
 # -- stages ------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 `layout.block_pairs(kind, causal, q_rank, kv_rank, n)` depends only on whether the K/V block
 comes from an earlier, the same or a later outer rank, so each table costs O(P) or less: the
 (query, key) pairs of the busiest rank per step (`*_pairs`, what the flops model and the
-tests use) and the `Load` of each step (`*_load(s)`: the kernel calls of the ranks that may be
-the busiest and of the world's mean rank, timed per call by `Hardware`).
+tests use) and the `Load` of each step (`*_load(s)`: the kernel calls of each class of ranks
+and its share of the world, timed per call by `Hardware`).
 """
 from __future__ import annotations
 
@@ -83,15 +83,12 @@ def block_class_calls(kind: str, causal: bool, n_local: int) -> dict[str, tuple[
 
 
 def _class_loads(kind: str, causal: bool, n_local: int, rows: int, head_dim: int,
-                 weights: dict[str, float]) -> tuple[Load, Load]:
-    """(forward, backward) loads of a step whose ranks hold the classes in `weights` (shares of
-    the world's ranks): each present class may be the busiest, the mean weighs them."""
+                 shares: dict[str, float]) -> tuple[Load, Load]:
+    """(forward, backward) loads of a step whose ranks hold the classes in `shares` (fractions
+    of the world's ranks)."""
     cls = block_class_calls(kind, causal, n_local)
-    out = []
-    for backward in (False, True):
-        busiest = tuple(work_of([(cls[k], 1.0)], rows, head_dim, backward) for k, w in weights.items() if w)
-        out.append(Load(busiest, work_of([(cls[k], w) for k, w in weights.items()], rows, head_dim, backward)))
-    return out[0], out[1]
+    return tuple(Load(tuple((work_of([(cls[k], 1.0)], rows, head_dim, backward), w) for k, w in shares.items() if w))
+                 for backward in (False, True))
 
 
 @lru_cache(maxsize=None)
@@ -108,16 +105,12 @@ def ring_step_loads(kind: str, causal: bool, size: int, n_local: int, rows: int,
 @lru_cache(maxsize=None)
 def all_pairs_load(kind: str, causal: bool, size: int, n_local: int, rows: int, head_dim: int) -> tuple[Load, Load]:
     """Every rank attends all K/V blocks: rank r has r earlier and size-1-r later blocks (rank 0
-    or size-1 is the busiest, the mean has (size-1)/2 of each)."""
+    or size-1 is the busiest); one class per rank, or one for all when the blocks are alike."""
     cls = block_class_calls(kind, causal, n_local)
-    out = []
-    for backward in (False, True):
-        ends = tuple(work_of([(cls["same"], 1.0), (cls[k], size - 1.0)], rows, head_dim, backward)
-                     for k in ("before", "after"))
-        half = (size - 1) / 2
-        mean = work_of([(cls["same"], 1.0), (cls["before"], half), (cls["after"], half)], rows, head_dim, backward)
-        out.append(Load(ends, mean))
-    return out[0], out[1]
+    ranks = [0] if cls["before"] == cls["after"] else range(size)
+    return tuple(Load(tuple((work_of([(cls["same"], 1.0), (cls["before"], float(r)), (cls["after"], size - 1.0 - r)],
+                                     rows, head_dim, backward), 1.0 / len(ranks)) for r in ranks))
+                 for backward in (False, True))
 
 
 @lru_cache(maxsize=None)
@@ -128,12 +121,12 @@ def wallfacer_step_loads(kind: str, causal: bool, world: int, team_size: int, te
     grid = WallFacerGrid(world, team_size)
     steps = []
     for s in range(grid.ring_len):
-        weights: dict[str, float] = {}
+        shares: dict[str, float] = {}
         for t in range(grid.team_count):
             for a in range(team_size):
                 k = _order(t, grid.kv_team(t, a, s))
-                weights[k] = weights.get(k, 0.0) + 1.0 / world
-        steps.append(_class_loads(kind, causal, team_tokens, rows, head_dim, weights))
+                shares[k] = shares.get(k, 0.0) + 1.0 / world
+        steps.append(_class_loads(kind, causal, team_tokens, rows, head_dim, shares))
     return tuple(steps)
 
 
