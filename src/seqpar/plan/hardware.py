@@ -108,17 +108,22 @@ class KernelTable:
     def seconds(self, nq: int, nk: int, causal: bool, backward: bool, rows: int, head_dim: int,
                 together: bool = False) -> float:
         """One call of nq x nk (causal: nq == nk) on `rows` = batch x query heads. Log-log
-        interpolation in the block size (sqrt(nq nk) for rectangles); above the largest size
-        at its FLOP rate, below the smallest at its time (call overhead)."""
+        interpolation in the block size (sqrt(nq nk) for rectangles); below the smallest size
+        at its time (call overhead); above the largest, full blocks at its FLOP rate and causal
+        ones at the full time x (1/2 + c / n), c from the largest size: the masked tiles
+        skipped, the diagonal ones (a fixed width c) computed whole."""
         if nq <= 0 or nk <= 0:
             return 0.0
-        column = f"{'causal' if causal else 'full'}_{'bwd' if backward else 'fwd'}"
-        table = (self.together if together else self.alone)[column]
+        phase = "bwd" if backward else "fwd"
+        mode = self.together if together else self.alone
+        table = mode[f"{'causal' if causal else 'full'}_{phase}"]
         size = float(nq) if causal else math.sqrt(float(nq) * nk)
-        work = (lambda s: s * (s + 1) / 2) if causal else (lambda s: s * s)
         sizes = self.sizes
         if size >= sizes[-1]:
-            t = table[-1] * work(size) / work(sizes[-1])
+            big, full = sizes[-1], mode[f"full_{phase}"][-1]
+            t = full * (size / big) ** 2
+            if causal:
+                t *= 0.5 + max(0.0, table[-1] / full - 0.5) * big / size
         elif size <= sizes[0]:
             t = table[0]
         else:

@@ -40,7 +40,8 @@ def open_world(size: int) -> Iterator[Run]:
             yield lambda fn, *args, **kwargs: fn(*args, **kwargs)
             return
         from ..world import ProcessWorld
-        with ProcessWorld(size) as pw:
+        # profiles of long sequences run for many minutes, and one block of a ring step for seconds
+        with ProcessWorld(size, timeout=6 * 3600.0, pg_timeout=1800.0) as pw:
             yield lambda fn, *args, **kwargs: pw.run(fn, *args, **kwargs)[0]
     finally:
         if created:
