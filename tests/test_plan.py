@@ -203,8 +203,8 @@ def test_cli_table_and_errors(capsys):
     assert cli.main(["plan", "--world", "8", "--seq-len", "100"]) == 2
     assert "not divisible by the world size 8" in capsys.readouterr().err
     assert cli.main(["plan", "--world", "4", "--model", "tiny", "--seq-len", "64", "--profile",
-                     "--profile-iters", "0"]) == 2
-    assert "--profile-iters must be >= 1" in capsys.readouterr().err
+                     "--calibration-repeats", "0"]) == 2
+    assert "--calibration-repeats must be >= 1" in capsys.readouterr().err
 
 
 def test_profile_ranks_by_measured_time(worlds):
@@ -214,13 +214,15 @@ def test_profile_ranks_by_measured_time(worlds):
     add_arguments(parser)
     args = parser.parse_args(["--world", "4", "--ranks-per-node", "2", "--model", "tiny", "--seq-len", "256",
                               "--profile-seq", "64", "--profile-top", "3", "--profile-iters", "2",
-                              "--profile-dtype", "float32"])
+                              "--profile-dtype", "float32", "--profile-confirm", "0"])
     from seqpar.plan import plan_input_from_args
     inp = plan_input_from_args(args)
-    ranked = profile(inp, plan(inp), args,
+    report = profile(inp, plan(inp), args,
                      runner=lambda world, configs, kw: worlds.run(world, profile_rank, configs, **kw)[0])
+    ranked = report.candidates
     assert len(ranked) == 3
     seconds = [c.measured["seconds"] for c in ranked]
     assert all(s > 0 for s in seconds) and seconds == sorted(seconds)
     for c in ranked:
         assert c.measured["bytes"] == c.measured["predicted_bytes"] != {}
+        assert c.measured["predicted_seconds"] > 0

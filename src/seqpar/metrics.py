@@ -14,12 +14,12 @@ import torch
 
 from .model import ModelConfig
 
-__all__ = ["training_flops_per_token", "default_peak_tflops", "peak_memory_mb", "JsonlLog", "ProgressBar",
-           "plot_loss_curve", "read_jsonl"]
+__all__ = ["training_flops_per_token", "default_peak_tflops", "cpu_cores_per_process", "measured_peak_tflops",
+           "peak_memory_mb", "JsonlLog", "ProgressBar", "plot_loss_curve", "read_jsonl"]
 
 # dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment; fp32 uses half (TF32 rate)
 _GPU_PEAKS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40": 181.0, "A10": 125.0, "V100": 125.0}
-CPU_PEAK_TFLOPS = 0.1  # one AVX2/AVX-512 core with FMA: ~2 FMA x 8-16 lanes x 2 flops x ~3 GHz
+CPU_PEAK_TFLOPS = 0.1  # per core: one AVX2/AVX-512 core with FMA: ~2 FMA x 8-16 lanes x 2 flops x ~3 GHz
 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True,
@@ -28,13 +28,49 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True
     return cfg.flops_per_token(seq_len, causal, doc_len)
 
 
-def default_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """A rough per-device peak for MFU: GPU table by name, CPU_PEAK_TFLOPS per CPU process."""
+def cpu_cores_per_process(processes: int | None = None, threads: int | None = None) -> float:
+    """Cores one of `processes` local processes (default: $LOCAL_WORLD_SIZE, else 1) running
+    `threads` torch threads (default: torch.get_num_threads()) gets when all compute:
+    min(threads, cores / processes), the cores being those this process may run on."""
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if processes is None else processes)
+    threads = torch.get_num_threads() if threads is None else threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(float(threads), cores / processes)
+
+
+def default_peak_tflops(device: torch.device, dtype: torch.dtype, processes: int | None = None) -> float:
+    """A rough per-process peak for MFU: GPU table by name; on CPU, CPU_PEAK_TFLOPS per core
+    times the cores this process gets (`cpu_cores_per_process`: threads vs cores, shared by
+    the `processes` local processes). A measured peak is better: `measured_peak_tflops` (all
+    ranks at once, inside the world) or `seqpar.plan.calibrated_peak_flops` (a calibration)."""
     if device.type != "cuda":
-        return CPU_PEAK_TFLOPS
+        return CPU_PEAK_TFLOPS * cpu_cores_per_process(processes)
     name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in _GPU_PEAKS.items() if k in name), 100.0)
     return peak if dtype in (torch.bfloat16, torch.float16) else peak / 2
+
+
+def measured_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.2, size: int = 0) -> float:
+    """Matmul TFLOP/s this process reaches now (square matmuls for about `seconds`, median of
+    5 runs). Called on every rank of a world at once (e.g. right after start-up, before
+    training), it is the honest per-process peak: processes sharing cores share it."""
+    size = size or (2048 if device.type == "cuda" else 256)
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    t0 = time.perf_counter()
+    a @ b
+    sync()
+    calls = max(1, int(seconds / 5 / max(time.perf_counter() - t0, 1e-9)))
+    runs = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            a @ b
+        sync()
+        runs.append((time.perf_counter() - t0) / calls)
+    return 2.0 * size ** 3 / sorted(runs)[2] / 1e12
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -1,7 +1,10 @@
 """`seqpar plan` on the command line: arguments, the plan input they describe, table/JSON output.
 
-Predictions come from seqpar.plan.search (docs/planner.md); `--profile` also measures the
-best candidates on a real process world (seqpar.plan.profiling).
+Predictions come from seqpar.plan.search (docs/planner.md), on the cluster flags or on a
+measured calibration (`--calibrate` measures the running world, `--calibration FILE` reads
+one; seqpar.plan.calibrate); `--profile` measures the candidates on a real process world and
+compares (seqpar.plan.profiling); when nothing fits in memory, seqpar.plan.advice says what
+single change would.
 """
 from __future__ import annotations
 
@@ -10,11 +13,14 @@ import json
 import os
 from dataclasses import replace
 
+from .hardware import Calibration
 from .inputs import DTYPE_BYTES, MODEL_PRESETS, Cluster, GiB, PlanInput
-from .profiling import profile
+from .profiling import ProfileReport, profile, profile_input, profile_rank
 from .search import STRATEGY_MODELS, Candidate, plan
 
-__all__ = ["add_arguments", "main", "plan_input_from_args", "format_table", "format_profile"]
+__all__ = ["add_arguments", "main", "plan_input_from_args", "format_table", "format_profile", "DEFAULT_CALIBRATION"]
+
+DEFAULT_CALIBRATION = "seqpar-calibration.json"
 
 
 # -- arguments ---------------------------------------------------------------------------------
@@ -25,6 +31,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--strategies", help=f"comma-separated subset of {sorted(STRATEGY_MODELS)}")
     out.add_argument("--top", type=int, default=0, help="print only the best N rows (0: all)")
     out.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    cal = p.add_argument_group("calibration (measured hardware)")
+    cal.add_argument("--calibrate", action="store_true",
+                     help="measure the running world (local: --world gloo processes; torchrun: its world), predict "
+                          f"with it and save it to --calibration (default {DEFAULT_CALIBRATION})")
+    cal.add_argument("--calibration", metavar="FILE", help="predict with this calibration (JSON from --calibrate)")
+    cal.add_argument("--calibration-repeats", type=int, default=5, help="timed repeats per measurement")
     _profile_arguments(p.add_argument_group("profiling (--profile)"))
 
 
@@ -52,18 +64,26 @@ def _model_arguments(model) -> None:
     model.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="ZeRO stage (memory only)")
     model.add_argument("--mean-doc-len", type=float, help="packed documents of this mean length: attention skips "
                        "the blocks where documents do not meet (default: one document per sequence)")
+    model.add_argument("--activation-checkpointing", action="store_true",
+                       help="recompute every block in backward (memory: one block's activations; time: one more "
+                            "forward)")
+    model.add_argument("--fpdt-chunks", default="1,2,4,8", help="FPDT chunk counts to consider (comma-separated)")
 
 
 def _profile_arguments(prof) -> None:
-    prof.add_argument("--profile", action="store_true", help="measure the best candidates on a real world")
-    prof.add_argument("--profile-top", type=int, default=3, help="how many valid candidates to measure")
+    prof.add_argument("--profile", action="store_true",
+                      help="measure the candidates on a real world (calibrating it unless --calibration is given) "
+                           "and compare with the prediction: rank correlation and regret")
+    prof.add_argument("--profile-top", type=int, default=0, help="measure only the best K valid candidates (0: all)")
     prof.add_argument("--profile-seq", type=int, help="sequence length to run (default: --seq-len)")
     prof.add_argument("--profile-heads", type=int, help="heads to run (default: the model's)")
     prof.add_argument("--profile-kv-heads", type=int, help="kv heads to run (default: the model's)")
     prof.add_argument("--profile-head-dim", type=int, help="head dim to run (default: the model's)")
     prof.add_argument("--profile-dtype", choices=sorted(DTYPE_BYTES), help="dtype to run (default: --dtype)")
-    prof.add_argument("--profile-iters", type=int, default=3)
+    prof.add_argument("--profile-iters", type=int, default=5, help="timed iterations (median reported)")
     prof.add_argument("--profile-warmup", type=int, default=1)
+    prof.add_argument("--profile-confirm", type=int, default=5,
+                      help="re-measure the predicted and the measured best this many iterations (0: no)")
 
 
 def plan_input_from_args(args: argparse.Namespace) -> PlanInput:
@@ -75,7 +95,17 @@ def plan_input_from_args(args: argparse.Namespace) -> PlanInput:
     cluster = Cluster(args.world, args.ranks_per_node, args.intra_bw, args.inter_bw, args.intra_lat,
                       args.inter_lat, args.tflops, args.efficiency, args.memory_gib, args.host_bw)
     return PlanInput(cluster, replace(preset, **overrides), args.seq_len, args.batch, args.dtype, args.causal,
-                     args.zero, getattr(args, "mean_doc_len", None))
+                     args.zero, getattr(args, "activation_checkpointing", False), getattr(args, "mean_doc_len", None))
+
+
+def fpdt_chunks_from_args(args: argparse.Namespace) -> tuple[int, ...]:
+    try:
+        chunks = tuple(int(c) for c in str(getattr(args, "fpdt_chunks", "1,2,4,8")).split(",") if c.strip())
+    except ValueError:
+        raise ValueError(f"--fpdt-chunks must be comma-separated integers, got {args.fpdt_chunks!r}") from None
+    if not chunks or min(chunks) < 1:
+        raise ValueError(f"--fpdt-chunks must list chunk counts >= 1, got {args.fpdt_chunks!r}")
+    return chunks
 
 
 def _strategies(args) -> list[str] | None:
@@ -120,9 +150,19 @@ def _table_row(i: int, c: Candidate) -> str:
             f"{_fmt_bytes(c.memory['total']):>10} {'yes' if c.fits else 'NO':>4}  {_fmt_kinds(c)}")
 
 
-def format_profile(ranked: list[Candidate]) -> str:
-    lines = ["measured (fwd+bwd of one attention layer; bytes: max over ranks, predicted | measured)"]
-    return "\n".join(lines + [_profile_row(i, c) for i, c in enumerate(ranked, 1)])
+def format_profile(report: ProfileReport) -> str:
+    sh = report.shape
+    lines = [f"profile: fwd+bwd of one attention layer, B={sh['batch']} N={sh['seq']} heads {sh['heads']}/"
+             f"{sh['kv_heads']} x {sh['head_dim']} {sh['dtype']} {'causal' if sh['causal'] else 'full'}; median of "
+             f"{report.iters} interleaved iterations (slowest rank) after {report.warmup} warm-up",
+             f"predicted on: {report.calibration}",
+             f"{'#':>3}  {'candidate':<44} {'predicted':>10} {'measured':>10} {'meas/pred':>9}  "
+             f"bytes per kind: predicted | measured"]
+    lines += [_profile_row(i, c) for i, c in enumerate(report.candidates, 1)]
+    lines.append(f"Spearman rank correlation (predicted vs measured) {report.spearman:.3f}; regret {report.regret:.3f} "
+                 f"= measured time of the predicted best ({report.predicted_best}) / the measured best "
+                 f"({report.measured_best}); confirmed by re-measuring the two: {report.confirmed_regret:.3f}")
+    return "\n".join(lines + report.notes)
 
 
 def _profile_row(i: int, c: Candidate) -> str:
@@ -133,37 +173,91 @@ def _profile_row(i: int, c: Candidate) -> str:
     pairs = ", ".join(f"{k} {_fmt_bytes(m['predicted_bytes'].get(k, 0))} | {_fmt_bytes(m['bytes'].get(k, 0))}"
                       for k in kinds)
     match = "match" if m["bytes"] == m["predicted_bytes"] else "MISMATCH"
-    return f"{i:>3}  {c.label:<44} {_fmt_seconds(m['seconds']):>10}  {pairs}  [{match}]"
+    pred = m.get("predicted_seconds")
+    ratio = f"{m['seconds'] / pred:.2f}" if pred else "-"
+    return (f"{i:>3}  {c.label:<44} {_fmt_seconds(pred) if pred else '-':>10} {_fmt_seconds(m['seconds']):>10} "
+            f"{ratio:>9}  {pairs}  [{match}]")
 
 
 def _describe(inp: PlanInput) -> str:
     c, m = inp.cluster, inp.model
-    return (f"P={c.world} ({c.ranks_per_node}/node, intra {c.intra_bw:g} GB/s {c.intra_lat:g} us, inter "
-            f"{c.inter_bw:g} GB/s {c.inter_lat:g} us, {c.tflops:g} TFLOP/s x {c.efficiency:g}, {c.memory_gib:g} GiB)"
+    hw = (c.calibration.summary() if c.calibration else
+          f"intra {c.intra_bw:g} GB/s {c.intra_lat:g} us, inter {c.inter_bw:g} GB/s {c.inter_lat:g} us, "
+          f"{c.tflops:g} TFLOP/s x {c.efficiency:g}")
+    return (f"P={c.world} ({c.ranks_per_node}/node, {hw}, {c.memory_gib:g} GiB)"
             f"; model L={m.layers} H={m.hidden} heads={m.heads}/{m.kv_heads} ffn={m.ffn_hidden} V={m.vocab}; "
             f"N={inp.seq_len} B={inp.batch} {inp.dtype} {'causal' if inp.causal else 'full'} ZeRO-{inp.zero}"
+            + (" activation checkpointing" if inp.checkpointing else "")
             + (f"; documents of mean length {inp.mean_doc_len:g} (attention x{inp.attention_fraction:.3g})"
                if inp.mean_doc_len else ""))
 
 
+def _measure(run, inp: PlanInput, args) -> Calibration:
+    """Calibrate the world `run` reaches for what this plan predicts: the plan's and the
+    profile's dtypes, the profiled head size and GQA ratio."""
+    from .calibrate import measure
+    small = profile_input(inp, seq=args.profile_seq, heads=args.profile_heads, kv_heads=args.profile_kv_heads,
+                          head_dim=args.profile_head_dim, dtype=args.profile_dtype)
+    dtypes = tuple(dict.fromkeys([small.dtype, inp.dtype])) if args.profile else (inp.dtype,)
+    m = small.model if args.profile else inp.model
+    return measure(run, inp.world, ranks_per_node=inp.cluster.ranks_per_node, dtypes=dtypes,
+                   heads=m.heads // m.kv_heads, kv_heads=1, head_dim=m.head_dim, repeats=args.calibration_repeats)
+
+
 def main(args: argparse.Namespace) -> int:
+    from .advice import fit_suggestions, format_suggestions
+    from .worlds import open_world
+
     inp = plan_input_from_args(args)
-    candidates = plan(inp, _strategies(args))
-    ranked = profile(inp, candidates, args) if args.profile else None
+    chunks = fpdt_chunks_from_args(args)
+    if args.calibration_repeats < 1:
+        raise ValueError(f"--calibration-repeats must be >= 1, got {args.calibration_repeats}")
+    calibration = Calibration.load(args.calibration) if args.calibration and not args.calibrate else None
+    notes, report = [], None
+    if args.calibrate or args.profile:
+        with open_world(inp.world) as run:
+            if calibration is None:
+                calibration = _measure(run, inp, args)
+                if args.calibrate and not _is_secondary_rank():
+                    path = args.calibration or DEFAULT_CALIBRATION
+                    calibration.save(path)
+                    notes.append(f"calibration saved to {path} (reuse: --calibration {path})")
+                elif not args.calibrate:
+                    notes.append("calibration measured on this world for the profile (not saved; --calibrate saves it)")
+            inp = replace(inp, cluster=replace(inp.cluster, calibration=calibration))
+            candidates = plan(inp, _strategies(args), chunks)
+            if args.profile and calibration.world != inp.world:
+                notes.append(f"note: the calibration was measured on {calibration.world} ranks, this world has "
+                             f"{inp.world}: predictions extrapolate")
+            if args.profile:
+                report = profile(inp, candidates, args, calibration=calibration,
+                                 runner=lambda world, configs, kw: run(profile_rank, configs, **kw))
+    else:
+        if calibration is not None:
+            inp = replace(inp, cluster=replace(inp.cluster, calibration=calibration))
+        candidates = plan(inp, _strategies(args), chunks)
     if _is_secondary_rank():
         return 0
+    advice = fit_suggestions(inp, candidates, _strategies(args), chunks)
     shown = candidates[: args.top] if args.top else candidates
     if args.json:
-        out = {"input": _describe(inp), "candidates": [c.to_dict() for c in shown]}
-        if ranked is not None:
-            out["profiled"] = [c.to_dict() for c in ranked]
+        out = {"input": _describe(inp), "candidates": [c.to_dict() for c in shown], "notes": notes}
+        if advice is not None:
+            out["fit_suggestions"] = [a.to_dict() for a in advice]
+        if report is not None:
+            out["profile"] = report.to_dict()
         print(json.dumps(out, indent=2))
         return 0
     print(_describe(inp))
     print(format_table(shown))
-    if ranked is not None:
+    if advice is not None:
         print()
-        print(format_profile(ranked))
+        print(format_suggestions(inp, advice))
+    if report is not None:
+        print()
+        print(format_profile(report))
+    for note in notes:
+        print(note)
     return 0
 
 

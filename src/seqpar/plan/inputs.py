@@ -1,8 +1,10 @@
 """What the planner is asked about: the cluster, the model's shape, the run, a candidate.
 
-`PlanInput` = `Cluster` (two-level topology, device speed and memory) + `ModelShape` (a
-Llama-style decoder, sized by `seqpar.model.ModelConfig`) + sequence length, batch, dtype,
-mask and ZeRO stage. `Config` is one candidate: the arguments of `seqpar.init`.
+`PlanInput` = `Cluster` (two-level topology, device speed and memory, optionally a measured
+`Calibration`) + `ModelShape` (a Llama-style decoder, sized by `seqpar.model.ModelConfig`) +
+sequence length, batch, dtype, mask, ZeRO stage and activation checkpointing. `Config` is one
+candidate: the arguments of `seqpar.init`. `Hardware` (`PlanInput.hardware`) is the one place
+the cost model reads hardware numbers from: the cluster's flags, or its calibration.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from ..model import ModelConfig
+from .hardware import Calibration, KernelTable, Link
 
-__all__ = ["GiB", "DTYPE_BYTES", "ModelShape", "MODEL_PRESETS", "Link", "Cluster", "PlanInput", "Config"]
+__all__ = ["GiB", "DTYPE_BYTES", "ModelShape", "MODEL_PRESETS", "Link", "Cluster", "Hardware", "PlanInput", "Config"]
 
 GiB = 2 ** 30
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
@@ -76,16 +79,11 @@ MODEL_PRESETS = {
 
 
 @dataclass(frozen=True)
-class Link:
-    bandwidth: float  # bytes / s, per rank and direction
-    latency: float    # seconds per message
-
-
-@dataclass(frozen=True)
 class Cluster:
     """`world` ranks, `ranks_per_node` consecutive ranks per node; per-rank link bandwidths
     (GB/s = 1e9 B/s) and latencies (us); device peak TFLOP/s x efficiency; memory in GiB;
-    host link bandwidth (GB/s) for offloading."""
+    host link bandwidth (GB/s) for offloading. With a `calibration` the measured numbers
+    replace the link, device speed and host link flags (memory stays)."""
 
     world: int
     ranks_per_node: int = 8
@@ -97,6 +95,7 @@ class Cluster:
     efficiency: float = 0.5
     memory_gib: float = 80.0
     host_bw: float = 25.0
+    calibration: Calibration | None = None
 
     def __post_init__(self):
         if self.world < 2:
@@ -126,12 +125,90 @@ class Cluster:
     def node(self, rank: int) -> int:
         return rank // self.ranks_per_node
 
+    def link_class(self, group: tuple[int, ...]) -> str:
+        """"inter" as soon as a group's ranks span nodes (nodes hold consecutive ranks), else "intra"."""
+        return "inter" if self.node(min(group)) != self.node(max(group)) else "intra"
+
     def link(self, group: tuple[int, ...]) -> Link:
-        """The link a group's traffic crosses: inter-node as soon as its ranks span nodes (for a
-        ring that is its slowest hop)."""
-        if self.node(min(group)) != self.node(max(group)):  # nodes hold consecutive ranks
+        """The link a group's traffic crosses (for a ring that is its slowest hop)."""
+        return Hardware(self, "float32").link(group)
+
+    def _flag_link(self, link_class: str) -> Link:
+        if link_class == "inter":
             return Link(self.inter_bw * 1e9, self.inter_lat * 1e-6)
         return Link(self.intra_bw * 1e9, self.intra_lat * 1e-6)
+
+    def hardware(self, dtype: str) -> "Hardware":
+        return Hardware(self, dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class Hardware:
+    """Every hardware number of the cost model, for one cluster and dtype: from the flags, or
+    from the cluster's calibration when it has one (then `kernels` times each block).
+
+    - `link(group)`: alpha-beta per collective kind of the link the group crosses;
+    - `kernels` / `flops_per_s`: attention block time (calibrated table, one rank alone and
+      every rank at once, else flops at peak x efficiency); `matmul_flops_per_s`: dense
+      layers, every rank computing;
+    - `overlap`: fraction of the shorter of (compute, P2P / host copy) hidden under the other;
+    - `sync_s`: extra time of each collective call / ring step between computations (waking
+      a rank whose core is busy: processes outnumbering cores); 0 without calibration;
+    - `host_bw`: host<->device bytes/s.
+
+    Compared and hashed by identity (the memo tables key on it): `PlanInput.hardware` is one
+    object per plan input."""
+
+    cluster: Cluster
+    dtype: str
+
+    @cached_property
+    def _links(self) -> dict[str, Link]:
+        return {}
+
+    def link(self, group: tuple[int, ...]) -> Link:
+        link_class = self.cluster.link_class(group)
+        if link_class not in self._links:
+            cal = self.cluster.calibration
+            self._links[link_class] = cal.link(link_class) if cal else self.cluster._flag_link(link_class)
+        return self._links[link_class]
+
+    @cached_property
+    def kernels(self) -> KernelTable | None:
+        cal = self.cluster.calibration
+        return cal.kernel_table(self.dtype) if cal else None
+
+    @property
+    def world(self) -> int:
+        return self.cluster.world
+
+    @property
+    def flops_per_s(self) -> float:
+        return self.cluster.flops_per_s
+
+    @cached_property
+    def matmul_flops_per_s(self) -> float:
+        cal = self.cluster.calibration
+        return cal.matmul_flops_per_s(self.dtype) if cal else self.cluster.flops_per_s
+
+    @property
+    def sync_s(self) -> float:
+        cal = self.cluster.calibration
+        return cal.sync_s if cal else 0.0
+
+    @property
+    def overlap(self) -> float:
+        cal = self.cluster.calibration
+        return cal.overlap if cal else 1.0
+
+    @property
+    def host_bw(self) -> float:
+        cal = self.cluster.calibration
+        return cal.host_bw if cal else self.cluster.host_bw * 1e9
+
+    def combine(self, a: float, b: float) -> float:
+        """Time of two activities run together: the longer, plus the part of the shorter not hidden."""
+        return max(a, b) + (1.0 - self.overlap) * min(a, b)
 
 
 @dataclass(frozen=True)
@@ -143,6 +220,7 @@ class PlanInput:
     dtype: str = "bfloat16"
     causal: bool = True
     zero: int = 0  # ZeRO stage over the world: 1 shards optimizer states, 2 also grads, 3 also weights
+    checkpointing: bool = False  # activation checkpointing: every block recomputed in backward
     mean_doc_len: float | None = None  # packed documents of this mean length (None: one document)
 
     def __post_init__(self):
@@ -162,6 +240,10 @@ class PlanInput:
     def world(self) -> int:
         return self.cluster.world
 
+    @cached_property
+    def hardware(self) -> Hardware:
+        return self.cluster.hardware(self.dtype)
+
     @property
     def itemsize(self) -> int:
         return DTYPE_BYTES[self.dtype]
@@ -174,6 +256,11 @@ class PlanInput:
     @property
     def tokens_per_rank(self) -> int:
         return self.seq_len // self.world
+
+    def attention_rows(self, heads: int) -> float:
+        """Kernel rows (batch x query heads) of attention work, scaled by `attention_fraction`:
+        the cost model's attention work per (query, key) block pair."""
+        return self.batch * heads * self.attention_fraction
 
     @property
     def attention_fraction(self) -> float:

@@ -93,13 +93,18 @@ def model_state_bytes(inp: PlanInput) -> float:
 
 
 def memory_estimate(inp: PlanInput, attention: tuple[float, float]) -> dict[str, float]:
-    """Bytes per rank: model states, saved activations of all layers, the logits, and the
+    """Bytes per rank: model states, saved activations of all layers (with activation
+    checkpointing: every block's input plus one block being recomputed), the logits, and the
     attention working set; `attention` = a strategy's (saved per layer, peak) from above."""
     m, e, t = inp.model, inp.itemsize, inp.batch * inp.tokens_per_rank
     states = model_state_bytes(inp)
     per_layer = t * (6 * m.hidden + 2 * m.kv_dim + 3 * m.ffn_hidden) * e
     saved, peak = attention
     logits = t * m.vocab * (e + 4)
-    total = states + m.layers * (per_layer + saved) + logits + peak
-    return {"model_states": states, "activations": m.layers * per_layer, "attention_saved": m.layers * saved,
+    if inp.checkpointing:  # block inputs kept; one block's activations live again while it recomputes
+        activations, attention_saved = m.layers * t * m.hidden * e + per_layer, saved
+    else:
+        activations, attention_saved = m.layers * per_layer, m.layers * saved
+    total = states + activations + attention_saved + logits + peak
+    return {"model_states": states, "activations": activations, "attention_saved": attention_saved,
             "attention_peak": peak, "logits": logits, "total": total}

@@ -12,8 +12,8 @@ from dataclasses import replace
 from functools import lru_cache
 
 from .inputs import Config, PlanInput
-from .stages import (ATTN_BWD_FACTOR, Collective, Compute, RingLoop, Send, Stage, Step, Steps, all_pairs_busiest,
-                     attention_flops, loop_steps, ring_step_pairs, wallfacer_step_pairs)
+from .stages import Collective, Compute, RingLoop, Send, Stage, Step, Steps, loop_steps
+from .tables import all_pairs_load, chunked_load, local_load, ring_step_loads, wallfacer_step_loads
 
 __all__ = ["ring_schedule", "ulysses_schedule", "usp_schedule", "allgather_schedule",
            "wallfacer_schedule", "fpdt_schedule", "usp_groups", "fpdt_host_bytes", "fpdt_chunk_sizes",
@@ -71,16 +71,15 @@ def _ring_loops(inp: PlanInput, group: tuple[int, ...], kind: str, seq_local: in
                 kv_heads: int) -> list[RingLoop]:
     """attention/ring.py on `group`: forward P-1 K/V sends; backward P-1 K/V sends plus P sends
     of the travelling dK/dV accumulator (accum dtype). seq_local = tokens per ring rank."""
-    pairs = ring_step_pairs(kind, inp.causal, len(group), seq_local)
+    loads = ring_step_loads(kind, inp.causal, len(group), seq_local, inp.attention_rows(heads), inp.model.head_dim)
     block = 2 * inp.batch * seq_local * kv_heads * inp.model.head_dim
-    fwd, bwd = loop_steps(inp, heads, pairs, block, True)
+    fwd, bwd = loop_steps(inp, loads, block, True)
     return [RingLoop(group, "fwd", fwd), RingLoop(group, "bwd", bwd)]
 
 
 def _local_compute(inp: PlanInput, heads: int, seq: int) -> list[Compute]:
-    pairs = seq * (seq + 1) // 2 if inp.causal else seq * seq
-    flops = attention_flops(inp, heads, pairs)
-    return [Compute(flops, "fwd"), Compute(ATTN_BWD_FACTOR * flops, "bwd")]
+    fwd, bwd = local_load(seq, inp.causal, inp.attention_rows(heads), inp.model.head_dim)
+    return [Compute(fwd, "fwd"), Compute(bwd, "bwd")]
 
 
 def _ulysses_around(inp: PlanInput, group: tuple[int, ...], inner_fwd: list, inner_bwd: list) -> list[Stage]:
@@ -132,10 +131,9 @@ def allgather_schedule(inp: PlanInput, cfg: Config, rank: int) -> list[Stage]:
     of the dK/dV of all blocks (accum dtype)."""
     m, group = inp.model, inp.cluster.ranks
     kv = 2 * inp.batch * inp.tokens_per_rank * m.kv_dim
-    pairs = all_pairs_busiest(cfg.layout, inp.causal, inp.world, inp.tokens_per_rank)
-    flops = attention_flops(inp, m.heads, pairs)
-    return [Collective("all_gather", kv, inp.itemsize, group, "fwd", "kv"), Compute(flops, "fwd"),
-            Compute(ATTN_BWD_FACTOR * flops, "bwd"),
+    fwd, bwd = all_pairs_load(cfg.layout, inp.causal, inp.world, inp.tokens_per_rank, inp.attention_rows(m.heads),
+                              m.head_dim)
+    return [Collective("all_gather", kv, inp.itemsize, group, "fwd", "kv"), Compute(fwd, "fwd"), Compute(bwd, "bwd"),
             Collective("reduce_scatter", kv, inp.acc_itemsize, group, "bwd", "dkv")]
 
 
@@ -149,7 +147,7 @@ def _exchange(inp: PlanInput, me: int, dst: int, src: int, elems: int, itemsize:
 
 @lru_cache(maxsize=256)
 def _single_send(elems: int, itemsize: int, what: str) -> Steps:
-    return Steps((Step(0.0, (Send(elems, itemsize, what),)),))
+    return Steps((Step(None, (Send(elems, itemsize, what),)),))
 
 
 def wallfacer_schedule(inp: PlanInput, cfg: Config, rank: int) -> list[Stage]:
@@ -180,9 +178,10 @@ def wallfacer_schedule(inp: PlanInput, cfg: Config, rank: int) -> list[Stage]:
 def _wallfacer_loops(inp: PlanInput, cfg: Config, ring: tuple[int, ...]) -> list[RingLoop]:
     """ring_forward / ring_backward on the sub-ring (no sends when it has one rank)."""
     m, team_tokens = inp.model, cfg.team_size * inp.tokens_per_rank
-    pairs = wallfacer_step_pairs(cfg.layout, inp.causal, inp.world, cfg.team_size, team_tokens)
+    loads = wallfacer_step_loads(cfg.layout, inp.causal, inp.world, cfg.team_size, team_tokens,
+                                 inp.attention_rows(m.heads), m.head_dim)
     block = 2 * inp.batch * team_tokens * m.kv_dim
-    fwd, bwd = loop_steps(inp, m.heads, pairs, block, len(ring) > 1)
+    fwd, bwd = loop_steps(inp, loads, block, len(ring) > 1)
     return [RingLoop(ring, "fwd", fwd), RingLoop(ring, "bwd", bwd)]
 
 
@@ -209,10 +208,10 @@ def fpdt_schedule(inp: PlanInput, cfg: Config, rank: int) -> list[Stage]:
     def a2a(heads: int, phase: str, what: str) -> list[Stage]:
         return [Collective("all_to_all", piece_tokens * heads * m.head_dim, inp.itemsize, group, phase, what)] * u
 
-    fwd, bwd = _split_phase(_local_compute(inp, m.heads // inp.world, inp.seq_len))
+    fwd, bwd = chunked_load(u, inp.seq_len // u, inp.causal, inp.attention_rows(m.heads // inp.world), m.head_dim)
     host = fpdt_host_bytes(inp, cfg)
-    return (a2a(m.heads + 2 * m.kv_heads * rep, "fwd", "qkv") + [replace(fwd[0], host_bytes=host["fwd"])]
+    return (a2a(m.heads + 2 * m.kv_heads * rep, "fwd", "qkv") + [Compute(fwd, "fwd", host["fwd"])]
             + a2a(m.heads, "fwd", "out") + a2a(m.heads, "bwd", "dout")
-            + [replace(bwd[0], host_bytes=host["bwd"])]
+            + [Compute(bwd, "bwd", host["bwd"])]
             + a2a(2 * m.kv_heads * rep, "bwd", "dkv") + a2a(m.heads, "bwd", "dq"))
 

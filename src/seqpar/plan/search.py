@@ -16,11 +16,11 @@ from typing import Callable
 from . import memory as mem
 from . import schedules as sched
 from . import validity as val
-from .inputs import GiB, Cluster, Config, PlanInput
+from .inputs import GiB, Config, Hardware, PlanInput
 from .stages import Collective, Compute, RingLoop, Stage, bytes_by_kind, max_bytes_by_kind
 
-__all__ = ["StrategyModel", "STRATEGY_MODELS", "STRATEGY_ORDER", "Candidate", "attention_schedule",
-           "attention_bytes", "paper_block_volume", "candidate_configs", "evaluate", "plan"]
+__all__ = ["StrategyModel", "STRATEGY_MODELS", "STRATEGY_ORDER", "FPDT_CHUNKS", "Candidate", "attention_schedule",
+           "attention_bytes", "paper_block_volume", "candidate_configs", "evaluate", "memory_fits", "plan"]
 
 DENSE_BWD_FACTOR = 2.0  # backward of a linear layer: grad input + grad weight
 STRATEGY_ORDER = ("ring", "ulysses", "usp", "allgather", "lss", "fpdt", "wallfacer")
@@ -131,7 +131,11 @@ def _placements(world: int, team_size: int) -> tuple[str, ...]:
     return ("collectives_intra",) if team_size * team_size == world else ("collectives_intra", "rings_intra")
 
 
-def candidate_configs(inp: PlanInput, strategies: list[str] | None = None) -> list[Config]:
+FPDT_CHUNKS = (1, 2, 4, 8)
+
+
+def candidate_configs(inp: PlanInput, strategies: list[str] | None = None,
+                      fpdt_chunks: tuple[int, ...] = FPDT_CHUNKS) -> list[Config]:
     """Every strategy x degree x layout worth considering (invalid ones included, to be reported)."""
     names = [s for s in STRATEGY_ORDER if s in STRATEGY_MODELS] if strategies is None else strategies
     unknown = [s for s in names if s not in STRATEGY_MODELS]
@@ -148,7 +152,7 @@ def candidate_configs(inp: PlanInput, strategies: list[str] | None = None) -> li
             out += [Config("wallfacer", lay, team_size=c, placement=pl) for c in _divisors(p)[1:] if p % (c * c) == 0
                     for pl in _placements(p, c) for lay in layouts]
         elif name == "fpdt":
-            out += [Config("fpdt", "contiguous", chunks=u, offload=off) for u in (1, 2, 4, 8) for off in (False, True)]
+            out += [Config("fpdt", "contiguous", chunks=u, offload=off) for u in fpdt_chunks for off in (False, True)]
         else:
             out += [Config(name, lay) for lay in layouts]
     return out
@@ -157,10 +161,10 @@ def candidate_configs(inp: PlanInput, strategies: list[str] | None = None) -> li
 # -- evaluation and ranking --------------------------------------------------------------------
 def _dense_seconds(inp: PlanInput) -> float:
     """Projections, MLP and LM head of one rank's tokens, forward + backward
-    (seqpar.model.ModelConfig.matmul_flops_per_token)."""
+    (seqpar.model.ModelConfig.matmul_flops_per_token), every rank computing at once."""
     tokens = inp.batch * inp.tokens_per_rank
     flops = (1 + DENSE_BWD_FACTOR) * tokens * inp.model.config.matmul_flops_per_token()
-    return flops / inp.cluster.flops_per_s
+    return flops / inp.hardware.matmul_flops_per_s
 
 
 def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
@@ -172,13 +176,16 @@ def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
         memory = mem.memory_estimate(inp, model.memory(inp, cfg))
     except ValueError as e:
         return Candidate(cfg, valid=False, reason=str(e))
-    cl = inp.cluster
-    attn = max(sum(_stage_seconds(s, cl) for s in stages) for stages in schedules)
-    compute = max(sum(_compute_seconds(s, cl) for s in stages) for stages in schedules)
+    hw, cl = inp.hardware, inp.cluster
+    attn = max(sum(_stage_seconds(s, hw) for s in stages) for stages in schedules)
+    compute = max(sum(_compute_seconds(s, hw) for s in stages) for stages in schedules)
     dense = _dense_seconds(inp)
     grads = Collective("all_reduce", inp.model.params(), inp.itemsize, cl.ranks, "bwd", "grads")
-    grad_sync = max(0.0, grads.seconds(cl) - DENSE_BWD_FACTOR / (1 + DENSE_BWD_FACTOR) * dense)
+    grad_sync = max(0.0, grads.seconds(hw) - DENSE_BWD_FACTOR / (1 + DENSE_BWD_FACTOR) * dense)
     step = inp.model.layers * attn + dense + grad_sync
+    if inp.checkpointing:  # every block's forward runs again in backward
+        attn_fwd = max(sum(_stage_seconds(s, hw) for s in stages if s.phase == "fwd") for stages in schedules)
+        step += inp.model.layers * attn_fwd + dense / (1 + DENSE_BWD_FACTOR)
     host = max(sum(s.host_bytes for s in stages if isinstance(s, Compute)) for stages in schedules)
     return Candidate(cfg, step_time=step, attention_time=attn, exposed_comm_time=attn - compute,
                      comm_bytes=max_bytes_by_kind(schedules), host_bytes=host, memory=memory,
@@ -186,25 +193,34 @@ def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
 
 
 @lru_cache(maxsize=65536)
-def _stage_seconds(stage: Stage, cluster: Cluster) -> float:
+def _stage_seconds(stage: Stage, hw: Hardware) -> float:
     """Memoised: ranks running the same stage on equal groups share the result."""
-    return stage.seconds(cluster)
+    return stage.seconds(hw)
 
 
-def _compute_seconds(stage: Stage, cluster: Cluster) -> float:
-    if isinstance(stage, RingLoop):
-        return stage.compute_seconds(cluster)
-    return stage.flops / cluster.flops_per_s if isinstance(stage, Compute) else 0.0
+def _compute_seconds(stage: Stage, hw: Hardware) -> float:
+    return stage.compute_seconds(hw) if isinstance(stage, (RingLoop, Compute)) else 0.0
+
+
+def memory_fits(inp: PlanInput, cfg: Config) -> bool:
+    """Whether a valid candidate fits device memory (the memory model only, no timing)."""
+    try:
+        val.check(inp, cfg)
+        total = mem.memory_estimate(inp, _strategy_model(cfg.strategy).memory(inp, cfg))["total"]
+    except ValueError:
+        return False
+    return total <= inp.cluster.memory_gib * GiB
 
 
 def _rank_key(c: Candidate):
     return (not c.valid, not c.fits, c.step_time)
 
 
-def plan(inp: PlanInput, strategies: list[str] | None = None) -> list[Candidate]:
+def plan(inp: PlanInput, strategies: list[str] | None = None,
+         fpdt_chunks: tuple[int, ...] = FPDT_CHUNKS) -> list[Candidate]:
     """All candidates ranked: valid and fitting by predicted step time, then valid but too
     large for device memory, then invalid ones (each with its reason)."""
-    candidates = [evaluate(inp, cfg) for cfg in candidate_configs(inp, strategies)]
+    candidates = [evaluate(inp, cfg) for cfg in candidate_configs(inp, strategies, fpdt_chunks)]
     rings = [c.step_time for c in candidates if c.valid and c.config.strategy == "ring"]
     if rings:
         for c in candidates:

@@ -1,4 +1,4 @@
-"""The stage algebra of a schedule and the busiest-rank compute tables.
+"""The stage algebra of a schedule: collectives, ring loops, exposed compute, attention loads.
 
 A schedule is what one rank does in one attention layer, forward and backward, as a list
 of stages:
@@ -9,30 +9,121 @@ of stages:
 - `Compute`: exposed attention compute (Ulysses' local attention, all-gather attention).
 
 A stage's `nbytes` is exactly what `seqpar.comm.CommStats` counts for the same call; its
-`seconds` follow the alpha-beta model on `Cluster.link`, compute at flops / (peak x
-efficiency). The tables count the (query, key) pairs of the busiest rank per step from
-the layout's causal block rules, in O(1) per step instead of O(P).
+`seconds(hw)` follow the alpha-beta model on `Hardware.link` and the attention `Load` of each
+step: the kernel calls of every class of ranks, timed at flops / (peak x efficiency) or by a
+calibrated kernel table. seqpar.plan.tables derives them from the
+layout's causal block rules.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import Callable, Union
+from typing import Union
 
-from ..layout import block_pairs
 from ..model import ATTENTION_FLOPS_PER_PAIR
-from .inputs import Cluster, Link, PlanInput
+from .inputs import Hardware, Link, PlanInput
 
-__all__ = ["Collective", "Send", "Step", "Steps", "RingLoop", "Compute", "Stage", "ATTN_BWD_FACTOR",
-           "stage_kind", "bytes_by_kind", "max_bytes_by_kind", "attention_flops", "loop_steps", "pair_count",
-           "block_class_pairs", "ring_step_pairs", "all_pairs_busiest", "wallfacer_step_pairs"]
+__all__ = ["Collective", "Send", "Step", "Steps", "RingLoop", "Compute", "Stage", "Work", "Load", "ATTN_BWD_FACTOR",
+           "stage_kind", "bytes_by_kind", "max_bytes_by_kind", "attention_flops", "loop_steps", "balanced_loads",
+           "work_of", "shared_makespan"]
 
 ATTN_BWD_FACTOR = 2.5  # flash backward: 5 matmuls (S recompute, dV, dP, dQ, dK) vs 2 forward
 
-_ALPHA_STEPS: dict[str, Callable[[int], int]] = {
-    "all_to_all": lambda n: n - 1, "all_gather": lambda n: n - 1, "reduce_scatter": lambda n: n - 1,
-    "all_reduce": lambda n: 2 * (n - 1),
-}
+
+# -- attention work ----------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Work:
+    """Kernel calls of one rank: ((q rows, kv rows, causal, count), ...) on `rows` = batch x
+    query heads of `head_dim`, forward or backward; `merged`: forward results merged into a
+    running output by log-sum-exp (block loops; not a whole-sequence local call). Built once
+    per table (hashed by identity)."""
+
+    calls: tuple[tuple[int, int, bool, float], ...]
+    rows: int
+    head_dim: int
+    backward: bool
+    merged: bool = True
+
+    @cached_property
+    def flops(self) -> float:
+        pairs = sum(c * (nq * (nq + 1) // 2 if causal else nq * nk) for nq, nk, causal, c in self.calls)
+        flops = float(self.rows) * pairs * ATTENTION_FLOPS_PER_PAIR * self.head_dim
+        return ATTN_BWD_FACTOR * flops if self.backward else flops
+
+    def seconds(self, hw: Hardware, together: bool = False) -> float:
+        """flops at peak x efficiency, or the calibrated kernel time of each call (one rank
+        alone, or while every rank computes)."""
+        table = hw.kernels
+        if table is None:
+            return self.flops / hw.flops_per_s
+        t = sum(c * table.seconds(nq, nk, causal, self.backward, self.rows, self.head_dim, together)
+                for nq, nk, causal, c in self.calls)
+        if self.merged and not self.backward:
+            t += sum(c * nq for nq, _, _, c in self.calls) * self.rows * self.head_dim * table.merge_s[together]
+        return t
+
+
+def work_of(parts, rows: int, head_dim: int, backward: bool, merged: bool = True) -> Work:
+    """A Work from (calls, weight) parts: weights of equal calls add up."""
+    total: dict[tuple[int, int, bool], float] = {}
+    for calls, weight in parts:
+        for call in calls:
+            total[call] = total.get(call, 0.0) + weight
+    return Work(tuple((nq, nk, causal, w) for (nq, nk, causal), w in total.items() if w), rows, head_dim, backward,
+                merged)
+
+
+@dataclass(frozen=True, eq=False)
+class Load:
+    """The attention work of one synchronous step over the world: (work, share of the world's
+    ranks doing it), shares summing to 1. With flags the step takes its busiest rank; with a
+    calibration, the makespan of the ranks sharing the cores (`shared_makespan`)."""
+
+    classes: tuple[tuple[Work, float], ...]
+
+    @cached_property
+    def flops(self) -> float:
+        """Flops of the busiest rank."""
+        return max((w.flops for w, share in self.classes if share), default=0.0)
+
+    def seconds(self, hw: Hardware) -> float:
+        return _load_seconds(self, hw)
+
+
+def shared_makespan(alone: list[tuple[float, float]], slots: float) -> float:
+    """When the last of a group of ranks finishes, each needing `seconds` alone, `count` of
+    them per (seconds, count), sharing `slots` cores fairly: while k ranks run each progresses
+    at min(1, slots / k). (Ranks that finish or wait free their cores for the others.)"""
+    active, done, t = sum(n for _, n in alone), 0.0, 0.0
+    for seconds, count in sorted(alone):
+        if seconds > done:
+            t += (seconds - done) / min(1.0, slots / active)
+            done = seconds
+        active -= count
+    return t
+
+
+@lru_cache(maxsize=65536)
+def _load_seconds(load: Load, hw: Hardware) -> float:
+    alone = [(w.seconds(hw), share) for w, share in load.classes if share]
+    if not alone:
+        return 0.0
+    if hw.kernels is None:
+        return max(t for t, _ in alone)
+    # every rank computing at once runs at the measured together-speed: slots = P alone / together
+    mean_alone = sum(t * share for t, share in alone)
+    together = sum(w.seconds(hw, together=True) * share for w, share in load.classes if share)
+    if mean_alone <= 0 or together <= 0:
+        return max(t for t, _ in alone)
+    world = hw.world
+    slots = min(float(world), max(1.0, world * mean_alone / together))
+    return shared_makespan([(t, share * world) for t, share in alone], slots)
+
+
+def balanced_loads(calls, rows: int, head_dim: int, merged: bool = True) -> tuple[Load, Load]:
+    """(forward, backward) loads of a step where every rank makes the same kernel calls."""
+    return tuple(Load(((work_of([(calls, 1.0)], rows, head_dim, backward, merged), 1.0),))
+                 for backward in (False, True))
 
 
 # -- stages ------------------------------------------------------------------------------------
@@ -61,11 +152,10 @@ class Collective:
             return 2 * b * (n - 1) // n
         return b * (n - 1)
 
-    def seconds(self, cluster: Cluster) -> float:
+    def seconds(self, hw: Hardware) -> float:
         if len(self.group) == 1:
             return 0.0
-        link = cluster.link(self.group)
-        return _ALPHA_STEPS[self.kind](len(self.group)) * link.latency + self.nbytes / link.bandwidth
+        return hw.link(self.group).seconds(self.kind, len(self.group), self.nbytes) + hw.sync_s
 
 
 @dataclass(frozen=True)
@@ -81,10 +171,15 @@ class Send:
 
 @dataclass(frozen=True)
 class Step:
-    """Block compute (flops of the busiest rank) overlapped with the sends in flight meanwhile."""
+    """Block compute (`load`, None for none) overlapped with the sends in flight meanwhile."""
 
-    flops: float
+    load: Load | None
     sends: tuple[Send, ...] = ()
+
+    @property
+    def flops(self) -> float:
+        """Flops of the busiest rank."""
+        return self.load.flops if self.load is not None else 0.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,17 +203,20 @@ class Steps:
 
 
 @lru_cache(maxsize=4096)
-def _loop_seconds(steps: Steps, link: Link, flops_per_s: float) -> float:
+def _loop_seconds(steps: Steps, link: Link, hw: Hardware) -> float:
+    alpha, beta = link.alpha_beta("p2p")
     total = 0.0
     for step in steps.items:
-        comm = sum(s.nbytes for s in step.sends) / link.bandwidth
-        total += max(step.flops / flops_per_s, comm) + (link.latency if step.sends else 0.0)
+        compute = step.load.seconds(hw) if step.load is not None else 0.0
+        comm = sum(s.nbytes for s in step.sends) * beta
+        total += hw.combine(compute, comm) + (alpha + hw.sync_s if step.sends else 0.0)
     return total
 
 
 @dataclass(frozen=True)
 class RingLoop:
-    """P2P steps on `group` (ring order): step time = max(compute, sends / bandwidth) + latency."""
+    """P2P steps on `group` (ring order): step time = compute and sends combined (the longer
+    one when they overlap) + one latency (+ the calibrated sync cost)."""
 
     group: tuple[int, ...]
     phase: str
@@ -128,23 +226,35 @@ class RingLoop:
     def nbytes(self) -> int:
         return self.steps.nbytes
 
-    def seconds(self, cluster: Cluster) -> float:
-        return _loop_seconds(self.steps, cluster.link(self.group), cluster.flops_per_s)
+    def seconds(self, hw: Hardware) -> float:
+        return _loop_seconds(self.steps, hw.link(self.group), hw)
 
-    def compute_seconds(self, cluster: Cluster) -> float:
-        return self.steps.flops / cluster.flops_per_s
+    def compute_seconds(self, hw: Hardware) -> float:
+        return _loop_compute_seconds(self.steps, hw)
+
+
+@lru_cache(maxsize=4096)
+def _loop_compute_seconds(steps: Steps, hw: Hardware) -> float:
+    return sum(step.load.seconds(hw) for step in steps.items if step.load is not None)
 
 
 @dataclass(frozen=True)
 class Compute:
     """Exposed attention compute; host<->device copies (offload) are prefetched under it."""
 
-    flops: float
+    load: Load
     phase: str
     host_bytes: int = 0
 
-    def seconds(self, cluster: Cluster) -> float:
-        return max(self.flops / cluster.flops_per_s, self.host_bytes / (cluster.host_bw * 1e9))
+    @property
+    def flops(self) -> float:
+        return self.load.flops
+
+    def seconds(self, hw: Hardware) -> float:
+        return hw.combine(self.load.seconds(hw), self.host_bytes / hw.host_bw)
+
+    def compute_seconds(self, hw: Hardware) -> float:
+        return self.load.seconds(hw)
 
 
 Stage = Union[Collective, RingLoop, Compute]
@@ -179,72 +289,18 @@ def max_bytes_by_kind(schedules: list[list[Stage]]) -> dict[str, int]:
 def attention_flops(inp: PlanInput, heads: int, pairs: int) -> float:
     """Forward flops of `pairs` (query, key) pairs on `heads` heads (seqpar.model's per-pair count),
     of which packed documents keep `inp.attention_fraction`."""
-    return float(inp.batch) * heads * pairs * ATTENTION_FLOPS_PER_PAIR * inp.model.head_dim * inp.attention_fraction
+    return inp.attention_rows(heads) * pairs * ATTENTION_FLOPS_PER_PAIR * inp.model.head_dim
 
 
 @lru_cache(maxsize=None)
-def loop_steps(inp: PlanInput, heads: int, pairs: tuple[int, ...], block_elems: int,
+def loop_steps(inp: PlanInput, loads: tuple[tuple[Load, Load], ...], block_elems: int,
                grad_sends: bool) -> tuple[Steps, Steps]:
-    """ring_forward / ring_backward steps: the K/V block (input dtype) is sent at every step but
-    the last; with grad_sends the dK/dV accumulator (accum dtype) is sent at every step."""
+    """ring_forward / ring_backward steps from (forward, backward) loads per step: the K/V block
+    (input dtype) is sent at every step but the last; with grad_sends the dK/dV accumulator
+    (accum dtype) is sent at every step."""
     kv = Send(block_elems, inp.itemsize, "kv")
     dkv = (Send(block_elems, inp.acc_itemsize, "dkv"),) if grad_sends else ()
-    last = len(pairs) - 1
-    fwd = tuple(Step(attention_flops(inp, heads, p), (kv,) if s < last else ()) for s, p in enumerate(pairs))
-    bwd = tuple(Step(ATTN_BWD_FACTOR * attention_flops(inp, heads, p), ((kv,) if s < last else ()) + dkv)
-                for s, p in enumerate(pairs))
+    last = len(loads) - 1
+    fwd = tuple(Step(f, (kv,) if s < last else ()) for s, (f, _) in enumerate(loads))
+    bwd = tuple(Step(b, ((kv,) if s < last else ()) + dkv) for s, (_, b) in enumerate(loads))
     return Steps(fwd), Steps(bwd)
-
-
-# -- busiest-rank tables (from layout.block_pairs) -----------------------------------------------
-def _rows(s: slice, n: int) -> int:
-    return len(range(*s.indices(n)))
-
-
-def pair_count(pairs, n: int) -> int:
-    """(query, key) pairs computed for a list of layout.block_pairs blocks of n-token ranks."""
-    total = 0
-    for q_rows, kv_rows, causal in pairs:
-        nq, nk = _rows(q_rows, n), _rows(kv_rows, n)
-        total += nq * (nq + 1) // 2 if causal else nq * nk
-    return total
-
-
-@lru_cache(maxsize=None)
-def block_class_pairs(kind: str, causal: bool, n_local: int) -> dict[str, int]:
-    """(query, key) pairs computed against the K/V of an earlier ("before"), the same, or a
-    later ("after") outer rank. layout.block_pairs depends on nothing but this comparison,
-    which keeps the busiest-rank tables below O(P) (tests check them against brute force)."""
-    def count(q_rank: int, kv_rank: int) -> int:
-        return pair_count(block_pairs(kind, causal, q_rank, kv_rank, n_local), n_local)
-    return {"before": count(1, 0), "same": count(0, 0), "after": count(0, 1)}
-
-
-def _order(q_rank: int, kv_rank: int) -> str:
-    return "same" if q_rank == kv_rank else ("before" if kv_rank < q_rank else "after")
-
-
-@lru_cache(maxsize=None)
-def ring_step_pairs(kind: str, causal: bool, size: int, n_local: int) -> tuple[int, ...]:
-    """Pairs computed at each ring step by the busiest ring rank: step 0 is the own block;
-    at step s >= 1 ranks r >= s hold an earlier block and ranks r < s a later one."""
-    cls = block_class_pairs(kind, causal, n_local)
-    return (cls["same"],) + (max(cls["before"], cls["after"]),) * (size - 1)
-
-
-@lru_cache(maxsize=None)
-def all_pairs_busiest(kind: str, causal: bool, size: int, n_local: int) -> int:
-    """Pairs of the busiest rank when every rank attends all K/V blocks (all-gather style):
-    rank r has r earlier and size-1-r later blocks, so rank 0 or size-1 is the busiest."""
-    cls = block_class_pairs(kind, causal, n_local)
-    return cls["same"] + (size - 1) * max(cls["before"], cls["after"])
-
-
-@lru_cache(maxsize=None)
-def wallfacer_step_pairs(kind: str, causal: bool, world: int, team_size: int, team_tokens: int) -> tuple[int, ...]:
-    """Pairs of the busiest rank at each sub-ring step (team-level block rules, C*n-token blocks)."""
-    from ..attention.wallfacer import WallFacerGrid
-    grid = WallFacerGrid(world, team_size)
-    cls = block_class_pairs(kind, causal, team_tokens)
-    return tuple(max(cls[k] for k in {_order(t, grid.kv_team(t, a, s)) for t in range(grid.team_count)
-                                      for a in range(team_size)}) for s in range(grid.ring_len))
