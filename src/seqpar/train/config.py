@@ -24,6 +24,7 @@ __all__ = ["TrainConfig", "DTYPES", "load_config", "build_config", "config_from_
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 NONFINITE = ("stop", "skip")
+AUTO = "auto"  # resolved by the launcher (train/auto.py) before any worker starts
 MODELS = ("llama", "dit")
 SECTIONS = ("model", "data", "optim", "parallel", "output")
 _MODEL_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "mlp_chunks", "loss_chunks",
@@ -90,7 +91,10 @@ class TrainConfig:
     nproc: int = _opt(4, "local processes when not under torchrun")
     dp: int = _opt(1, "data-parallel degree")
     sp: int = _opt(0, "sequence-parallel degree; 0: world size / dp")
-    strategy: str = _opt("wallfacer", "attention strategy: local ring ulysses usp allgather wallfacer lss fpdt")
+    strategy: str = _opt("wallfacer", "attention strategy: local ring ulysses usp allgather wallfacer lss fpdt, or "
+                                      "auto (the calibrated planner picks strategy, degrees, layout, chunks)")
+    calibration: str = _opt("", "a `seqpar plan --calibrate` JSON of this world: hardware for --strategy auto and the "
+                                "MFU peak; empty: <out_dir>/calibration.json when present (auto measures it once)")
     ulysses: int = _opt(0, "Ulysses degree (usp); 0: the strategy's default")
     ring: int = _opt(0, "ring degree (usp); 0: the strategy's default")
     team_size: int = _opt(0, "WallFacer team size C (--teams: deprecated alias); 0: the strategy's default "
@@ -109,7 +113,8 @@ class TrainConfig:
     checkpoint_every: int = _opt(50, "checkpoint period (and at the end); 0: never")
     keep_checkpoints: int = _opt(2, "checkpoints kept; 0: all")
     resume: str = _opt("", "'latest' or a checkpoint directory")
-    peak_tflops: float = _opt(0.0, "per-device peak TFLOP/s for MFU; 0: auto (GPU table, 0.1 per CPU process)")
+    peak_tflops: float = _opt(0.0, "per-process peak TFLOP/s for MFU; 0: the calibration's, else measured at start "
+                                   "on CPU (all ranks at once), the GPU table on GPUs")
     progress: bool = _opt(True, "progress bar and summary on rank 0")
     plot: bool = _opt(True, "loss-curve PNG at the end")
     # fault handling
@@ -162,7 +167,7 @@ class TrainConfig:
         else:
             self.model_config()  # model shape errors
         _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("strategy", self.strategy, (*STRATEGIES, AUTO))
         check_kernel_name(self.kernel)
         _check_choice("nonfinite", self.nonfinite, NONFINITE)
         for name in ("seq_len", "batch", "steps", "nproc", "dp", "chunks", "log_every", "eval_batches"):
@@ -229,6 +234,8 @@ class TrainConfig:
         if sp < 1 or self.dp * sp != world:
             raise ValueError(f"dp ({self.dp}) x sp ({self.sp or 'auto'}) must equal the number of processes "
                              f"({world})")
+        if self.strategy == AUTO:
+            return  # the planner picks a strategy that passes the checks below (train/auto.py)
         layout = self.strategy_settings(world).layout
         if layout.kind == "documents" and self.pack_documents and self.batch > 1 and self.model != "dit":
             raise ValueError(f"layout 'documents' places tokens by one batch's documents, but --pack-documents "

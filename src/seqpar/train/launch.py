@@ -33,7 +33,7 @@ from ..data import find_documents, open_tokens, split_tokens, stdlib_corpus
 from ..kernels import get_kernel
 from ..world import init_local_gloo, start_ranks
 from . import control
-from .config import DTYPES, TrainConfig, config_from_args
+from .config import AUTO, DTYPES, TrainConfig, config_from_args
 from .tasks import tokenized_corpus
 from .trainer import lr_at, train
 
@@ -240,6 +240,27 @@ def launch_torchrun(cfg: TrainConfig) -> int:
     return 0
 
 
+def resolve_auto(cfg: TrainConfig, world: int, lead: bool = True, under_torchrun: bool = False) -> TrainConfig:
+    """--strategy auto -> the planner's choice on this world's calibration (train/auto.py);
+    other strategies unchanged. Under torchrun every rank reads the same calibration file and
+    so makes the same choice; locally a missing calibration is measured once and saved."""
+    if cfg.strategy != AUTO:
+        return cfg
+    from .auto import calibration_path, choose, ensure_calibration
+    cfg.validate(world)
+    if under_torchrun and not calibration_path(cfg).is_file():
+        raise ValueError("--strategy auto under torchrun needs --calibration FILE (run `seqpar plan --calibrate` "
+                         "under the same torchrun first)")
+    if lead and not calibration_path(cfg).is_file():
+        print(f"seqpar train: --strategy auto: calibrating this {cfg.sp_size(world)}-rank world once "
+              f"(saved to {calibration_path(cfg)})", file=sys.stderr)
+    calibration = ensure_calibration(cfg, world)
+    cfg, line = choose(cfg, world, calibration, int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)
+    if lead:
+        print(f"seqpar train: {line}", file=sys.stderr)
+    return cfg
+
+
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -248,6 +269,7 @@ def main(args: argparse.Namespace) -> int:
         cfg.validate(world)
         print(json.dumps(cfg.to_dict(), indent=1))
         return 0
+    cfg = resolve_auto(cfg, world, not under_torchrun or int(os.environ["RANK"]) == 0, under_torchrun)
     if under_torchrun:  # every rank checks and prepares (the corpus cache is written atomically); rank 0 locks
         lead = int(os.environ["RANK"]) == 0
         check(cfg, world, "cuda" if torch.cuda.is_available() else "cpu")

@@ -24,7 +24,8 @@ import seqpar
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from ..comm import Comm
-from ..metrics import JsonlLog, ProgressBar, default_peak_tflops, peak_memory_mb, plot_loss_curve, read_jsonl
+from ..metrics import (JsonlLog, ProgressBar, default_peak_tflops, measured_peak_tflops, peak_memory_mb,
+                       plot_loss_curve, read_jsonl)
 from ..parallel import ParallelMesh, average_gradients
 from . import control
 from .config import TrainConfig
@@ -120,9 +121,28 @@ class Trainer:
         self.step = 0
         if cfg.resume:
             self._resume()
-        self.peak_tflops = cfg.peak_tflops or default_peak_tflops(self.device, cfg.torch_dtype)
+        self.peak_tflops, self.peak_source = self._peak_tflops()
         self.log = JsonlLog(self.out_dir / "metrics.jsonl", keep_until_step=self.step if cfg.resume else None) \
             if self.rank == 0 else None
+
+    def _peak_tflops(self) -> tuple[float, str]:
+        """Per-process peak for MFU: --peak-tflops; else the calibration's matmul rate with every
+        rank computing (--calibration or <out_dir>/calibration.json); else, on CPU, the matmul
+        rate measured now on every rank at once (processes sharing cores share it; the mean over
+        ranks); on GPU the table by device name."""
+        cfg = self.cfg
+        if cfg.peak_tflops:
+            return cfg.peak_tflops, "--peak-tflops"
+        path = Path(cfg.calibration) if cfg.calibration else Path(cfg.out_dir) / "calibration.json"
+        if path.is_file():
+            from ..plan import calibrated_peak_flops
+            with contextlib.suppress(ValueError, KeyError):
+                return calibrated_peak_flops(path, cfg.dtype) / 1e12, f"calibration {path}"
+        if self.device.type == "cuda":
+            return default_peak_tflops(self.device, cfg.torch_dtype), "GPU table"
+        peak = torch.tensor([measured_peak_tflops(self.device, cfg.torch_dtype, seconds=0.1)], dtype=torch.float64)
+        dist.all_reduce(peak, group=self.group)
+        return float(peak) / self.mesh.size, "matmul measured on every rank at start"
 
     def _autocast(self):
         if self.cfg.dtype == "bfloat16":
@@ -315,7 +335,7 @@ class Trainer:
     def _write_config(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         info = {"config": self.cfg.to_dict(), "num_params": self.num_params, "world_size": self.mesh.size,
-                "packed_documents": self.task.packed,
+                "packed_documents": self.task.packed, "peak_tflops": self.peak_tflops, "peak_source": self.peak_source,
                 "context": self.ctx.describe(), "torch": torch.__version__}
         (self.out_dir / "config.json").write_text(json.dumps(info, indent=1, default=str))
 

@@ -1,0 +1,133 @@
+"""`seqpar train --strategy auto`: the calibrated planner picks the strategy of the run.
+
+The run's model, sequence, batch, dtype and memory become a `seqpar.plan.PlanInput` on its
+sequence-parallel group; the hardware numbers come from a calibration of this world
+(`--calibration FILE`, written by `seqpar plan --calibrate`; without one the launcher
+measures the local world once and keeps it in `<out_dir>/calibration.json`). The fastest
+candidate that fits memory is chosen (ties broken by the planner's order, so the same
+calibration always gives the same choice), and its `seqpar.init` arguments replace the
+strategy flags. `choose` returns the new config and a line saying what was picked, the
+runner-up and why.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from .config import TrainConfig
+
+__all__ = ["plan_input", "choose", "local_memory_gib", "calibration_path", "ensure_calibration"]
+
+_STRATEGY_FIELDS = ("layout", "ulysses", "ring", "team_size", "chunks", "offload")
+
+
+def local_memory_gib(processes: int) -> float:
+    """Memory one of `processes` local ranks may use: the GPU's, or the host's share."""
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total / max(1, processes) / 2 ** 30
+
+
+def _model_shape(cfg: TrainConfig):
+    from ..plan import ModelShape
+    if cfg.model == "dit":
+        d = cfg.dit_config()
+        # GELU MLP (2 matrices of mlp_hidden) = SwiGLU's 3 matrices of 2/3 the width; patches ~ vocab
+        return ModelShape(d.n_layers, d.dim, d.n_heads, d.n_kv_heads, max(1, 2 * d.mlp_hidden // 3), d.patch_dim)
+    if cfg.hf_model:
+        from ..hf import hf_model_shape
+        s = hf_model_shape(cfg.hf_model)
+    else:
+        m = cfg.model_config()
+        s = {"n_layers": m.n_layers, "dim": m.dim, "n_heads": m.n_heads, "n_kv_heads": m.n_kv_heads,
+             "ffn_dim": m.ffn_hidden, "vocab_size": m.vocab_size}
+    return ModelShape(s["n_layers"], s["dim"], s["n_heads"], s["n_kv_heads"], s["ffn_dim"], s["vocab_size"])
+
+
+def plan_input(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None = None,
+               memory_gib: float | None = None):
+    """The planner's view of this run on its sp group (needs sp >= 2); memory per rank: this
+    machine's (`local_memory_gib`) unless given."""
+    from ..plan import Cluster, PlanInput
+    sp = cfg.sp_size(world)
+    rpn = min(sp, ranks_per_node or sp)
+    cluster = Cluster(sp, rpn, memory_gib=memory_gib or local_memory_gib(rpn * cfg.dp), calibration=calibration)
+    return PlanInput(cluster, _model_shape(cfg), cfg.sequence_length(), cfg.batch, cfg.dtype,
+                     causal=cfg.model != "dit", zero=3 if cfg.fsdp else 0,
+                     checkpointing=cfg.activation_checkpointing or cfg.offload_activations)
+
+
+def _why(best, other) -> str:
+    """What makes `best` faster than `other`, from the planner's numbers."""
+    reasons = []
+    if best.exposed_comm_time < other.exposed_comm_time:
+        reasons.append(f"{1e3 * (other.exposed_comm_time - best.exposed_comm_time):.2f} ms less exposed "
+                       "communication per layer")
+    if best.attention_time < other.attention_time:
+        reasons.append(f"attention {1e3 * best.attention_time:.2f} vs {1e3 * other.attention_time:.2f} ms per layer")
+    if best.total_comm_bytes < other.total_comm_bytes:
+        reasons.append(f"{best.total_comm_bytes / 2 ** 20:.1f} vs {other.total_comm_bytes / 2 ** 20:.1f} MiB sent "
+                       "per layer")
+    if best.step_time == other.step_time:
+        return "a tie: the same predicted time, first in the planner's fixed order"
+    return "; ".join(reasons) or "lower predicted step time"
+
+
+def choose(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None = None,
+           memory_gib: float | None = None) -> tuple[TrainConfig, str]:
+    """(cfg with the planner's best fitting strategy, a one-line explanation)."""
+    from ..plan import fit_suggestions, format_suggestions, plan
+    if cfg.sp_size(world) < 2:
+        return dataclasses.replace(cfg, strategy="local"), "--strategy auto: sp = 1, no sequence parallelism (local)"
+    inp = plan_input(cfg, world, calibration, ranks_per_node, memory_gib)
+    candidates = plan(inp)
+    fitting = [c for c in candidates if c.valid and c.fits]
+    if not fitting:
+        try:
+            hint = format_suggestions(inp, fit_suggestions(inp, candidates))
+        except ValueError:  # e.g. more ranks than the calibration's node measured
+            hint = ("try --offload-activations, --strategy fpdt with --chunks and --offload, --fsdp, a shorter "
+                    "--seq-len or more ranks")
+        raise ValueError(f"--strategy auto: no strategy fits this run in {inp.cluster.memory_gib:.1f} GiB per rank: "
+                         + " ".join(hint.split()))
+    best = fitting[0]
+    kwargs = best.config.init_kwargs(ranks_per_node)
+    fields = {k: kwargs.pop(k) for k in _STRATEGY_FIELDS if k in kwargs}
+    defaults = {"layout": "", "ulysses": 0, "ring": 0, "team_size": 0, "chunks": 1, "offload": False}
+    chosen = dataclasses.replace(cfg, strategy=best.config.strategy, **{**defaults, **fields},
+                                 strategy_options={**cfg.strategy_options, **kwargs})
+    line = (f"--strategy auto picked {best.label} (predicted {best.step_time:.3g} s/step, "
+            f"{best.memory.get('total', 0) / 2 ** 30:.2f} GiB/rank)")
+    if len(fitting) > 1:
+        runner = fitting[1]
+        line += (f"; runner-up {runner.label} ({runner.step_time:.3g} s/step, "
+                 f"+{100 * (runner.step_time / best.step_time - 1):.1f}%): {_why(best, runner)}")
+    return chosen, line + f" [{calibration.summary() if calibration else 'flag hardware'}]"
+
+
+def calibration_path(cfg: TrainConfig) -> Path:
+    return Path(cfg.calibration) if cfg.calibration else Path(cfg.out_dir) / "calibration.json"
+
+
+def ensure_calibration(cfg: TrainConfig, world: int):
+    """The calibration of this run's world: --calibration, or <out_dir>/calibration.json, or a
+    fresh measurement of the local world (saved there for the next run)."""
+    from ..plan import Calibration, measure
+    from ..plan.worlds import open_world
+    path = calibration_path(cfg)
+    if path.is_file():
+        return Calibration.load(path)
+    if cfg.calibration:
+        raise FileNotFoundError(f"--calibration {cfg.calibration!r} does not exist (write one with seqpar plan "
+                                "--calibrate)")
+    shape = _model_shape(cfg)
+    sp = cfg.sp_size(world)
+    with open_world(sp) as run:
+        cal = measure(run, sp, dtypes=(cfg.dtype,), heads=max(1, shape.heads // shape.kv_heads), kv_heads=1,
+                      head_dim=shape.hidden // shape.heads, repeats=3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cal.save(path)
+    return cal

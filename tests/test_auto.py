@@ -1,0 +1,54 @@
+"""`seqpar train --strategy auto`: the calibrated planner's choice is valid, reproducible, follows
+the calibration, and trains; MFU takes its peak from the calibration. No timing is asserted."""
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from seqpar.plan import plan
+from seqpar.train import TrainConfig
+from seqpar.train.auto import choose, plan_input
+
+from test_plan_calibration import hand_calibration
+
+TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=4096, nproc=4, strategy="auto", out_dir="unused")
+
+
+def test_auto_choice_is_valid_reproducible_and_the_planners_best():
+    cfg, cal = TrainConfig(**TINY), hand_calibration()
+    first, line = choose(cfg, 4, cal, memory_gib=8.0)
+    again, _ = choose(cfg, 4, cal, memory_gib=8.0)
+    assert first == again and first.strategy != "auto"
+    first.validate(4)  # the strategy's own resolve accepts every chosen option
+    best = next(c for c in plan(plan_input(cfg, 4, cal, memory_gib=8.0)) if c.valid and c.fits)
+    assert first.strategy == best.config.strategy and best.label in line and "runner-up" in line
+
+
+def test_auto_follows_the_calibration():
+    """Expensive all-to-all: nothing built on it (Ulysses, USP with u > 1, FPDT) is chosen."""
+    cfg = TrainConfig(**TINY)
+    chosen, line = choose(cfg, 4, hand_calibration(a2a_beta=1e-3), memory_gib=8.0)
+    assert chosen.strategy not in ("ulysses", "fpdt") and not (chosen.strategy == "usp" and chosen.ulysses > 1), line
+
+
+def test_auto_says_what_would_fit():
+    cfg = TrainConfig(**{**TINY, "seq_len": 1 << 20, "dim": 1024, "n_heads": 8, "n_layers": 8})
+    with pytest.raises(ValueError, match="no strategy fits this run in 0.0"):
+        choose(cfg, 4, hand_calibration(), memory_gib=0.01)
+
+
+def test_cli_auto_trains_with_its_choice_and_mfu_from_the_calibration(tmp_path):
+    path = tmp_path / "cal.json"
+    hand_calibration().save(path)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "seqpar", "train", "--config", "tiny", "--strategy", "auto",
+                           "--calibration", str(path), "--nproc", "4", "--steps", "1", "--seq-len", "256",
+                           "--eval-every", "0", "--checkpoint-every", "0", "--no-plot", "--no-progress",
+                           "--out-dir", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    picked = [line for line in proc.stderr.splitlines() if "--strategy auto picked" in line]
+    info = json.loads((out / "config.json").read_text())
+    assert len(picked) == 1 and info["config"]["strategy"] in picked[0] and info["config"]["strategy"] != "auto"
+    assert info["peak_source"] == f"calibration {path}" and info["peak_tflops"] == pytest.approx(5e10 / 1e12)
