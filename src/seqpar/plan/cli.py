@@ -14,7 +14,7 @@ import os
 from dataclasses import replace
 
 from .hardware import Calibration
-from .inputs import DTYPE_BYTES, MODEL_PRESETS, Cluster, GiB, PlanInput
+from .inputs import CLUSTER_PRESETS, DTYPE_BYTES, MODEL_PRESETS, Cluster, GiB, PlanInput
 from .profiling import ProfileReport, profile, profile_input, profile_rank
 from .search import STRATEGY_MODELS, Candidate, plan
 
@@ -40,31 +40,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _profile_arguments(p.add_argument_group("profiling (--profile)"))
 
 
+#: cluster flags and their defaults (None in argparse so that a --cluster preset can fill them)
+CLUSTER_FLAG_DEFAULTS = {"world": None, "ranks_per_node": 8, "intra_bw": 150.0, "inter_bw": 25.0, "intra_lat": 5.0,
+                         "inter_lat": 20.0, "tflops": 312.0, "efficiency": 0.5, "memory_gib": 80.0, "host_bw": 25.0}
+
+
 def _cluster_arguments(topo) -> None:
-    topo.add_argument("--world", type=int, required=True, help="sequence-parallel ranks P")
-    topo.add_argument("--ranks-per-node", type=int, default=8, help="consecutive ranks sharing a node")
-    topo.add_argument("--intra-bw", type=float, default=150.0, help="intra-node GB/s per rank")
-    topo.add_argument("--inter-bw", type=float, default=25.0, help="inter-node GB/s per rank")
-    topo.add_argument("--intra-lat", type=float, default=5.0, help="intra-node latency, us")
-    topo.add_argument("--inter-lat", type=float, default=20.0, help="inter-node latency, us")
-    topo.add_argument("--tflops", type=float, default=312.0, help="device peak TFLOP/s in the dtype")
-    topo.add_argument("--efficiency", type=float, default=0.5, help="fraction of peak the kernels reach")
-    topo.add_argument("--memory-gib", type=float, default=80.0, help="device memory, GiB")
-    topo.add_argument("--host-bw", type=float, default=25.0, help="host<->device GB/s (offloading)")
+    topo.add_argument("--cluster", choices=sorted(CLUSTER_PRESETS),
+                      help="a published setup (docs/planner.md, 'Against the papers' own tables'): its cluster, "
+                           "assumptions and run (model, sequence, ZeRO, checkpointing); explicit flags override")
+    topo.add_argument("--world", type=int, help="sequence-parallel ranks P (required without --cluster)")
+    topo.add_argument("--ranks-per-node", type=int, help="consecutive ranks sharing a node (default 8)")
+    topo.add_argument("--intra-bw", type=float, help="intra-node GB/s per rank (default 150)")
+    topo.add_argument("--inter-bw", type=float, help="inter-node GB/s per rank (default 25)")
+    topo.add_argument("--intra-lat", type=float, help="intra-node latency, us (default 5)")
+    topo.add_argument("--inter-lat", type=float, help="inter-node latency, us (default 20)")
+    topo.add_argument("--tflops", type=float, help="device peak TFLOP/s in the dtype (default 312)")
+    topo.add_argument("--efficiency", type=float, help="fraction of peak the kernels reach (default 0.5)")
+    topo.add_argument("--attn-efficiency", type=float, help="fraction of peak the attention kernels reach "
+                      "(default: --efficiency)")
+    topo.add_argument("--p2p-efficiency", type=float, help="fraction of the link bandwidth ring sends reach (default 1)")
+    topo.add_argument("--node-inter-bw", type=float, help="GB/s of one node's NICs together, shared by its ranks "
+                      "crossing nodes (default: none, every rank has --inter-bw)")
+    topo.add_argument("--zero-traffic", action=argparse.BooleanOptionalAction, default=None,
+                      help="time the ZeRO / data-parallel traffic of every step (default: only the gradient "
+                           "all-reduce hidden under the dense backward)")
+    topo.add_argument("--memory-gib", type=float, help="device memory, GiB (default 80)")
+    topo.add_argument("--host-bw", type=float, help="host<->device GB/s (offloading, default 25)")
 
 
 def _model_arguments(model) -> None:
-    model.add_argument("--model", choices=sorted(MODEL_PRESETS), default="llama-7b", help="shape preset")
+    model.add_argument("--model", choices=sorted(MODEL_PRESETS), help="shape preset (default llama-7b)")
     for name in ("layers", "hidden", "heads", "kv-heads", "ffn-hidden", "vocab"):
         model.add_argument(f"--{name}", type=int, help=f"override the preset's {name.replace('-', ' ')}")
-    model.add_argument("--seq-len", type=int, required=True, help="tokens per sequence N")
+    model.add_argument("--seq-len", type=int, help="tokens per sequence N (required without --cluster)")
     model.add_argument("--batch", type=int, default=1, help="micro-batch B")
     model.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bfloat16")
     model.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
-    model.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="ZeRO stage (memory only)")
+    model.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage (memory; time with --zero-traffic)")
     model.add_argument("--mean-doc-len", type=float, help="packed documents of this mean length: attention skips "
                        "the blocks where documents do not meet (default: one document per sequence)")
-    model.add_argument("--activation-checkpointing", action="store_true",
+    model.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                        help="recompute every block in backward (memory: one block's activations; time: one more "
                             "forward)")
     model.add_argument("--fpdt-chunks", default="1,2,4,8", help="FPDT chunk counts to consider (comma-separated)")
@@ -87,15 +103,35 @@ def _profile_arguments(prof) -> None:
 
 
 def plan_input_from_args(args: argparse.Namespace) -> PlanInput:
-    preset = MODEL_PRESETS[args.model]
+    name = getattr(args, "cluster", None)
+    preset = CLUSTER_PRESETS[name] if name else None
+    base = {f: getattr(preset.cluster, f) for f in CLUSTER_FLAG_DEFAULTS} if preset else dict(CLUSTER_FLAG_DEFAULTS)
+    extra = ("attn_efficiency", "p2p_efficiency", "node_inter_bw", "zero_traffic")
+    base.update({f: getattr(preset.cluster, f) for f in extra} if preset else {})
+    for f in (*CLUSTER_FLAG_DEFAULTS, *extra):
+        if getattr(args, f, None) is not None:
+            base[f] = getattr(args, f)
+    if base["world"] is None:
+        raise ValueError("--world is required (or --cluster NAME)")
+
+    def run(field: str, default):
+        value = getattr(args, field, None)
+        return value if value is not None else (getattr(preset, field) if preset else default)
+
+    seq_len = getattr(args, "seq_len", None) or (preset.seq_len if preset else None)
+    if seq_len is None:
+        raise ValueError("--seq-len is required (or --cluster NAME)")
+    shape = MODEL_PRESETS[run("model", "llama-7b")]
     overrides = {f: getattr(args, f) for f in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab")
-                 if getattr(args, f) is not None}
-    if "heads" in overrides and "kv_heads" not in overrides and preset.kv_heads == preset.heads:
+                 if getattr(args, f, None) is not None}
+    if "heads" in overrides and "kv_heads" not in overrides and shape.kv_heads == shape.heads:
         overrides["kv_heads"] = overrides["heads"]
-    cluster = Cluster(args.world, args.ranks_per_node, args.intra_bw, args.inter_bw, args.intra_lat,
-                      args.inter_lat, args.tflops, args.efficiency, args.memory_gib, args.host_bw)
-    return PlanInput(cluster, replace(preset, **overrides), args.seq_len, args.batch, args.dtype, args.causal,
-                     args.zero, getattr(args, "activation_checkpointing", False), getattr(args, "mean_doc_len", None))
+    cluster = Cluster(**base)
+    checkpointing = getattr(args, "activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = preset.checkpointing if preset else False
+    return PlanInput(cluster, replace(shape, **overrides), seq_len, args.batch, args.dtype, args.causal,
+                     run("zero", 0), checkpointing, getattr(args, "mean_doc_len", None))
 
 
 def fpdt_chunks_from_args(args: argparse.Namespace) -> tuple[int, ...]:
@@ -183,7 +219,11 @@ def _describe(inp: PlanInput) -> str:
     c, m = inp.cluster, inp.model
     hw = (c.calibration.summary() if c.calibration else
           f"intra {c.intra_bw:g} GB/s {c.intra_lat:g} us, inter {c.inter_bw:g} GB/s {c.inter_lat:g} us, "
-          f"{c.tflops:g} TFLOP/s x {c.efficiency:g}")
+          f"{c.tflops:g} TFLOP/s x {c.efficiency:g}"
+          + (f", attention x {c.attn_efficiency:g}" if c.attn_efficiency is not None else "")
+          + (f", P2P x {c.p2p_efficiency:g}" if c.p2p_efficiency != 1.0 else "")
+          + (f", node NICs {c.node_inter_bw:g} GB/s" if c.node_inter_bw is not None else "")
+          + (", ZeRO traffic timed" if c.zero_traffic else ""))
     return (f"P={c.world} ({c.ranks_per_node}/node, {hw}, {c.memory_gib:g} GiB)"
             f"; model L={m.layers} H={m.hidden} heads={m.heads}/{m.kv_heads} ffn={m.ffn_hidden} V={m.vocab}; "
             f"N={inp.seq_len} B={inp.batch} {inp.dtype} {'causal' if inp.causal else 'full'} ZeRO-{inp.zero}"

@@ -16,7 +16,8 @@ from functools import cached_property
 from ..model import ModelConfig
 from .hardware import Calibration, KernelTable, Link
 
-__all__ = ["GiB", "DTYPE_BYTES", "ModelShape", "MODEL_PRESETS", "Link", "Cluster", "Hardware", "PlanInput", "Config"]
+__all__ = ["GiB", "DTYPE_BYTES", "ModelShape", "MODEL_PRESETS", "Link", "Cluster", "Hardware", "PlanInput", "Config",
+           "ClusterPreset", "CLUSTER_PRESETS"]
 
 GiB = 2 ** 30
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
@@ -83,7 +84,25 @@ class Cluster:
     """`world` ranks, `ranks_per_node` consecutive ranks per node; per-rank link bandwidths
     (GB/s = 1e9 B/s) and latencies (us); device peak TFLOP/s x efficiency; memory in GiB;
     host link bandwidth (GB/s) for offloading. With a `calibration` the measured numbers
-    replace the link, device speed and host link flags (memory stays)."""
+    replace the link, device speed and host link flags (memory stays).
+
+    Assumptions for reproducing published setups (docs/planner.md, "Against the papers' own
+    tables"); their defaults keep the plain model:
+
+    - `attn_efficiency`: fraction of peak the attention (flash) kernels reach on one step's
+      blocks, when it differs from the dense layers' `efficiency` (None: the same);
+    - `p2p_efficiency`: fraction of the link bandwidth a ring's send/recv pairs reach
+      (collectives keep the full bandwidth);
+    - `zero_traffic`: count the data-parallel / ZeRO traffic of every step over the world
+      (stage 3: weights all-gathered in forward and again in backward, gradients
+      reduce-scattered; else one all-reduce of the gradients), prefetched under the dense
+      compute, the rest exposed. Off: only the gradient all-reduce, hidden under the dense
+      backward (ZeRO then changes memory only);
+    - `node_inter_bw`: GB/s of one node's NICs together (None: every rank has its own
+      `inter_bw`). Then the ranks of a node share it: a collective spanning nodes gets
+      min(inter_bw, node_inter_bw / ranks_per_node) per rank, a ring's P2P gets
+      min(inter_bw, node_inter_bw / f), f = the node's ranks sending across nodes at once
+      (a contiguous ring over the world: 1)."""
 
     world: int
     ranks_per_node: int = 8
@@ -96,6 +115,10 @@ class Cluster:
     memory_gib: float = 80.0
     host_bw: float = 25.0
     calibration: Calibration | None = None
+    attn_efficiency: float | None = None
+    p2p_efficiency: float = 1.0
+    zero_traffic: bool = False
+    node_inter_bw: float | None = None
 
     def __post_init__(self):
         if self.world < 2:
@@ -104,14 +127,18 @@ class Cluster:
             raise ValueError(f"ranks per node must be >= 1, got {self.ranks_per_node}")
         if self.world > self.ranks_per_node and self.world % self.ranks_per_node:
             raise ValueError(f"world size {self.world} is not a multiple of ranks per node {self.ranks_per_node}")
+        if self.node_inter_bw is not None and not self.node_inter_bw > 0:
+            raise ValueError(f"node_inter_bw must be > 0, got {self.node_inter_bw}")
         for name in ("intra_bw", "inter_bw", "tflops", "memory_gib", "host_bw"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("intra_lat", "inter_lat"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 < self.efficiency <= 1:
-            raise ValueError(f"efficiency must be in (0, 1], got {self.efficiency}")
+        for name in ("efficiency", "attn_efficiency", "p2p_efficiency"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
 
     @cached_property
     def ranks(self) -> tuple[int, ...]:
@@ -120,7 +147,14 @@ class Cluster:
 
     @property
     def flops_per_s(self) -> float:
+        """Dense (matmul) FLOP/s: peak x efficiency."""
         return self.tflops * 1e12 * self.efficiency
+
+    @property
+    def attn_flops_per_s(self) -> float:
+        """Attention kernel FLOP/s: peak x attn_efficiency (default: efficiency)."""
+        eff = self.efficiency if self.attn_efficiency is None else self.attn_efficiency
+        return self.tflops * 1e12 * eff
 
     def node(self, rank: int) -> int:
         return rank // self.ranks_per_node
@@ -133,10 +167,23 @@ class Cluster:
         """The link a group's traffic crosses (for a ring that is its slowest hop)."""
         return Hardware(self, "float32").link(group)
 
-    def _flag_link(self, link_class: str) -> Link:
-        if link_class == "inter":
-            return Link(self.inter_bw * 1e9, self.inter_lat * 1e-6)
-        return Link(self.intra_bw * 1e9, self.intra_lat * 1e-6)
+    def inter_flows(self, group: tuple[int, ...]) -> float:
+        """Ranks of one node sending across nodes at once while every rank runs a ring on a
+        group shaped like `group` (ring order): ranks_per_node x the share of its hops that
+        cross nodes (at least 1)."""
+        n = len(group)
+        hops = sum(self.node(group[i]) != self.node(group[(i + 1) % n]) for i in range(n))
+        return max(1.0, min(self.ranks_per_node, self.world) * hops / n)
+
+    def _flag_link(self, link_class: str, flows: float | None = None) -> Link:
+        """Flag link of a class; with `node_inter_bw` inter-node traffic shares the node's NICs
+        among `flows` ranks (None: all of the node's ranks, as in a collective)."""
+        bw, lat = (self.inter_bw, self.inter_lat) if link_class == "inter" else (self.intra_bw, self.intra_lat)
+        if link_class == "inter" and self.node_inter_bw is not None:
+            share = min(self.ranks_per_node, self.world) if flows is None else flows
+            bw = min(bw, self.node_inter_bw / share)
+        fits = () if self.p2p_efficiency == 1.0 else (("p2p", lat * 1e-6, 1.0 / (bw * 1e9 * self.p2p_efficiency)),)
+        return Link(bw * 1e9, lat * 1e-6, fits)
 
     def hardware(self, dtype: str) -> "Hardware":
         return Hardware(self, dtype)
@@ -163,7 +210,7 @@ class Hardware:
     dtype: str
 
     @cached_property
-    def _links(self) -> dict[str, Link]:
+    def _links(self) -> dict:
         return {}
 
     def link(self, group: tuple[int, ...]) -> Link:
@@ -172,6 +219,17 @@ class Hardware:
             cal = self.cluster.calibration
             self._links[link_class] = cal.link(link_class) if cal else self.cluster._flag_link(link_class)
         return self._links[link_class]
+
+    def p2p_link(self, group: tuple[int, ...]) -> Link:
+        """The link of a ring's sends on `group`: `link(group)`, except that with the cluster's
+        `node_inter_bw` the node's NICs are shared only by the ranks crossing nodes at once."""
+        cl = self.cluster
+        if cl.calibration is not None or cl.node_inter_bw is None or cl.link_class(group) == "intra":
+            return self.link(group)
+        key = ("p2p", cl.inter_flows(group))
+        if key not in self._links:
+            self._links[key] = cl._flag_link("inter", key[1])
+        return self._links[key]
 
     @cached_property
     def kernels(self) -> KernelTable | None:
@@ -184,7 +242,8 @@ class Hardware:
 
     @property
     def flops_per_s(self) -> float:
-        return self.cluster.flops_per_s
+        """Attention kernels (without a calibrated kernel table)."""
+        return self.cluster.attn_flops_per_s
 
     @cached_property
     def matmul_flops_per_s(self) -> float:
@@ -316,3 +375,48 @@ class Config:
             parts.append(f"chunks={self.chunks}" + (" offload" if self.offload else ""))
         parts.append(self.layout)
         return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class ClusterPreset:
+    """A published setup: the cluster (with the assumptions that reproduce the paper's figure,
+    docs/planner.md "Against the papers' own tables") and the run the figure was measured on
+    (`seqpar plan --cluster NAME` uses them where no flag is given)."""
+
+    cluster: Cluster
+    model: str
+    seq_len: int
+    zero: int
+    checkpointing: bool
+    figure: str       # what was published
+    metric: str       # "ratio": best WallFacer / best ring step time; "mfu": of the best `strategy`
+    published: float
+    strategy: str
+
+
+_H100 = dict(intra_bw=450.0, inter_bw=50.0, intra_lat=5.0, inter_lat=20.0, tflops=989.0, memory_gib=80.0)
+_A100 = dict(intra_bw=300.0, inter_bw=25.0, intra_lat=5.0, inter_lat=20.0, tflops=312.0)
+
+CLUSTER_PRESETS: dict[str, ClusterPreset] = {
+    # 4 nodes x 8 H100 (NVLink 450 GB/s per direction); 400 Gb/s per GPU port, 4 NDR NICs per
+    # node shared by its 8 GPUs (200 GB/s); FA2-class attention at 35% of peak; ZeRO-3 traffic.
+    "wallfacer-h100-32": ClusterPreset(
+        Cluster(32, 8, **_H100, efficiency=0.5, attn_efficiency=0.35, zero_traffic=True, node_inter_bw=200.0),
+        "llama-7b", 65536, 3, False, "WallFacer: +77.12% throughput over ring attention (7B, 64K, 32 H100)",
+        "ratio", 1.7712, "wallfacer"),
+    # 2 nodes x 16 A100 (NVSwitch 300 GB/s); 4 HDR 200 Gb/s NICs per node (100 GB/s) shared by 16 GPUs.
+    "wallfacer-a100-32": ClusterPreset(
+        Cluster(32, 16, **_A100, memory_gib=80.0, efficiency=0.5, attn_efficiency=0.35, zero_traffic=True,
+                node_inter_bw=100.0),
+        "llama-3b", 65536, 3, False, "WallFacer: +62.87% throughput over ring attention (3B, 64K, 32 A100, 16/node)",
+        "ratio", 1.6287, "wallfacer"),
+    # 2 nodes x 8 A800 (NVLink 400 GB/s bidirectional: 200 per direction); 4 x 200 Gb/s NICs per node.
+    "usp-a800-16": ClusterPreset(
+        Cluster(16, 8, **dict(_A100, intra_bw=200.0), memory_gib=80.0, efficiency=0.6, attn_efficiency=0.7,
+                zero_traffic=True, node_inter_bw=100.0),
+        "llama3-8b", 212992, 3, True, "USP: 47% MFU, LLaMA3-8B, 208K tokens, 2 x 8 A800", "mfu", 0.47, "usp"),
+    # 1 node x 4 A100-40GB (NVLink); FPDT offloads chunks to the host.
+    "fpdt-a100-4": ClusterPreset(
+        Cluster(4, 4, **_A100, memory_gib=40.0, efficiency=0.6, attn_efficiency=0.7, zero_traffic=True),
+        "llama3-8b", 2097152, 3, True, "FPDT: 8B at 2M tokens on 4 A100-40GB, > 55% MFU", "mfu", 0.55, "fpdt"),
+}

@@ -180,9 +180,7 @@ def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
     attn = max(sum(_stage_seconds(s, hw) for s in stages) for stages in schedules)
     compute = max(sum(_compute_seconds(s, hw) for s in stages) for stages in schedules)
     dense = _dense_seconds(inp)
-    grads = Collective("all_reduce", inp.model.params(), inp.itemsize, cl.ranks, "bwd", "grads")
-    grad_sync = max(0.0, grads.seconds(hw) - DENSE_BWD_FACTOR / (1 + DENSE_BWD_FACTOR) * dense)
-    step = inp.model.layers * attn + dense + grad_sync
+    step = inp.model.layers * attn + dense + _state_sync_seconds(inp, dense)
     if inp.checkpointing:  # every block's forward runs again in backward
         attn_fwd = max(sum(_stage_seconds(s, hw) for s in stages if s.phase == "fwd") for stages in schedules)
         step += inp.model.layers * attn_fwd + dense / (1 + DENSE_BWD_FACTOR)
@@ -190,6 +188,24 @@ def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
     return Candidate(cfg, step_time=step, attention_time=attn, exposed_comm_time=attn - compute,
                      comm_bytes=max_bytes_by_kind(schedules), host_bytes=host, memory=memory,
                      fits=memory["total"] <= cl.memory_gib * GiB)
+
+
+def _state_sync_seconds(inp: PlanInput, dense: float) -> float:
+    """Exposed data-parallel traffic of one step over the world. Default: one all-reduce of
+    the gradients, hidden under the dense backward. With `Cluster.zero_traffic`: ZeRO-3
+    all-gathers the weights in forward and again in backward and reduce-scatters the
+    gradients (other stages: the all-reduce), prefetched under all the dense compute."""
+    hw, cl, params = inp.hardware, inp.cluster, inp.model.params()
+    if not cl.zero_traffic:
+        grads = Collective("all_reduce", params, inp.itemsize, cl.ranks, "bwd", "grads")
+        return max(0.0, grads.seconds(hw) - DENSE_BWD_FACTOR / (1 + DENSE_BWD_FACTOR) * dense)
+    if inp.zero >= 3:
+        calls = [Collective("all_gather", params // inp.world, inp.itemsize, cl.ranks, "fwd", "weights"),
+                 Collective("all_gather", params // inp.world, inp.itemsize, cl.ranks, "bwd", "weights"),
+                 Collective("reduce_scatter", params // inp.world, inp.itemsize, cl.ranks, "bwd", "grads")]
+    else:
+        calls = [Collective("all_reduce", params, inp.itemsize, cl.ranks, "bwd", "grads")]
+    return max(0.0, sum(c.seconds(hw) for c in calls) - dense)
 
 
 @lru_cache(maxsize=65536)

@@ -227,7 +227,7 @@ class RingLoop:
         return self.steps.nbytes
 
     def seconds(self, hw: Hardware) -> float:
-        return _loop_seconds(self.steps, hw.link(self.group), hw)
+        return _loop_seconds(self.steps, hw.p2p_link(self.group), hw)
 
     def compute_seconds(self, hw: Hardware) -> float:
         return _loop_compute_seconds(self.steps, hw)
