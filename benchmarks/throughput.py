@@ -29,7 +29,8 @@ STRATEGIES = [("ring zigzag", {"strategy": "ring", "layout": "zigzag"}),
               ("usp u2", {"strategy": "usp", "ulysses": 2}),
               ("allgather zigzag", {"strategy": "allgather", "layout": "zigzag"}),
               ("wallfacer", {"strategy": "wallfacer"}),
-              ("lss", {"strategy": "lss"}),
+              ("lss (contiguous: the paper's segments)", {"strategy": "lss"}),
+              ("lss zigzag", {"strategy": "lss", "layout": "zigzag"}),
               ("fpdt chunks 2", {"strategy": "fpdt", "chunks": 2})]
 QUICK = STRATEGIES[:2]
 
@@ -55,8 +56,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="ring and ulysses only")
+    ap.add_argument("--only", nargs="+", help="labels (prefixes) of the strategies to run")
     a = ap.parse_args()
     strategies = QUICK if a.quick else STRATEGIES
+    if a.only:
+        strategies = [s for s in strategies if any(s[0].startswith(o) for o in a.only)]
     t0 = datetime.datetime.now()
     rows = []
     with tempfile.TemporaryDirectory() as tmp, ProcessWorld(2, threads=1, timeout=3600) as world:
