@@ -6,7 +6,8 @@ import pytest
 
 from seqpar.plan import plan
 from seqpar.plan.cli import add_arguments, plan_input_from_args
-from seqpar.plan.inputs import CLUSTER_PRESETS, MODEL_PRESETS, Cluster, PlanInput
+from seqpar.plan.inputs import MODEL_PRESETS, Cluster, PlanInput
+from seqpar.plan.presets import CLUSTER_PRESETS
 
 FPDT_CHUNKS = (32,)  # the paper's 64K-token chunks at 2M tokens
 

@@ -14,7 +14,8 @@ import os
 from dataclasses import replace
 
 from .hardware import Calibration
-from .inputs import CLUSTER_PRESETS, DTYPE_BYTES, MODEL_PRESETS, Cluster, GiB, PlanInput
+from .inputs import DTYPE_BYTES, MODEL_PRESETS, Cluster, GiB, PlanInput
+from .presets import CLUSTER_PRESETS
 from .profiling import ProfileReport, profile, profile_input, profile_rank
 from .search import STRATEGY_MODELS, Candidate, plan
 

@@ -16,8 +16,7 @@ from functools import cached_property
 from ..model import ModelConfig
 from .hardware import Calibration, KernelTable, Link
 
-__all__ = ["GiB", "DTYPE_BYTES", "ModelShape", "MODEL_PRESETS", "Link", "Cluster", "Hardware", "PlanInput", "Config",
-           "ClusterPreset", "CLUSTER_PRESETS"]
+__all__ = ["GiB", "DTYPE_BYTES", "ModelShape", "MODEL_PRESETS", "Link", "Cluster", "Hardware", "PlanInput", "Config"]
 
 GiB = 2 ** 30
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
@@ -376,47 +375,3 @@ class Config:
         parts.append(self.layout)
         return " ".join(parts)
 
-
-@dataclass(frozen=True)
-class ClusterPreset:
-    """A published setup: the cluster (with the assumptions that reproduce the paper's figure,
-    docs/planner.md "Against the papers' own tables") and the run the figure was measured on
-    (`seqpar plan --cluster NAME` uses them where no flag is given)."""
-
-    cluster: Cluster
-    model: str
-    seq_len: int
-    zero: int
-    checkpointing: bool
-    figure: str       # what was published
-    metric: str       # "ratio": best WallFacer / best ring step time; "mfu": of the best `strategy`
-    published: float
-    strategy: str
-
-
-_H100 = dict(intra_bw=450.0, inter_bw=50.0, intra_lat=5.0, inter_lat=20.0, tflops=989.0, memory_gib=80.0)
-_A100 = dict(intra_bw=300.0, inter_bw=25.0, intra_lat=5.0, inter_lat=20.0, tflops=312.0)
-
-CLUSTER_PRESETS: dict[str, ClusterPreset] = {
-    # 4 nodes x 8 H100 (NVLink 450 GB/s per direction); 400 Gb/s per GPU port, 4 NDR NICs per
-    # node shared by its 8 GPUs (200 GB/s); FA2-class attention at 35% of peak; ZeRO-3 traffic.
-    "wallfacer-h100-32": ClusterPreset(
-        Cluster(32, 8, **_H100, efficiency=0.5, attn_efficiency=0.35, zero_traffic=True, node_inter_bw=200.0),
-        "llama-7b", 65536, 3, False, "WallFacer: +77.12% throughput over ring attention (7B, 64K, 32 H100)",
-        "ratio", 1.7712, "wallfacer"),
-    # 2 nodes x 16 A100 (NVSwitch 300 GB/s); 4 HDR 200 Gb/s NICs per node (100 GB/s) shared by 16 GPUs.
-    "wallfacer-a100-32": ClusterPreset(
-        Cluster(32, 16, **_A100, memory_gib=80.0, efficiency=0.5, attn_efficiency=0.35, zero_traffic=True,
-                node_inter_bw=100.0),
-        "llama-3b", 65536, 3, False, "WallFacer: +62.87% throughput over ring attention (3B, 64K, 32 A100, 16/node)",
-        "ratio", 1.6287, "wallfacer"),
-    # 2 nodes x 8 A800 (NVLink 400 GB/s bidirectional: 200 per direction); 4 x 200 Gb/s NICs per node.
-    "usp-a800-16": ClusterPreset(
-        Cluster(16, 8, **dict(_A100, intra_bw=200.0), memory_gib=80.0, efficiency=0.6, attn_efficiency=0.7,
-                zero_traffic=True, node_inter_bw=100.0),
-        "llama3-8b", 212992, 3, True, "USP: 47% MFU, LLaMA3-8B, 208K tokens, 2 x 8 A800", "mfu", 0.47, "usp"),
-    # 1 node x 4 A100-40GB (NVLink); FPDT offloads chunks to the host.
-    "fpdt-a100-4": ClusterPreset(
-        Cluster(4, 4, **_A100, memory_gib=40.0, efficiency=0.6, attn_efficiency=0.7, zero_traffic=True),
-        "llama3-8b", 2097152, 3, True, "FPDT: 8B at 2M tokens on 4 A100-40GB, > 55% MFU", "mfu", 0.55, "fpdt"),
-}
