@@ -293,3 +293,8 @@ def test_torchrun_launch(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2]
     assert json.loads((tmp_path / "config.json").read_text())["world_size"] == 2
+
+
+def test_a_batch_without_labels_is_a_clear_error(worlds):
+    from seqpar.testing.train_checks import empty_batch_error
+    assert all("no labelled tokens" in e for e in worlds.run(2, empty_batch_error))

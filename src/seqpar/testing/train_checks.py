@@ -178,3 +178,15 @@ def training_error(cfg: dict[str, Any]) -> str:
     except (ValueError, FileNotFoundError) as e:
         return f"{type(e).__name__}: {e}"
     return ""
+
+
+def empty_batch_error() -> str:
+    """backward_global_mean on a batch whose labels are all ignored: the error text."""
+    from seqpar.comm import Comm, CommStats
+    from seqpar.train.trainer import backward_global_mean
+    w = torch.ones(2, requires_grad=True)
+    try:
+        backward_global_mean((w * 0).sum(), torch.tensor(0), Comm(None, CommStats()))
+    except ValueError as e:
+        return str(e)
+    return ""

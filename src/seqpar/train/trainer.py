@@ -66,10 +66,11 @@ def backward_global_mean(loss_sum: torch.Tensor, count: torch.Tensor, world: Com
     Returns the global mean (identical on every rank)."""
     totals = torch.stack([loss_sum.detach().double(), count.double()])
     world.all_reduce(totals, kind="loss_all_reduce")
-    if totals[1] <= 0:
+    (loss_sum * (world.size / totals[1]).to(loss_sum.dtype)).backward()  # no host sync before backward
+    count_global, mean = totals.tolist()[1], (totals[0] / totals[1]).item()
+    if count_global <= 0:
         raise ValueError("the batch has no labelled tokens (all labels are ignore_index)")
-    (loss_sum * (world.size / totals[1].item())).backward()
-    return (totals[0] / totals[1]).item()
+    return mean
 
 
 def _device_for(group: dist.ProcessGroup | None) -> torch.device:
