@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 from .config import TrainConfig
 
-__all__ = ["plan_input", "choose", "local_memory_gib", "calibration_path", "ensure_calibration"]
+__all__ = ["plan_input", "choose", "local_memory_gib", "ensure_calibration"]
 
 _STRATEGY_FIELDS = ("layout", "ulysses", "ring", "team_size", "chunks", "offload")
 
@@ -37,14 +36,8 @@ def _model_shape(cfg: TrainConfig):
         d = cfg.dit_config()
         # GELU MLP (2 matrices of mlp_hidden) = SwiGLU's 3 matrices of 2/3 the width; patches ~ vocab
         return ModelShape(d.n_layers, d.dim, d.n_heads, d.n_kv_heads, max(1, 2 * d.mlp_hidden // 3), d.patch_dim)
-    if cfg.hf_model:
-        from ..hf import hf_model_shape
-        s = hf_model_shape(cfg.hf_model)
-    else:
-        m = cfg.model_config()
-        s = {"n_layers": m.n_layers, "dim": m.dim, "n_heads": m.n_heads, "n_kv_heads": m.n_kv_heads,
-             "ffn_dim": m.ffn_hidden, "vocab_size": m.vocab_size}
-    return ModelShape(s["n_layers"], s["dim"], s["n_heads"], s["n_kv_heads"], s["ffn_dim"], s["vocab_size"])
+    m = cfg.model_config()  # built-in or --hf-model
+    return ModelShape(m.n_layers, m.dim, m.n_heads, m.n_kv_heads, m.ffn_hidden, m.vocab_size)
 
 
 def plan_input(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None = None,
@@ -108,16 +101,12 @@ def choose(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None
     return chosen, line + f" [{calibration.summary() if calibration else 'flag hardware'}]"
 
 
-def calibration_path(cfg: TrainConfig) -> Path:
-    return Path(cfg.calibration) if cfg.calibration else Path(cfg.out_dir) / "calibration.json"
-
-
 def ensure_calibration(cfg: TrainConfig, world: int):
     """The calibration of this run's world: --calibration, or <out_dir>/calibration.json, or a
     fresh measurement of the local world (saved there for the next run)."""
     from ..plan import Calibration, measure
     from ..plan.worlds import open_world
-    path = calibration_path(cfg)
+    path = cfg.calibration_path()
     if path.is_file():
         return Calibration.load(path)
     if cfg.calibration:

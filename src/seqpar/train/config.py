@@ -126,7 +126,21 @@ class TrainConfig:
 
     # -- derived -------------------------------------------------------------------------------
     def model_config(self) -> ModelConfig:
+        """The language model's shape: the model flags, or the --hf-model's config (its shape
+        in seqpar's terms, for FLOP counts, head checks, the planner and resume checks)."""
+        if self.hf_model:
+            from ..hf import hf_model_shape
+            return ModelConfig(**hf_model_shape(self.hf_model))
         return ModelConfig(**{k: getattr(self, k) for k in _MODEL_KEYS})
+
+    @property
+    def separator(self) -> int | None:
+        """The document separator token (--doc-separator), None when there is none."""
+        return self.doc_separator if self.doc_separator >= 0 else None
+
+    def calibration_path(self) -> Path:
+        """--calibration, else <out_dir>/calibration.json (what --strategy auto writes)."""
+        return Path(self.calibration) if self.calibration else Path(self.out_dir) / "calibration.json"
 
     def dit_config(self, num_classes: int = 10):
         """The DiT of --model dit (model width flags shared with the language model)."""
@@ -165,6 +179,8 @@ class TrainConfig:
         if self.model == "dit":
             self._validate_dit()
         else:
+            if self.hf_model:
+                self._validate_hf_model()
             self.model_config()  # model shape errors
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("strategy", self.strategy, (*STRATEGIES, AUTO))
@@ -186,8 +202,6 @@ class TrainConfig:
         if self.doc_separator < -1 or (self.doc_separator >= 0 and not self.pack_documents):
             raise ValueError(f"doc_separator {self.doc_separator}: needs a token id >= 0 (-1: none) and "
                              "--pack-documents")
-        if self.hf_model:
-            self._validate_hf_model()
         if self.doc_separator >= self.vocab_size and not self.hf_model:
             raise ValueError(f"doc_separator {self.doc_separator} is not a token id of the model's vocabulary "
                              f"(vocab_size {self.vocab_size})")

@@ -59,13 +59,9 @@ def check_strategy(cfg: TrainConfig, world: int, device: str = "cpu") -> None:
     the Ulysses head split of the strategy's resolved settings, and the kernel for the run's dtype
     (`cfg.validate` already resolved the strategy's options, degrees and layout)."""
     settings = cfg.strategy_settings(world)
-    heads, kv_heads = cfg.n_heads, cfg.n_kv_heads
-    if cfg.hf_model:
-        from ..hf import hf_model_shape
-        shape = hf_model_shape(cfg.hf_model)
-        heads, kv_heads = shape["n_heads"], shape["n_kv_heads"]
     if settings.ulysses > 1:
-        kv_replication(heads, kv_heads, settings.ulysses)
+        m = cfg.dit_config() if cfg.model == "dit" else cfg.model_config()
+        kv_replication(m.n_heads, m.n_kv_heads, settings.ulysses)
     if cfg.kernel != "auto":  # attention runs in the autocast dtype (bf16) or the parameter dtype
         get_kernel(cfg.kernel, device, DTYPES[cfg.dtype])
 
@@ -97,7 +93,7 @@ def resolve_inputs(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"data {data.path!r} needs vocab_size >= {data.vocab_size}, the model has {vocab}")
     split_tokens(data, cfg.val_fraction, cfg.seq_len)
     if cfg.pack_documents:  # a corrupt index or an absent separator fails here, in one line
-        find_documents(data, cfg.doc_separator if cfg.doc_separator >= 0 else None)
+        find_documents(data, cfg.separator)
     if cfg.resume:
         resolve_checkpoint(cfg.resume, Path(cfg.out_dir) / "checkpoints")
     return cfg
@@ -109,10 +105,10 @@ def documents_note(cfg: TrainConfig) -> str:
         return f"{cfg.image_size}x{cfg.image_size} crops of scikit-image's photos"
     if not cfg.pack_documents:
         return "documents not packed (--no-pack-documents)"
-    starts = find_documents(open_tokens(cfg.data), cfg.doc_separator if cfg.doc_separator >= 0 else None).doc_starts
-    if starts is None:
+    data = find_documents(open_tokens(cfg.data), cfg.separator)
+    if data.doc_starts is None:
         return "no document boundaries in the data (add <file>.docs.npy or --doc-separator to pack)"
-    return f"{len(starts)} packed documents (mean length {round(len(open_tokens(cfg.data)) / len(starts))})"
+    return f"{len(data.doc_starts)} packed documents (mean length {round(len(data) / len(data.doc_starts))})"
 
 
 def prepare(cfg: TrainConfig, world: int, device: str = "cpu") -> TrainConfig:
@@ -246,14 +242,14 @@ def resolve_auto(cfg: TrainConfig, world: int, lead: bool = True, under_torchrun
     so makes the same choice; locally a missing calibration is measured once and saved."""
     if cfg.strategy != AUTO:
         return cfg
-    from .auto import calibration_path, choose, ensure_calibration
+    from .auto import choose, ensure_calibration
     cfg.validate(world)
-    if under_torchrun and not calibration_path(cfg).is_file():
+    if under_torchrun and not cfg.calibration_path().is_file():
         raise ValueError("--strategy auto under torchrun needs --calibration FILE (run `seqpar plan --calibrate` "
                          "under the same torchrun first)")
-    if lead and not calibration_path(cfg).is_file():
+    if lead and not cfg.calibration_path().is_file():
         print(f"seqpar train: --strategy auto: calibrating this {cfg.sp_size(world)}-rank world once "
-              f"(saved to {calibration_path(cfg)})", file=sys.stderr)
+              f"(saved to {cfg.calibration_path()})", file=sys.stderr)
     calibration = ensure_calibration(cfg, world)
     cfg, line = choose(cfg, world, calibration, int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)
     if lead:

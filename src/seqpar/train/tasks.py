@@ -29,7 +29,7 @@ from ..context import SeqParallel
 from ..data import SequenceLoader, find_documents, open_tokens, shard_batch, split_tokens, stdlib_corpus
 from ..documents import visible_pairs
 from ..metrics import training_flops_per_token
-from ..model import ModelConfig, Transformer
+from ..model import Transformer
 from .config import _SHAPE_KEYS, TrainConfig
 
 __all__ = ["Task", "LanguageTask", "ImageTask", "build_task", "corpus_path", "tokenized_corpus"]
@@ -111,13 +111,12 @@ class LanguageTask(Task):
 
     def __init__(self, cfg: TrainConfig, ctx: SeqParallel, dp: int, dp_rank: int, device: torch.device):
         self.cfg, self.ctx, self.device = cfg, ctx, device
+        self.model_cfg = cfg.model_config()
         if cfg.hf_model:
-            from ..hf import hf_model_shape, load_hf_model
-            self.model_cfg = ModelConfig(**hf_model_shape(cfg.hf_model))
+            from ..hf import load_hf_model
             self.model = load_hf_model(cfg.hf_model, ctx, param_dtype(cfg), seed=cfg.seed,
                                        activation_checkpointing=cfg.activation_checkpointing).to(device)
         else:
-            self.model_cfg = cfg.model_config()
             self.model = Transformer(self.model_cfg, ctx).to(device=device, dtype=param_dtype(cfg))
         self.vocab_size = self.model_cfg.vocab_size
         self.loaders = self._loaders(dp, dp_rank)
@@ -131,7 +130,7 @@ class LanguageTask(Task):
             raise ValueError(f"data {data.path!r} needs vocab_size >= {data.vocab_size}, the model has "
                              f"{self.vocab_size}")
         if cfg.pack_documents:
-            data = find_documents(data, cfg.doc_separator if cfg.doc_separator >= 0 else None)
+            data = find_documents(data, cfg.separator)
         self.packed = data.doc_starts is not None
         train, val = split_tokens(data, cfg.val_fraction, cfg.seq_len)
         common = dict(seq_len=cfg.seq_len, batch=cfg.batch, vocab_size=self.vocab_size, dp=dp, dp_rank=dp_rank)

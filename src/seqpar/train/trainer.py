@@ -134,7 +134,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.peak_tflops:
             return cfg.peak_tflops, "--peak-tflops"
-        path = Path(cfg.calibration) if cfg.calibration else Path(cfg.out_dir) / "calibration.json"
+        path = cfg.calibration_path()
         if path.is_file():
             from ..plan import calibrated_peak_flops
             with contextlib.suppress(ValueError, KeyError):
