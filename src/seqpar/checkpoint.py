@@ -318,3 +318,18 @@ def _load_rng(path: Path, group: dist.ProcessGroup | None) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def read_model_state(path: str | os.PathLike, state: dict[str, torch.Tensor]) -> None:
+    """Fill `state` (model state-dict keys -> tensors of the right shapes) from checkpoint `path`,
+    in this one process, whatever world size and sharding wrote it (no process group). A tensor
+    missing or of another shape raises RuntimeError naming the first failure in one line."""
+    import warnings
+    with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp.load({"model": state}, checkpoint_id=str(path), no_dist=True)
+        except dcp.CheckpointException as e:  # a BaseException: one line of the first failure
+            failure = next(iter(getattr(e, "failures", {}).values()), e)
+            raise RuntimeError(str(failure[0] if isinstance(failure, tuple) else failure)) from None
+

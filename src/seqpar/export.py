@@ -80,52 +80,36 @@ def llama_config(cfg, max_positions: int):
 
 def load_builtin(checkpoint: Path, run_config: dict, ctx=None):
     """(Transformer with the checkpoint's weights, on `ctx`, its TrainConfig), in this one process."""
-    import warnings
-
     import torch
-    import torch.distributed.checkpoint as dcp
 
-    from .checkpoint import resolve_checkpoint
+    from .checkpoint import read_model_state, resolve_checkpoint
     from .model import Transformer
     from .train.config import TrainConfig
     cfg = TrainConfig(**{k: v for k, v in run_config.items() if k in TrainConfig.__dataclass_fields__})
     path = resolve_checkpoint(str(checkpoint), checkpoint, verify="full")
     model = Transformer(cfg.model_config(), ctx).to({"float64": torch.float64}.get(cfg.dtype, torch.float32))
-    state = {"model": model.state_dict()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        try:
-            dcp.load(state, checkpoint_id=str(path), no_dist=True)
-        except dcp.CheckpointException as e:
-            raise ValueError(f"checkpoint {str(path)!r} does not hold this run's model: {str(e).splitlines()[-1]}") \
-                from None
-    model.load_state_dict(state["model"])
+    state = model.state_dict()
+    try:
+        read_model_state(path, state)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {str(path)!r} does not hold this run's model: {e}") from None
+    model.load_state_dict(state)
     return model, cfg
 
 
 def export_builtin(checkpoint: Path, run_config: dict, out_dir: str | Path, dtype=None) -> Path:
     """A checkpoint of the built-in Transformer -> a LlamaForCausalLM `save_pretrained` directory."""
-    import os
-    import shutil
-
     from transformers import LlamaForCausalLM
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"export directory {str(out)!r} exists and is not empty")
+
+    from .hf import check_export_dir, save_pretrained_dir
+    check_export_dir(out_dir)
     model, cfg = load_builtin(checkpoint, run_config)
-    model_cfg, stored = model.cfg, next(model.parameters()).dtype
-    state = {"model": model.state_dict()}
-    llama = LlamaForCausalLM(llama_config(model_cfg, max(cfg.seq_len, 2048))).to(dtype or stored)
-    missing, unexpected = llama.load_state_dict({llama_key(k): v for k, v in state["model"].items()}, strict=False)
+    stored = next(model.parameters()).dtype
+    llama = LlamaForCausalLM(llama_config(model.cfg, max(cfg.seq_len, 2048))).to(dtype or stored)
+    missing, unexpected = llama.load_state_dict({llama_key(k): v for k, v in model.state_dict().items()}, strict=False)
     if missing or unexpected:
         raise ValueError(f"weight mapping incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    llama.save_pretrained(tmp)
-    if out.exists():
-        out.rmdir()
-    os.rename(tmp, out)
-    return out
+    return save_pretrained_dir(llama, out_dir)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -30,7 +30,6 @@ import contextlib
 import io
 import os
 import shutil
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import resolve_checkpoint
+from .checkpoint import read_model_state, resolve_checkpoint
 from .context import SeqParallel
 from .data import find_documents, open_tokens, write_document_index, write_token_file
 from .documents import check_cu_seqlens
@@ -302,18 +301,9 @@ def _checkpoint_tensors(path: Path) -> dict[str, Any]:
 
 def _load_dcp(path: Path, hf: nn.Module, keys: set[str]) -> None:
     """Load the model tensors of a DCP checkpoint into `hf`, in this one process (no process group)."""
-    import torch.distributed.checkpoint as dcp
-
-    own = hf.state_dict()
-    state = {"model": {PREFIX + k: t for k, t in own.items() if k in keys}}
-    with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        try:
-            dcp.load(state, checkpoint_id=str(path), no_dist=True)
-        except dcp.CheckpointException as e:  # a BaseException: one line of the first failure
-            failure = next(iter(getattr(e, "failures", {}).values()), e)
-            raise RuntimeError(str(failure[0] if isinstance(failure, tuple) else failure)) from None
-    _check_keys(hf, {k[len(PREFIX):] for k in state["model"]}, keys, f"checkpoint {str(path)!r}")
+    state = {PREFIX + k: t for k, t in hf.state_dict().items() if k in keys}
+    read_model_state(path, state)
+    _check_keys(hf, {k[len(PREFIX):] for k in state}, keys, f"checkpoint {str(path)!r}")
 
 
 def _check_keys(hf: nn.Module, loaded: set[str], available: set[str], source: Any) -> None:
@@ -341,9 +331,7 @@ def export_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Tensor], mode
     (default: as stored). `out_dir` must not exist or be empty; it is written as a temporary
     sibling and renamed into place.
     """
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"export directory {str(out)!r} exists and is not empty")
+    out = check_export_dir(out_dir)
     config = _config(model_dir)
     if isinstance(checkpoint, Mapping):
         state = {k.removeprefix(PREFIX): v for k, v in checkpoint.items()}
@@ -363,11 +351,27 @@ def export_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Tensor], mode
     except RuntimeError as e:  # shape mismatches (DCP's CheckpointException is a BaseException)
         raise ValueError(f"{checkpoint!s:.200} does not match the model of {str(model_dir)!r}: "
                          f"{str(e).strip().splitlines()[-1]}") from None
+    return save_pretrained_dir(hf, out, model_dir)
+
+
+def check_export_dir(out_dir: str | os.PathLike) -> Path:
+    """An export directory must not exist or be empty (checked before any work)."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"export directory {str(out)!r} exists and is not empty")
+    return out
+
+
+def save_pretrained_dir(model: nn.Module, out_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None
+                        ) -> Path:
+    """`model.save_pretrained` into `out_dir` through a temporary sibling renamed into place, with
+    `model_dir`'s tokenizer and generation-config files copied beside it."""
+    out = check_export_dir(out_dir)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     with _quiet():
-        hf.save_pretrained(tmp)
-    for name in TOKENIZER_FILES + ("generation_config.json",):
+        model.save_pretrained(tmp)
+    for name in (TOKENIZER_FILES + ("generation_config.json",)) if model_dir else ():
         if (Path(model_dir) / name).is_file():
             shutil.copy2(Path(model_dir) / name, tmp / name)
     if out.exists():
