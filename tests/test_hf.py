@@ -287,3 +287,19 @@ def test_builtin_model_exports_as_llama(worlds, tmp_path):
     with torch.no_grad():
         theirs = llama(tokens).logits
     assert (ours - theirs).abs().max().item() < 1e-6 * max(1.0, theirs.abs().max().item())
+
+
+def test_trainer_hf_model_bf16_autocast_matches_one_process(worlds, tmp_path):
+    """--hf-model with --dtype bfloat16 (autocast, fp32 weights): USP 2x2 on 4 ranks equals 1 process
+    within the bf16 bound the built-in model's parity uses (2e-2 relative)."""
+    from seqpar.data import stdlib_corpus
+    from seqpar.testing.train_checks import run_training
+    model_dir = tmp_path / "llama256"
+    LlamaConfig(**{**SHAPE, "vocab_size": 256}).save_pretrained(model_dir)
+    base = dict(hf_model=str(model_dir), data=str(stdlib_corpus(tmp_path / "corpus", max_bytes=40_000)), seq_len=64,
+                batch=2, steps=3, warmup=1, lr=1e-2, min_lr=1e-3, dtype="bfloat16", eval_every=0, eval_batches=1,
+                checkpoint_every=0, progress=False, plot=False, strategy="local", layout="contiguous")
+    ref = worlds.run(1, run_training, {**base, "out_dir": str(tmp_path / "ref")})[0]["losses"]
+    got = worlds.run(4, run_training, {**base, "strategy": "usp", "ulysses": 2, "layout": "zigzag",
+                                       "out_dir": str(tmp_path / "usp")})[0]["losses"]
+    assert len(ref) == 3 and got == pytest.approx(ref, rel=2e-2)

@@ -79,7 +79,11 @@ def seqpar_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     cu_seqlens = kwargs.get(CU_SEQLENS_KWARG)
     _check_supported(module, query, key, attention_mask, dropout, sliding_window, kwargs, ctx, cu_seqlens)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    with torch.autocast(q.device.type, enabled=False):  # q/k/v keep their (autocast) dtype
+    device = q.device.type
+    if torch.is_autocast_enabled(device):  # as autocast runs F.scaled_dot_product_attention: its dtype;
+        # HF's fp32 RoPE tables leave q, k in fp32 while v is bf16
+        q, k, v = (t.to(torch.get_autocast_dtype(device)) for t in (q, k, v))
+    with torch.autocast(device, enabled=False):
         out = ctx.attention(q, k, v, causal=True, scale=scaling, cu_seqlens=cu_seqlens)
     return out, None
 
