@@ -44,6 +44,11 @@ def configs(chunks: int) -> dict[str, dict]:
         f"FPDT u={chunks} offload + chunked MLP/loss + offloaded ckpt": {
             "strategy": "fpdt", "chunks": chunks, "offload": True, "mlp_chunks": chunks, "loss_chunks": chunks,
             "offload_activations": True},
+        f"FPDT u={chunks} offload + chunked blocks + chunked loss": {
+            "strategy": "fpdt", "chunks": chunks, "offload": True, "loss_chunks": chunks, "chunked_blocks": True},
+        f"FPDT u={chunks} offload + chunked blocks + chunked loss + offloaded ckpt": {
+            "strategy": "fpdt", "chunks": chunks, "offload": True, "loss_chunks": chunks, "chunked_blocks": True,
+            "offload_activations": True},
     }
 
 

@@ -108,11 +108,15 @@ def test_document_zigzag_is_a_balanced_partition(outer):
     assert max(work) / (sum(work) / outer) < 1.05
 
 
-@pytest.mark.parametrize("strategy,kwargs", [("ring", {"layout": "zigzag"}), ("usp", {"ulysses": 2, "layout": "documents"})])
-def test_packed_training_matches_one_process(worlds, strategy, kwargs):
+@pytest.mark.parametrize("strategy,kwargs,model", [
+    ("ring", {"layout": "zigzag"}, {}),
+    ("usp", {"ulysses": 2, "layout": "documents"}, {}),
+    ("fpdt", {"chunks": 4, "offload": True}, {"chunked_blocks": True}),
+], ids=["ring", "usp", "fpdt-chunked-blocks"])
+def test_packed_training_matches_one_process(worlds, strategy, kwargs, model):
     """3 AdamW steps of the tiny Transformer on packed documents (fp32): 4 ranks == 1 process."""
     ref = worlds.run(1, packed_training, "local")[0]
-    for losses in worlds.run(4, packed_training, strategy, kwargs):
+    for losses in worlds.run(4, packed_training, strategy, kwargs, model=model):
         assert losses == pytest.approx(ref, abs=1e-6, rel=0), (losses, ref)
 
 
@@ -173,7 +177,10 @@ PACKED_TRAIN = dict(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
 
 @pytest.mark.parametrize("strategy,overrides", [("ring", {"layout": "zigzag"}), ("wallfacer", {"layout": ""}),
                                                 ("usp", {"ulysses": 2, "layout": "documents", "batch": 1, "dp": 2,
-                                                         "sp": 2})])
+                                                         "sp": 2}),
+                                                ("fpdt", {"layout": "", "chunks": 2, "offload": True,
+                                                          "chunked_blocks": True, "offload_activations": True})],
+                         ids=["ring", "wallfacer", "usp", "fpdt-chunked-blocks"])
 def test_packed_training_run_matches_one_process(worlds, separated_corpus, tmp_path, strategy, overrides):
     """The training loop on separator-packed data (fp32): 4 ranks == 1 process to 1e-6, and the
     losses differ from the unpacked run (the test sees the document mask)."""

@@ -316,6 +316,9 @@ CLI_ERRORS = [
     ("unknown_kernel", ["--kernel", "nope"], "unknown attention kernel 'nope'"),
     ("data_vocab", ["--data", "{tokens}"], "needs vocab_size >= 1000, the model has 256"),
     ("bad_timeout", ["--timeout", "0"], "need timeout > 0"),
+    ("chunked_blocks_strategy", ["--chunked-blocks", "--strategy", "ring"], "--chunked-blocks is FPDT's pipeline"),
+    ("chunked_blocks_checkpointing", ["--chunked-blocks", "--strategy", "fpdt", "--activation-checkpointing"],
+     "use --offload-activations, not --activation-checkpointing"),
     ("separator_not_in_vocab", ["--doc-separator", "256"], "doc_separator 256 is not a token id"),
     ("separator_absent", ["--doc-separator", "7"], "document separator 7 never occurs"),
     ("separator_unpacked", ["--doc-separator", "7", "--no-pack-documents"], "needs a token id >= 0 (-1: none) and "

@@ -115,3 +115,23 @@ def test_offloaded_activations_keep_no_block_inputs_on_the_device(worlds, tmp_pa
         kept[name] = max(r["retained"] for r in runs)
     block_inputs = 3 * 256 * 64 * 4
     assert kept["ckpt"] - kept["offload"] >= block_inputs, kept
+
+
+def test_chunked_blocks_never_hold_a_whole_sequence_of_projections(worlds, tmp_path):
+    """A whole training step (2 ranks): FPDT's per-chunk block pipeline peaks below the best unfused
+    configuration (offloaded checkpoints + chunked MLP/loss) by at least one block's q, k, v and
+    attention output over the local sequence, which the unfused recompute holds at once."""
+    from seqpar.testing.fpdt_checks import training_step_memory
+    dim, heads, kv_heads, local_tokens = 64, 4, 2, 256
+    cfg = dict(seq_len=2 * local_tokens, batch=1, steps=2, warmup=1, eval_every=0, eval_batches=1,
+               checkpoint_every=0, progress=False, plot=False, pack_documents=False, nproc=2, strategy="fpdt",
+               chunks=4, offload=True, loss_chunks=4, dim=dim, n_heads=heads, n_kv_heads=kv_heads, n_layers=3,
+               corpus_bytes=20_000)
+    peak = {}
+    for name, extra in (("unfused", {"offload_activations": True, "mlp_chunks": 4}),
+                        ("chunked_blocks", {"chunked_blocks": True})):
+        runs = worlds.run(2, training_step_memory, {**cfg, **extra, "out_dir": str(tmp_path / name)})
+        peak[name] = max(r["activations"] for r in runs)
+    head_dim = dim // heads
+    whole_sequence = local_tokens * 4 * ((heads + 2 * kv_heads) * head_dim + dim)  # q, k, v + attention output
+    assert peak["unfused"] - peak["chunked_blocks"] >= whole_sequence, peak

@@ -113,3 +113,17 @@ def test_rope_depends_only_on_relative_position():
 def test_model_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("world,chunks,offload,extra", [
+    (4, 2, False, {}),                               # K/V head replication (2 kv heads on 4 ranks)
+    (4, 4, True, {}),
+    (2, 2, True, {"offload_activations": True}),     # block inputs in host memory too
+    (2, 1, False, {}),
+], ids=["4r-u2", "4r-u4-offload", "2r-u2-offload-ckpt", "2r-u1"])
+def test_chunked_blocks_are_exact(worlds, reference_step, world, chunks, offload, extra):
+    """FPDT's per-chunk block pipeline (projections, attention and MLP per chunk) = 1 process."""
+    options = {"chunked_blocks": True, **extra}
+    results = worlds.run(world, transformer_step, "fpdt", {"chunks": chunks, "offload": offload}, model=options)
+    assert_losses_partition(results, reference_step)
+    assert_same_step(results[0], reference_step)

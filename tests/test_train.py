@@ -115,10 +115,14 @@ def test_parity_fsdp_checkpointing_chunked(worlds, corpus, tmp_path, reference):
     assert "fsdp_reduce_scatter_est" in results[0]["records"][0]["comm"]
 
 
-def test_bf16_parity(worlds, corpus, tmp_path):
+@pytest.mark.parametrize("options", [dict(strategy="ring", layout="zigzag"),
+                                     dict(strategy="fpdt", chunks=2, offload=True, chunked_blocks=True)],
+                         ids=["ring", "fpdt-chunked-blocks"])
+def test_bf16_parity(worlds, corpus, tmp_path, options):
+    """bf16 autocast (the chunked blocks re-enter it for their recomputation) vs 1 process."""
     cfg = dict(dtype="bfloat16", steps=3)
     ref = worlds.run(1, run_training, config(corpus, tmp_path / "ref", **cfg))[0]
-    got = worlds.run(4, run_training, config(corpus, tmp_path / "sp", strategy="ring", layout="zigzag", **cfg))[0]
+    got = worlds.run(4, run_training, config(corpus, tmp_path / "sp", **options, **cfg))[0]
     assert_losses_match(got["losses"], ref["losses"], rel=2e-2)
 
 

@@ -113,6 +113,33 @@ class SeqParallel:
                                            self.kernel_for(q.device, q.dtype), mask)
         return (out, lse) if return_lse else out
 
+    def chunked_block(self, x: Tensor, project, finish, params, *, heads: int, kv_heads: int, head_dim: int,
+                      causal: bool = True, scale: float | None = None, cu_seqlens=None) -> Tensor:
+        """A whole transformer block by FPDT's per-chunk pipeline (strategy 'fpdt' only): the
+        projections, attention and MLP of one sequence chunk at a time, forward and backward.
+
+        x [batch, seq_local, dim]; project(x_piece, rows) -> q [b, c, heads, head_dim],
+        k, v [b, c, kv_heads, head_dim]; finish(x_piece, attn_piece [b, c, heads, head_dim], rows)
+        -> the block's output piece [b, c, dim]; both position-wise, `rows` the piece's slice of
+        the local sequence; params: the parameters they use. Returns the block output like x.
+        The inputs are checked across ranks as for `attention` (q/k/v as projected)."""
+        if not hasattr(self.strategy, "chunked_block"):
+            raise ValueError(f"chunked blocks are FPDT's pipeline: they need strategy 'fpdt', this context "
+                             f"runs {self.settings.strategy!r}")
+        if x.dim() != 3:
+            raise ValueError(f"chunked_block takes x [batch, seq_local, dim], got shape {tuple(x.shape)}")
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        b, s = x.shape[:2]
+        q = x.new_zeros((), dtype=dtype).expand(b, s, heads, head_dim)  # shapes for the checks, no memory
+        kv = x.new_zeros((), dtype=dtype).expand(b, s, kv_heads, head_dim)
+        rows = self._inputs.validate(q, kv, kv, causal, self.layout, cu_seqlens)
+        mask = None if rows is None else self._mask(rows, causal)
+        from .attention.fpdt_block import BlockFunctions
+        fns = BlockFunctions(project, finish, tuple(params), heads, kv_heads, head_dim)
+        return self.strategy.chunked_block(x, fns, causal, default_scale(head_dim, scale),
+                                           self.kernel_for(x.device, dtype), mask)
+
     def _mask(self, rows: tuple[tuple[int, ...], ...], causal: bool) -> DocMask:
         """The DocMask of these boundaries (reused while they repeat, e.g. across layers)."""
         key = (rows, causal)

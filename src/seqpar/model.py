@@ -47,6 +47,7 @@ class ModelConfig:
     loss_chunks: int = 1         # chunked LM head + cross-entropy (seqpar.chunked)
     activation_checkpointing: bool = False
     offload_activations: bool = False  # checkpoint every block, its saved input in host memory (FPDT/ALST)
+    chunked_blocks: bool = False  # FPDT's per-chunk block pipeline (ctx.chunked_block; strategy fpdt)
 
     def __post_init__(self):
         self.validate()
@@ -145,14 +146,21 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=bias)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, cu_seqlens=None) -> Tensor:
-        """x [batch, seq_local, dim] -> [batch, seq_local, dim]; cu_seqlens: packed documents."""
+    def project(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x [batch, seq, dim] -> q [batch, seq, heads, head_dim], k, v [batch, seq, kv_heads, head_dim]
+        (RoPE applied when given tables for these tokens)."""
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return q, k, v
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, cu_seqlens=None) -> Tensor:
+        """x [batch, seq_local, dim] -> [batch, seq_local, dim]; cu_seqlens: packed documents."""
+        b, s, _ = x.shape
+        q, k, v = self.project(x, rope)
         with torch.autocast(x.device.type, enabled=False):  # q/k/v keep their (autocast) dtype
             out = self.ctx.attention(q, k, v, causal=self.causal, cu_seqlens=cu_seqlens)
         return self.wo(out.reshape(b, s, -1))
@@ -174,15 +182,37 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, ctx: SeqParallel):
         super().__init__()
-        self.mlp_chunks = cfg.mlp_chunks
+        self.mlp_chunks, self.chunked = cfg.mlp_chunks, cfg.chunked_blocks
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, ctx, causal=True)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cu_seqlens=None) -> Tensor:
+        if self.chunked:
+            return self._chunked_forward(x, rope, cu_seqlens)
         x = x + self.attention(self.attention_norm(x), rope, cu_seqlens)
         return x + chunked_mlp(self.mlp, self.mlp_norm(x), self.mlp_chunks)
+
+    def _chunked_forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cu_seqlens=None) -> Tensor:
+        """The same block by FPDT's per-chunk pipeline (`SeqParallel.chunked_block`)."""
+        attn = self.attention
+
+        def project(piece: Tensor, rows: slice):
+            return attn.project(self.attention_norm(piece), _rope_rows(rope, rows))
+
+        def finish(piece: Tensor, attended: Tensor, rows: slice) -> Tensor:
+            y = piece + attn.wo(attended.flatten(2))
+            return y + self.mlp(self.mlp_norm(y))
+
+        return attn.ctx.chunked_block(x, project, finish, tuple(self.parameters()), heads=attn.n_heads,
+                                      kv_heads=attn.n_kv_heads, head_dim=attn.head_dim, causal=attn.causal,
+                                      cu_seqlens=cu_seqlens)
+
+
+def _rope_rows(rope: tuple[Tensor, Tensor], rows: slice) -> tuple[Tensor, Tensor]:
+    """The RoPE tables (cos, sin [..., seq_local, 1, head_dim/2]) of the local tokens `rows`."""
+    return tuple(t.narrow(t.dim() - 3, rows.start, rows.stop - rows.start) for t in rope)
 
 
 class Transformer(nn.Module):

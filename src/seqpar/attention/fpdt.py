@@ -21,6 +21,7 @@ sequence length. Communication volume equals Ulysses' exactly.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Hashable, Iterator
 
@@ -35,7 +36,7 @@ from . import register
 from .base import Strategy, backward_blocks, forward_blocks, positive_int
 from .ulysses import kv_replication, scatter_heads
 
-__all__ = ["ChunkStore", "OffloadStats", "FpdtAttention", "FpdtStrategy"]
+__all__ = ["ChunkStore", "OffloadStats", "HostBytes", "HOST_BYTES", "FpdtAttention", "FpdtStrategy"]
 
 
 # -- chunk store ------------------------------------------------------------------------------
@@ -55,6 +56,27 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+class HostBytes:
+    """Live and peak bytes of every CPU host-offload buffer of this process (the chunk stores'
+    and `offloaded_checkpoint`'s), counted from allocation to garbage collection."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def add(self, n: int) -> None:
+        self.live += n
+        self.peak = max(self.peak, self.live)
+
+    def release(self, n: int) -> None:
+        self.live -= n
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+
+HOST_BYTES = HostBytes()
+
+
 class _NumpyHost:
     """Host memory without CUDA: numpy-owned byte arrays, outside torch's allocator.
 
@@ -68,7 +90,10 @@ class _NumpyHost:
 
     def to_host(self, t: Tensor):
         flat = t.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
-        return flat.numpy().copy(), t.dtype, t.shape
+        data = flat.numpy().copy()
+        HOST_BYTES.add(data.nbytes)
+        weakref.finalize(data, HOST_BYTES.release, data.nbytes)
+        return data, t.dtype, t.shape
 
     def to_device(self, handle) -> tuple[Tensor, None]:
         data, dtype, shape = handle
@@ -245,12 +270,17 @@ class _Call:
 
 
 # -- forward ---------------------------------------------------------------------------------
-def _scatter_chunk(q: Tensor, k: Tensor, v: Tensor, j: int, call: _Call) -> None:
-    """All-to-all chunk j (fused q, k, v) and store q_j [b, C, h/P, d], kv_j [2, b, C, hkv', d]."""
-    plan = call.plan
-    qh, kh, vh = scatter_heads(plan.local(q, j), plan.local(k, j), plan.local(v, j), call.comm)
+def _scatter_pieces(qj: Tensor, kj: Tensor, vj: Tensor, j: int, call: _Call) -> None:
+    """All-to-all this rank's pieces of chunk j (q [b, c, h, d], k/v [b, c, hkv, d], fused) and
+    store the global chunk: q_j [b, C, h/P, d], kv_j [2, b, C, hkv', d]."""
+    qh, kh, vh = scatter_heads(qj, kj, vj, call.comm)
     call.store.put(("q", j), qh.contiguous())
     call.store.put(("kv", j), torch.stack([kh, vh]))
+
+
+def _scatter_chunk(q: Tensor, k: Tensor, v: Tensor, j: int, call: _Call) -> None:
+    plan = call.plan
+    _scatter_pieces(plan.local(q, j), plan.local(k, j), plan.local(v, j), j, call)
 
 
 def _attend_chunk(i: int, call: _Call, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -285,23 +315,26 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, call: _Call) -> tuple[Tensor, Tens
 
 
 # -- backward --------------------------------------------------------------------------------
-def _return_kv_grads(dkv: Tensor, j: int, dk: Tensor, dv: Tensor, call: _Call) -> None:
-    """dkv [2, b, C, hkv', d] of chunk j -> this rank's piece of dk/dv (one all-to-all)."""
-    local = call.comm.all_to_all(dkv.to(dk.dtype), scatter_dim=2, gather_dim=3)  # [2, b, c, hkv*rep, d]
+def _kv_grads_to_local(dkv: Tensor, dtype: torch.dtype, call: _Call) -> Tensor:
+    """dkv [2, b, C, hkv', d] of one global chunk -> this rank's piece [2, b, c, hkv, d] (one all-to-all)."""
+    local = call.comm.all_to_all(dkv.to(dtype), scatter_dim=2, gather_dim=3)  # [2, b, c, hkv*rep, d]
     if call.kv_rep > 1:
         two, b, c, heads, d = local.shape
         local = local.view(two, b, c, heads // call.kv_rep, call.kv_rep, d).sum(4)
-    call.plan.local(dk, j).copy_(local[0])
-    call.plan.local(dv, j).copy_(local[1])
+    return local
 
 
-def _backward(dout: Tensor, q_meta: Tensor, kv_meta: Tensor, call: _Call) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv for the forward's inputs; q_meta / kv_meta are meta tensors shaped like q and k."""
-    plan, store, comm, kernel = call.plan, call.store, call.comm, call.kernel
-    for i in range(plan.chunks):
-        store.put(("do", i), _seq_to_heads(plan.local(dout, i).to(q_meta.dtype), comm))
-    dq = torch.empty_like(q_meta, device=dout.device)
-    dk, dv = torch.empty_like(kv_meta, device=dout.device), torch.empty_like(kv_meta, device=dout.device)
+def _complete_after(j: int, plan: _Plan) -> list[int]:
+    """Chunks whose dq, dk and dv are final once K/V chunk j is done: causal, chunk j itself
+    (later K/V chunks are masked for it); full attention, every chunk after the last one."""
+    return [i for i in range(plan.chunks) if max(i, plan.kv_for(i)[-1]) == j]
+
+
+def _backward_chunks(call: _Call, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+    """Yield (i, dq_i, dk_i, dv_i), this rank's pieces [b, c, h(kv), d] of chunk i's gradients, as
+    soon as they are final. The forward's q/kv/o/lse chunks and the head-scattered dO chunks
+    ("do", i) must be in the store; each chunk's entries are dropped once it is yielded."""
+    plan, store = call.plan, call.store
     kv_groups = [(("kv", j),) for j in range(plan.chunks)]
     for j, (kv,) in zip(range(plan.chunks), _streamed(store, kv_groups)):
         dkv = torch.zeros(kv.shape, dtype=accum_dtype(kv.dtype), device=kv.device)
@@ -311,11 +344,31 @@ def _backward(dout: Tensor, q_meta: Tensor, kv_meta: Tensor, call: _Call) -> tup
             if dq_i is None:
                 dq_i = torch.zeros(qi.shape, dtype=accum_dtype(qi.dtype), device=qi.device)
             backward_blocks(dq_i, dkv[0], dkv[1], do_i, qi, kv[0], kv[1], oi, lse_i, plan.blocks(i, j, call.mask),
-                            kernel, call.scale)
+                            call.kernel, call.scale)
             store.put(("dq", i), dq_i)
-        _return_kv_grads(dkv, j, dk, dv, call)
+        del kv
+        store.discard(("kv", j))
+        store.put(("dkv", j), _kv_grads_to_local(dkv, dtype, call))
+        del dkv
+        for i in _complete_after(j, plan):
+            dq_i = _heads_to_seq(store.get(("dq", i)).to(dtype), call.comm)
+            dkv_i = store.get(("dkv", i))
+            for name in ("q", "o", "lse", "do", "dq", "dkv"):
+                store.discard((name, i))
+            yield i, dq_i, dkv_i[0], dkv_i[1]
+
+
+def _backward(dout: Tensor, q_meta: Tensor, kv_meta: Tensor, call: _Call) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv for the forward's inputs; q_meta / kv_meta are meta tensors shaped like q and k."""
+    plan = call.plan
     for i in range(plan.chunks):
-        plan.local(dq, i).copy_(_heads_to_seq(store.get(("dq", i)).to(dq.dtype), comm))
+        call.store.put(("do", i), _seq_to_heads(plan.local(dout, i).to(q_meta.dtype), call.comm))
+    dq = torch.empty_like(q_meta, device=dout.device)
+    dk, dv = torch.empty_like(kv_meta, device=dout.device), torch.empty_like(kv_meta, device=dout.device)
+    for i, dq_i, dk_i, dv_i in _backward_chunks(call, q_meta.dtype):
+        plan.local(dq, i).copy_(dq_i)
+        plan.local(dk, i).copy_(dk_i)
+        plan.local(dv, i).copy_(dv_i)
     return dq, dk, dv
 
 
@@ -372,6 +425,19 @@ class FpdtStrategy(Strategy):
     def describe(self):
         s = self.settings
         return {**super().describe(), "ulysses": s.size, "chunks": s.chunks, "offload": s.offload}
+
+    def chunked_block(self, x, fns, causal, scale, kernel, mask=None):
+        """A whole block by FPDT's per-chunk pipeline (attention/fpdt_block.py): x [b, N/P, H] ->
+        the block's output like x; `fns` (BlockFunctions) holds its two position-wise halves."""
+        from .fpdt_block import FpdtBlock
+        s = self.settings
+        kv_rep = kv_replication(fns.heads, fns.kv_heads, s.size)
+        store = ChunkStore(x.device, s.offload)
+        self.last_offload_stats = store.stats
+        keep = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in fns.params))
+        plan = _Plan(s.chunks, x.shape[1] // s.chunks, causal)
+        call = _Call(self.comm, plan, scale, kernel, store, kv_rep, False, keep, mask)
+        return FpdtBlock.apply(x, call, fns, *fns.params)
 
     def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
         s = self.settings

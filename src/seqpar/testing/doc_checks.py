@@ -122,9 +122,10 @@ def doc_positions(strategy: str, init_kwargs: dict[str, Any], cu: list[int], seq
 
 
 def packed_training(strategy: str, init_kwargs: dict[str, Any] | None = None, *, steps: int = 3,
-                    seq_len: int = 64, batch: int = 2) -> list[float]:
-    """Losses of `steps` AdamW steps (fp32) of the tiny Transformer on packed documents: positions
-    restart per document, no label crosses a boundary, cu_seqlens reach every layer."""
+                    seq_len: int = 64, batch: int = 2, model: dict[str, Any] | None = None) -> list[float]:
+    """Losses of `steps` AdamW steps (fp32) of the tiny Transformer (TINY_MODEL updated by `model`)
+    on packed documents: positions restart per document, no label crosses a boundary, cu_seqlens
+    reach every layer."""
     from seqpar.data import shard_batch
     from seqpar.model import ModelConfig, Transformer
     from seqpar.parallel import ParallelMesh, average_gradients
@@ -135,7 +136,7 @@ def packed_training(strategy: str, init_kwargs: dict[str, Any] | None = None, *,
     mesh = ParallelMesh(torch.distributed.get_world_size())
     ctx = seqpar.init(strategy, group=mesh.sp_group, stats=mesh.stats, **(init_kwargs or {}))
     torch.manual_seed(0)
-    net = Transformer(ModelConfig(**TINY_MODEL), ctx)
+    net = Transformer(ModelConfig(**{**TINY_MODEL, **(model or {})}), ctx)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(1)
     losses = []

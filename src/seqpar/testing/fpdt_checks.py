@@ -196,7 +196,8 @@ def training_step_memory(cfg: dict[str, Any]) -> dict[str, float]:
     own pieces: `activations` = the forward + backward working peak above what was live when
     the step began (activations, attention, logits/loss, gradients), `retained` = what the
     forward leaves for the backward, `optimizer` = the peak of gradient sync, clipping and the
-    AdamW update; `static` = parameters + AdamW state."""
+    AdamW update; `static` = parameters + AdamW state; `host_peak` = the peak of every host-offload
+    buffer during the step (chunk stores and offloaded block inputs, `HOST_BYTES`)."""
     from seqpar.train import TrainConfig, Trainer
     from seqpar.train.trainer import backward_global_mean
 
@@ -206,8 +207,10 @@ def training_step_memory(cfg: dict[str, Any]) -> dict[str, float]:
     optim = sum(t.numel() * t.element_size() for s in trainer.optimizer.state.values() for t in s.values()
                 if torch.is_tensor(t))
     task = trainer.task
+    from seqpar.attention.fpdt import HOST_BYTES
     dist.barrier()
     t0 = time.perf_counter()
+    HOST_BYTES.reset_peak()
     with StorageMeter() as meter:
         batch = task.batch("train", task.step)
         loss_sum, count = task.loss_terms(batch)
@@ -221,7 +224,6 @@ def training_step_memory(cfg: dict[str, Any]) -> dict[str, float]:
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
         optimizer = meter.peak
-    stats = getattr(trainer.ctx.strategy, "last_offload_stats", None)
     return {"static": params + optim, "params": params, "activations": activations, "retained": retained,
             "optimizer": optimizer, "tokens_per_rank": task.tokens_per_batch // trainer.ctx.size,
-            "host_peak": stats.host_peak if stats else 0, "seconds": time.perf_counter() - t0}
+            "host_peak": HOST_BYTES.peak, "seconds": time.perf_counter() - t0}

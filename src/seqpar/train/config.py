@@ -28,7 +28,7 @@ AUTO = "auto"  # resolved by the launcher (train/auto.py) before any worker star
 MODELS = ("llama", "dit")
 SECTIONS = ("model", "data", "optim", "parallel", "output")
 _MODEL_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "mlp_chunks", "loss_chunks",
-               "activation_checkpointing", "offload_activations")
+               "activation_checkpointing", "offload_activations", "chunked_blocks")
 _SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
 
 
@@ -56,6 +56,10 @@ class TrainConfig:
     offload_activations: bool = _opt(False, "checkpoint every block and keep its saved input in host memory "
                                             "(pinned on CUDA): no per-token state on the device between forward "
                                             "and backward (FPDT / ALST); not with --fsdp")
+    chunked_blocks: bool = _opt(False, "FPDT's per-chunk block pipeline (--strategy fpdt): projections, attention "
+                                       "and MLP of one chunk at a time, forward and backward, so no whole-sequence "
+                                       "q/k/v or attention output exists; with --offload-activations the device "
+                                       "keeps only the block inputs' and outputs' gradients per token")
     hf_model: str = _opt("", "a Hugging Face causal LM directory (config.json, optional safetensors weights and "
                              "tokenizer) to train instead of the built-in model; its shape replaces the model flags")
     # images (--model dit): (image_size / patch_size)^2 tokens per image replace seq_len
@@ -199,6 +203,8 @@ class TrainConfig:
             raise ValueError("need 0 <= beta1, beta2 < 1, weight_decay >= 0 and grad_clip >= 0")
         if self.offload_activations and (self.fsdp or self.model != "llama" or self.hf_model):
             raise ValueError("--offload-activations applies to the built-in language model without --fsdp")
+        if self.chunked_blocks:
+            self._validate_chunked_blocks()
         if self.doc_separator < -1 or (self.doc_separator >= 0 and not self.pack_documents):
             raise ValueError(f"doc_separator {self.doc_separator}: needs a token id >= 0 (-1: none) and "
                              "--pack-documents")
@@ -211,6 +217,15 @@ class TrainConfig:
             raise ValueError(f"need timeout > 0, stop_grace > 0 and stall_timeout >= 0, got timeout={self.timeout}, "
                              f"stop_grace={self.stop_grace}, stall_timeout={self.stall_timeout}")
         self._validate_mesh(world)
+
+    def _validate_chunked_blocks(self) -> None:
+        if self.strategy != "fpdt":
+            raise ValueError(f"--chunked-blocks is FPDT's pipeline: it needs --strategy fpdt, got {self.strategy!r}")
+        if self.fsdp or self.model != "llama" or self.hf_model:
+            raise ValueError("--chunked-blocks applies to the built-in language model without --fsdp")
+        if self.activation_checkpointing:
+            raise ValueError("--chunked-blocks recomputes its projections and MLP per chunk already; for block "
+                             "inputs in host memory use --offload-activations, not --activation-checkpointing")
 
     def _validate_dit(self) -> None:
         self.dit_config()  # shape errors
