@@ -33,6 +33,20 @@ def test_auto_follows_the_calibration():
     assert chosen.strategy not in ("ulysses", "fpdt") and not (chosen.strategy == "usp" and chosen.ulysses > 1), line
 
 
+def test_auto_picks_fpdt_chunked_blocks_when_only_they_fit():
+    """A 256K-token run in 0.25 GiB per rank: only FPDT's per-chunk block pipeline fits; the chosen
+    run is what the planner modelled (block checkpointing as --offload-activations, the LM loss
+    in pieces) and passes TrainConfig's checks."""
+    cfg = TrainConfig(**{**TINY, "seq_len": 1 << 18, "activation_checkpointing": True})
+    chosen, line = choose(cfg, 4, hand_calibration(), memory_gib=0.25)
+    chosen.validate(4)
+    assert chosen.strategy == "fpdt" and chosen.chunked_blocks and chosen.offload, line
+    assert chosen.offload_activations and not chosen.activation_checkpointing
+    assert chosen.loss_chunks == (1 << 16) // 4096  # 64K tokens per rank in pieces of 4096
+    fsdp, _ = choose(dataclasses.replace(cfg, fsdp=True), 4, hand_calibration(), memory_gib=8.0)
+    assert not fsdp.chunked_blocks  # not a candidate with --fsdp
+
+
 def test_auto_says_what_would_fit():
     cfg = TrainConfig(**{**TINY, "seq_len": 1 << 20, "dim": 1024, "n_heads": 8, "n_layers": 8})
     with pytest.raises(ValueError, match="no strategy fits this run in 0.0"):

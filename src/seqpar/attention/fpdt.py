@@ -348,11 +348,13 @@ def _backward_chunks(call: _Call, dtype: torch.dtype) -> Iterator[tuple[int, Ten
             store.put(("dq", i), dq_i)
         del kv
         store.discard(("kv", j))
-        store.put(("dkv", j), _kv_grads_to_local(dkv, dtype, call))
+        dkv_j, done = _kv_grads_to_local(dkv, dtype, call), _complete_after(j, plan)
         del dkv
-        for i in _complete_after(j, plan):
+        if j not in done:  # full attention: held until its dq is final, after the last K/V chunk
+            store.put(("dkv", j), dkv_j)
+        for i in done:
             dq_i = _heads_to_seq(store.get(("dq", i)).to(dtype), call.comm)
-            dkv_i = store.get(("dkv", i))
+            dkv_i = dkv_j if i == j else store.get(("dkv", i))
             for name in ("q", "o", "lse", "do", "dq", "dkv"):
                 store.discard((name, i))
             yield i, dq_i, dkv_i[0], dkv_i[1]

@@ -84,6 +84,9 @@ def _model_arguments(model) -> None:
     model.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                        help="recompute every block in backward (memory: one block's activations; time: one more "
                             "forward)")
+    model.add_argument("--optimizer-offload", action=argparse.BooleanOptionalAction, default=None,
+                       help="AdamW states and fp32 master weights in host memory (ZeRO-Offload): device memory "
+                            "only (the optimizer's host step is not timed)")
     model.add_argument("--fpdt-chunks", default="1,2,4,8", help="FPDT chunk counts to consider (comma-separated)")
 
 
@@ -132,7 +135,8 @@ def plan_input_from_args(args: argparse.Namespace) -> PlanInput:
     if checkpointing is None:
         checkpointing = preset.checkpointing if preset else False
     return PlanInput(cluster, replace(shape, **overrides), seq_len, args.batch, args.dtype, args.causal,
-                     run("zero", 0), checkpointing, getattr(args, "mean_doc_len", None))
+                     run("zero", 0), checkpointing, getattr(args, "mean_doc_len", None),
+                     run("optimizer_offload", False))
 
 
 def fpdt_chunks_from_args(args: argparse.Namespace) -> tuple[int, ...]:
@@ -229,6 +233,7 @@ def _describe(inp: PlanInput) -> str:
             f"; model L={m.layers} H={m.hidden} heads={m.heads}/{m.kv_heads} ffn={m.ffn_hidden} V={m.vocab}; "
             f"N={inp.seq_len} B={inp.batch} {inp.dtype} {'causal' if inp.causal else 'full'} ZeRO-{inp.zero}"
             + (" activation checkpointing" if inp.checkpointing else "")
+            + (" optimizer offload" if inp.optimizer_offload else "")
             + (f"; documents of mean length {inp.mean_doc_len:g} (attention x{inp.attention_fraction:.3g})"
                if inp.mean_doc_len else ""))
 

@@ -280,6 +280,7 @@ class PlanInput:
     zero: int = 0  # ZeRO stage over the world: 1 shards optimizer states, 2 also grads, 3 also weights
     checkpointing: bool = False  # activation checkpointing: every block recomputed in backward
     mean_doc_len: float | None = None  # packed documents of this mean length (None: one document)
+    optimizer_offload: bool = False  # AdamW states (and fp32 master weights) in host memory (ZeRO-Offload)
 
     def __post_init__(self):
         if self.mean_doc_len is not None and not (math.isfinite(self.mean_doc_len) and self.mean_doc_len >= 1):
@@ -345,6 +346,7 @@ class Config:
     chunks: int = 1
     offload: bool = False
     placement: str | None = None
+    chunked_blocks: bool = False  # FPDT's per-chunk block pipeline (a model option: --chunked-blocks)
 
     def init_kwargs(self, ranks_per_node: int | None = None) -> dict:
         """Arguments of `seqpar.init` / `seqpar.resolve` for this candidate."""
@@ -371,7 +373,8 @@ class Config:
         if self.strategy == "wallfacer":
             parts.append(f"C={self.team_size} {self.placement}")
         if self.chunks > 1 or self.offload:
-            parts.append(f"chunks={self.chunks}" + (" offload" if self.offload else ""))
+            parts.append(f"chunks={self.chunks}" + (" offload" if self.offload else "")
+                         + (" blocks" if self.chunked_blocks else ""))
         parts.append(self.layout)
         return " ".join(parts)
 

@@ -85,26 +85,68 @@ def fpdt_memory(inp: PlanInput, cfg: Config) -> tuple[float, float]:
 
 def model_state_bytes(inp: PlanInput) -> float:
     """Weights and grads in the dtype, Adam m/v (fp32 at least) and an fp32 master copy for
-    16-bit dtypes; ZeRO stage s shards the first s of (optimizer, grads, weights) over the world."""
+    16-bit dtypes; ZeRO stage s shards the first s of (optimizer, grads, weights) over the world;
+    with `optimizer_offload` the optimizer's part lives in host memory (ZeRO-Offload)."""
     e, p, world = inp.itemsize, inp.model.params(), inp.world
-    optimizer = 2 * max(4, e) + (4 if e < 4 else 0)
+    optimizer = 0 if inp.optimizer_offload else 2 * max(4, e) + (4 if e < 4 else 0)
     parts = [(optimizer, 1), (e, 2), (e, 3)]  # (bytes per parameter, first ZeRO stage sharding it)
     return sum(p * b / (world if inp.zero >= stage else 1) for b, stage in parts)
 
 
-def memory_estimate(inp: PlanInput, attention: tuple[float, float]) -> dict[str, float]:
+def memory_estimate(inp: PlanInput, attention: tuple[float, float], cfg: Config | None = None) -> dict[str, float]:
     """Bytes per rank: model states, saved activations of all layers (with activation
     checkpointing: every block's input plus one block being recomputed), the logits, and the
-    attention working set; `attention` = a strategy's (saved per layer, peak) from above."""
+    attention working set; `attention` = a strategy's (saved per layer, peak) from above.
+    FPDT's chunked blocks (`cfg.chunked_blocks`) are `_chunked_block_memory`. `host` is
+    resident host memory (offloaded chunks and block inputs), not part of `total`."""
     m, e, t = inp.model, inp.itemsize, inp.batch * inp.tokens_per_rank
     states = model_state_bytes(inp)
-    per_layer = t * (6 * m.hidden + 2 * m.kv_dim + 3 * m.ffn_hidden) * e
     saved, peak = attention
-    logits = t * m.vocab * (e + 4)
-    if inp.checkpointing:  # block inputs kept; one block's activations live again while it recomputes
-        activations, attention_saved = m.layers * t * m.hidden * e + per_layer, saved
+    if cfg is not None and cfg.chunked_blocks:
+        activations, attention_saved, logits, host = _chunked_block_memory(inp, cfg)
     else:
-        activations, attention_saved = m.layers * per_layer, m.layers * saved
+        per_layer = _block_activations(inp)
+        logits, host = t * m.vocab * (e + 4), 0.0
+        if inp.checkpointing:  # block inputs kept; one block's activations live again while it recomputes
+            activations, attention_saved = m.layers * t * m.hidden * e + per_layer, saved
+        else:
+            activations, attention_saved = m.layers * per_layer, m.layers * saved
     total = states + activations + attention_saved + logits + peak
     return {"model_states": states, "activations": activations, "attention_saved": attention_saved,
-            "attention_peak": peak, "logits": logits, "total": total}
+            "attention_peak": peak, "logits": logits, "total": total, "host": host}
+
+
+def _block_activations(inp: PlanInput) -> float:
+    """What one block saves for backward over the rank's tokens: norms, q/k/v, RoPE copies,
+    attention output, projections and the MLP's hidden layers."""
+    m, t = inp.model, inp.batch * inp.tokens_per_rank
+    return t * (6 * m.hidden + 2 * m.kv_dim + 3 * m.ffn_hidden) * inp.itemsize
+
+
+#: FPDT's chunked blocks pair with the LM loss in pieces of at most this many tokens (--loss-chunks)
+LOSS_PIECE_TOKENS = 4096
+
+
+def loss_piece_tokens(inp: PlanInput, cfg: Config) -> int:
+    """Tokens per LM-loss piece with chunked blocks: a block chunk's, at most LOSS_PIECE_TOKENS."""
+    return min(inp.batch * inp.tokens_per_rank // cfg.chunks, LOSS_PIECE_TOKENS)
+
+
+def _chunked_block_memory(inp: PlanInput, cfg: Config) -> tuple[float, float, float, float]:
+    """(activations, attention saved, logits, host) of FPDT's per-chunk block pipeline
+    (attention/fpdt_block.py) with K/V offload, its LM loss in pieces of `loss_piece_tokens`.
+
+    Device: the block's input and output (forward) or their gradients (backward), t x H each,
+    plus one chunk's projections and MLP; with checkpointing (--offload-activations) the
+    recomputed block's input and output as well. Host: per block the chunk store (the
+    input, q, k/v, the attention output in both layouts and lse), for every block, or with
+    checkpointing every block's input plus the store of the one in backward."""
+    m, e, t, u = inp.model, inp.itemsize, inp.batch * inp.tokens_per_rank, cfg.chunks
+    s = fpdt_chunk_sizes(inp, cfg)
+    block_io = t * m.hidden * e
+    store = u * (s["q"] + s["kv"] + 2 * s["o"] + s["lse"]) + block_io
+    chunk = _block_activations(inp) / u
+    logits = loss_piece_tokens(inp, cfg) * m.vocab * (e + 4)
+    if inp.checkpointing:
+        return 4 * block_io + chunk, 0.0, logits, m.layers * block_io + store
+    return 2 * block_io + chunk, 0.0, logits, m.layers * store

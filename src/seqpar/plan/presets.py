@@ -25,6 +25,7 @@ class ClusterPreset:
     metric: str       # "ratio": best WallFacer / best ring step time; "mfu": of the best `strategy`
     published: float
     strategy: str
+    optimizer_offload: bool = False
 
 
 _H100 = dict(intra_bw=450.0, inter_bw=50.0, intra_lat=5.0, inter_lat=20.0, tflops=989.0, memory_gib=80.0)
@@ -48,8 +49,11 @@ CLUSTER_PRESETS: dict[str, ClusterPreset] = {
         Cluster(16, 8, **dict(_A100, intra_bw=200.0), memory_gib=80.0, efficiency=0.6, attn_efficiency=0.7,
                 zero_traffic=True, node_inter_bw=100.0),
         "llama3-8b", 212992, 3, True, "USP: 47% MFU, LLaMA3-8B, 208K tokens, 2 x 8 A800", "mfu", 0.47, "usp"),
-    # 1 node x 4 A100-40GB (NVLink); FPDT offloads chunks to the host.
+    # 1 node x 4 A100-40GB (NVLink); FPDT's per-chunk block pipeline (its own recompute of the
+    # projections and MLP, attention not recomputed: no block checkpointing) with chunks, K/V and
+    # AdamW states in host memory: ZeRO-3's 30 GiB of states per GPU leave no room otherwise.
     "fpdt-a100-4": ClusterPreset(
         Cluster(4, 4, **_A100, memory_gib=40.0, efficiency=0.6, attn_efficiency=0.7, zero_traffic=True),
-        "llama3-8b", 2097152, 3, True, "FPDT: 8B at 2M tokens on 4 A100-40GB, > 55% MFU", "mfu", 0.55, "fpdt"),
+        "llama3-8b", 2097152, 3, False, "FPDT: 8B at 2M tokens on 4 A100-40GB, > 55% MFU", "mfu", 0.55, "fpdt",
+        optimizer_offload=True),
 }

@@ -194,6 +194,9 @@ def fpdt_host_bytes(inp: PlanInput, cfg: Config) -> dict[str, int]:
     pairs = u * (u + 1) // 2 if inp.causal else u * u  # (q chunk, kv chunk) blocks
     fwd = u * (s["q"] + s["kv"] + s["o"] + s["lse"]) + u * s["q"] + pairs * s["kv"]
     bwd = u * s["do"] + pairs * s["dq"] + u * s["kv"] + pairs * (s["q"] + s["o"] + s["lse"] + s["do"] + s["dq"])
+    if not inp.causal:  # this rank's dK/dV pieces of chunks 0..u-2 wait for the last K/V chunk
+        m = inp.model
+        bwd += 2 * (u - 1) * 2 * inp.batch * (inp.tokens_per_rank // u) * m.kv_heads * m.head_dim * inp.itemsize
     return {"fwd": fwd, "bwd": bwd}
 
 

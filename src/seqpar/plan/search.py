@@ -153,6 +153,8 @@ def candidate_configs(inp: PlanInput, strategies: list[str] | None = None,
                     for pl in _placements(p, c) for lay in layouts]
         elif name == "fpdt":
             out += [Config("fpdt", "contiguous", chunks=u, offload=off) for u in fpdt_chunks for off in (False, True)]
+            out += [Config("fpdt", "contiguous", chunks=u, offload=True, chunked_blocks=True) for u in fpdt_chunks
+                    if u > 1]
         else:
             out += [Config(name, lay) for lay in layouts]
     return out
@@ -173,7 +175,7 @@ def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
     try:
         val.check(inp, cfg)
         schedules = [model.schedule(inp, cfg, r) for r in range(inp.world)]
-        memory = mem.memory_estimate(inp, model.memory(inp, cfg))
+        memory = mem.memory_estimate(inp, model.memory(inp, cfg), cfg)
     except ValueError as e:
         return Candidate(cfg, valid=False, reason=str(e))
     hw, cl = inp.hardware, inp.cluster
@@ -181,13 +183,23 @@ def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
     compute = max(sum(_compute_seconds(s, hw) for s in stages) for stages in schedules)
     dense = _dense_seconds(inp)
     step = inp.model.layers * attn + dense + _state_sync_seconds(inp, dense)
-    if inp.checkpointing:  # every block's forward runs again in backward
-        attn_fwd = max(sum(_stage_seconds(s, hw) for s in stages if s.phase == "fwd") for stages in schedules)
-        step += inp.model.layers * attn_fwd + dense / (1 + DENSE_BWD_FACTOR)
+    step += _recompute_seconds(inp, cfg, schedules, dense)
     host = max(sum(s.host_bytes for s in stages if isinstance(s, Compute)) for stages in schedules)
     return Candidate(cfg, step_time=step, attention_time=attn, exposed_comm_time=attn - compute,
                      comm_bytes=max_bytes_by_kind(schedules), host_bytes=host, memory=memory,
                      fits=memory["total"] <= cl.memory_gib * GiB)
+
+
+def _recompute_seconds(inp: PlanInput, cfg: Config, schedules, dense: float) -> float:
+    """Forward work done again in backward. Activation checkpointing: every block's forward
+    (attention and matmuls). FPDT's chunked blocks: the matmuls of every block (projections
+    and MLP, per chunk), not the attention, whose outputs wait in host memory; checkpointed
+    on top (--offload-activations) the block's whole forward runs once more as well."""
+    dense_fwd = dense / (1 + DENSE_BWD_FACTOR)
+    attn_fwd = inp.model.layers * max(sum(_stage_seconds(s, inp.hardware) for s in stages if s.phase == "fwd")
+                                      for stages in schedules)
+    seconds = attn_fwd + dense_fwd if inp.checkpointing else 0.0
+    return seconds + (dense_fwd if cfg.chunked_blocks else 0.0)
 
 
 def _state_sync_seconds(inp: PlanInput, dense: float) -> float:
@@ -222,7 +234,7 @@ def memory_fits(inp: PlanInput, cfg: Config) -> bool:
     """Whether a valid candidate fits device memory (the memory model only, no timing)."""
     try:
         val.check(inp, cfg)
-        total = mem.memory_estimate(inp, _strategy_model(cfg.strategy).memory(inp, cfg))["total"]
+        total = mem.memory_estimate(inp, _strategy_model(cfg.strategy).memory(inp, cfg), cfg)["total"]
     except ValueError:
         return False
     return total <= inp.cluster.memory_gib * GiB

@@ -76,7 +76,7 @@ def choose(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None
     if cfg.sp_size(world) < 2:
         return dataclasses.replace(cfg, strategy="local"), "--strategy auto: sp = 1, no sequence parallelism (local)"
     inp = plan_input(cfg, world, calibration, ranks_per_node, memory_gib)
-    candidates = plan(inp)
+    candidates = [c for c in plan(inp) if not c.config.chunked_blocks or _chunked_blocks_apply(cfg)]
     fitting = [c for c in candidates if c.valid and c.fits]
     if not fitting:
         try:
@@ -92,6 +92,8 @@ def choose(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None
     defaults = {"layout": "", "ulysses": 0, "ring": 0, "team_size": 0, "chunks": 1, "offload": False}
     chosen = dataclasses.replace(cfg, strategy=best.config.strategy, **{**defaults, **fields},
                                  strategy_options={**cfg.strategy_options, **kwargs})
+    if best.config.chunked_blocks:
+        chosen = _with_chunked_blocks(chosen, inp, best.config)
     line = (f"--strategy auto picked {best.label} (predicted {best.step_time:.3g} s/step, "
             f"{best.memory.get('total', 0) / 2 ** 30:.2f} GiB/rank)")
     if len(fitting) > 1:
@@ -99,6 +101,22 @@ def choose(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None
         line += (f"; runner-up {runner.label} ({runner.step_time:.3g} s/step, "
                  f"+{100 * (runner.step_time / best.step_time - 1):.1f}%): {_why(best, runner)}")
     return chosen, line + f" [{calibration.summary() if calibration else 'flag hardware'}]"
+
+
+def _chunked_blocks_apply(cfg: TrainConfig) -> bool:
+    """FPDT's chunked blocks are a built-in-model option, not with FSDP (TrainConfig's rule)."""
+    return cfg.model == "llama" and not cfg.hf_model and not cfg.fsdp
+
+
+def _with_chunked_blocks(cfg: TrainConfig, inp, config) -> TrainConfig:
+    """The run as the planner modelled the chunked-block candidate: --chunked-blocks, block
+    checkpointing as --offload-activations, the loss in pieces of `loss_piece_tokens`."""
+    from ..plan.memory import loss_piece_tokens
+    tokens = inp.batch * inp.tokens_per_rank
+    loss_chunks = max(cfg.loss_chunks, -(-tokens // loss_piece_tokens(inp, config)))
+    return dataclasses.replace(cfg, chunked_blocks=True, loss_chunks=loss_chunks,
+                               offload_activations=cfg.offload_activations or cfg.activation_checkpointing,
+                               activation_checkpointing=False)
 
 
 def ensure_calibration(cfg: TrainConfig, world: int):
