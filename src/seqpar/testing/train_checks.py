@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -190,3 +191,33 @@ def empty_batch_error() -> str:
     except ValueError as e:
         return str(e)
     return ""
+
+
+def step_overheads(cfg: dict[str, Any], steps: int = 6, warmup: int = 2) -> dict[str, float]:
+    """Seconds per step of the trainer's pieces around forward/backward, on this rank, as
+    `Trainer.run` calls them: the stop-signal agreement (one all-reduce), gradient averaging,
+    the gradient norm (its host sync), the metrics record, and the whole step; medians over
+    `steps` steps after `warmup`."""
+    import statistics
+
+    trainer = Trainer(TrainConfig(**cfg))
+    timings: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timings.setdefault(name, []).append(time.perf_counter() - t0)
+        return run
+
+    for name in ("_agreed_stop_signal", "_sync_gradients", "_clip", "_record"):
+        setattr(trainer, name, timed(name, getattr(trainer, name)))
+    step = timed("step", trainer.train_step)
+    for _ in range(warmup + steps):
+        trainer._agreed_stop_signal()
+        step()
+    if trainer.log is not None:
+        trainer.log.close()
+    return {name: statistics.median(values[-steps:]) for name, values in timings.items()}
