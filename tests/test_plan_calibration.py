@@ -190,7 +190,10 @@ def test_fit_suggestion_for_llama7b_on_32_ranks_really_fits(capsys):
 
 def test_fit_suggestions_name_checkpointing_and_more_ranks():
     inp = PlanInput(Cluster(32, 8, memory_gib=40), MODEL_PRESETS["llama-7b"], 1 << 20, zero=3)
-    suggestions = {s.flags: s for s in fit_suggestions(inp, plan(inp))}
+    fitting = [c for c in plan(inp) if c.valid and c.fits]  # FPDT's chunked blocks fit 1M tokens
+    assert fitting and all(c.config.chunked_blocks for c in fitting)
+    others = ["ring", "ulysses", "usp", "allgather", "wallfacer", "lss"]
+    suggestions = {s.flags: s for s in fit_suggestions(inp, plan(inp, others), others)}
     assert suggestions["--activation-checkpointing"].fits and suggestions["--world 128"].fits
     assert fit_suggestions(PlanInput(Cluster(32, 8), MODEL_PRESETS["llama-7b"], 32768, zero=1),
                            plan(PlanInput(Cluster(32, 8), MODEL_PRESETS["llama-7b"], 32768, zero=1))) is None

@@ -141,6 +141,6 @@ def offloaded_checkpoint(block: Callable[..., Tensor], x: Tensor, *args) -> Tens
     memory between forward and backward (pinned buffers and a side stream on CUDA, a
     numpy-owned copy on CPU), so a checkpointed model keeps no per-token state on the device.
     Exact: the backward recomputes the same operations. `args` are not differentiated."""
-    from .attention.fpdt import host_store
+    from .offload import host_store
     return _OffloadedCheckpoint.apply(x, block, host_store(x.device), *args)
 

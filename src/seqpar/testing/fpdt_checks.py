@@ -157,7 +157,7 @@ def attention_memory(strategy: str, init_kwargs: dict[str, Any], *, seq: int, ba
 
     CUDA (when available): torch.cuda allocator statistics. CPU: a StorageMeter (bytes of
     live tensors allocated by operators; FPDT's offloaded chunks live outside torch, see
-    fpdt.ChunkStore). retained: held from forward to backward (saved activations);
+    offload.ChunkStore). retained: held from forward to backward (saved activations);
     peak: the larger of the forward and backward working peaks; host_peak: FPDT host bytes;
     rss_growth: peak RSS minus RSS before the call (everything, host memory too; meaningful
     in a fresh process: only a small warm-up call, 1/16 of the sequence, runs before).
@@ -207,7 +207,7 @@ def training_step_memory(cfg: dict[str, Any]) -> dict[str, float]:
     optim = sum(t.numel() * t.element_size() for s in trainer.optimizer.state.values() for t in s.values()
                 if torch.is_tensor(t))
     task = trainer.task
-    from seqpar.attention.fpdt import HOST_BYTES
+    from seqpar.offload import HOST_BYTES
     dist.barrier()
     t0 = time.perf_counter()
     HOST_BYTES.reset_peak()
