@@ -27,9 +27,10 @@ from seqpar.testing.train_checks import run_training
 STRATEGIES = [("ring zigzag", {"strategy": "ring", "layout": "zigzag"}),
               ("ulysses", {"strategy": "ulysses"}),
               ("usp u2", {"strategy": "usp", "ulysses": 2}),
+              ("usp u2 contiguous", {"strategy": "usp", "ulysses": 2, "layout": "contiguous"}),
               ("allgather zigzag", {"strategy": "allgather", "layout": "zigzag"}),
               ("wallfacer", {"strategy": "wallfacer"}),
-              ("lss (contiguous: the paper's segments)", {"strategy": "lss"}),
+              ("lss contiguous (the paper's segments)", {"strategy": "lss", "layout": "contiguous"}),
               ("lss zigzag", {"strategy": "lss", "layout": "zigzag"}),
               ("fpdt chunks 2", {"strategy": "fpdt", "chunks": 2})]
 QUICK = STRATEGIES[:2]

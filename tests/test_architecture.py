@@ -37,7 +37,7 @@ def test_resolve_rejects_without_a_process_group(strategy, kwargs, message):
 @pytest.mark.parametrize("strategy,layout,degrees", [
     ("ring", "zigzag", {"ring": 4}), ("ulysses", "contiguous", {"ulysses": 4}),
     ("usp", "zigzag", {"ulysses": 1, "ring": 4}), ("allgather", "zigzag", {}),
-    ("wallfacer", "zigzag", {"team_size": 2}), ("lss", "contiguous", {}),
+    ("wallfacer", "zigzag", {"team_size": 2}), ("lss", "zigzag", {}),
     ("fpdt", "contiguous", {"ulysses": 4, "chunks": 1}),
 ])
 def test_each_strategy_owns_its_defaults(strategy, layout, degrees):

@@ -114,7 +114,8 @@ class SeqParallel:
         return (out, lse) if return_lse else out
 
     def chunked_block(self, x: Tensor, project, finish, params, *, heads: int, kv_heads: int, head_dim: int,
-                      causal: bool = True, scale: float | None = None, cu_seqlens=None) -> Tensor:
+                      causal: bool = True, scale: float | None = None, cu_seqlens=None,
+                      recompute: bool = False) -> Tensor:
         """A whole transformer block by FPDT's per-chunk pipeline (strategy 'fpdt' only): the
         projections, attention and MLP of one sequence chunk at a time, forward and backward.
 
@@ -122,6 +123,8 @@ class SeqParallel:
         k, v [b, c, kv_heads, head_dim]; finish(x_piece, attn_piece [b, c, heads, head_dim], rows)
         -> the block's output piece [b, c, dim]; both position-wise, `rows` the piece's slice of
         the local sequence; params: the parameters they use. Returns the block output like x.
+        recompute: keep only x (host memory with offload) for backward, which runs the chunk loop
+        again, attention included (checkpointing inside the pipeline; exact either way).
         The inputs are checked across ranks as for `attention` (q/k/v as projected)."""
         if not hasattr(self.strategy, "chunked_block"):
             raise ValueError(f"chunked blocks are FPDT's pipeline: they need strategy 'fpdt', this context "
@@ -138,7 +141,7 @@ class SeqParallel:
         from .attention.fpdt_block import BlockFunctions
         fns = BlockFunctions(project, finish, tuple(params), heads, kv_heads, head_dim)
         return self.strategy.chunked_block(x, fns, causal, default_scale(head_dim, scale),
-                                           self.kernel_for(x.device, dtype), mask)
+                                           self.kernel_for(x.device, dtype), mask, recompute)
 
     def _mask(self, rows: tuple[tuple[int, ...], ...], causal: bool) -> DocMask:
         """The DocMask of these boundaries (reused while they repeat, e.g. across layers)."""
@@ -196,7 +199,7 @@ def init(strategy: str, *, group: dist.ProcessGroup | None = None, kernel: str |
 
     strategy: local | ring | ulysses | usp | allgather | wallfacer | lss | fpdt
     options (each strategy takes only those it uses, and defaults what is not given):
-      layout: contiguous | zigzag | striped (default: zigzag for ring, usp, allgather,
+      layout: contiguous | zigzag | striped (default: zigzag for ring, usp (ring > 1), allgather,
       wallfacer, lss; contiguous for ulysses, fpdt, local); ulysses / ring: USP degrees
       (ulysses x ring = group size); team_size: WallFacer C (default 2 when 4 divides the
       group size; `teams` is its deprecated alias); chunks / offload: FPDT;

@@ -47,7 +47,8 @@ class ModelConfig:
     loss_chunks: int = 1         # chunked LM head + cross-entropy (seqpar.chunked)
     activation_checkpointing: bool = False
     offload_activations: bool = False  # checkpoint every block, its saved input in host memory (FPDT/ALST)
-    chunked_blocks: bool = False  # FPDT's per-chunk block pipeline (ctx.chunked_block; strategy fpdt)
+    chunked_blocks: bool = False  # FPDT's per-chunk block pipeline (ctx.chunked_block; strategy fpdt);
+    #                               with offload_activations it keeps only block inputs (host) and recomputes
 
     def __post_init__(self):
         self.validate()
@@ -183,6 +184,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: SeqParallel):
         super().__init__()
         self.mlp_chunks, self.chunked = cfg.mlp_chunks, cfg.chunked_blocks
+        self.recompute_chunks = cfg.chunked_blocks and cfg.offload_activations
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, ctx, causal=True)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -207,7 +209,7 @@ class Block(nn.Module):
 
         return attn.ctx.chunked_block(x, project, finish, tuple(self.parameters()), heads=attn.n_heads,
                                       kv_heads=attn.n_kv_heads, head_dim=attn.head_dim, causal=attn.causal,
-                                      cu_seqlens=cu_seqlens)
+                                      cu_seqlens=cu_seqlens, recompute=self.recompute_chunks)
 
 
 def _rope_rows(rope: tuple[Tensor, Tensor], rows: slice) -> tuple[Tensor, Tensor]:
@@ -251,7 +253,7 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.layers:
-            if self.cfg.offload_activations and torch.is_grad_enabled():
+            if self.cfg.offload_activations and torch.is_grad_enabled() and not self.cfg.chunked_blocks:
                 x = offloaded_checkpoint(layer, x, rope, cu_seqlens)
             elif self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, rope, cu_seqlens, use_reentrant=False)

@@ -254,9 +254,10 @@ class FpdtStrategy(Strategy):
         s = self.settings
         return {**super().describe(), "ulysses": s.size, "chunks": s.chunks, "offload": s.offload}
 
-    def chunked_block(self, x, fns, causal, scale, kernel, mask=None):
+    def chunked_block(self, x, fns, causal, scale, kernel, mask=None, recompute=False):
         """A whole block by FPDT's per-chunk pipeline (attention/fpdt_block.py): x [b, N/P, H] ->
-        the block's output like x; `fns` (BlockFunctions) holds its two position-wise halves."""
+        the block's output like x; `fns` (BlockFunctions) holds its two position-wise halves;
+        recompute: keep only x for backward and run the attention loop again there."""
         from .fpdt_block import FpdtBlock
         s = self.settings
         kv_rep = kv_replication(fns.heads, fns.kv_heads, s.size)
@@ -265,7 +266,7 @@ class FpdtStrategy(Strategy):
         keep = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in fns.params))
         plan = _Plan(s.chunks, x.shape[1] // s.chunks, causal)
         call = _Call(self.comm, plan, scale, kernel, store, kv_rep, False, keep, mask)
-        return FpdtBlock.apply(x, call, fns, *fns.params)
+        return FpdtBlock.apply(x, call, fns, recompute, *fns.params)
 
     def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
         s = self.settings

@@ -86,11 +86,11 @@ def _rows(call: _Call, j: int) -> slice:
     return slice(j * piece, (j + 1) * piece)
 
 
-def _project(x: Tensor, j: int, call: _Call, fns: BlockFunctions) -> tuple[Tensor, Tensor, Tensor]:
-    """project() of chunk j's piece, its shapes checked against the declared heads."""
+def _project(xj: Tensor, j: int, call: _Call, fns: BlockFunctions) -> tuple[Tensor, Tensor, Tensor]:
+    """project() of chunk j's piece xj [b, c, H], its shapes checked against the declared heads."""
     rows = _rows(call, j)
-    q, k, v = fns.project(x[:, rows], rows)
-    b, c = x.shape[0], call.plan.piece
+    q, k, v = fns.project(xj, rows)
+    b, c = xj.shape[0], call.plan.piece
     want = {"q": (b, c, fns.heads, fns.head_dim), "k": (b, c, fns.kv_heads, fns.head_dim)}
     for name, t, shape in (("q", q, want["q"]), ("k", k, want["k"]), ("v", v, want["k"])):
         if tuple(t.shape) != shape:
@@ -98,30 +98,45 @@ def _project(x: Tensor, j: int, call: _Call, fns: BlockFunctions) -> tuple[Tenso
     return q, k, v
 
 
-def _forward(x: Tensor, call: _Call, fns: BlockFunctions, amp: _Autocast) -> Tensor:
+def _chunk_loop(piece: Callable[[int], Tensor], call: _Call, fns: BlockFunctions, amp: _Autocast,
+                y: Tensor | None, keep: bool) -> None:
+    """FPDT's chunk loop between project and finish. piece(j): chunk j's x piece [b, c, H];
+    y: the block output to fill (None: attention only, the backward's re-forward); keep: leave
+    o, lse and the attention output of every chunk (and the q, kv chunks) in the store."""
     plan, store, comm = call.plan, call.store, call.comm
-    y = torch.empty_like(x)
-    scattered, dtype = 0, x.dtype
+    scattered, dtype = 0, None
     for i in range(plan.chunks):
         while scattered <= plan.kv_for(i)[-1]:  # causal: just in time; otherwise all before chunk 0
-            q, k, v = _project(x, scattered, call, fns)
+            q, k, v = _project(piece(scattered), scattered, call, fns)
             _scatter_pieces(q, k, v, scattered, call)
             dtype = q.dtype
             del q, k, v
-            if call.keep:
-                store.put(("x", scattered), x[:, _rows(call, scattered)])
             scattered += 1
         with amp.off():
             oi, lse_i = _attend_chunk(i, call, dtype)
         ai = _heads_to_seq(oi, comm)
-        rows = _rows(call, i)
-        y[:, rows] = fns.finish(x[:, rows], ai, rows)
-        if call.keep:
+        if y is not None:
+            rows = _rows(call, i)
+            y[:, rows] = fns.finish(piece(i), ai, rows)
+        if keep:
             store.put(("o", i), oi)
             store.put(("lse", i), lse_i)
             store.put(("a", i), ai)
         else:
             store.discard(("q", i))
+
+
+def _forward(x: Tensor, call: _Call, fns: BlockFunctions, amp: _Autocast, recompute: bool) -> Tensor:
+    """The block's output; for backward (call.keep) the store keeps every chunk's x piece, and
+    unless `recompute` also FPDT's q/kv/o/lse and the attention output (else the backward
+    runs the chunk loop again from the x pieces)."""
+    y = torch.empty_like(x)
+    _chunk_loop(lambda j: x[:, _rows(call, j)], call, fns, amp, y, keep=call.keep and not recompute)
+    if call.keep and recompute:
+        call.store.clear()
+    if call.keep:
+        for j in range(call.plan.chunks):
+            call.store.put(("x", j), x[:, _rows(call, j)])
     return y
 
 
@@ -152,8 +167,11 @@ class _Grads:
         return [self.param_grads.get(id(p)) for p in params]
 
 
-def _backward(dy: Tensor, x_meta: Tensor, call: _Call, fns: BlockFunctions, amp: _Autocast):
+def _backward(dy: Tensor, x_meta: Tensor, call: _Call, fns: BlockFunctions, amp: _Autocast, recompute: bool):
     plan, store, comm = call.plan, call.store, call.comm
+    if recompute:  # the forward kept only the x pieces: its chunk loop again, attention only
+        with torch.no_grad(), torch.autocast(amp.device_type, dtype=amp.dtype, enabled=amp.enabled):
+            _chunk_loop(lambda j: store.get(("x", j)), call, fns, amp, None, keep=True)
     grads = _Grads(x_meta, dy.device, fns.params)
     dtype = None
     for i in range(plan.chunks):  # finish: dx_i (residual + MLP) and dO_i
@@ -178,14 +196,16 @@ def _backward(dy: Tensor, x_meta: Tensor, call: _Call, fns: BlockFunctions, amp:
 
 class FpdtBlock(torch.autograd.Function):
     """y = block(x) by FPDT's per-chunk pipeline; x [b, N/P, H] in the FPDT layout -> y like x.
-    The parameters are inputs so that their gradients flow through autograd."""
+    The parameters are inputs so that their gradients flow through autograd. recompute: keep
+    only x (its chunk pieces) for backward, which runs the attention loop again (activation
+    checkpointing inside the pipeline: host memory of one block's chunks, not every block's)."""
 
     @staticmethod
-    def forward(ctx, x, call: _Call, fns: BlockFunctions, *params):
+    def forward(ctx, x, call: _Call, fns: BlockFunctions, recompute: bool, *params):
         amp = _Autocast.current(x.device)
-        y = _forward(x, call, fns, amp)
+        y = _forward(x, call, fns, amp, recompute)
         if call.keep:
-            ctx.call, ctx.fns, ctx.amp, ctx.x_meta = call, fns, amp, x.to("meta")
+            ctx.call, ctx.fns, ctx.amp, ctx.x_meta, ctx.recompute = call, fns, amp, x.to("meta"), recompute
         else:
             call.store.clear()
         return y
@@ -194,7 +214,7 @@ class FpdtBlock(torch.autograd.Function):
     def backward(ctx, dy):
         call, fns = ctx.call, ctx.fns
         try:
-            grads = _backward(dy, ctx.x_meta, call, fns, ctx.amp)
+            grads = _backward(dy, ctx.x_meta, call, fns, ctx.amp, ctx.recompute)
         finally:
             call.store.clear()
-        return (grads.dx, None, None, *grads.for_params(fns.params))
+        return (grads.dx, None, None, None, *grads.for_params(fns.params))

@@ -36,6 +36,8 @@ class UspStrategy(Strategy):
         if ud < 1 or rd < 1 or ud * rd != size:
             raise ValueError(f"usp needs ulysses x ring = group size: {ud} x {rd} != {size}")
         check_placement("usp", cfg.options.get("placement", "collectives_intra"))
+        if rd == 1 and cfg.layout is None:  # no ring to balance: zigzag would only split the causal
+            kind = "contiguous"             # block in three smaller kernel calls (~3% slower, throughput.md)
         return cls._settings(cfg, size, TokenLayout(kind, outer=rd, inner=ud), ulysses=ud, ring=rd)
 
     def __init__(self, settings, mesh, comm, stats):

@@ -137,10 +137,10 @@ def _chunked_block_memory(inp: PlanInput, cfg: Config) -> tuple[float, float, fl
     (attention/fpdt_block.py) with K/V offload, its LM loss in pieces of `loss_piece_tokens`.
 
     Device: the block's input and output (forward) or their gradients (backward), t x H each,
-    plus one chunk's projections and MLP; with checkpointing (--offload-activations) the
-    recomputed block's input and output as well. Host: per block the chunk store (the
-    input, q, k/v, the attention output in both layouts and lse), for every block, or with
-    checkpointing every block's input plus the store of the one in backward."""
+    plus one chunk's projections and MLP. Host: per block the chunk store (the input, q, k/v,
+    the attention output in both layouts and lse), for every block; with checkpointing
+    (--offload-activations: the pipeline keeps only the block input and runs its chunk loop
+    again in backward) every block's input plus the store of the one in backward."""
     m, e, t, u = inp.model, inp.itemsize, inp.batch * inp.tokens_per_rank, cfg.chunks
     s = fpdt_chunk_sizes(inp, cfg)
     block_io = t * m.hidden * e
@@ -148,5 +148,5 @@ def _chunked_block_memory(inp: PlanInput, cfg: Config) -> tuple[float, float, fl
     chunk = _block_activations(inp) / u
     logits = loss_piece_tokens(inp, cfg) * m.vocab * (e + 4)
     if inp.checkpointing:
-        return 4 * block_io + chunk, 0.0, logits, m.layers * block_io + store
+        return 2 * block_io + chunk, 0.0, logits, m.layers * block_io + store
     return 2 * block_io + chunk, 0.0, logits, m.layers * store

@@ -194,7 +194,8 @@ def _recompute_seconds(inp: PlanInput, cfg: Config, schedules, dense: float) -> 
     """Forward work done again in backward. Activation checkpointing: every block's forward
     (attention and matmuls). FPDT's chunked blocks: the matmuls of every block (projections
     and MLP, per chunk), not the attention, whose outputs wait in host memory; checkpointed
-    on top (--offload-activations) the block's whole forward runs once more as well."""
+    on top (--offload-activations) its chunk loop runs once more as well: projections and
+    attention (counted as the block's whole forward)."""
     dense_fwd = dense / (1 + DENSE_BWD_FACTOR)
     attn_fwd = inp.model.layers * max(sum(_stage_seconds(s, inp.hardware) for s in stages if s.phase == "fwd")
                                       for stages in schedules)

@@ -129,8 +129,9 @@ def _errors(model: TinySegmentLM, ref: TinySegmentLM) -> dict[str, float]:
 
 
 def segment_embedding_errors(max_seq_len: int = 16, dim: int = 4) -> dict[str, Any]:
-    """SegmentPositionEmbedding on an lss context: lookup vs the full table, gather, and errors."""
-    ctx = seqpar.init("lss")
+    """SegmentPositionEmbedding on an lss context with the paper's contiguous segments: lookup vs
+    the full table, gather, and errors."""
+    ctx = seqpar.init("lss", layout="contiguous")
     full = torch.arange(max_seq_len * dim, dtype=torch.float64).view(max_seq_len, dim)
     emb = SegmentPositionEmbedding(max_seq_len, dim, ctx, dtype=torch.float64).load_full_(full)
     positions = ctx.positions(max_seq_len)

@@ -58,8 +58,9 @@ class TrainConfig:
                                             "and backward (FPDT / ALST); not with --fsdp")
     chunked_blocks: bool = _opt(False, "FPDT's per-chunk block pipeline (--strategy fpdt): projections, attention "
                                        "and MLP of one chunk at a time, forward and backward, so no whole-sequence "
-                                       "q/k/v or attention output exists; with --offload-activations the device "
-                                       "keeps only the block inputs' and outputs' gradients per token")
+                                       "q/k/v or attention output exists on the device; with --offload-activations "
+                                       "only the block inputs wait in host memory and the backward runs each "
+                                       "block's chunk loop again")
     hf_model: str = _opt("", "a Hugging Face causal LM directory (config.json, optional safetensors weights and "
                              "tokenizer) to train instead of the built-in model; its shape replaces the model flags")
     # images (--model dit): (image_size / patch_size)^2 tokens per image replace seq_len
