@@ -172,6 +172,8 @@ def _fmt_kinds(c: Candidate) -> str:
     parts = [f"{k} {_fmt_bytes(v)}" for k, v in c.comm_bytes.items()]
     if c.host_bytes:
         parts.append(f"host copies {_fmt_bytes(c.host_bytes)}")
+    if c.memory.get("host"):
+        parts.append(f"host memory {_fmt_bytes(c.memory['host'])}/rank")
     return ", ".join(parts) or "-"
 
 
