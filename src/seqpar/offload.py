@@ -130,9 +130,7 @@ class ChunkStore:
         self.stats = OffloadStats()
         self._items: dict[Hashable, tuple[object, int]] = {}
         self._prefetched: dict[Hashable, tuple[Tensor, object]] = {}
-        self._host = None
-        if offload:
-            self._host = _PinnedHost(self.device) if self.device.type == "cuda" else _NumpyHost(self.device)
+        self._host = host_store(self.device) if offload else None
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._items

@@ -31,12 +31,12 @@ from ..comm import Comm
 from ..documents import DocMask
 from ..kernels import BlockKernel, LseAccumulator, accum_dtype
 from ..layout import TokenLayout
-from ..offload import HOST_BYTES, ChunkStore, HostBytes, OffloadStats, host_store, streamed
+from ..offload import ChunkStore, OffloadStats, host_store, streamed
 from . import register
 from .base import Strategy, backward_blocks, forward_blocks, positive_int
 from .ulysses import kv_replication, scatter_heads
 
-__all__ = ["FpdtAttention", "FpdtStrategy", "ChunkStore", "OffloadStats", "HostBytes", "HOST_BYTES", "host_store"]
+__all__ = ["FpdtAttention", "FpdtStrategy", "ChunkStore", "OffloadStats", "host_store"]  # the last three: seqpar.offload
 
 
 # -- chunk plan and all-to-alls ---------------------------------------------------------------
@@ -65,9 +65,14 @@ class _Plan:
         pos = lambda c: torch.arange(c * size, (c + 1) * size)  # noqa: E731
         return mask.pairs(pos(i), pos(j), key=("fpdt", i, j))
 
+    def rows(self, j: int) -> slice:
+        """The local sequence positions of this rank's piece of chunk j."""
+        return slice(j * self.piece, (j + 1) * self.piece)
+
     def local(self, x: Tensor, j: int, dim: int = 1) -> Tensor:
         """This rank's piece of chunk j of a local tensor (sequence along `dim`)."""
-        return x.narrow(dim, j * self.piece, self.piece)
+        rows = self.rows(j)
+        return x.narrow(dim, rows.start, rows.stop - rows.start)
 
 
 def _heads_to_seq(x: Tensor, comm: Comm) -> Tensor:

@@ -72,23 +72,23 @@ class _Autocast:
         kind = device.type
         return cls(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
 
+    def forward(self):
+        """The forward's autocast state (grad mode unchanged)."""
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
     @contextmanager
     def recompute(self):
-        with torch.enable_grad(), torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled):
+        """The forward's autocast state, with autograd on."""
+        with torch.enable_grad(), self.forward():
             yield
 
     def off(self):
         return torch.autocast(self.device_type, enabled=False)
 
 
-def _rows(call: _Call, j: int) -> slice:
-    piece = call.plan.piece
-    return slice(j * piece, (j + 1) * piece)
-
-
 def _project(xj: Tensor, j: int, call: _Call, fns: BlockFunctions) -> tuple[Tensor, Tensor, Tensor]:
     """project() of chunk j's piece xj [b, c, H], its shapes checked against the declared heads."""
-    rows = _rows(call, j)
+    rows = call.plan.rows(j)
     q, k, v = fns.project(xj, rows)
     b, c = xj.shape[0], call.plan.piece
     want = {"q": (b, c, fns.heads, fns.head_dim), "k": (b, c, fns.kv_heads, fns.head_dim)}
@@ -116,7 +116,7 @@ def _chunk_loop(piece: Callable[[int], Tensor], call: _Call, fns: BlockFunctions
             oi, lse_i = _attend_chunk(i, call, dtype)
         ai = _heads_to_seq(oi, comm)
         if y is not None:
-            rows = _rows(call, i)
+            rows = call.plan.rows(i)
             y[:, rows] = fns.finish(piece(i), ai, rows)
         if keep:
             store.put(("o", i), oi)
@@ -131,12 +131,12 @@ def _forward(x: Tensor, call: _Call, fns: BlockFunctions, amp: _Autocast, recomp
     unless `recompute` also FPDT's q/kv/o/lse and the attention output (else the backward
     runs the chunk loop again from the x pieces)."""
     y = torch.empty_like(x)
-    _chunk_loop(lambda j: x[:, _rows(call, j)], call, fns, amp, y, keep=call.keep and not recompute)
+    _chunk_loop(lambda j: x[:, call.plan.rows(j)], call, fns, amp, y, keep=call.keep and not recompute)
     if call.keep and recompute:
         call.store.clear()
     if call.keep:
         for j in range(call.plan.chunks):
-            call.store.put(("x", j), x[:, _rows(call, j)])
+            call.store.put(("x", j), x[:, call.plan.rows(j)])
     return y
 
 
@@ -170,12 +170,12 @@ class _Grads:
 def _backward(dy: Tensor, x_meta: Tensor, call: _Call, fns: BlockFunctions, amp: _Autocast, recompute: bool):
     plan, store, comm = call.plan, call.store, call.comm
     if recompute:  # the forward kept only the x pieces: its chunk loop again, attention only
-        with torch.no_grad(), torch.autocast(amp.device_type, dtype=amp.dtype, enabled=amp.enabled):
+        with torch.no_grad(), amp.forward():
             _chunk_loop(lambda j: store.get(("x", j)), call, fns, amp, None, keep=True)
     grads = _Grads(x_meta, dy.device, fns.params)
     dtype = None
     for i in range(plan.chunks):  # finish: dx_i (residual + MLP) and dO_i
-        rows = _rows(call, i)
+        rows = call.plan.rows(i)
         with amp.recompute():
             xi = store.get(("x", i)).detach().requires_grad_()
             ai = store.get(("a", i)).detach().requires_grad_()
@@ -185,7 +185,7 @@ def _backward(dy: Tensor, x_meta: Tensor, call: _Call, fns: BlockFunctions, amp:
         store.put(("do", i), _seq_to_heads(dai.to(dtype), comm))
         del xi, ai, dai
     for j, dq, dk, dv in _backward_chunks(call, dtype):  # project: dx_j += ..., parameter grads
-        rows = _rows(call, j)
+        rows = call.plan.rows(j)
         with amp.recompute():
             xj = store.get(("x", j)).detach().requires_grad_()
             q, k, v = fns.project(xj, rows)

@@ -197,10 +197,11 @@ def _recompute_seconds(inp: PlanInput, cfg: Config, schedules, dense: float) -> 
     on top (--offload-activations) its chunk loop runs once more as well: projections and
     attention (counted as the block's whole forward)."""
     dense_fwd = dense / (1 + DENSE_BWD_FACTOR)
-    attn_fwd = inp.model.layers * max(sum(_stage_seconds(s, inp.hardware) for s in stages if s.phase == "fwd")
-                                      for stages in schedules)
-    seconds = attn_fwd + dense_fwd if inp.checkpointing else 0.0
-    return seconds + (dense_fwd if cfg.chunked_blocks else 0.0)
+    seconds = dense_fwd if cfg.chunked_blocks else 0.0
+    if inp.checkpointing:
+        seconds += dense_fwd + inp.model.layers * max(
+            sum(_stage_seconds(s, inp.hardware) for s in stages if s.phase == "fwd") for stages in schedules)
+    return seconds
 
 
 def _state_sync_seconds(inp: PlanInput, dense: float) -> float:

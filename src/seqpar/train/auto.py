@@ -76,7 +76,7 @@ def choose(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None
     if cfg.sp_size(world) < 2:
         return dataclasses.replace(cfg, strategy="local"), "--strategy auto: sp = 1, no sequence parallelism (local)"
     inp = plan_input(cfg, world, calibration, ranks_per_node, memory_gib)
-    candidates = [c for c in plan(inp) if not c.config.chunked_blocks or _chunked_blocks_apply(cfg)]
+    candidates = [c for c in plan(inp) if not c.config.chunked_blocks or cfg.chunked_blocks_apply()]
     fitting = [c for c in candidates if c.valid and c.fits]
     if not fitting:
         try:
@@ -101,11 +101,6 @@ def choose(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None
         line += (f"; runner-up {runner.label} ({runner.step_time:.3g} s/step, "
                  f"+{100 * (runner.step_time / best.step_time - 1):.1f}%): {_why(best, runner)}")
     return chosen, line + f" [{calibration.summary() if calibration else 'flag hardware'}]"
-
-
-def _chunked_blocks_apply(cfg: TrainConfig) -> bool:
-    """FPDT's chunked blocks are a built-in-model option, not with FSDP (TrainConfig's rule)."""
-    return cfg.model == "llama" and not cfg.hf_model and not cfg.fsdp
 
 
 def _with_chunked_blocks(cfg: TrainConfig, inp, config) -> TrainConfig:

@@ -219,10 +219,14 @@ class TrainConfig:
                              f"stop_grace={self.stop_grace}, stall_timeout={self.stall_timeout}")
         self._validate_mesh(world)
 
+    def chunked_blocks_apply(self) -> bool:
+        """Whether this run's model can take --chunked-blocks: the built-in LM without FSDP."""
+        return self.model == "llama" and not self.hf_model and not self.fsdp
+
     def _validate_chunked_blocks(self) -> None:
         if self.strategy != "fpdt":
             raise ValueError(f"--chunked-blocks is FPDT's pipeline: it needs --strategy fpdt, got {self.strategy!r}")
-        if self.fsdp or self.model != "llama" or self.hf_model:
+        if not self.chunked_blocks_apply():
             raise ValueError("--chunked-blocks applies to the built-in language model without --fsdp")
         if self.activation_checkpointing:
             raise ValueError("--chunked-blocks recomputes its projections and MLP per chunk already; for block "
