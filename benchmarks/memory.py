@@ -2,7 +2,7 @@
 
 For every (sequence length, configuration) one attention layer runs forward + backward
 (causal) on a real gloo world (a fresh world per configuration, so peak RSS is per run)
-and `seqpar.testing.fpdt_checks.attention_memory` measures on every rank, above the
+and `checks.fpdt.attention_memory` measures on every rank, above the
 inputs and excluding the layer's interface tensors (out, lse, dq/dk/dv):
 
 - device memory: CPU — `StorageMeter`, the bytes of live tensor storages allocated by
@@ -28,11 +28,14 @@ import datetime
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from seqpar.testing import ProcessWorld
-from seqpar.testing.fpdt_checks import attention_memory
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' per-rank bodies
+from checks.fpdt import attention_memory
 
 MiB = 2 ** 20
 
@@ -106,10 +109,10 @@ def main() -> int:
         "store peak. *RSS growth* = growth of the process's peak RSS during the call (fresh process",
         "after a 1/16-length warm-up; CPU: host and device are the same RAM, so it includes the host",
         "store, and it is coarse: the allocator keeps freed pages). Device memory on CPU = live bytes",
-        "of tensor storages allocated by torch operators (`fpdt_checks.StorageMeter`); offloaded",
+        "of tensor storages allocated by torch operators (`tests/checks/fpdt.py: StorageMeter`); offloaded",
         "chunks live in a numpy-backed host pool outside torch. *time* includes the meter's overhead.",
         "",
-        f"## 1. Fixed number of chunks (chunk size grows with the sequence)",
+        "## 1. Fixed number of chunks (chunk size grows with the sequence)",
         "",
         *table(rows),
         "",

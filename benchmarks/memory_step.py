@@ -3,7 +3,7 @@ checkpointing / FPDT (chunks + host offload + chunked MLP + chunked loss + check
 
 For each configuration and sequence length, `seqpar train`'s loop (`Trainer`, the default
 3.08M-parameter model, fp32, batch 1) runs two steps on a 2-process gloo world (sp = 2) and
-`fpdt_checks.training_step_memory` meters the second on every rank: `static` (parameters +
+`tests/checks/fpdt.py: training_step_memory` meters the second on every rank: `static` (parameters +
 AdamW state) and the step's peak working set above it (activations, attention, logits and
 loss, gradients, optimizer temporaries; CPU: bytes of live torch storages, FPDT's offloaded
 K/V chunks are host memory outside torch). A least-squares line through the peaks gives
@@ -21,15 +21,18 @@ import datetime
 import platform
 import sys
 import tempfile
+from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from seqpar.testing import ProcessWorld  # noqa: E402
-from seqpar.testing.fpdt_checks import training_step_memory  # noqa: E402
+from seqpar.testing import ProcessWorld
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' per-rank bodies
+from checks.fpdt import training_step_memory
 
 GiB, MiB = 2 ** 30, 2 ** 20
 
@@ -59,7 +62,7 @@ def base(seq: int, out: str) -> dict:
 
 
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     return my - slope * mx, slope
 

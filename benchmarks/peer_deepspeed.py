@@ -84,7 +84,7 @@ def compare(heads: int, kv_heads: int, seq: int, dtype: str, iters: int) -> dict
 
 def probe_bad_input(case: str, side: str) -> str:
     """What one side does with a bad input: 'error: ...' or 'ran'."""
-    world, rank = dist.get_world_size(), dist.get_rank()
+    rank = dist.get_rank()
     heads, kv_heads, n = {"uneven_seq": (8, 8, 16), "heads_not_divisible": (6, 6, 16),
                           "kv_heads_below_degree": (8, 2, 16)}[case]
     if case == "uneven_seq" and rank == 0:

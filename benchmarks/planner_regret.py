@@ -6,7 +6,8 @@ For every shape (sequence length x MHA / GQA) the planner predicts one attention
 warm-up, slowest rank). Per shape: Spearman rank correlation of predicted vs measured time,
 the regret = measured time of the predicted best / the measured best (1.00: the planner
 picked the fastest), and the confirmed regret: the same two re-measured on their own
-(`--confirm` interleaved iterations), free of the minimum's bias towards lucky runs. One calibration per GQA ratio (the kernel table depends on it), saved
+(`--confirm` interleaved iterations), free of the minimum's bias towards lucky runs. One calibration
+per GQA ratio (the kernel table depends on it), saved
 next to the output and reusable with --calibration-dir.
 
     python3 benchmarks/planner_regret.py                  # full study, writes its table into docs/planner.md
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from seqpar.plan import (Calibration, Cluster, ModelShape, PlanInput, measure, plan, profile, profile_rank)
+from seqpar.plan import Calibration, Cluster, ModelShape, PlanInput, measure, plan, profile, profile_rank
 from seqpar.world import ProcessWorld
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "planner.md"

@@ -15,11 +15,14 @@ import datetime
 import platform
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
 from seqpar.testing import ProcessWorld
-from seqpar.testing.train_checks import step_overheads
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' per-rank bodies
+from checks.train import step_overheads
 
 PIECES = [("_agreed_stop_signal", "stop-signal all-reduce"), ("_sync_gradients", "gradient averaging (all-reduce)"),
           ("_clip", "gradient norm + clip (host sync)"), ("_record", "metrics record")]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import seqpar
+from checks.arch import init_validity, module_exactness, ulysses_module_exactness, usp_placement
 from seqpar.attention import STRATEGIES, get_strategy
-from seqpar.testing.arch_checks import init_validity, module_exactness, ulysses_module_exactness, usp_placement
 from seqpar.testing.checks import attention_exactness
 from seqpar.train import TrainConfig
 

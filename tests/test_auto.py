@@ -10,7 +10,6 @@ import pytest
 from seqpar.plan import plan
 from seqpar.train import TrainConfig
 from seqpar.train.auto import choose, plan_input
-
 from test_plan_calibration import hand_calibration
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=4096, nproc=4, strategy="auto", out_dir="unused")

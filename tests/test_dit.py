@@ -11,10 +11,17 @@ import numpy as np
 import pytest
 import torch
 
+from checks.dit import (
+    TEST_DIT,
+    FullContext,
+    build_model,
+    dit_sample,
+    dit_step,
+    reference_sample,
+    reference_step,
+)
 from seqpar.dit import DIT_PRESETS, DiT, DiTConfig, flow_draws, loss_terms, noise_seed, sincos_2d
 from seqpar.images import TRAIN_IMAGES, VAL_IMAGES, ImageLoader, image_grid, image_loaders, save_image_grid
-from seqpar.testing.dit_checks import (TEST_DIT, FullContext, build_model, dit_sample, dit_step, reference_sample,
-                                       reference_step)
 
 TOL = 1e-10
 SMALL = ("astronaut", "coffee", "camera", "chelsea")  # colour and gray, 4 classes like TEST_DIT
@@ -230,7 +237,7 @@ DIT_TRAIN = dict(model="dit", image_size=16, patch_size=2, dim=32, n_layers=2, n
 def test_training_loop_matches_one_process(worlds, tmp_path, strategy, overrides):
     """The trainer's DiT loop (fp64): per-step loss and grad norm and the validation loss on 4
     ranks equal 1 process on the same global batch."""
-    from seqpar.testing.train_checks import run_training
+    from checks.train import run_training
     ref = worlds.run(1, run_training, {**DIT_TRAIN, "out_dir": str(tmp_path / "ref")})[0]
     got = worlds.run(4, run_training, {**DIT_TRAIN, "strategy": strategy, "out_dir": str(tmp_path / "sp"),
                                        **overrides})[0]

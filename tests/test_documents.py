@@ -6,11 +6,18 @@ import random
 import pytest
 import torch
 
+from checks.documents import (
+    doc_error,
+    doc_exactness_all,
+    doc_flops,
+    doc_positions,
+    expected_pairs,
+    packed_loader_batch,
+    packed_training,
+)
+from checks.train import run_training
 from seqpar.documents import DocMask, Documents, visible_pairs
 from seqpar.layout import TokenLayout, document_zigzag
-from seqpar.testing.doc_checks import (doc_error, doc_exactness_all, doc_flops, doc_positions, expected_pairs,
-                                      packed_loader_batch, packed_training)
-from seqpar.testing.train_checks import run_training
 
 CASES = [  # (strategy, init kwargs) on 4 ranks
     ("ring", {"layout": "contiguous"}), ("ring", {"layout": "zigzag"}), ("ring", {"layout": "striped"}),

@@ -9,9 +9,10 @@ import time
 import pytest
 import torch
 
+from checks.attention import exactness_over_lengths, expect_error, input_check_counts
 from seqpar.kernels import CpuFlashKernel, LseAccumulator, MathKernel
 from seqpar.layout import TokenLayout
-from seqpar.testing.checks import attention_exactness, exactness_over_lengths, expect_error, input_check_counts
+from seqpar.testing.checks import attention_exactness
 
 FIELDS = ("out", "lse", "dq", "dk", "dv")
 TOL = 1e-10
@@ -128,7 +129,8 @@ GRANULARITY = [  # (world, strategy, kwargs, layout that strategy uses)
 
 
 @pytest.mark.parametrize("world,strategy,kwargs,layout", GRANULARITY,
-                         ids=[f"{s}-{w}-{lay.kind}-{lay.outer}x{lay.inner}x{lay.chunks}" for w, s, _, lay in GRANULARITY])
+                         ids=[f"{s}-{w}-{lay.kind}-{lay.outer}x{lay.inner}x{lay.chunks}"
+                              for w, s, _, lay in GRANULARITY])
 def test_every_length_the_layout_accepts_is_exact(worlds, world, strategy, kwargs, layout):
     g = layout.granularity()
     lengths = [n for n in range(1, 4 * g + 1) if n % g == 0]

@@ -22,8 +22,8 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from checks.train import run_training, training_error
 from seqpar.data import stdlib_corpus
-from seqpar.testing.train_checks import run_training, training_error
 from seqpar.train import TrainConfig, Trainer, build_config
 
 WORLD = 2
@@ -196,7 +196,8 @@ def test_meta_json_records_a_checksum_of_every_file(good_run):
     ckpt = good_run[0]["out_dir"] + "/checkpoints/" + ckpt_name(4)
     meta = json.loads(open(f"{ckpt}/meta.json").read())
     names = sorted(n for n in os.listdir(ckpt) if n != "meta.json")
-    assert sorted(meta["files"]) == names and {".metadata", "__0_0.distcp", "__1_0.distcp", "rng_rank1.pt"} <= set(names)
+    assert sorted(meta["files"]) == names
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rng_rank1.pt"} <= set(names)
     assert all(meta["files"][n] == file_digest(f"{ckpt}/{n}") for n in names)
     assert len(meta["meta_sha256"]) == 64
 

@@ -299,8 +299,9 @@ def test_lock_left_by_a_killed_launcher_is_taken_over(sigkilled_run, data):
 # -- item 11: one-line CLI errors before anything is spawned ------------------------------------------------
 @pytest.fixture(scope="module")
 def big_vocab_data(tmp_path_factory):
-    from seqpar.data import write_token_file
     import numpy as np
+
+    from seqpar.data import write_token_file
     path = tmp_path_factory.mktemp("tokens") / "t.bin"
     write_token_file(path, np.arange(5000) % 1000, vocab_size=1000)
     return str(path)

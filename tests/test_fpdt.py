@@ -5,8 +5,9 @@ largest value (bf16 inputs and outputs, fp32 softmax accumulation).
 """
 import pytest
 
-from seqpar.testing.checks import attention_exactness, expect_error
-from seqpar.testing.fpdt_checks import attention_memory, offload_behaviour
+from checks.attention import expect_error
+from checks.fpdt import attention_memory, offload_behaviour
+from seqpar.testing.checks import attention_exactness
 
 TOL = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2}
 GRADS = ("out", "lse", "dq", "dk", "dv")
@@ -105,7 +106,7 @@ def test_offloaded_activations_keep_no_block_inputs_on_the_device(worlds, tmp_pa
     """A whole training step (2 ranks, FPDT + chunked MLP/loss): with --offload-activations the
     forward leaves at least the block inputs (layers x tokens x dim x 4 bytes) less on the device
     than plain checkpointing, and the step is otherwise the same."""
-    from seqpar.testing.fpdt_checks import training_step_memory
+    from checks.fpdt import training_step_memory
     cfg = dict(seq_len=512, batch=1, steps=2, warmup=1, eval_every=0, eval_batches=1, checkpoint_every=0,
                progress=False, plot=False, pack_documents=False, nproc=2, strategy="fpdt", chunks=2, offload=True,
                mlp_chunks=2, loss_chunks=2, dim=64, n_heads=4, n_kv_heads=2, n_layers=3, corpus_bytes=20_000)
@@ -121,7 +122,7 @@ def test_chunked_blocks_never_hold_a_whole_sequence_of_projections(worlds, tmp_p
     """A whole training step (2 ranks): FPDT's per-chunk block pipeline peaks below the best unfused
     configuration (offloaded checkpoints + chunked MLP/loss) by at least one block's q, k, v and
     attention output over the local sequence, which the unfused recompute holds at once."""
-    from seqpar.testing.fpdt_checks import training_step_memory
+    from checks.fpdt import training_step_memory
     dim, heads, kv_heads, local_tokens = 64, 4, 2, 256
     cfg = dict(seq_len=2 * local_tokens, batch=1, steps=2, warmup=1, eval_every=0, eval_batches=1,
                checkpoint_every=0, progress=False, plot=False, pack_documents=False, nproc=2, strategy="fpdt",

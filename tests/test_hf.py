@@ -14,12 +14,18 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast,  # noqa: E402
-                          Qwen2Config, Qwen3Config)
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
 
-from seqpar.data import open_tokens  # noqa: E402
-from seqpar.hf import PREFIX, export_checkpoint, hf_vocab_size, load_hf_model, tokenize_corpus  # noqa: E402
-from seqpar.testing.hf_checks import hf_errors, hf_steps, hf_train_and_save  # noqa: E402
+from checks.hf import hf_errors, hf_steps, hf_train_and_save
+from seqpar.data import open_tokens
+from seqpar.hf import PREFIX, export_checkpoint, hf_vocab_size, load_hf_model, tokenize_corpus
 
 SEQ, BATCH, VOCAB = 64, 2, 128
 SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -234,7 +240,8 @@ def test_cli_hf_model_trains_the_same_on_1_and_4_processes_and_exports(tmp_path)
     losses, exported = {}, {}
     for name, extra in runs.items():
         out = tmp_path / name
-        for cmd in (["train", *common, *extra, "--out-dir", str(out)], ["export", str(out), str(tmp_path / f"x{name}")]):
+        for cmd in (["train", *common, *extra, "--out-dir", str(out)],
+                    ["export", str(out), str(tmp_path / f"x{name}")]):
             proc = subprocess.run([sys.executable, "-m", "seqpar", *cmd], capture_output=True, text=True, timeout=300)
             assert proc.returncode == 0, proc.stderr[-3000:]
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -249,8 +256,8 @@ def test_cli_hf_model_trains_the_same_on_1_and_4_processes_and_exports(tmp_path)
 def test_trainer_hf_model_with_fsdp_dp_and_resume(worlds, tmp_path):
     """The training loop with --hf-model (bytes, packed stdlib documents, fp64): dp=2 x sp=2 ring
     zigzag with FSDP equals 1 process; a run resumed from its step-2 checkpoint reproduces step 3."""
+    from checks.train import run_training
     from seqpar.data import stdlib_corpus
-    from seqpar.testing.train_checks import run_training
     model_dir = tmp_path / "llama256"
     LlamaConfig(**{**SHAPE, "vocab_size": 256}).save_pretrained(model_dir)
     base = dict(hf_model=str(model_dir), data=str(stdlib_corpus(tmp_path / "corpus", max_bytes=40_000)), seq_len=64,
@@ -270,10 +277,10 @@ def test_builtin_model_exports_as_llama(worlds, tmp_path):
     """`seqpar export` of a built-in-model run: LlamaForCausalLM gives the same logits (fp64 weights;
     transformers computes RoPE tables and RMSNorm in fp32, hence 1e-6, where a wrong key or rotation
     convention gives O(1) differences)."""
+    from checks.hf import builtin_logits
+    from checks.train import run_training
     from seqpar.data import stdlib_corpus
     from seqpar.export import export_run
-    from seqpar.testing.hf_checks import builtin_logits
-    from seqpar.testing.train_checks import run_training
     run = tmp_path / "run"
     cfg = dict(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=64, batch=2, steps=2, warmup=1,
                dtype="float64", eval_every=0, eval_batches=1, checkpoint_every=2, progress=False, plot=False,
@@ -292,8 +299,8 @@ def test_builtin_model_exports_as_llama(worlds, tmp_path):
 def test_trainer_hf_model_bf16_autocast_matches_one_process(worlds, tmp_path):
     """--hf-model with --dtype bfloat16 (autocast, fp32 weights): USP 2x2 on 4 ranks equals 1 process
     within the bf16 bound the built-in model's parity uses (2e-2 relative)."""
+    from checks.train import run_training
     from seqpar.data import stdlib_corpus
-    from seqpar.testing.train_checks import run_training
     model_dir = tmp_path / "llama256"
     LlamaConfig(**{**SHAPE, "vocab_size": 256}).save_pretrained(model_dir)
     base = dict(hf_model=str(model_dir), data=str(stdlib_corpus(tmp_path / "corpus", max_bytes=40_000)), seq_len=64,

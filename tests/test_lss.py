@@ -3,8 +3,9 @@ dp=2 x sp=2 gloo world equal to 1-process full-sequence training (fp64, 1e-10 re
 the largest reference gradient)."""
 import pytest
 
-from seqpar.testing.checks import attention_exactness, expect_error
-from seqpar.testing.lss_checks import lss_model_gradients, segment_embedding_errors
+from checks.attention import expect_error
+from checks.lss import lss_model_gradients, segment_embedding_errors
+from seqpar.testing.checks import attention_exactness
 
 TOL = 1e-10
 

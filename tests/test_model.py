@@ -8,8 +8,8 @@ must differ and add up to the 1-process loss and count.
 import pytest
 import torch
 
+from checks.train import STRATEGY_CASES, dit_step, transformer_step
 from seqpar.model import ModelConfig, apply_rope, rope_tables
-from seqpar.testing.train_checks import STRATEGY_CASES, dit_step, transformer_step
 
 TOL = 1e-10
 

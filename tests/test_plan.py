@@ -8,13 +8,30 @@ import json
 
 import pytest
 
+from checks.plan import fpdt_host_copies, measured_attention_bytes
 from seqpar import cli
 from seqpar.attention.wallfacer import WallFacerGrid
 from seqpar.layout import LAYOUTS, block_pairs
-from seqpar.plan import (MODEL_PRESETS, Cluster, Config, GiB, ModelShape, PlanInput, add_arguments, all_pairs_busiest,
-                         attention_bytes, evaluate, fpdt_host_bytes, pair_count, paper_block_volume, plan, profile,
-                         profile_rank, ring_step_pairs, wallfacer_step_pairs)
-from seqpar.testing.plan_checks import fpdt_host_copies, measured_attention_bytes
+from seqpar.plan import (
+    MODEL_PRESETS,
+    Cluster,
+    Config,
+    GiB,
+    ModelShape,
+    PlanInput,
+    add_arguments,
+    all_pairs_busiest,
+    attention_bytes,
+    evaluate,
+    fpdt_host_bytes,
+    pair_count,
+    paper_block_volume,
+    plan,
+    profile,
+    profile_rank,
+    ring_step_pairs,
+    wallfacer_step_pairs,
+)
 
 TINY = ModelShape(layers=1, hidden=64, heads=8, kv_heads=2, ffn_hidden=128, vocab=256)  # head_dim 8, GQA
 SHAPE = {"batch": 1, "heads": 8, "kv_heads": 2, "head_dim": 8}

@@ -10,9 +10,25 @@ import math
 import pytest
 
 from seqpar import cli
-from seqpar.plan import (MODEL_PRESETS, Calibration, Cluster, Config, KernelTable, LinkFit, ModelShape, PlanInput,
-                         add_arguments, calibrated_peak_flops, evaluate, fit_suggestions, measure, plan,
-                         plan_input_from_args, profile, profile_rank)
+from seqpar.plan import (
+    MODEL_PRESETS,
+    Calibration,
+    Cluster,
+    Config,
+    KernelTable,
+    LinkFit,
+    ModelShape,
+    PlanInput,
+    add_arguments,
+    calibrated_peak_flops,
+    evaluate,
+    fit_suggestions,
+    measure,
+    plan,
+    plan_input_from_args,
+    profile,
+    profile_rank,
+)
 from seqpar.plan.calibrate import link_partitions
 from seqpar.plan.hardware import CALIBRATED_KINDS, KERNEL_COLUMNS, fit_alpha_beta
 
@@ -153,7 +169,8 @@ def test_profile_reports_every_valid_candidate(worlds):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--world", "4", "--ranks-per-node", "2", "--model", "tiny", "--seq-len", "64",
-                              "--kv-heads", "2", "--profile-iters", "1", "--profile-warmup", "0", "--profile-confirm", "1",
+                              "--kv-heads", "2", "--profile-iters", "1", "--profile-warmup", "0",
+                              "--profile-confirm", "1",
                               "--profile-head-dim", "8", "--dtype", "float32"])
     inp = plan_input_from_args(args)
     cal = quick_calibration(worlds, 2)

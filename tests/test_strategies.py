@@ -6,7 +6,8 @@ largest reference value (bf16: ~2.5 x its machine epsilon).
 """
 import pytest
 
-from seqpar.testing.checks import attention_exactness, expect_error, shard_roundtrip
+from checks.attention import expect_error, shard_roundtrip
+from seqpar.testing.checks import attention_exactness
 
 FIELDS = ("out", "lse", "dq", "dk", "dv")
 TOL = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2}

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
+from checks.train import STRATEGY_CASES, loader_sharding, run_training, training_error
 from seqpar.data import SequenceLoader, open_tokens, split_tokens, stdlib_corpus, write_token_file
 from seqpar.train import TrainConfig, build_config, load_config
-from seqpar.testing.train_checks import STRATEGY_CASES, loader_sharding, run_training, training_error
 
 PARITY_TOL = 1e-9
 GRAD_TOL = 1e-10
@@ -290,7 +290,8 @@ def test_cli_reports_errors_found_inside_workers(tmp_path):
 
 def test_torchrun_launch(tmp_path):
     """Under torchrun (RANK/WORLD_SIZE set) the same command joins that world (gloo on CPU)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "seqpar", "train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "seqpar",
+           "train",
            "--config", "tiny", "--steps", "2", "--out-dir", str(tmp_path), "--corpus-bytes", "60000", "--no-plot"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -300,5 +301,5 @@ def test_torchrun_launch(tmp_path):
 
 
 def test_a_batch_without_labels_is_a_clear_error(worlds):
-    from seqpar.testing.train_checks import empty_batch_error
+    from checks.train import empty_batch_error
     assert all("no labelled tokens" in e for e in worlds.run(2, empty_batch_error))

@@ -1,9 +1,10 @@
 """WallFacer: exactness on real gloo worlds, placements, bad configs, communication volume."""
 import pytest
 
+from checks.attention import expect_error
+from checks.wallfacer import comm_volume, placement_info, same_as_ring
 from seqpar.attention.wallfacer import WallFacerGrid
-from seqpar.testing.checks import attention_exactness, expect_error
-from seqpar.testing.wallfacer_checks import comm_volume, placement_info, same_as_ring
+from seqpar.testing.checks import attention_exactness
 
 FP64_TOL = 1e-10
 GRADS = ("out", "lse", "dq", "dk", "dv")

@@ -4,11 +4,11 @@
     q, k, v = (ctx.shard(t) for t in (q_full, k_full, v_full))
     out = ctx.attention(q, k, v, causal=True)
 """
+from .attention import STRATEGIES, Settings
 from .comm import CommStats
 from .context import SeqParallel, init, resolve
 from .kernels import available_kernels, get_kernel
 from .layout import LAYOUTS, TokenLayout
-from .attention import STRATEGIES, Settings
 from .modules import SequenceParallelAttention, UlyssesAttention
 
 __version__ = "0.1.0"

@@ -284,7 +284,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     state = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(state, checkpoint_id=str(path), process_group=group)
-    except (Exception, dcp.CheckpointException) as e:  # CheckpointException is a BaseException
+    except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - any load failure (CheckpointException is a BaseException) is this one error
         raise ValueError(f"checkpoint {str(path)!r} is corrupt or does not match this model/optimizer: "
                          f"{_describe(e)}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

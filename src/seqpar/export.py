@@ -54,7 +54,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
 # -- the built-in model as LlamaForCausalLM --------------------------------------------------------
 LLAMA_KEYS = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
               "attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
-              "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+              "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+              "attention.wv": "self_attn.v_proj",
               "attention.wo": "self_attn.o_proj", "mlp.w1": "mlp.gate_proj", "mlp.w3": "mlp.up_proj",
               "mlp.w2": "mlp.down_proj"}
 

@@ -1,6 +1,6 @@
 """A reusable world of N local processes with an initialised gloo process group.
 
-Used by the tests, `seqpar verify` and `seqpar plan --profile` (seqpar.testing re-exports it).
+Used by the tests, `seqpar verify` and `seqpar plan --profile` (`seqpar.testing` re-exports it).
 
 Spawning processes and importing torch is the slow part of a distributed test, so a
 `ProcessWorld` is started once and then runs many tasks: `world.run(fn, *args)` calls

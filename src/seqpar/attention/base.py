@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from ..comm import Comm, CommStats
-from ..kernels import BlockKernel, LseAccumulator, accum_dtype
 from ..documents import BPair, DocMask
+from ..kernels import BlockKernel, LseAccumulator, accum_dtype
 from ..layout import DOCUMENTS, LAYOUTS, Pair, TokenLayout
 from ..mesh import Mesh
 

@@ -31,12 +31,12 @@ from ..comm import Comm
 from ..documents import DocMask
 from ..kernels import BlockKernel, LseAccumulator, accum_dtype
 from ..layout import TokenLayout
-from ..offload import ChunkStore, OffloadStats, host_store, streamed
+from ..offload import ChunkStore, OffloadStats, streamed
 from . import register
 from .base import Strategy, backward_blocks, forward_blocks, positive_int
 from .ulysses import kv_replication, scatter_heads
 
-__all__ = ["FpdtAttention", "FpdtStrategy", "ChunkStore", "OffloadStats", "host_store"]  # the last three: seqpar.offload
+__all__ = ["FpdtAttention", "FpdtStrategy"]
 
 
 # -- chunk plan and all-to-alls ---------------------------------------------------------------

@@ -3,7 +3,8 @@
 Attention: each rank's query segment attends the whole sequence; K and V come from one
 fused all-gather, dK/dV return to their owners with one fused reduce-scatter (this is
 `AllGatherAttention`; layouts zigzag — the default, for causal balance — or contiguous, the
-paper's segments, whose last segment does most of the causal work). Output rows are complete locally, nothing is aggregated.
+paper's segments, whose last segment does most of the causal work). Output rows are complete
+locally, nothing is aggregated.
 
 Training — "double gradient averaging": weight gradients are averaged over the sequence
 group (the segments of one sequence) and then over the data-parallel group (different
@@ -41,7 +42,8 @@ class LssStrategy(AllGatherStrategy):
     reduce-scatter of dK,dV backward."""
 
     layouts = LSS_LAYOUTS
-    default_layout = "zigzag"  # causal balance; "contiguous" is the paper's segments (0.72-0.77 of dp, docs/throughput.md)
+    # zigzag for causal balance; "contiguous" is the paper's segments (0.72-0.77 of dp, docs/throughput.md)
+    default_layout = "zigzag"
     layout_reason = "it splits the sequence into segments: contiguous as in the paper, zigzag for causal balance"
     double_grad_averaging = True
 

@@ -24,13 +24,34 @@ from .advice import Suggestion, fit_suggestions, format_suggestions
 from .calibrate import measure
 from .cli import add_arguments, format_profile, format_table, main, plan_input_from_args
 from .hardware import Calibration, KernelTable, LinkFit, calibrated_peak_flops
-from .inputs import DTYPE_BYTES, MODEL_PRESETS, GiB, Cluster, Config, Hardware, Link, ModelShape, PlanInput
+from .inputs import DTYPE_BYTES, MODEL_PRESETS, Cluster, Config, GiB, Hardware, Link, ModelShape, PlanInput
 from .memory import memory_estimate, model_state_bytes
 from .profiling import KINDS, ProfileReport, attention_iteration, profile, profile_input, profile_rank, spearman
 from .schedules import fpdt_host_bytes, usp_groups
-from .search import (STRATEGY_MODELS, Candidate, StrategyModel, attention_bytes, attention_schedule,
-                     candidate_configs, evaluate, paper_block_volume, plan)
-from .stages import Collective, Compute, Load, RingLoop, Send, Stage, Step, Steps, Work, bytes_by_kind, max_bytes_by_kind
+from .search import (
+                     STRATEGY_MODELS,
+                     Candidate,
+                     StrategyModel,
+                     attention_bytes,
+                     attention_schedule,
+                     candidate_configs,
+                     evaluate,
+                     paper_block_volume,
+                     plan,
+)
+from .stages import (
+                     Collective,
+                     Compute,
+                     Load,
+                     RingLoop,
+                     Send,
+                     Stage,
+                     Step,
+                     Steps,
+                     Work,
+                     bytes_by_kind,
+                     max_bytes_by_kind,
+)
 from .tables import all_pairs_busiest, block_class_pairs, pair_count, ring_step_pairs, wallfacer_step_pairs
 
 __all__ = [

@@ -33,8 +33,15 @@ import statistics
 import time
 from typing import Any, Callable
 
-from .hardware import (CALIBRATED_KINDS, KERNEL_COLUMNS, Calibration, KernelTable, LinkFit, calibrated_peak_flops,
-                       fit_alpha_beta)
+from .hardware import (
+    CALIBRATED_KINDS,
+    KERNEL_COLUMNS,
+    Calibration,
+    KernelTable,
+    LinkFit,
+    calibrated_peak_flops,
+    fit_alpha_beta,
+)
 
 __all__ = ["Calibration", "DEFAULT_SIZES", "DEFAULT_KERNEL_SIZES", "link_partitions", "probe_rank",
            "build_calibration", "measure", "calibrated_peak_flops"]

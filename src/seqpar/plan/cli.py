@@ -60,7 +60,8 @@ def _cluster_arguments(topo) -> None:
     topo.add_argument("--efficiency", type=float, help="fraction of peak the kernels reach (default 0.5)")
     topo.add_argument("--attn-efficiency", type=float, help="fraction of peak the attention kernels reach "
                       "(default: --efficiency)")
-    topo.add_argument("--p2p-efficiency", type=float, help="fraction of the link bandwidth ring sends reach (default 1)")
+    topo.add_argument("--p2p-efficiency", type=float,
+                      help="fraction of the link bandwidth ring sends reach (default 1)")
     topo.add_argument("--node-inter-bw", type=float, help="GB/s of one node's NICs together, shared by its ranks "
                       "crossing nodes (default: none, every rank has --inter-bw)")
     topo.add_argument("--zero-traffic", action=argparse.BooleanOptionalAction, default=None,

@@ -21,8 +21,8 @@ from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-__all__ = ["SCHEMA", "LINK_CLASSES", "CALIBRATED_KINDS", "KERNEL_COLUMNS", "ALPHA_STEPS", "Link", "LinkFit", "KernelTable",
-           "Calibration", "fit_alpha_beta", "calibrated_peak_flops"]
+__all__ = ["SCHEMA", "LINK_CLASSES", "CALIBRATED_KINDS", "KERNEL_COLUMNS", "ALPHA_STEPS", "Link", "LinkFit",
+           "KernelTable", "Calibration", "fit_alpha_beta", "calibrated_peak_flops"]
 
 SCHEMA = "seqpar.calibration/1"
 LINK_CLASSES = ("intra", "inter")
@@ -180,7 +180,8 @@ class Calibration:
     def matmul_flops_per_s(self, dtype: str, together: bool = True) -> float:
         """Matmul FLOP/s of one rank, while every rank computes (default) or alone."""
         if dtype not in self.matmul_flops:
-            raise ValueError(f"the calibration has no matmul timing for {dtype} (measured: {sorted(self.matmul_flops)})")
+            raise ValueError(f"the calibration has no matmul timing for {dtype} "
+                             f"(measured: {sorted(self.matmul_flops)})")
         return self.matmul_flops[dtype][1 if together else 0]
 
     def peak_flops_per_process(self, dtype: str) -> float:

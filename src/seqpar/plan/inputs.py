@@ -9,7 +9,6 @@ the cost model reads hardware numbers from: the cluster's flags, or its calibrat
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from functools import cached_property
 

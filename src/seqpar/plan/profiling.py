@@ -66,6 +66,7 @@ def profile_rank(configs: list[tuple[str, dict]], *, batch: int, seq: int, heads
     import torch.distributed as dist
 
     import seqpar
+
     from ..comm import Comm, CommStats
 
     control = Comm(None, CommStats())  # timing/bytes reductions, kept out of the measured stats

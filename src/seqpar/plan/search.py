@@ -16,7 +16,7 @@ from typing import Callable
 from . import memory as mem
 from . import schedules as sched
 from . import validity as val
-from .inputs import GiB, Config, Hardware, PlanInput
+from .inputs import Config, GiB, Hardware, PlanInput
 from .stages import Collective, Compute, RingLoop, Stage, bytes_by_kind, max_bytes_by_kind
 
 __all__ = ["StrategyModel", "STRATEGY_MODELS", "STRATEGY_ORDER", "FPDT_CHUNKS", "Candidate", "attention_schedule",

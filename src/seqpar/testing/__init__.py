@@ -1,4 +1,6 @@
-"""Real multi-process gloo worlds for tests, checks and benchmarks."""
-from .world import ProcessWorld, WorkerError, WorldPool
+"""Real multi-process gloo worlds and the exactness check `seqpar verify` runs on them.
+
+The per-rank bodies of the test suite live beside the tests (tests/checks/), not here."""
+from ..world import ProcessWorld, WorkerError, WorldPool
 
 __all__ = ["ProcessWorld", "WorkerError", "WorldPool"]

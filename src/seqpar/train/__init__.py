@@ -19,10 +19,9 @@ sum_local * world / C. Gradient averaging over the world (or sp then dp, or FSDP
 reduce-scatter) then yields exactly the gradient of the mean token loss of the global
 batch, i.e. what one process computes on the whole batch.
 """
-from .config import (DTYPES, TrainConfig, add_arguments, build_config, config_from_args,  # noqa: F401
-                     load_config)  # noqa: F401
-from .launch import launch_local, launch_torchrun, main, prepare  # noqa: F401
-from .trainer import Trainer, loss_and_backward, lr_at, train  # noqa: F401
+from .config import DTYPES, TrainConfig, add_arguments, build_config, config_from_args, load_config
+from .launch import launch_local, launch_torchrun, main, prepare
+from .trainer import Trainer, loss_and_backward, lr_at, train
 
 __all__ = ["TrainConfig", "Trainer", "train", "load_config", "build_config", "add_arguments", "main",
            "loss_and_backward", "lr_at", "DTYPES", "prepare", "launch_local", "launch_torchrun", "config_from_args"]

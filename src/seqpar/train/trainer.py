@@ -24,8 +24,15 @@ import seqpar
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from ..comm import Comm
-from ..metrics import (JsonlLog, ProgressBar, default_peak_tflops, measured_peak_tflops, peak_memory_mb,
-                       plot_loss_curve, read_jsonl)
+from ..metrics import (
+    JsonlLog,
+    ProgressBar,
+    default_peak_tflops,
+    measured_peak_tflops,
+    peak_memory_mb,
+    plot_loss_curve,
+    read_jsonl,
+)
 from ..parallel import ParallelMesh, average_gradients
 from . import control
 from .config import TrainConfig

@@ -6,8 +6,7 @@ from typing import Any
 import torch
 
 import seqpar
-
-from .checks import DTYPES, make_inputs
+from seqpar.testing.checks import DTYPES, make_inputs
 
 
 def _sent_by_kind(ctx, field: str = "sent") -> dict[str, int]:

@@ -10,8 +10,7 @@ from torch import Tensor
 
 import seqpar
 from seqpar.documents import visible_pairs
-
-from .checks import make_inputs
+from seqpar.testing.checks import make_inputs
 
 
 def doc_patterns(seq: int) -> dict[str, list[int] | list[list[int]]]:
@@ -126,12 +125,11 @@ def packed_training(strategy: str, init_kwargs: dict[str, Any] | None = None, *,
     """Losses of `steps` AdamW steps (fp32) of the tiny Transformer (TINY_MODEL updated by `model`)
     on packed documents: positions restart per document, no label crosses a boundary, cu_seqlens
     reach every layer."""
+    from checks.train import TINY_MODEL, grad_mode
     from seqpar.data import shard_batch
     from seqpar.model import ModelConfig, Transformer
     from seqpar.parallel import ParallelMesh, average_gradients
     from seqpar.train import loss_and_backward
-
-    from .train_checks import TINY_MODEL, grad_mode
 
     mesh = ParallelMesh(torch.distributed.get_world_size())
     ctx = seqpar.init(strategy, group=mesh.sp_group, stats=mesh.stats, **(init_kwargs or {}))
@@ -146,7 +144,7 @@ def packed_training(strategy: str, init_kwargs: dict[str, Any] | None = None, *,
         cu = torch.tensor([0] + cuts + [seq_len])
         tokens, labels, positions = shard_batch(ctx, window, cu_seqlens=cu)
         opt.zero_grad()
-        losses.append(loss_and_backward(lambda *a: net(*a, cu_seqlens=cu), tokens, labels, positions,
+        losses.append(loss_and_backward(lambda *a, cu=cu: net(*a, cu_seqlens=cu), tokens, labels, positions,
                                         mesh.world_comm))
         average_gradients(net.parameters(), mesh, mode=grad_mode(strategy))
         opt.step()

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import seqpar
@@ -18,8 +17,7 @@ from seqpar.attention.lss import SegmentPositionEmbedding, segment_local_paramet
 from seqpar.chunked import chunked_lm_loss, chunked_mlp, count_tokens
 from seqpar.mesh import Mesh
 from seqpar.parallel import ParallelMesh, average_gradients
-
-from .checks import DTYPES
+from seqpar.testing.checks import DTYPES
 
 __all__ = ["TinySegmentLM", "lss_model_gradients", "segment_embedding_errors"]
 

@@ -13,11 +13,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import seqpar
+from checks.train import grad_mode
 from seqpar.dit import DiT, DiTConfig, loss_terms, sample
 from seqpar.parallel import ParallelMesh, average_gradients
 from seqpar.train import loss_and_backward
-
-from .train_checks import grad_mode
 
 #: the tiny model of the tests: 16x16 images in 2x2 patches = 64 tokens
 TEST_DIT = DiTConfig.preset("test", class_dropout=0.5)

@@ -19,8 +19,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import seqpar
-
-from .checks import DTYPES, make_inputs
+from seqpar.testing.checks import DTYPES, make_inputs
 
 __all__ = ["offload_behaviour", "attention_memory", "peak_rss_bytes", "StorageMeter"]
 
