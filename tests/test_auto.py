@@ -1,6 +1,5 @@
 """`seqpar train --strategy auto`: the calibrated planner's choice is valid, reproducible, follows
 the calibration, and trains; MFU takes its peak from the calibration. No timing is asserted."""
-import dataclasses
 import json
 import subprocess
 import sys
@@ -16,38 +15,39 @@ TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=4096, nproc=4, 
 
 
 def test_auto_choice_is_valid_reproducible_and_the_planners_best():
-    cfg, cal = TrainConfig(**TINY), hand_calibration()
+    cfg, cal = TrainConfig.of(**TINY), hand_calibration()
     first, line = choose(cfg, 4, cal, memory_gib=8.0)
     again, _ = choose(cfg, 4, cal, memory_gib=8.0)
-    assert first == again and first.strategy != "auto"
+    assert first == again and first.parallel.strategy != "auto"
     first.validate(4)  # the strategy's own resolve accepts every chosen option
     best = next(c for c in plan(plan_input(cfg, 4, cal, memory_gib=8.0)) if c.valid and c.fits)
-    assert first.strategy == best.config.strategy and best.label in line and "runner-up" in line
+    assert first.parallel.strategy == best.config.strategy and best.label in line and "runner-up" in line
 
 
 def test_auto_follows_the_calibration():
     """Expensive all-to-all: nothing built on it (Ulysses, USP with u > 1, FPDT) is chosen."""
-    cfg = TrainConfig(**TINY)
+    cfg = TrainConfig.of(**TINY)
     chosen, line = choose(cfg, 4, hand_calibration(a2a_beta=1e-3), memory_gib=8.0)
-    assert chosen.strategy not in ("ulysses", "fpdt") and not (chosen.strategy == "usp" and chosen.ulysses > 1), line
+    strategy, options = chosen.parallel.strategy, chosen.parallel.options
+    assert strategy not in ("ulysses", "fpdt") and not (strategy == "usp" and options.ulysses > 1), line
 
 
 def test_auto_picks_fpdt_chunked_blocks_when_only_they_fit():
     """A 256K-token run in 0.25 GiB per rank: only FPDT's per-chunk block pipeline fits; the chosen
     run is what the planner modelled (block checkpointing as --offload-activations, the LM loss
     in pieces) and passes TrainConfig's checks."""
-    cfg = TrainConfig(**{**TINY, "seq_len": 1 << 18, "activation_checkpointing": True})
+    cfg = TrainConfig.of(**{**TINY, "seq_len": 1 << 18, "activation_checkpointing": True})
     chosen, line = choose(cfg, 4, hand_calibration(), memory_gib=0.25)
     chosen.validate(4)
-    assert chosen.strategy == "fpdt" and chosen.chunked_blocks and chosen.offload, line
-    assert chosen.offload_activations and not chosen.activation_checkpointing
-    assert chosen.loss_chunks == (1 << 16) // 4096  # 64K tokens per rank in pieces of 4096
-    fsdp, _ = choose(dataclasses.replace(cfg, fsdp=True), 4, hand_calibration(), memory_gib=8.0)
-    assert not fsdp.chunked_blocks  # not a candidate with --fsdp
+    assert chosen.parallel.strategy == "fpdt" and chosen.model.chunked_blocks and chosen.parallel.options.offload, line
+    assert chosen.model.offload_activations and not chosen.model.activation_checkpointing
+    assert chosen.model.loss_chunks == (1 << 16) // 4096  # 64K tokens per rank in pieces of 4096
+    fsdp, _ = choose(cfg.replace(fsdp=True), 4, hand_calibration(), memory_gib=8.0)
+    assert not fsdp.model.chunked_blocks  # not a candidate with --fsdp
 
 
 def test_auto_says_what_would_fit():
-    cfg = TrainConfig(**{**TINY, "seq_len": 1 << 20, "dim": 1024, "n_heads": 8, "n_layers": 8})
+    cfg = TrainConfig.of(**{**TINY, "seq_len": 1 << 20, "dim": 1024, "n_heads": 8, "n_layers": 8})
     with pytest.raises(ValueError, match="no strategy fits this run in 0.0"):
         choose(cfg, 4, hand_calibration(), memory_gib=0.01)
 
@@ -63,5 +63,6 @@ def test_cli_auto_trains_with_its_choice_and_mfu_from_the_calibration(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     picked = [line for line in proc.stderr.splitlines() if "--strategy auto picked" in line]
     info = json.loads((out / "config.json").read_text())
-    assert len(picked) == 1 and info["config"]["strategy"] in picked[0] and info["config"]["strategy"] != "auto"
+    strategy = info["config"]["parallel"]["strategy"]
+    assert len(picked) == 1 and strategy in picked[0] and strategy != "auto"
     assert info["peak_source"] == f"calibration {path}" and info["peak_tflops"] == pytest.approx(5e10 / 1e12)

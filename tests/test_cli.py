@@ -11,7 +11,7 @@ def test_verify_passes_for_an_exact_strategy(capsys):
 
 
 def test_verify_wallfacer_with_topology_placement(capsys):
-    assert main(["verify", "--strategy", "wallfacer", "--world", "4", "--teams", "2", "--placement", "rings_intra",
+    assert main(["verify", "--strategy", "wallfacer", "--world", "4", "--team-size", "2", "--placement", "rings_intra",
                  "--ranks-per-node", "2", "--layout", "zigzag", "--causal", "--seq", "32"]) == 0
     assert "-> OK" in capsys.readouterr().out
 

@@ -232,7 +232,7 @@ DIT_TRAIN = dict(model="dit", image_size=16, patch_size=2, dim=32, n_layers=2, n
                  checkpoint_every=0, progress=False, plot=False, samples=0, strategy="local", layout="contiguous")
 
 
-@pytest.mark.parametrize("strategy,overrides", [("ulysses", {}), ("wallfacer", {"layout": "", "dp": 1}),
+@pytest.mark.parametrize("strategy,overrides", [("ulysses", {}), ("wallfacer", {"layout": None, "dp": 1}),
                                                 ("ring", {"layout": "zigzag", "dp": 2, "batch": 1})])
 def test_training_loop_matches_one_process(worlds, tmp_path, strategy, overrides):
     """The trainer's DiT loop (fp64): per-step loss and grad norm and the validation loss on 4

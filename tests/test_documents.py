@@ -182,10 +182,10 @@ PACKED_TRAIN = dict(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                     doc_separator=0)
 
 
-@pytest.mark.parametrize("strategy,overrides", [("ring", {"layout": "zigzag"}), ("wallfacer", {"layout": ""}),
+@pytest.mark.parametrize("strategy,overrides", [("ring", {"layout": "zigzag"}), ("wallfacer", {"layout": None}),
                                                 ("usp", {"ulysses": 2, "layout": "documents", "batch": 1, "dp": 2,
                                                          "sp": 2}),
-                                                ("fpdt", {"layout": "", "chunks": 2, "offload": True,
+                                                ("fpdt", {"layout": None, "chunks": 2, "offload": True,
                                                           "chunked_blocks": True, "offload_activations": True})],
                          ids=["ring", "wallfacer", "usp", "fpdt-chunked-blocks"])
 def test_packed_training_run_matches_one_process(worlds, separated_corpus, tmp_path, strategy, overrides):

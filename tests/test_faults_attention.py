@@ -4,7 +4,6 @@ Strided inputs (every strategy exact for any view), uneven shards (every rank ra
 same error at once), one cached input check per signature, layout granularity, dtypes,
 and a non-default softmax scale. Tolerance: fp64 1e-10 absolute, as everywhere.
 """
-import time
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ EVERY_STRATEGY = [  # (world, strategy, init kwargs): each strategy, each layout
     (1, "local", {}),
     (2, "ring", {}), (4, "ring", {"layout": "zigzag"}), (4, "ring", {"layout": "striped"}),
     (4, "ulysses", {}), (4, "usp", {"ulysses": 2, "layout": "zigzag"}), (4, "allgather", {"layout": "striped"}),
-    (4, "wallfacer", {"teams": 2, "layout": "zigzag"}), (4, "lss", {"layout": "zigzag"}),
+    (4, "wallfacer", {"team_size": 2, "layout": "zigzag"}), (4, "lss", {"layout": "zigzag"}),
     (2, "fpdt", {"chunks": 2, "offload": True}),
 ]
 IDS = [f"{s}-{w}" + "".join(f"-{k}={v}" for k, v in kw.items()) for w, s, kw in EVERY_STRATEGY]
@@ -88,15 +87,13 @@ def test_non_default_scale_is_used(worlds, world, strategy, kwargs):
 def test_uneven_shards_raise_the_same_error_on_every_rank_at_once(worlds):
     """510 tokens on usp 2x2: ranks 0-1 hold 128, ranks 2-3 hold 127. Before: ranks 2-3 raised
     alone and ranks 0-1 waited in the cross-rank check until the group timed out."""
-    t0 = time.perf_counter()
     errors = worlds.run(4, expect_error, "usp", {"ulysses": 2, "layout": "zigzag"}, seq=510,
                         per_rank_seq={0: 128, 1: 128}, group_timeout=20)
-    elapsed = time.perf_counter() - t0
     assert len(set(errors)) == 1, errors
     assert errors[0].startswith("ValueError") and "mismatched" in errors[0], errors[0]
     assert "128, 128, 127, 127" in errors[0] and "510 tokens" in errors[0], errors[0]
     assert "508 and 512" in errors[0], errors[0]  # nearest lengths the layout can split
-    assert elapsed < 10, f"ranks took {elapsed:.1f} s to raise"
+    # (ranks 0-1 waiting for the group timeout would have raised a RuntimeError instead)
 
 
 @pytest.mark.parametrize("attn,message", [
@@ -119,8 +116,8 @@ def test_input_check_runs_once_per_signature(worlds):
 GRANULARITY = [  # (world, strategy, kwargs, layout that strategy uses)
     (4, "usp", {"ulysses": 2, "layout": "zigzag"}, TokenLayout("zigzag", 2, 2)),
     (4, "usp", {"ulysses": 2, "layout": "striped"}, TokenLayout("striped", 2, 2)),
-    (4, "wallfacer", {"teams": 2, "layout": "zigzag"}, TokenLayout("zigzag", 2, 2)),
-    (8, "wallfacer", {"teams": 2, "layout": "zigzag"}, TokenLayout("zigzag", 4, 2)),  # 8, not 16
+    (4, "wallfacer", {"team_size": 2, "layout": "zigzag"}, TokenLayout("zigzag", 2, 2)),
+    (8, "wallfacer", {"team_size": 2, "layout": "zigzag"}, TokenLayout("zigzag", 4, 2)),  # 8, not 16
     (4, "ring", {"layout": "zigzag"}, TokenLayout("zigzag", 4)),
     (4, "allgather", {"layout": "zigzag"}, TokenLayout("zigzag", 4)),
     (4, "ulysses", {}, TokenLayout("contiguous", 1, 4)),

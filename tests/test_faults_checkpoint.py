@@ -7,7 +7,6 @@ flipped inside a tensor of a DCP shard, or a truncated `.metadata`.
 
 Every test runs a tiny model (2 layers, dim 32, 64 tokens) on a 2-rank gloo world.
 """
-import dataclasses
 import hashlib
 import json
 import math
@@ -25,6 +24,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from checks.train import run_training, training_error
 from seqpar.data import stdlib_corpus
 from seqpar.train import TrainConfig, Trainer, build_config
+from seqpar.train.config import FLAGS
 
 WORLD = 2
 BASE = dict(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=64, batch=2, warmup=1, lr=1e-2,
@@ -32,7 +32,7 @@ BASE = dict(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, seq_len
             layout="zigzag", nproc=WORLD)
 HUGE_LR = dict(lr=1e30, min_lr=0.0)  # one AdamW step moves every weight by ~1e30: the next backward is NaN
 LATEST_NAME = "latest"
-FLOAT_FIELDS = [f.name for f in dataclasses.fields(TrainConfig) if isinstance(getattr(TrainConfig(), f.name), float)]
+FLOAT_FIELDS = [name for name, flag in FLAGS.items() if flag.kind is float]
 
 
 def file_digest(path):
@@ -87,7 +87,7 @@ def one_error(errors):
 @pytest.mark.parametrize("name", FLOAT_FIELDS)
 def test_nonfinite_hyperparameters_are_rejected(name, value):
     with pytest.raises(ValueError, match=f"^{name} must be a finite number"):
-        TrainConfig(**{name: value}).validate(world=4)
+        TrainConfig.of(**{name: value}).validate(world=4)
 
 
 def test_nonfinite_strategy_option_is_rejected():
@@ -161,7 +161,7 @@ def test_skip_mode_skips_without_updating_and_stops_after_max_skips(worlds, run_
 def poisoned_save(cfg):
     """Rank 1 alone holds a NaN weight: Trainer.save must refuse on every rank (collective decision)."""
     import torch.distributed as dist
-    trainer = Trainer(TrainConfig(**cfg))
+    trainer = Trainer(TrainConfig.of(**cfg))
     if dist.get_rank() == 1:
         with torch.no_grad():
             next(trainer.model.parameters()).view(-1)[0] = float("nan")

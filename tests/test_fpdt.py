@@ -90,7 +90,7 @@ def test_offload_frees_device_memory_between_forward_and_backward(worlds):
     ({"layout": "zigzag", "chunks": 2}, {}, "layout='contiguous'"),
     ({"ulysses": 2}, {}, "whole group"),
     ({"ring": 2}, {}, "whole group"),
-    ({"teams": 2}, {}, "teams"),
+    ({"team_size": 2}, {}, "does not use team_size=2"),
     ({"offload": "yes"}, {}, "offload"),
     ({"chunks": 0}, {}, "chunks must be >= 1"),
     ({"chunks": 4}, {"seq": 24}, "not divisible by 16"),

@@ -41,17 +41,24 @@ def tiny_input(world, seq, dtype="bfloat16", causal=True, **cluster):
     return PlanInput(Cluster(world, **cluster), TINY, seq, 1, dtype, causal)
 
 
-def wallfacer(layout, teams, placement):
-    return Config("wallfacer", layout, team_size=teams, placement=placement)
+def candidate(strategy, world, layout="contiguous", **options):
+    """The planner's candidate of seqpar.init(strategy, layout=layout, **options) on `world` ranks."""
+    return Config.of(strategy, world, layout=layout, **options)
+
+
+def wallfacer(world, layout, teams, placement):
+    return candidate("wallfacer", world, layout, team_size=teams, placement=placement)
 
 
 CASES = {
-    4: [Config("ring"), Config("ring", "zigzag"), Config("ulysses"), Config("usp", "zigzag", ulysses=2, ring=2),
-        Config("allgather", "zigzag"), Config("lss"), wallfacer("zigzag", 2, "collectives_intra"),
-        wallfacer("striped", 2, "rings_intra"), Config("fpdt", chunks=2), Config("fpdt", chunks=4, offload=True)],
-    8: [Config("ring", "striped"), Config("ulysses"), Config("usp", "zigzag", ulysses=2, ring=4),
-        Config("usp", ulysses=4, ring=2), Config("allgather"), wallfacer("zigzag", 2, "collectives_intra"),
-        wallfacer("contiguous", 2, "rings_intra"), Config("fpdt", chunks=2)],
+    4: [candidate("ring", 4), candidate("ring", 4, "zigzag"), candidate("ulysses", 4),
+        candidate("usp", 4, "zigzag", ulysses=2, ring=2), candidate("allgather", 4, "zigzag"), candidate("lss", 4),
+        wallfacer(4, "zigzag", 2, "collectives_intra"), wallfacer(4, "striped", 2, "rings_intra"),
+        candidate("fpdt", 4, chunks=2), candidate("fpdt", 4, chunks=4, offload=True)],
+    8: [candidate("ring", 8, "striped"), candidate("ulysses", 8), candidate("usp", 8, "zigzag", ulysses=2, ring=4),
+        candidate("usp", 8, ulysses=4, ring=2), candidate("allgather", 8),
+        wallfacer(8, "zigzag", 2, "collectives_intra"), wallfacer(8, "contiguous", 2, "rings_intra"),
+        candidate("fpdt", 8, chunks=2)],
 }
 
 
@@ -72,7 +79,7 @@ def test_predicted_bytes_equal_comm_stats(worlds, world, dtype, causal):
 @pytest.mark.parametrize("causal", [True, False])
 def test_fpdt_host_copies_equal_offload_stats(worlds, causal):
     got = worlds.run(4, fpdt_host_copies, 4, seq=64, dtype="bfloat16", causal=causal, **SHAPE)
-    predicted = fpdt_host_bytes(tiny_input(4, 64, causal=causal), Config("fpdt", chunks=4, offload=True))
+    predicted = fpdt_host_bytes(tiny_input(4, 64, causal=causal), candidate("fpdt", 4, chunks=4, offload=True))
     assert all(g == predicted for g in got) and predicted["fwd"] > 0
 
 
@@ -82,7 +89,7 @@ def test_paper_example_volumes():
     collective + 0.406 GB P2P per block per rank (GB = GiB; forward, activation dtype)."""
     p, c, n, h, e = 64, 4, 65536, 6656, 2
     inp = PlanInput(Cluster(p, 8), MODEL_PRESETS["llama-30b"], n, 1, "bfloat16", True)
-    ring_cfg, wf_cfg = Config("ring", "zigzag"), wallfacer("zigzag", c, "collectives_intra")
+    ring_cfg, wf_cfg = candidate("ring", p, "zigzag"), wallfacer(p, "zigzag", c, "collectives_intra")
     ring, wf = paper_block_volume(inp, ring_cfg), paper_block_volume(inp, wf_cfg)
     assert (round(ring["p2p"] / GiB, 3), ring["collective"]) == (1.625, 0)
     assert (round(wf["collective"] / GiB, 3), round(wf["p2p"] / GiB, 3)) == (0.152, 0.406)
@@ -156,7 +163,7 @@ def test_contiguous_causal_ring_pays_the_busiest_rank():
     """Compute-bound: every step after the first waits for a full block on the last rank
     (contiguous) instead of half blocks everywhere (zigzag)."""
     inp = tiny_input(8, 4096, intra_bw=1e9, inter_bw=1e9, intra_lat=0, inter_lat=0)
-    t = {lay: evaluate(inp, Config("ring", lay)).attention_time for lay in ("contiguous", "zigzag")}
+    t = {lay: evaluate(inp, candidate("ring", 8, lay)).attention_time for lay in ("contiguous", "zigzag")}
     assert t["contiguous"] / t["zigzag"] == pytest.approx((0.5 + 7) / (0.5 + 7 * 0.5), rel=1e-3)
 
 
@@ -168,7 +175,8 @@ def test_mean_document_length_scales_attention_compute_not_bytes():
     assert PlanInput(Cluster(4), TINY, 128, causal=False, mean_doc_len=8).attention_fraction == 8 / 128
     fast = dict(intra_bw=1e9, inter_bw=1e9, intra_lat=0, inter_lat=0)
     whole, packed = (PlanInput(Cluster(8, **fast), TINY, 4096, mean_doc_len=L) for L in (None, 256))
-    for cfg in (Config("ring", "zigzag"), Config("ulysses"), wallfacer("zigzag", 2, "collectives_intra")):
+    cases = (candidate("ring", 8, "zigzag"), candidate("ulysses", 8), wallfacer(8, "zigzag", 2, "collectives_intra"))
+    for cfg in cases:
         a, b = evaluate(whole, cfg), evaluate(packed, cfg)
         assert a.comm_bytes == b.comm_bytes
         assert b.attention_time / a.attention_time == pytest.approx(257 / 4097, rel=0.02)
@@ -187,7 +195,8 @@ def test_mean_document_length_scales_attention_compute_not_bytes():
     (lambda: ModelShape(2, 64, 8, 3, 10, 10), "multiple of kv_heads"),
     (lambda: PlanInput(Cluster(8), TINY, 100), "not divisible by the world size"),
     (lambda: PlanInput(Cluster(8), TINY, 64, dtype="int8"), "unknown dtype"),
-    (lambda: plan(PlanInput(Cluster(8), TINY, 64), ["magic"]), "no cost model for strategy"),
+    (lambda: plan(PlanInput(Cluster(8), TINY, 64), ["magic"]), "unknown strategy 'magic'"),
+    (lambda: plan(PlanInput(Cluster(8), TINY, 64), ["local"]), "strategy 'local' has no cost model"),
 ])
 def test_invalid_inputs_raise(build, match):
     with pytest.raises(ValueError, match=match):
@@ -195,7 +204,7 @@ def test_invalid_inputs_raise(build, match):
 
 
 def test_invalid_layout_granularity_is_reported():
-    c = evaluate(tiny_input(8, 8), Config("ring", "zigzag"))
+    c = evaluate(tiny_input(8, 8), candidate("ring", 8, "zigzag"))
     assert not c.valid and "not divisible by 16" in c.reason
 
 

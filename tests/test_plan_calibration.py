@@ -150,7 +150,7 @@ def test_shared_cores_make_imbalance_cheaper():
     for factor in (1.0, 2.0):
         inp = PlanInput(Cluster(4, 4, calibration=hand_calibration(together_factor=factor, slots=4 / factor)), model,
                         1024, 1, "float32", True)
-        times[factor] = {lay: evaluate(inp, Config("ring", lay)) for lay in ("zigzag", "contiguous")}
+        times[factor] = {lay: evaluate(inp, Config.of("ring", 4, layout=lay)) for lay in ("zigzag", "contiguous")}
         times[factor] = {lay: c.attention_time - c.exposed_comm_time for lay, c in times[factor].items()}  # compute
     assert times[2.0]["zigzag"] == pytest.approx(2 * times[1.0]["zigzag"], rel=0.02)  # balanced: all share
     assert times[2.0]["contiguous"] / times[1.0]["contiguous"] < 1.7  # the idle ranks' cores go to the busy ones

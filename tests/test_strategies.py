@@ -95,7 +95,7 @@ BAD = [  # (world, strategy, init kwargs, attention kwargs, message fragment)
     (4, "local", {}, {}, "needs a sequence-parallel group of 1 rank"),
     (4, "ring", {"layout": "spiral"}, {}, "unknown layout"),
     (4, "sparse", {}, {}, "unknown strategy"),
-    (4, "ring", {"teams": 2}, {}, "does not use teams"),
+    (4, "ring", {"team_size": 2}, {}, "does not use team_size"),
     (4, "usp", {"ulysses": 2, "bogus": 1}, {}, "does not take option"),
     (4, "ring", {}, {"seq": 16, "per_rank_seq": {2: 8}}, "mismatched inputs"),
     (4, "ring", {}, {"seq": 16, "heads": 4, "kv_heads": 3}, "multiple of kv_heads"),

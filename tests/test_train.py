@@ -218,9 +218,12 @@ def test_out_of_vocab_tokens_are_rejected():
 
 
 @pytest.mark.parametrize("text,suffix,message", [
-    ('dim = 64\nbogus = 1\n', ".toml", "unknown key 'bogus'"),
+    ('[model]\ndim = 64\nbogus = 1\n', ".toml", r"\[model\]: unknown key 'bogus'; valid keys"),
     ('[model]\ndim = "wide"\n', ".toml", "dim must be int"),
-    ('[nonsense]\ndim = 64\n', ".toml", "unknown key 'nonsense'"),
+    ('[nonsense]\ndim = 64\n', ".toml", "unknown table or top-level key 'nonsense'"),
+    ('dim = 64\n', ".toml", "top-level key 'dim'.*; it belongs in \\[model\\]"),
+    ('[model]\nseq_len = 64\n', ".toml", r"\[model\]: unknown key 'seq_len'; it belongs in \[data\]"),
+    ('[parallel]\nteam_size = 0\n', ".toml", "team_size must be >= 1"),
     ('dim = [\n', ".toml", "cannot parse"),
     ('model:\n  dim: 64\n  lr_typo: 1\n', ".yaml", "unknown key 'lr_typo'"),
 ])
@@ -232,10 +235,11 @@ def test_config_file_errors(tmp_path, text, suffix, message):
 
 
 def test_config_files_and_flags_compose(tmp_path):
-    (tmp_path / "c.yaml").write_text("model:\n  dim: 64\nparallel:\n  strategy: usp\n  ulysses: 2\nlr: 1\n")
+    (tmp_path / "c.yaml").write_text("model:\n  dim: 64\nparallel:\n  strategy: usp\n  ulysses: 2\noptim:\n  lr: 1\n")
     cfg = build_config(["--config", str(tmp_path / "c.yaml"), "--ulysses", "4", "--no-plot"])
-    assert (cfg.dim, cfg.strategy, cfg.ulysses, cfg.lr, cfg.plot) == (64, "usp", 4, 1.0, False)
-    assert build_config(["--config", "tiny"]).dim == load_config("tiny")["dim"]  # packaged config
+    got = (cfg.model.dim, cfg.parallel.strategy, cfg.parallel.options.ulysses, cfg.optim.lr, cfg.output.plot)
+    assert got == (64, "usp", 4, 1.0, False)
+    assert build_config(["--config", "tiny"]).model.dim == load_config("tiny").model.dim == 64  # packaged config
     with pytest.raises(FileNotFoundError, match="packaged configs"):
         load_config("no-such-config")
 
@@ -251,7 +255,7 @@ def test_config_files_and_flags_compose(tmp_path):
 ])
 def test_bad_configs_are_clear_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
-        TrainConfig(**overrides).validate(world=4)
+        TrainConfig.of(**overrides).validate(world=4)
 
 
 def test_cli_end_to_end(tmp_path):
@@ -275,7 +279,7 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_packaged_default_config_is_the_default():
-    assert TrainConfig(**load_config("default")) == TrainConfig()
+    assert load_config("default") == TrainConfig()
 
 
 def test_cli_reports_errors_found_inside_workers(tmp_path):

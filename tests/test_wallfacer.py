@@ -23,10 +23,7 @@ def assert_exact(res, tol=FP64_TOL):
     (8, 2, "contiguous", True, 1),
     (8, 2, "striped", True, 4),
     (8, 1, "zigzag", True, 2),
-    (16, 4, "zigzag", True, 2),
-    (16, 4, "contiguous", False, 4),
-    (16, 2, "zigzag", True, 4),
-])
+])  # 16-rank worlds (C = 4, sub-rings of 4) run in benchmarks/large_worlds.py: the suite keeps <= 8 processes
 def test_exact_fp64(worlds, ranks, teams, layout, causal, kv_heads):
     res = worlds.run(ranks, attention_exactness, "wallfacer", {"team_size": teams, "layout": layout},
                      seq=64, heads=4, kv_heads=kv_heads, causal=causal)
@@ -96,9 +93,9 @@ def test_skewed_placement_covers_every_team_once():
     ({"team_size": 4}, "C^2=16 to divide 8 ranks"),
     ({"team_size": 0}, "must be >= 1"),
     ({"team_size": 2, "placement": "nodes"}, "unknown placement 'nodes'"),
-    ({"team_size": 2, "ranks_per_node": 0}, "ranks_per_node must be a positive integer"),
+    ({"team_size": 2, "ranks_per_node": 0}, "ranks_per_node must be >= 1"),
     ({"team_size": 2, "ulysses": 2}, "does not use ulysses=2"),
-    ({"teams": 3}, "team_size=3 does not divide 8 ranks"),
+    ({"teams": 3}, "does not take option(s) ['teams']"),  # the 0.x alias is gone
     ({"team_size": 2, "ring_size": 2}, "does not take option(s) ['ring_size']"),
 ])
 def test_bad_configs_raise(worlds, kwargs, message):
@@ -118,7 +115,7 @@ def test_bad_sequence_length_raises(worlds):
 B, N, HEADS, KV_HEADS, D, W = 1, 64, 4, 2, 8, 4  # fp32 words
 
 
-@pytest.mark.parametrize("ranks,teams", [(8, 2), (16, 4)])
+@pytest.mark.parametrize("ranks,teams", [(8, 2)])  # (16, 4): benchmarks/large_worlds.py
 def test_comm_bytes_match_formulas(worlds, ranks, teams):
     """Collectives: exactly the paper's 4BNH(C-1)/P (q, k, v, o; GQA-sized k/v) plus the
     partial-LSE gather; P2P: 2BNH/C (placement + G-1 rotations; self-sends skipped),

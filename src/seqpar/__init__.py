@@ -4,7 +4,7 @@
     q, k, v = (ctx.shard(t) for t in (q_full, k_full, v_full))
     out = ctx.attention(q, k, v, causal=True)
 """
-from .attention import STRATEGIES, Settings
+from .attention import STRATEGIES, Settings, Strategy, StrategyOptions, register
 from .comm import CommStats
 from .context import SeqParallel, init, resolve
 from .kernels import available_kernels, get_kernel
@@ -12,5 +12,6 @@ from .layout import LAYOUTS, TokenLayout
 from .modules import SequenceParallelAttention, UlyssesAttention
 
 __version__ = "0.1.0"
-__all__ = ["init", "resolve", "Settings", "SeqParallel", "SequenceParallelAttention", "UlyssesAttention",
-           "CommStats", "TokenLayout", "LAYOUTS", "STRATEGIES", "get_kernel", "available_kernels", "__version__"]
+__all__ = ["init", "resolve", "Settings", "StrategyOptions", "Strategy", "register", "SeqParallel",
+           "SequenceParallelAttention", "UlyssesAttention", "CommStats", "TokenLayout", "LAYOUTS", "STRATEGIES",
+           "get_kernel", "available_kernels", "__version__"]

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .kernels import accum_dtype
+from .offload import host_store
 
 __all__ = ["chunked_mlp", "chunked_lm_loss", "count_tokens", "offloaded_checkpoint"]
 
@@ -141,6 +142,5 @@ def offloaded_checkpoint(block: Callable[..., Tensor], x: Tensor, *args) -> Tens
     memory between forward and backward (pinned buffers and a side stream on CUDA, a
     numpy-owned copy on CPU), so a checkpointed model keeps no per-token state on the device.
     Exact: the backward recomputes the same operations. `args` are not differentiated."""
-    from .offload import host_store
     return _OffloadedCheckpoint.apply(x, block, host_store(x.device), *args)
 

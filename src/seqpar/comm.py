@@ -24,9 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-# torch >= 2.13 renames the tensor collectives; keep working on older releases.
-_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather_tensor = dist.all_gather_single  # torch 2.13's names (the *_into_tensor ones are deprecated)
+_reduce_scatter_tensor = dist.reduce_scatter_single
 
 __all__ = ["CommStats", "Comm", "RingComm", "PendingRecv", "all_to_all_autograd"]
 

@@ -5,9 +5,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
-from .attention import Settings, StrategyConfig, get_strategy
+from .attention import Settings, StrategyOptions, get_strategy
+from .attention.fpdt_block import BlockFunctions
 from .comm import Comm, CommStats
 from .documents import DocMask, Documents, check_cu_seqlens, document_positions
 from .inputcheck import InputChecker
@@ -15,7 +16,7 @@ from .kernels import BlockKernel, CountingKernel, FlopStats, check_kernel_name, 
 from .layout import DOCUMENTS, TokenLayout
 from .mesh import Mesh
 
-__all__ = ["SeqParallel", "init", "resolve"]
+__all__ = ["SeqParallel", "SequenceParallelAttention", "init", "resolve"]
 
 class SeqParallel:
     """Sequence-parallel context over one process group (the sequence-parallel group).
@@ -25,14 +26,14 @@ class SeqParallel:
     `check_inputs` and `input_checks` (cross-rank input-check collectives run so far).
     """
 
-    def __init__(self, strategy: str, cfg: StrategyConfig, group: dist.ProcessGroup | None = None,
+    def __init__(self, strategy: str, options: StrategyOptions, group: dist.ProcessGroup | None = None,
                  kernel: str | BlockKernel = "auto", check_inputs: bool = True,
                  stats: CommStats | None = None):
         self.mesh = Mesh(group)
         self.group = self.mesh.group
         self.size, self.rank = self.mesh.size, self.mesh.rank
         cls = get_strategy(strategy)
-        self.settings: Settings = cls.resolve(cfg, self.size)
+        self.settings: Settings = cls.resolve(options, self.size)
         self.stats = stats if stats is not None else CommStats()
         self.comm = Comm(self.group, self.stats)
         check_kernel_name(kernel)
@@ -138,7 +139,6 @@ class SeqParallel:
         kv = x.new_zeros((), dtype=dtype).expand(b, s, kv_heads, head_dim)
         rows = self._inputs.validate(q, kv, kv, causal, self.layout, cu_seqlens)
         mask = None if rows is None else self._mask(rows, causal)
-        from .attention.fpdt_block import BlockFunctions
         fns = BlockFunctions(project, finish, tuple(params), heads, kv_heads, head_dim)
         return self.strategy.chunked_block(x, fns, causal, default_scale(head_dim, scale),
                                            self.kernel_for(x.device, dtype), mask, recompute)
@@ -184,36 +184,54 @@ class SeqParallel:
     def describe(self) -> dict[str, Any]:
         return {**self.strategy.describe(), "size": self.size, "rank": self.rank, "kernel": str(self.kernel_name)}
 
-    def as_module(self) -> "torch.nn.Module":
-        """This context's attention as an `nn.Module` (see `seqpar.modules.SequenceParallelAttention`)."""
-        from .modules import SequenceParallelAttention
+    def as_module(self) -> "SequenceParallelAttention":
+        """This context's attention as an `nn.Module`."""
         return SequenceParallelAttention(self)
 
     def __repr__(self) -> str:
         return f"SeqParallel({self.describe()})"
 
 
+class SequenceParallelAttention(nn.Module):
+    """A SeqParallel context's exact attention: forward(q, k, v, causal, scale) -> out."""
+
+    def __init__(self, ctx: SeqParallel):
+        super().__init__()
+        self.ctx = ctx
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
+                cu_seqlens=None) -> Tensor:
+        """q [b, s_local, h, d], k/v [b, s_local, hkv, d] -> out [b, s_local, h, d]; cu_seqlens:
+        global document boundaries (see `SeqParallel.attention`)."""
+        return self.ctx.attention(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.ctx.strategy.describe().items())
+
+
 def init(strategy: str, *, group: dist.ProcessGroup | None = None, kernel: str | BlockKernel = "auto",
          check_inputs: bool = True, stats: CommStats | None = None, **options: Any) -> SeqParallel:
     """Build a sequence-parallel context from an initialised torch.distributed.
 
-    strategy: local | ring | ulysses | usp | allgather | wallfacer | lss | fpdt
-    options (each strategy takes only those it uses, and defaults what is not given):
-      layout: contiguous | zigzag | striped (default: zigzag for ring, usp (ring > 1), allgather,
-      wallfacer, lss; contiguous for ulysses, fpdt, local); ulysses / ring: USP degrees
-      (ulysses x ring = group size); team_size: WallFacer C (default 2 when 4 divides the
-      group size; `teams` is its deprecated alias); chunks / offload: FPDT;
-      placement: USP / WallFacer topology; ranks_per_node: WallFacer.
+    strategy: a registered name (`seqpar.STRATEGIES`: local, ring, ulysses, usp, allgather,
+      wallfacer, lss, fpdt and any registered from outside).
+    options: the schema `seqpar.StrategyOptions` (each strategy takes only those it uses and
+      defaults what is not given): layout: contiguous | zigzag | striped | documents (default:
+      zigzag for ring, usp (ring > 1), allgather, wallfacer, lss; contiguous for ulysses, fpdt,
+      local); ulysses / ring: USP degrees (ulysses x ring = group size); team_size: WallFacer C
+      (default 2 when 4 divides the group size); chunks / offload: FPDT; placement: USP /
+      WallFacer topology; ranks_per_node: WallFacer; plus the options of a strategy registered
+      from outside.
     group: the sequence-parallel group (default WORLD); kernel: block kernel name or "auto";
     check_inputs: verify that every rank passes valid, matching q/k/v (one tiny all-gather the
     first time each shape/dtype/mask signature is seen; every rank raises the same error).
     Collective: every rank of `group` must call it with the same arguments.
     """
-    cfg = StrategyConfig.from_kwargs(**options)
-    return SeqParallel(strategy, cfg, group=group, kernel=kernel, check_inputs=check_inputs, stats=stats)
+    return SeqParallel(strategy, StrategyOptions.from_kwargs(**options), group=group, kernel=kernel,
+                       check_inputs=check_inputs, stats=stats)
 
 
 def resolve(strategy: str, size: int, **options: Any) -> Settings:
     """The settings `seqpar.init(strategy, **options)` would use on a group of `size` ranks,
     or the ValueError it would raise — without a process group (planner, trainer, CLI)."""
-    return get_strategy(strategy).resolve(StrategyConfig.from_kwargs(**options), size)
+    return get_strategy(strategy).resolve(StrategyOptions.from_kwargs(**options), size)

@@ -20,13 +20,10 @@ FPDT its chunks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Hashable, Sequence
+from typing import Any, Hashable, Sequence
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from .layout import TokenLayout
 
 __all__ = ["Documents", "DocMask", "BPair", "cu_seqlens_error", "document_positions", "visible_pairs"]
 
@@ -188,7 +185,7 @@ class DocMask:
 
     docs: Documents
     causal: bool
-    layout: "TokenLayout | None" = None  # the batch's documents layout (positions of outer ranks)
+    layout: Any = None  # the batch's documents layout (a TokenLayout: positions of the outer ranks)
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def pairs(self, q_pos: Tensor, kv_pos: Tensor, key: Hashable = None) -> list[BPair]:

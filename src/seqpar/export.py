@@ -17,6 +17,12 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from .checkpoint import read_model_state, resolve_checkpoint
+from .model import Transformer
+from .train.config import TrainConfig
+
 __all__ = ["add_arguments", "main", "export_run", "export_builtin", "load_builtin", "llama_key", "llama_config"]
 
 
@@ -31,19 +37,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest", model_dir: str | None = None,
                dtype: str | None = None) -> Path:
-    import torch
-
     run = Path(run_dir)
     info_path = run / "config.json"
     if not info_path.is_file():
         raise FileNotFoundError(f"{str(run)!r} is not a seqpar training run directory (no config.json)")
     try:
-        config = json.loads(info_path.read_text())["config"]
+        config = TrainConfig.from_tables(json.loads(info_path.read_text())["config"], str(info_path))
     except (ValueError, KeyError) as e:
         raise ValueError(f"{str(info_path)!r} is not a seqpar run config: {e}") from None
-    if config.get("model", "llama") != "llama":
-        raise ValueError(f"run {str(run)!r} trained a {config['model']!r} model; seqpar export writes language models")
-    model_dir = model_dir or config.get("hf_model")
+    if config.model.kind != "llama":
+        raise ValueError(f"run {str(run)!r} trained a {config.model.kind!r} model; seqpar export writes language "
+                         "models")
+    model_dir = model_dir or config.model.hf_model
     ckpt = run / "checkpoints" if checkpoint == "latest" else Path(checkpoint)
     from .hf import export_checkpoint
     if not model_dir:
@@ -79,34 +84,28 @@ def llama_config(cfg, max_positions: int):
                        attention_bias=False, mlp_bias=False, hidden_act="silu", initializer_range=cfg.init_std)
 
 
-def load_builtin(checkpoint: Path, run_config: dict, ctx=None):
-    """(Transformer with the checkpoint's weights, on `ctx`, its TrainConfig), in this one process."""
-    import torch
-
-    from .checkpoint import read_model_state, resolve_checkpoint
-    from .model import Transformer
-    from .train.config import TrainConfig
-    cfg = TrainConfig(**{k: v for k, v in run_config.items() if k in TrainConfig.__dataclass_fields__})
+def load_builtin(checkpoint: Path, cfg: TrainConfig, ctx=None) -> Transformer:
+    """The run's Transformer with the checkpoint's weights, on `ctx`, in this one process."""
     path = resolve_checkpoint(str(checkpoint), checkpoint, verify="full")
-    model = Transformer(cfg.model_config(), ctx).to({"float64": torch.float64}.get(cfg.dtype, torch.float32))
+    model = Transformer(cfg.model_config(), ctx).to({"float64": torch.float64}.get(cfg.optim.dtype, torch.float32))
     state = model.state_dict()
     try:
         read_model_state(path, state)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {str(path)!r} does not hold this run's model: {e}") from None
     model.load_state_dict(state)
-    return model, cfg
+    return model
 
 
-def export_builtin(checkpoint: Path, run_config: dict, out_dir: str | Path, dtype=None) -> Path:
+def export_builtin(checkpoint: Path, cfg: TrainConfig, out_dir: str | Path, dtype=None) -> Path:
     """A checkpoint of the built-in Transformer -> a LlamaForCausalLM `save_pretrained` directory."""
     from transformers import LlamaForCausalLM
 
     from .hf import check_export_dir, save_pretrained_dir
     check_export_dir(out_dir)
-    model, cfg = load_builtin(checkpoint, run_config)
+    model = load_builtin(checkpoint, cfg)
     stored = next(model.parameters()).dtype
-    llama = LlamaForCausalLM(llama_config(model.cfg, max(cfg.seq_len, 2048))).to(dtype or stored)
+    llama = LlamaForCausalLM(llama_config(model.cfg, max(cfg.data.seq_len, 2048))).to(dtype or stored)
     missing, unexpected = llama.load_state_dict({llama_key(k): v for k, v in model.state_dict().items()}, strict=False)
     if missing or unexpected:
         raise ValueError(f"weight mapping incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")

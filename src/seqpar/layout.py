@@ -30,13 +30,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .documents import DocMask
+from .documents import DocMask
 
 __all__ = ["LAYOUTS", "DOCUMENTS", "TokenLayout", "block_pairs", "document_zigzag"]
 
@@ -126,7 +125,7 @@ class TokenLayout:
         return x.index_select(dim, idx)
 
     def block_pairs(self, causal: bool, q_rank: int, kv_rank: int, n_local: int,
-                    mask: "DocMask | None" = None) -> list:
+                    mask: DocMask | None = None) -> list:
         """Blocks for outer ranks q_rank, kv_rank holding n_local tokens each: this layout's causal
         rule (see `block_pairs`), or with a document mask its sub-blocks (`DocMask.pairs`)."""
         if mask is None:

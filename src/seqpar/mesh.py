@@ -12,12 +12,13 @@ from typing import Mapping, Sequence
 
 import torch.distributed as dist
 
-__all__ = ["Mesh", "Grid2D", "require_initialized", "PLACEMENTS", "check_placement", "axis_order",
+__all__ = ["Mesh", "Grid2D", "require_initialized", "PLACEMENTS", "DEFAULT_PLACEMENT", "check_placement", "axis_order",
            "physical_rank"]
 
 # Which traffic stays inside a node: the ranks of a collective group (Ulysses all-to-all,
 # WallFacer team) or of a ring (USP ring, WallFacer sub-ring) are made consecutive.
 PLACEMENTS = ("collectives_intra", "rings_intra")
+DEFAULT_PLACEMENT = "collectives_intra"
 
 
 def require_initialized() -> None:

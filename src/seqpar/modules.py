@@ -8,37 +8,18 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from .attention.ulysses import gather_heads, scatter_heads
 from .comm import Comm, CommStats
+from .context import SequenceParallelAttention
 from .layout import TokenLayout
 from .mesh import Mesh
 
-if TYPE_CHECKING:
-    from .context import SeqParallel
-
 __all__ = ["SequenceParallelAttention", "UlyssesAttention"]
-
-
-class SequenceParallelAttention(nn.Module):
-    """A SeqParallel context's exact attention: forward(q, k, v, causal, scale) -> out."""
-
-    def __init__(self, ctx: "SeqParallel"):
-        super().__init__()
-        self.ctx = ctx
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
-                cu_seqlens=None) -> Tensor:
-        """q [b, s_local, h, d], k/v [b, s_local, hkv, d] -> out [b, s_local, h, d]; cu_seqlens:
-        global document boundaries (see `SeqParallel.attention`)."""
-        return self.ctx.attention(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.ctx.strategy.describe().items())
 
 
 class UlyssesAttention(nn.Module):

@@ -10,9 +10,10 @@ import argparse
 import json
 
 from .attention import STRATEGIES
+from .attention.options import add_option_arguments, options_from_args
 from .context import resolve
-from .layout import LAYOUTS
-from .mesh import PLACEMENTS
+from .testing import ProcessWorld, WorkerError
+from .testing.checks import attention_exactness
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2}
 
@@ -20,15 +21,7 @@ TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="ring", choices=sorted(STRATEGIES))
     p.add_argument("--world", type=int, default=4, help="number of local gloo processes")
-    p.add_argument("--ulysses", type=int, default=None, help="USP Ulysses degree")
-    p.add_argument("--ring", type=int, default=None, help="USP ring degree")
-    p.add_argument("--team-size", "--teams", dest="team_size", type=int, default=None,
-                   help="WallFacer team size C (--teams: deprecated alias)")
-    p.add_argument("--placement", default=None, choices=PLACEMENTS, help="USP / WallFacer placement on the topology")
-    p.add_argument("--ranks-per-node", type=int, default=None, help="WallFacer: ranks per node (default: detect)")
-    p.add_argument("--chunks", type=int, default=None, help="FPDT chunks")
-    p.add_argument("--offload", action="store_true", default=None)
-    p.add_argument("--layout", default=None, choices=LAYOUTS, help="default: the strategy's")
+    add_option_arguments(p)  # the strategy options, from their one schema (seqpar.StrategyOptions)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=64)
@@ -41,16 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _init_kwargs(args: argparse.Namespace) -> dict:
     """The options given on the command line, resolved as `seqpar.init` would (clear error if invalid)."""
-    given = {name: getattr(args, name) for name in ("layout", "ulysses", "ring", "team_size", "chunks", "offload",
-                                                    "placement", "ranks_per_node")
-             if getattr(args, name) is not None}
-    return resolve(args.strategy, args.world, **given).init_kwargs()
+    return resolve(args.strategy, args.world, **options_from_args(args).given()).init_kwargs()
 
 
 def main(args: argparse.Namespace) -> int:
-    from .testing import ProcessWorld, WorkerError
-    from .testing.checks import attention_exactness
-
     init_kwargs = _init_kwargs(args)  # before any process starts
     with ProcessWorld(args.world) as world:
         try:

@@ -17,6 +17,8 @@ import tempfile
 import traceback
 from typing import Any, Callable
 
+import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 __all__ = ["ProcessWorld", "WorldPool", "WorkerError", "start_ranks", "init_local_gloo"]
@@ -50,8 +52,6 @@ def start_ranks(target: Callable[..., None], size: int, args_of: Callable[[int],
 
 def init_local_gloo(rank: int, size: int, init_file: str, timeout_s: float, threads: int = 1) -> None:
     """In a worker: `threads` torch threads and a gloo process group over loopback (file:// rendezvous)."""
-    import torch
-    import torch.distributed as dist
 
     torch.set_num_threads(threads)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -60,7 +60,6 @@ def init_local_gloo(rank: int, size: int, init_file: str, timeout_s: float, thre
 
 
 def _worker(rank: int, size: int, init_file: str, tasks, results, threads: int, pg_timeout: float) -> None:
-    import torch.distributed as dist
 
     init_local_gloo(rank, size, init_file, pg_timeout, threads)
     results.put(("ready", rank, None))

@@ -200,7 +200,7 @@ def training_step_memory(cfg: dict[str, Any]) -> dict[str, float]:
     from seqpar.train import TrainConfig, Trainer
     from seqpar.train.trainer import backward_global_mean
 
-    trainer = Trainer(TrainConfig(**cfg))
+    trainer = Trainer(TrainConfig.of(**cfg))
     trainer.train_step()
     params = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
     optim = sum(t.numel() * t.element_size() for s in trainer.optimizer.state.values() for t in s.values()

@@ -113,8 +113,9 @@ def builtin_logits(run_dir: str, tokens: list[list[int]]) -> list:
 
     import seqpar
     from seqpar.export import load_builtin
-    config = json.loads((Path(run_dir) / "config.json").read_text())["config"]
-    model, _ = load_builtin(Path(run_dir) / "checkpoints", config, seqpar.init("local"))
+    from seqpar.train import TrainConfig
+    config = TrainConfig.from_tables(json.loads((Path(run_dir) / "config.json").read_text())["config"])
+    model = load_builtin(Path(run_dir) / "checkpoints", config, seqpar.init("local"))
     t = torch.tensor(tokens)
     with torch.no_grad():
         return model(t, torch.arange(t.shape[1])).tolist()

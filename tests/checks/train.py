@@ -143,7 +143,7 @@ def first_step_gradients(cfg: dict[str, Any]) -> dict[str, torch.Tensor] | None:
     Full (unsharded) gradients on rank 0, None elsewhere. Uses its own out_dir subfolder and
     never resumes, so it can run next to `run_training(cfg)`.
     """
-    trainer = Trainer(TrainConfig(**{**cfg, "grad_clip": 0.0, "resume": "", "checkpoint_every": 0,
+    trainer = Trainer(TrainConfig.of(**{**cfg, "grad_clip": 0.0, "resume": "", "checkpoint_every": 0,
                                      "out_dir": os.path.join(cfg["out_dir"], "first_step")}))
     captured: dict[str, torch.Tensor] = {}
     hook = trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: captured.update(
@@ -160,13 +160,13 @@ def first_step_gradients(cfg: dict[str, Any]) -> dict[str, torch.Tensor] | None:
 
 
 def run_training(cfg: dict[str, Any], *, gradients: bool = False) -> dict[str, Any]:
-    """Train(TrainConfig(**cfg)) on this world: losses and val losses (global means, the same on
+    """Train(TrainConfig.of(**cfg)) on this world: losses and val losses (global means, the same on
     every rank), rank 0's metrics records (per-step loss, grad_norm, comm bytes, ...) and
     `param_digest`, a hash of this rank's parameters after training (bitwise the same on every
     rank unless FSDP shards them). gradients=True adds `first_step_grads`
     (`first_step_gradients(cfg)`, rank 0; None elsewhere)."""
     first = first_step_gradients(cfg) if gradients else None
-    trainer = Trainer(TrainConfig(**cfg))
+    trainer = Trainer(TrainConfig.of(**cfg))
     result = trainer.run()
     return {"losses": result["losses"], "val_losses": result["val_losses"], "records": result["records"],
             "param_digest": _param_digest(trainer.model), "first_step_grads": first}
@@ -175,7 +175,7 @@ def run_training(cfg: dict[str, Any], *, gradients: bool = False) -> dict[str, A
 def training_error(cfg: dict[str, Any]) -> str:
     """The ValueError/FileNotFoundError message training raises on this rank ('' if it trains)."""
     try:
-        train(TrainConfig(**cfg))
+        train(TrainConfig.of(**cfg))
     except (ValueError, FileNotFoundError) as e:
         return f"{type(e).__name__}: {e}"
     return ""
@@ -200,7 +200,7 @@ def step_overheads(cfg: dict[str, Any], steps: int = 6, warmup: int = 2) -> dict
     `steps` steps after `warmup`."""
     import statistics
 
-    trainer = Trainer(TrainConfig(**cfg))
+    trainer = Trainer(TrainConfig.of(**cfg))
     timings: dict[str, list[float]] = {}
 
     def timed(name, fn):

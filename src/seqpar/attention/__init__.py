@@ -1,41 +1,17 @@
 """Sequence-parallel attention strategies, one module (and one autograd Function) each.
 
-Strategies register themselves by name; `get_strategy` imports the module lazily.
+Each strategy module registers its class with `@register(name)` (attention/registry.py);
+importing this package registers the built-in ones, in the planner's order. `STRATEGIES`
+is the live registry (name -> class): strategies registered from outside appear in it.
 """
 from __future__ import annotations
 
-import importlib
+# built-in strategies, registered on import in this order: the planner's order for ties
+# isort: off
+from . import local, ring, ulysses, usp, allgather, lss, fpdt, wallfacer  # noqa: F401
+# isort: on
+from .base import Strategy
+from .options import Settings, StrategyOptions
+from .registry import STRATEGIES, get_strategy, register
 
-from .base import Settings, Strategy, StrategyConfig
-
-__all__ = ["Strategy", "StrategyConfig", "Settings", "STRATEGIES", "register", "get_strategy"]
-
-# name -> module defining it (imported on first use)
-STRATEGIES = {
-    "local": "seqpar.attention.local",
-    "ring": "seqpar.attention.ring",
-    "ulysses": "seqpar.attention.ulysses",
-    "usp": "seqpar.attention.usp",
-    "allgather": "seqpar.attention.allgather",
-    "wallfacer": "seqpar.attention.wallfacer",
-    "lss": "seqpar.attention.lss",
-    "fpdt": "seqpar.attention.fpdt",
-}
-_REGISTRY: dict[str, type[Strategy]] = {}
-
-
-def register(name: str):
-    """Class decorator: make a Strategy subclass available under `name`."""
-    def deco(cls: type[Strategy]) -> type[Strategy]:
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-    return deco
-
-
-def get_strategy(name: str) -> type[Strategy]:
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}")
-    if name not in _REGISTRY:
-        importlib.import_module(STRATEGIES[name])
-    return _REGISTRY[name]
+__all__ = ["Strategy", "StrategyOptions", "Settings", "STRATEGIES", "register", "get_strategy"]

@@ -14,8 +14,8 @@ from ..comm import Comm
 from ..documents import DocMask
 from ..kernels import BlockKernel, LseAccumulator
 from ..layout import TokenLayout
-from . import register
 from .base import Strategy, backward_blocks, forward_blocks, grad_buffers
+from .registry import register
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,11 @@ class AllGatherAttention(torch.autograd.Function):
 
 @register("allgather")
 class AllGatherStrategy(Strategy):
+    cost_model = "seqpar.plan.costs:ALLGATHER"
+
     @classmethod
-    def _resolve(cls, cfg, size, kind):
-        return cls._settings(cfg, size, TokenLayout(kind, outer=size))
+    def _resolve(cls, options, size, kind):
+        return cls._settings(options, size, TokenLayout(kind, outer=size))
 
     def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
         return AllGatherAttention.apply(q, k, v, AllGatherCall(self.comm, self.layout, causal, scale, kernel, mask))

@@ -1,18 +1,22 @@
-"""Strategy interface: settings resolved once (no process group), and the block loops.
+"""Strategy interface: settings resolved once (no process group), candidates, and the block loops.
 
-Life of a configuration: `StrategyConfig` holds what the user gave (None = not given);
-`Strategy.resolve(cfg, size)` — a classmethod that needs no process group — rejects what
-the strategy does not use, fills in its defaults, computes its degrees and builds its
-`TokenLayout`, returning a frozen `Settings`. `seqpar.init`, the trainer's config check,
-the planner's validity check and `seqpar verify` all call it, so they accept and reject
-exactly the same configurations. A strategy instance is then built from the Settings
-and the process groups (collectively) and gets the kernel with every call.
+Life of a configuration: `StrategyOptions` (attention/options.py) holds what the user gave
+(None = not given); `Strategy.resolve(options, size)` — a classmethod that needs no process
+group — rejects what the strategy does not use, fills in its defaults, computes its degrees
+and builds its `TokenLayout`, returning a frozen `Settings`. `seqpar.init`, the trainer's
+config check, the planner's validity check and `seqpar verify` all call it, so they accept
+and reject exactly the same configurations. A strategy instance is then built from the
+Settings and the process groups (collectively) and gets the kernel with every call.
+
+A strategy class declares everything a strategy has, in its own file: the options it uses,
+its layouts, `_resolve`, `candidates` (what the planner enumerates for it) and `cost_model`
+(where the planner finds its schedule and memory model, seqpar.plan.costs for the built-in
+ones; a dotted "module:attribute" path so that attention/ does not import the planner).
 """
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,104 +25,25 @@ from ..comm import Comm, CommStats
 from ..documents import BPair, DocMask
 from ..kernels import BlockKernel, LseAccumulator, accum_dtype
 from ..layout import DOCUMENTS, LAYOUTS, Pair, TokenLayout
-from ..mesh import Mesh
+from ..mesh import DEFAULT_PLACEMENT, Mesh, check_placement
+from .options import Settings, StrategyOptions, positive_int
 
-__all__ = ["Strategy", "StrategyConfig", "Settings", "forward_blocks", "backward_blocks", "grad_buffers",
-           "positive_int"]
-
-# value of each degree option that means "not used": a strategy that does not use an
-# option accepts it at this value (so generic callers may pass ulysses=1, chunks=1, ...)
-_NEUTRAL = {"ulysses": 1, "ring": 1, "team_size": 1, "chunks": 1, "offload": False}
-_ALIASES = {"teams": "team_size"}  # deprecated spelling -> option (one release)
+__all__ = ["Strategy", "forward_blocks", "backward_blocks", "grad_buffers", "divisors", "positive_int"]
 
 
-@dataclass(frozen=True)
-class StrategyConfig:
-    """Arguments of `seqpar.init` as the user gave them; None = not given (strategy default)."""
-
-    ulysses: int | None = None
-    ring: int | None = None
-    team_size: int | None = None
-    layout: str | None = None
-    chunks: int | None = None
-    offload: bool | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)  # strategy-specific extras
-    spelled: Mapping[str, str] = field(default_factory=dict)  # option -> name the user wrote
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "StrategyConfig":
-        """Split keyword arguments into the common options and strategy-specific extras;
-        `teams` is accepted for `team_size` with a DeprecationWarning."""
-        common = {f.name for f in fields(cls)} - {"options", "spelled"}
-        given, options, spelled = {}, {}, {}
-        for name, value in kwargs.items():
-            target = _ALIASES.get(name, name)
-            if target != name:
-                warnings.warn(f"seqpar: '{name}' is deprecated, use '{target}' (WallFacer team size C)",
-                              DeprecationWarning, stacklevel=3)
-                if kwargs.get(target) is not None and value is not None and kwargs[target] != value:
-                    raise ValueError(f"{name}={value!r} and {target}={kwargs[target]!r} disagree")
-                spelled[target] = name
-            if target in common:
-                if value is not None:
-                    given[target] = value
-            else:
-                options[name] = value
-        return cls(**given, options=options, spelled=spelled)
-
-    def given(self) -> dict[str, Any]:
-        """The common options given with a value other than 'not used'."""
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("options", "spelled") or value is None:
-                continue
-            if f.name in _NEUTRAL and value == _NEUTRAL[f.name] and type(value) is type(_NEUTRAL[f.name]):
-                continue
-            out[f.name] = value
-        return out
-
-
-@dataclass(frozen=True)
-class Settings:
-    """A strategy's resolved settings for a group of `size` ranks (degrees, layout, options)."""
-
-    strategy: str
-    size: int
-    layout: TokenLayout
-    ulysses: int = 1      # head-scatter (all-to-all) degree
-    ring: int = 1         # ring degree (K/V rotation)
-    team_size: int = 1    # WallFacer C
-    chunks: int = 1       # FPDT sequence chunks
-    offload: bool = False
-    options: tuple[tuple[str, Any], ...] = ()
-
-    def option(self, name: str, default: Any = None) -> Any:
-        return dict(self.options).get(name, default)
-
-    def init_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `seqpar.init` that reproduce these settings."""
-        kw: dict[str, Any] = {"layout": self.layout.kind}
-        for name in ("ulysses", "ring", "team_size", "chunks", "offload"):
-            if getattr(self, name) != _NEUTRAL[name]:
-                kw[name] = getattr(self, name)
-        return {**kw, **dict(self.options)}
-
-
-def positive_int(strategy: str, name: str, value: Any) -> int:
-    """`value` as a degree (int >= 1) or a clear ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"strategy {strategy!r}: {name} must be >= 1 (an integer), got {value!r}")
-    return value
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 class Strategy:
     """One sequence-parallel attention method.
 
-    Class attributes declare what it takes: `uses` (StrategyConfig options it reads; any
-    other option given is rejected), `layouts` / `default_layout`, `accepted_options`
-    (strategy-specific extras), `double_grad_averaging` (LSS). `_resolve` computes the
-    degrees and the layout; `__init__` builds the process groups (collective).
+    Class attributes declare what it takes: `uses` (StrategyOptions fields it reads besides
+    `layout`; any other option given is rejected), `layouts` / `default_layout`,
+    `accepted_options` (extras of strategies defined outside seqpar), `double_grad_averaging`
+    (LSS), `block_pipeline` (it has `chunked_block`: FPDT), `cost_model` (planner).
+    `_resolve` computes the degrees and the layout; `__init__` builds the process groups
+    (collective).
     """
 
     name = "base"
@@ -128,37 +53,59 @@ class Strategy:
     layout_reason = ""  # why only `layouts` work, for the error message
     accepted_options: tuple[str, ...] = ()
     double_grad_averaging = False
+    block_pipeline = False
+    #: "module:attribute" of the planner's cost model (schedule + memory), or the object; None: not planned
+    cost_model: Any = None
 
     # -- settings (no process group) ---------------------------------------------------------
     @classmethod
-    def resolve(cls, cfg: StrategyConfig, size: int) -> Settings:
-        """Validate `cfg` for a group of `size` ranks and fill in the defaults."""
-        cls._reject_unused(cfg)
-        kind = cfg.layout if cfg.layout is not None else cls.default_layout
-        if kind not in LAYOUTS + (DOCUMENTS,):
-            raise ValueError(f"unknown layout {kind!r}; choose from {LAYOUTS + (DOCUMENTS,)}")
+    def resolve(cls, options: StrategyOptions, size: int) -> Settings:
+        """Validate `options` for a group of `size` ranks and fill in the defaults."""
+        options.check_types()
+        cls._reject_unused(options)
+        kind = options.layout if options.layout is not None else cls.default_layout
         if kind not in cls.layouts:
             wanted = f"={cls.layouts[0]!r}" if len(cls.layouts) == 1 else f" in {list(cls.layouts)}"
             raise ValueError(f"strategy {cls.name!r} needs layout{wanted} ({cls.layout_reason}), got {kind!r}")
-        return cls._resolve(cfg, size, kind)
+        topology = {}
+        if "placement" in cls.uses:  # the one place its default is filled in
+            topology["placement"] = check_placement(cls.name, options.placement or DEFAULT_PLACEMENT)
+        if "ranks_per_node" in cls.uses:
+            topology["ranks_per_node"] = options.ranks_per_node
+        return replace(cls._resolve(options, size, kind), **topology)
 
     @classmethod
-    def _reject_unused(cls, cfg: StrategyConfig) -> None:
-        for name, value in cfg.given().items():
+    def _reject_unused(cls, options: StrategyOptions) -> None:
+        for name, value in options.given().items():
+            if name in options.extras:
+                continue
             if name != "layout" and name not in cls.uses:
-                raise ValueError(f"strategy {cls.name!r} does not use {cfg.spelled.get(name, name)}={value!r}")
-        unknown = set(cfg.options) - set(cls.accepted_options)
+                raise ValueError(f"strategy {cls.name!r} does not use {name}={value!r}")
+        unknown = set(options.extras) - set(cls.accepted_options)
         if unknown:
             raise ValueError(f"strategy {cls.name!r} does not take option(s) {sorted(unknown)}; "
-                             f"it accepts {list(cls.accepted_options) or 'none'}")
+                             f"it accepts {list(cls.uses + cls.accepted_options) or 'none'} besides layout")
 
     @classmethod
-    def _resolve(cls, cfg: StrategyConfig, size: int, kind: str) -> Settings:  # pragma: no cover - abstract
+    def _resolve(cls, options: StrategyOptions, size: int, kind: str) -> Settings:  # pragma: no cover - abstract
         raise NotImplementedError
 
     @classmethod
-    def _settings(cls, cfg: StrategyConfig, size: int, layout: TokenLayout, **degrees: Any) -> Settings:
-        return Settings(cls.name, size, layout, options=tuple(sorted(cfg.options.items())), **degrees)
+    def _settings(cls, options: StrategyOptions, size: int, layout: TokenLayout, **degrees: Any) -> Settings:
+        return Settings(cls.name, size, layout, extras=tuple(sorted(options.extras.items())), **degrees)
+
+    # -- what the planner enumerates -----------------------------------------------------------
+    @classmethod
+    def candidates(cls, size: int, causal: bool, chunks: tuple[int, ...] = (1,)) -> list[StrategyOptions]:
+        """Options worth comparing on `size` ranks (the planner resolves and ranks them): by default
+        each layout that balances causal work differently (contiguous, zigzag) this strategy takes.
+        `chunks`: the chunk counts the planner considers (FPDT)."""
+        return [StrategyOptions(layout=kind) for kind in cls._candidate_layouts(causal)]
+
+    @classmethod
+    def _candidate_layouts(cls, causal: bool) -> list[str]:
+        wanted = ("contiguous", "zigzag") if causal else ("contiguous",)
+        return [kind for kind in wanted if kind in cls.layouts]
 
     # -- instance (process groups) -----------------------------------------------------------
     def __init__(self, settings: Settings, mesh: Mesh, comm: Comm, stats: CommStats):

@@ -1,11 +1,7 @@
 """FPDT (arXiv 2408.16978): chunked Ulysses attention with host offload.
 
-Layout `TokenLayout("contiguous", outer=1, inner=P, chunks=u)`: the sequence of N tokens
-is cut into u chunks of C = N/u tokens and each chunk into P pieces of c = C/P tokens;
-rank r holds piece r of every chunk, so its local tensors [b, N/P, h, d] are u pieces of
-c tokens. One all-to-all per chunk (scatter heads, gather the sequence) turns piece j
-into the whole global chunk j for h/P heads. Causality is chunk-lower-triangular: chunk
-i attends chunks < i fully and itself with the causal diagonal mask.
+The chunk layout, the chunk plan and the forward / backward chunk loops live in
+attention/fpdt_chunks.py, shared with the whole-block pipeline (attention/fpdt_block.py).
 
 Forward (one autograd Function): for every query chunk i, online softmax of q_i over
 the K/V chunks it sees, then the inverse all-to-all of o_i (and of lse_i when asked).
@@ -21,184 +17,47 @@ sequence length. Communication volume equals Ulysses' exactly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
-
 import torch
 from torch import Tensor
 
-from ..comm import Comm
-from ..documents import DocMask
-from ..kernels import BlockKernel, LseAccumulator, accum_dtype
+from ..kernels import accum_dtype
 from ..layout import TokenLayout
-from ..offload import ChunkStore, OffloadStats, streamed
-from . import register
-from .base import Strategy, backward_blocks, forward_blocks, positive_int
-from .ulysses import kv_replication, scatter_heads
+from ..offload import ChunkStore, OffloadStats
+from .base import Strategy
+from .fpdt_block import FpdtBlock
+from .fpdt_chunks import ChunkCall, ChunkPlan, backward_chunks, forward_chunks, heads_to_seq, seq_to_heads
+from .options import StrategyOptions
+from .registry import register
+from .ulysses import kv_replication
 
 __all__ = ["FpdtAttention", "FpdtStrategy"]
 
 
-# -- chunk plan and all-to-alls ---------------------------------------------------------------
-@dataclass(frozen=True)
-class _Plan:
-    chunks: int
-    piece: int  # local tokens per chunk (c = N / (P u))
-    causal: bool
-
-    def kv_for(self, i: int) -> range:
-        """K/V chunks query chunk i attends."""
-        return range(i + 1) if self.causal else range(self.chunks)
-
-    def q_for(self, j: int) -> range:
-        """Query chunks that attend K/V chunk j."""
-        return range(j, self.chunks) if self.causal else range(self.chunks)
-
-    def diagonal(self, i: int, j: int) -> bool:
-        return self.causal and i == j
-
-    def blocks(self, i: int, j: int, mask: DocMask | None) -> list:
-        """Sub-blocks of query chunk i vs K/V chunk j (global chunks of piece * P tokens)."""
-        if mask is None:
-            return [(slice(None), slice(None), self.diagonal(i, j))]
-        size = mask.docs.seq_len // self.chunks  # C = N / u tokens per global chunk
-        pos = lambda c: torch.arange(c * size, (c + 1) * size)  # noqa: E731
-        return mask.pairs(pos(i), pos(j), key=("fpdt", i, j))
-
-    def rows(self, j: int) -> slice:
-        """The local sequence positions of this rank's piece of chunk j."""
-        return slice(j * self.piece, (j + 1) * self.piece)
-
-    def local(self, x: Tensor, j: int, dim: int = 1) -> Tensor:
-        """This rank's piece of chunk j of a local tensor (sequence along `dim`)."""
-        rows = self.rows(j)
-        return x.narrow(dim, rows.start, rows.stop - rows.start)
-
-
-def _heads_to_seq(x: Tensor, comm: Comm) -> Tensor:
-    """[b, C, h/P, d] (one chunk, some heads) -> [b, C/P, h, d] (this rank's piece, all heads)."""
-    return comm.all_to_all(x.contiguous(), scatter_dim=1, gather_dim=2)
-
-
-def _seq_to_heads(x: Tensor, comm: Comm) -> Tensor:
-    """[b, C/P, h, d] -> [b, C, h/P, d]: inverse of _heads_to_seq."""
-    return comm.all_to_all(x.contiguous(), scatter_dim=2, gather_dim=1)
-
-
-@dataclass(frozen=True)
-class _Call:
-    """Per-call arguments of FpdtAttention (the store itself is mutable state of the call)."""
-
-    comm: Comm
-    plan: _Plan
-    scale: float
-    kernel: BlockKernel
-    store: ChunkStore
-    kv_rep: int        # K/V head replication for Ulysses (kv_heads < P)
-    need_lse: bool
-    keep: bool         # keep the chunks for backward
-    mask: DocMask | None = None
-
-
-# -- forward ---------------------------------------------------------------------------------
-def _scatter_pieces(qj: Tensor, kj: Tensor, vj: Tensor, j: int, call: _Call) -> None:
-    """All-to-all this rank's pieces of chunk j (q [b, c, h, d], k/v [b, c, hkv, d], fused) and
-    store the global chunk: q_j [b, C, h/P, d], kv_j [2, b, C, hkv', d]."""
-    qh, kh, vh = scatter_heads(qj, kj, vj, call.comm)
-    call.store.put(("q", j), qh.contiguous())
-    call.store.put(("kv", j), torch.stack([kh, vh]))
-
-
-def _scatter_chunk(q: Tensor, k: Tensor, v: Tensor, j: int, call: _Call) -> None:
-    plan = call.plan
-    _scatter_pieces(plan.local(q, j), plan.local(k, j), plan.local(v, j), j, call)
-
-
-def _attend_chunk(i: int, call: _Call, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Online softmax of q chunk i over its visible K/V chunks -> o_i [b, C, h/P, d], lse_i [b, h/P, C]."""
-    plan, store = call.plan, call.store
-    qi = store.get(("q", i))
-    acc = LseAccumulator(qi)
-    kv_chunks = plan.kv_for(i)
-    for j, (kv,) in zip(kv_chunks, streamed(store, [(("kv", j),) for j in kv_chunks])):
-        forward_blocks(acc, qi, kv[0], kv[1], plan.blocks(i, j, call.mask), call.kernel, call.scale)
-    return acc.result(dtype)
-
-
-def _forward(q: Tensor, k: Tensor, v: Tensor, call: _Call) -> tuple[Tensor, Tensor]:
-    plan, store, comm = call.plan, call.store, call.comm
+# -- forward and backward ---------------------------------------------------------------------
+def _forward(q: Tensor, k: Tensor, v: Tensor, call: ChunkCall) -> tuple[Tensor, Tensor]:
+    """out like q and lse [b, h, N/P] (empty unless call.need_lse), chunk by chunk."""
+    plan, comm = call.plan, call.comm
     out = torch.empty_like(q)
     b, s, h, _ = q.shape
     lse = q.new_empty((b, h, s) if call.need_lse else (0,), dtype=accum_dtype(q.dtype))
-    scattered = 0
-    for i in range(plan.chunks):
-        while scattered <= plan.kv_for(i)[-1]:  # causal: just in time; otherwise all before chunk 0
-            _scatter_chunk(q, k, v, scattered, call)
-            scattered += 1
-        oi, lse_i = _attend_chunk(i, call, q.dtype)
-        plan.local(out, i).copy_(_heads_to_seq(oi, comm))
+
+    def emit(i: int, oi: Tensor, lse_i: Tensor) -> None:
+        plan.local(out, i).copy_(heads_to_seq(oi, comm))
         if call.need_lse:
             plan.local(lse, i, dim=2).copy_(comm.all_to_all(lse_i, scatter_dim=2, gather_dim=1))
-        if call.keep:
-            store.put(("o", i), oi)
-            store.put(("lse", i), lse_i)
+
+    forward_chunks(call, lambda j: (plan.local(q, j), plan.local(k, j), plan.local(v, j)), emit, call.keep)
     return out, lse
 
 
-# -- backward --------------------------------------------------------------------------------
-def _kv_grads_to_local(dkv: Tensor, dtype: torch.dtype, call: _Call) -> Tensor:
-    """dkv [2, b, C, hkv', d] of one global chunk -> this rank's piece [2, b, c, hkv, d] (one all-to-all)."""
-    local = call.comm.all_to_all(dkv.to(dtype), scatter_dim=2, gather_dim=3)  # [2, b, c, hkv*rep, d]
-    if call.kv_rep > 1:
-        two, b, c, heads, d = local.shape
-        local = local.view(two, b, c, heads // call.kv_rep, call.kv_rep, d).sum(4)
-    return local
-
-
-def _complete_after(j: int, plan: _Plan) -> list[int]:
-    """Chunks whose dq, dk and dv are final once K/V chunk j is done: causal, chunk j itself
-    (later K/V chunks are masked for it); full attention, every chunk after the last one."""
-    return [i for i in range(plan.chunks) if max(i, plan.kv_for(i)[-1]) == j]
-
-
-def _backward_chunks(call: _Call, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
-    """Yield (i, dq_i, dk_i, dv_i), this rank's pieces [b, c, h(kv), d] of chunk i's gradients, as
-    soon as they are final. The forward's q/kv/o/lse chunks and the head-scattered dO chunks
-    ("do", i) must be in the store; each chunk's entries are dropped once it is yielded."""
-    plan, store = call.plan, call.store
-    kv_groups = [(("kv", j),) for j in range(plan.chunks)]
-    for j, (kv,) in zip(range(plan.chunks), streamed(store, kv_groups)):
-        dkv = torch.zeros(kv.shape, dtype=accum_dtype(kv.dtype), device=kv.device)
-        q_chunks = plan.q_for(j)
-        groups = [(("q", i), ("o", i), ("lse", i), ("do", i), ("dq", i)) for i in q_chunks]
-        for i, (qi, oi, lse_i, do_i, dq_i) in zip(q_chunks, streamed(store, groups)):
-            if dq_i is None:
-                dq_i = torch.zeros(qi.shape, dtype=accum_dtype(qi.dtype), device=qi.device)
-            backward_blocks(dq_i, dkv[0], dkv[1], do_i, qi, kv[0], kv[1], oi, lse_i, plan.blocks(i, j, call.mask),
-                            call.kernel, call.scale)
-            store.put(("dq", i), dq_i)
-        del kv
-        store.discard(("kv", j))
-        dkv_j, done = _kv_grads_to_local(dkv, dtype, call), _complete_after(j, plan)
-        del dkv
-        if j not in done:  # full attention: held until its dq is final, after the last K/V chunk
-            store.put(("dkv", j), dkv_j)
-        for i in done:
-            dq_i = _heads_to_seq(store.get(("dq", i)).to(dtype), call.comm)
-            dkv_i = dkv_j if i == j else store.get(("dkv", i))
-            for name in ("q", "o", "lse", "do", "dq", "dkv"):
-                store.discard((name, i))
-            yield i, dq_i, dkv_i[0], dkv_i[1]
-
-
-def _backward(dout: Tensor, q_meta: Tensor, kv_meta: Tensor, call: _Call) -> tuple[Tensor, Tensor, Tensor]:
+def _backward(dout: Tensor, q_meta: Tensor, kv_meta: Tensor, call: ChunkCall) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv for the forward's inputs; q_meta / kv_meta are meta tensors shaped like q and k."""
     plan = call.plan
     for i in range(plan.chunks):
-        call.store.put(("do", i), _seq_to_heads(plan.local(dout, i).to(q_meta.dtype), call.comm))
+        call.store.put(("do", i), seq_to_heads(plan.local(dout, i).to(q_meta.dtype), call.comm))
     dq = torch.empty_like(q_meta, device=dout.device)
     dk, dv = torch.empty_like(kv_meta, device=dout.device), torch.empty_like(kv_meta, device=dout.device)
-    for i, dq_i, dk_i, dv_i in _backward_chunks(call, q_meta.dtype):
+    for i, dq_i, dk_i, dv_i in backward_chunks(call, q_meta.dtype):
         plan.local(dq, i).copy_(dq_i)
         plan.local(dk, i).copy_(dk_i)
         plan.local(dv, i).copy_(dv_i)
@@ -210,7 +69,7 @@ class FpdtAttention(torch.autograd.Function):
     (an empty tensor unless need_lse)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, call: _Call):
+    def forward(ctx, q, k, v, call: ChunkCall):
         out, lse = _forward(q, k, v, call)
         if call.keep:  # everything backward needs is in the store; q/k/v themselves are not kept
             ctx.call, ctx.metas = call, (q.to("meta"), k.to("meta"))
@@ -238,18 +97,21 @@ class FpdtStrategy(Strategy):
     layouts = ("contiguous",)
     default_layout = "contiguous"
     layout_reason = "rank r holds piece r of every chunk; causal balance comes from the chunking"
+    block_pipeline = True
+    cost_model = "seqpar.plan.costs:FPDT"
 
     @classmethod
-    def _resolve(cls, cfg, size, kind):
-        if cfg.ring not in (None, 1) or cfg.ulysses not in (None, 1, size):
+    def _resolve(cls, options, size, kind):
+        if options.ring not in (None, 1) or options.ulysses not in (None, 1, size):
             raise ValueError(f"strategy 'fpdt' runs Ulysses over the whole group (degree {size}); "
-                             f"got ulysses={cfg.ulysses}, ring={cfg.ring}")
-        offload = False if cfg.offload is None else cfg.offload
-        if not isinstance(offload, bool):
-            raise ValueError(f"offload must be True or False, got {offload!r}")
-        chunks = positive_int(cls.name, "chunks", cfg.chunks) if cfg.chunks is not None else 1
+                             f"got ulysses={options.ulysses}, ring={options.ring}")
+        chunks = options.chunks or 1
         layout = TokenLayout(kind, outer=1, inner=size, chunks=chunks)
-        return cls._settings(cfg, size, layout, ulysses=size, chunks=chunks, offload=offload)
+        return cls._settings(options, size, layout, ulysses=size, chunks=chunks, offload=bool(options.offload))
+
+    @classmethod
+    def candidates(cls, size, causal, chunks=(1, 2, 4, 8)):
+        return [StrategyOptions(chunks=u, offload=offload) for u in chunks for offload in (False, True)]
 
     def __init__(self, settings, mesh, comm, stats):
         super().__init__(settings, mesh, comm, stats)
@@ -263,14 +125,13 @@ class FpdtStrategy(Strategy):
         """A whole block by FPDT's per-chunk pipeline (attention/fpdt_block.py): x [b, N/P, H] ->
         the block's output like x; `fns` (BlockFunctions) holds its two position-wise halves;
         recompute: keep only x for backward and run the attention loop again there."""
-        from .fpdt_block import FpdtBlock
         s = self.settings
         kv_rep = kv_replication(fns.heads, fns.kv_heads, s.size)
         store = ChunkStore(x.device, s.offload)
         self.last_offload_stats = store.stats
         keep = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in fns.params))
-        plan = _Plan(s.chunks, x.shape[1] // s.chunks, causal)
-        call = _Call(self.comm, plan, scale, kernel, store, kv_rep, False, keep, mask)
+        plan = ChunkPlan(s.chunks, x.shape[1] // s.chunks, causal)
+        call = ChunkCall(self.comm, plan, scale, kernel, store, kv_rep, False, keep, mask)
         return FpdtBlock.apply(x, call, fns, recompute, *fns.params)
 
     def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
@@ -279,7 +140,7 @@ class FpdtStrategy(Strategy):
         store = ChunkStore(q.device, s.offload)
         self.last_offload_stats = store.stats
         keep = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        plan = _Plan(s.chunks, q.shape[1] // s.chunks, causal)
-        call = _Call(self.comm, plan, scale, kernel, store, kv_rep, need_lse, keep, mask)
+        plan = ChunkPlan(s.chunks, q.shape[1] // s.chunks, causal)
+        call = ChunkCall(self.comm, plan, scale, kernel, store, kv_rep, need_lse, keep, mask)
         out, lse = FpdtAttention.apply(q, k, v, call)
         return out, (lse if need_lse else None)

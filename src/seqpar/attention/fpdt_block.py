@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .fpdt import _attend_chunk, _backward_chunks, _Call, _heads_to_seq, _scatter_pieces, _seq_to_heads
+from .fpdt_chunks import ChunkCall, backward_chunks, forward_chunks, heads_to_seq, seq_to_heads
 
 __all__ = ["BlockFunctions", "FpdtBlock"]
 
@@ -82,11 +82,8 @@ class _Autocast:
         with torch.enable_grad(), self.forward():
             yield
 
-    def off(self):
-        return torch.autocast(self.device_type, enabled=False)
 
-
-def _project(xj: Tensor, j: int, call: _Call, fns: BlockFunctions) -> tuple[Tensor, Tensor, Tensor]:
+def _project(xj: Tensor, j: int, call: ChunkCall, fns: BlockFunctions) -> tuple[Tensor, Tensor, Tensor]:
     """project() of chunk j's piece xj [b, c, H], its shapes checked against the declared heads."""
     rows = call.plan.rows(j)
     q, k, v = fns.project(xj, rows)
@@ -98,40 +95,30 @@ def _project(xj: Tensor, j: int, call: _Call, fns: BlockFunctions) -> tuple[Tens
     return q, k, v
 
 
-def _chunk_loop(piece: Callable[[int], Tensor], call: _Call, fns: BlockFunctions, amp: _Autocast,
-                y: Tensor | None, keep: bool) -> None:
-    """FPDT's chunk loop between project and finish. piece(j): chunk j's x piece [b, c, H];
-    y: the block output to fill (None: attention only, the backward's re-forward); keep: leave
-    o, lse and the attention output of every chunk (and the q, kv chunks) in the store."""
-    plan, store, comm = call.plan, call.store, call.comm
-    scattered, dtype = 0, None
-    for i in range(plan.chunks):
-        while scattered <= plan.kv_for(i)[-1]:  # causal: just in time; otherwise all before chunk 0
-            q, k, v = _project(piece(scattered), scattered, call, fns)
-            _scatter_pieces(q, k, v, scattered, call)
-            dtype = q.dtype
-            del q, k, v
-            scattered += 1
-        with amp.off():
-            oi, lse_i = _attend_chunk(i, call, dtype)
-        ai = _heads_to_seq(oi, comm)
+def _chunk_loop(piece: Callable[[int], Tensor], call: ChunkCall, fns: BlockFunctions, y: Tensor | None,
+                keep: bool) -> None:
+    """FPDT's chunk loop (`forward_chunks`) between project and finish. piece(j): chunk j's x piece
+    [b, c, H]; y: the block output to fill (None: attention only, the backward's re-forward);
+    keep: leave o, lse and the attention output of every chunk (and the q, kv chunks) in the store."""
+    plan, store = call.plan, call.store
+
+    def emit(i: int, oi: Tensor, lse_i: Tensor) -> None:
+        ai = heads_to_seq(oi, call.comm)
         if y is not None:
-            rows = call.plan.rows(i)
+            rows = plan.rows(i)
             y[:, rows] = fns.finish(piece(i), ai, rows)
         if keep:
-            store.put(("o", i), oi)
-            store.put(("lse", i), lse_i)
             store.put(("a", i), ai)
-        else:
-            store.discard(("q", i))
+
+    forward_chunks(call, lambda j: _project(piece(j), j, call, fns), emit, keep)
 
 
-def _forward(x: Tensor, call: _Call, fns: BlockFunctions, amp: _Autocast, recompute: bool) -> Tensor:
+def _forward(x: Tensor, call: ChunkCall, fns: BlockFunctions, recompute: bool) -> Tensor:
     """The block's output; for backward (call.keep) the store keeps every chunk's x piece, and
     unless `recompute` also FPDT's q/kv/o/lse and the attention output (else the backward
     runs the chunk loop again from the x pieces)."""
     y = torch.empty_like(x)
-    _chunk_loop(lambda j: x[:, call.plan.rows(j)], call, fns, amp, y, keep=call.keep and not recompute)
+    _chunk_loop(lambda j: x[:, call.plan.rows(j)], call, fns, y, keep=call.keep and not recompute)
     if call.keep and recompute:
         call.store.clear()
     if call.keep:
@@ -167,11 +154,11 @@ class _Grads:
         return [self.param_grads.get(id(p)) for p in params]
 
 
-def _backward(dy: Tensor, x_meta: Tensor, call: _Call, fns: BlockFunctions, amp: _Autocast, recompute: bool):
+def _backward(dy: Tensor, x_meta: Tensor, call: ChunkCall, fns: BlockFunctions, amp: _Autocast, recompute: bool):
     plan, store, comm = call.plan, call.store, call.comm
     if recompute:  # the forward kept only the x pieces: its chunk loop again, attention only
         with torch.no_grad(), amp.forward():
-            _chunk_loop(lambda j: store.get(("x", j)), call, fns, amp, None, keep=True)
+            _chunk_loop(lambda j: store.get(("x", j)), call, fns, None, keep=True)
     grads = _Grads(x_meta, dy.device, fns.params)
     dtype = None
     for i in range(plan.chunks):  # finish: dx_i (residual + MLP) and dO_i
@@ -182,9 +169,9 @@ def _backward(dy: Tensor, x_meta: Tensor, call: _Call, fns: BlockFunctions, amp:
             (dai,) = grads.add(fns.finish(xi, ai, rows), xi, (ai,), dy[:, rows], rows, first=True)
         dtype = ai.dtype
         store.discard(("a", i))
-        store.put(("do", i), _seq_to_heads(dai.to(dtype), comm))
+        store.put(("do", i), seq_to_heads(dai.to(dtype), comm))
         del xi, ai, dai
-    for j, dq, dk, dv in _backward_chunks(call, dtype):  # project: dx_j += ..., parameter grads
+    for j, dq, dk, dv in backward_chunks(call, dtype):  # project: dx_j += ..., parameter grads
         rows = call.plan.rows(j)
         with amp.recompute():
             xj = store.get(("x", j)).detach().requires_grad_()
@@ -201,9 +188,9 @@ class FpdtBlock(torch.autograd.Function):
     checkpointing inside the pipeline: host memory of one block's chunks, not every block's)."""
 
     @staticmethod
-    def forward(ctx, x, call: _Call, fns: BlockFunctions, recompute: bool, *params):
+    def forward(ctx, x, call: ChunkCall, fns: BlockFunctions, recompute: bool, *params):
         amp = _Autocast.current(x.device)
-        y = _forward(x, call, fns, amp, recompute)
+        y = _forward(x, call, fns, recompute)
         if call.keep:
             ctx.call, ctx.fns, ctx.amp, ctx.x_meta, ctx.recompute = call, fns, amp, x.to("meta"), recompute
         else:

@@ -9,8 +9,8 @@ from torch import Tensor
 from ..documents import DocMask
 from ..kernels import BlockKernel, LseAccumulator
 from ..layout import TokenLayout
-from . import register
 from .base import Strategy, backward_blocks, forward_blocks, grad_buffers
+from .registry import register
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,15 @@ class LocalStrategy(Strategy):
     default_layout = "contiguous"
 
     @classmethod
-    def _resolve(cls, cfg, size, kind):
+    def _resolve(cls, options, size, kind):
         if size != 1:
             raise ValueError(f"strategy 'local' needs sp = 1: it needs a sequence-parallel group of 1 rank, got "
                              f"{size}; pass group=<a one-rank group> or choose a sequence-parallel strategy")
-        return cls._settings(cfg, size, TokenLayout(kind, 1, 1))
+        return cls._settings(options, size, TokenLayout(kind, 1, 1))
+
+    @classmethod
+    def candidates(cls, size, causal, chunks=(1,)):
+        return []  # no sequence parallelism: nothing for the planner to compare
 
     def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
         return local_attention(q, k, v, causal, scale, kernel, mask)

@@ -20,16 +20,13 @@ scaled by 1/sp, their exact share of the mean loss.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import register
 from .allgather import AllGatherStrategy
-
-if TYPE_CHECKING:
-    from ..context import SeqParallel
+from .registry import register
 
 __all__ = ["LssStrategy", "SegmentPositionEmbedding", "segment_local_parameters"]
 
@@ -46,19 +43,21 @@ class LssStrategy(AllGatherStrategy):
     default_layout = "zigzag"
     layout_reason = "it splits the sequence into segments: contiguous as in the paper, zigzag for causal balance"
     double_grad_averaging = True
+    cost_model = "seqpar.plan.costs:ALLGATHER"  # the same communication and work as allgather
 
 
 class SegmentPositionEmbedding(nn.Module):
     """Learned absolute position embedding, sharded by segment.
 
-    Holds the rows [n_local, dim] of the positions this rank owns in a sequence of
-    `max_seq_len` tokens (`ctx.positions(max_seq_len)`: this rank's segment). forward
+    `ctx` is the SeqParallel context (duck-typed: `positions`, `unshard`, `rank`; attention/ sits
+    below context.py). Holds the rows [n_local, dim] of the positions this rank owns in a
+    sequence of `max_seq_len` tokens (`ctx.positions(max_seq_len)`: this rank's segment). forward
     takes global positions (e.g. `ctx.positions(seq_len)`) and returns their rows; a
     position this rank does not own raises ValueError (so seq_len must be max_seq_len, or
     any length whose local positions fall in the owned rows).
     """
 
-    def __init__(self, max_seq_len: int, dim: int, ctx: "SeqParallel", *, init_std: float = 0.02,
+    def __init__(self, max_seq_len: int, dim: int, ctx: Any, *, init_std: float = 0.02,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
         self.max_seq_len, self.dim, self.ctx = max_seq_len, dim, ctx

@@ -20,9 +20,9 @@ from ..comm import RingComm
 from ..documents import DocMask
 from ..kernels import BlockKernel, LseAccumulator
 from ..layout import Pair, TokenLayout
-from . import register
-from .base import Strategy, backward_blocks, forward_blocks, grad_buffers, positive_int
+from .base import Strategy, backward_blocks, forward_blocks, grad_buffers
 from .local import local_attention
+from .registry import register
 
 PairsAt = Callable[[int], list[Pair]]
 
@@ -117,12 +117,13 @@ class RingStrategy(Strategy):
     """Ring attention over the whole sequence-parallel group (`ring` may only restate its size)."""
 
     uses = ("ring",)
+    cost_model = "seqpar.plan.costs:RING"
 
     @classmethod
-    def _resolve(cls, cfg, size, kind):
-        if cfg.ring is not None and positive_int(cls.name, "ring", cfg.ring) != size:
-            raise ValueError(f"ring={cfg.ring} does not match the group size {size}")
-        return cls._settings(cfg, size, TokenLayout(kind, outer=size), ring=size)
+    def _resolve(cls, options, size, kind):
+        if options.ring is not None and options.ring != size:
+            raise ValueError(f"ring={options.ring} does not match the group size {size}")
+        return cls._settings(options, size, TokenLayout(kind, outer=size), ring=size)
 
     def __init__(self, settings, mesh, comm, stats):
         super().__init__(settings, mesh, comm, stats)

@@ -14,9 +14,10 @@ from torch import Tensor
 
 from ..comm import Comm, all_to_all_autograd
 from ..layout import TokenLayout
-from . import register
 from .base import Strategy
 from .local import local_attention
+from .options import StrategyOptions
+from .registry import register
 
 InnerAttention = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
@@ -72,13 +73,18 @@ class UlyssesStrategy(Strategy):
 
     uses = ("ulysses", "ring")
     default_layout = "contiguous"
+    cost_model = "seqpar.plan.costs:ULYSSES"
 
     @classmethod
-    def _resolve(cls, cfg, size, kind):
-        if cfg.ulysses not in (None, 1, size) or cfg.ring not in (None, 1):
+    def _resolve(cls, options, size, kind):
+        if options.ulysses not in (None, 1, size) or options.ring not in (None, 1):
             raise ValueError(f"strategy 'ulysses' uses the whole group (degree {size}); "
-                             f"got ulysses={cfg.ulysses}, ring={cfg.ring}: use 'usp' for a 2-D mesh")
-        return cls._settings(cfg, size, TokenLayout(kind, outer=1, inner=size), ulysses=size)
+                             f"got ulysses={options.ulysses}, ring={options.ring}: use 'usp' for a 2-D mesh")
+        return cls._settings(options, size, TokenLayout(kind, outer=1, inner=size), ulysses=size)
+
+    @classmethod
+    def candidates(cls, size, causal, chunks=(1,)):
+        return [StrategyOptions()]  # heads, not tokens, are split: the layout changes nothing
 
     def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
         inner = lambda q_, k_, v_: local_attention(q_, k_, v_, causal, scale, kernel, mask)  # noqa: E731

@@ -11,22 +11,23 @@ from __future__ import annotations
 
 from ..comm import Comm
 from ..layout import TokenLayout
-from ..mesh import axis_order, check_placement, physical_rank
-from . import register
-from .base import Strategy, positive_int
+from ..mesh import axis_order, physical_rank
+from .base import Strategy, divisors
+from .options import StrategyOptions
+from .registry import register
 from .ring import RingCall, ring_attention
-from .ulysses import kv_replication, ulysses_attention
+from .ulysses import ulysses_attention
 
 
 @register("usp")
 class UspStrategy(Strategy):
-    uses = ("ulysses", "ring")
-    accepted_options = ("placement",)
+    uses = ("ulysses", "ring", "placement")
+    cost_model = "seqpar.plan.costs:USP"
 
     @classmethod
-    def _resolve(cls, cfg, size, kind):
-        ud = positive_int(cls.name, "ulysses", cfg.ulysses) if cfg.ulysses is not None else 1
-        rd = positive_int(cls.name, "ring", cfg.ring) if cfg.ring is not None else None
+    def _resolve(cls, options, size, kind):
+        ud = options.ulysses if options.ulysses is not None else 1
+        rd = options.ring
         if rd is None:
             if size % ud:
                 raise ValueError(f"usp needs ulysses x ring = group size: ulysses={ud} does not divide {size}")
@@ -35,17 +36,22 @@ class UspStrategy(Strategy):
             ud = size // rd  # only the ring degree given: Ulysses takes the rest
         if ud < 1 or rd < 1 or ud * rd != size:
             raise ValueError(f"usp needs ulysses x ring = group size: {ud} x {rd} != {size}")
-        check_placement("usp", cfg.options.get("placement", "collectives_intra"))
-        if rd == 1 and cfg.layout is None:  # no ring to balance: zigzag would only split the causal
+        if rd == 1 and options.layout is None:  # no ring to balance: zigzag would only split the causal
             kind = "contiguous"             # block in three smaller kernel calls (~3% slower, throughput.md)
-        return cls._settings(cfg, size, TokenLayout(kind, outer=rd, inner=ud), ulysses=ud, ring=rd)
+        return cls._settings(options, size, TokenLayout(kind, outer=rd, inner=ud), ulysses=ud, ring=rd)
+
+    @classmethod
+    def candidates(cls, size, causal, chunks=(1,)):
+        """Every 2-D mesh with both degrees > 1 (the 1 x P and P x 1 ends are ulysses and ring);
+        placements are compared where a topology matters (the planner's ranks per node)."""
+        return [StrategyOptions(layout=kind, ulysses=u, ring=size // u) for u in divisors(size)[1:-1]
+                for kind in cls._candidate_layouts(causal)]
 
     def __init__(self, settings, mesh, comm, stats):
         super().__init__(settings, mesh, comm, stats)
         ud, rd = settings.ulysses, settings.ring
         self._sizes = {"ring": rd, "ulysses": ud}
-        self._order = axis_order(settings.option("placement", "collectives_intra"), collective="ulysses",
-                                 ring="ring")
+        self._order = axis_order(settings.placement, collective="ulysses", ring="ring")
         ulysses_group = mesh.partition([[self._physical(r, u) for u in range(ud)] for r in range(rd)])
         ring_group = mesh.partition([[self._physical(r, u) for r in range(rd)] for u in range(ud)])
         self.ulysses_comm = Comm(ulysses_group, stats)
@@ -64,10 +70,9 @@ class UspStrategy(Strategy):
 
     def describe(self):
         return {**super().describe(), "ulysses": self.settings.ulysses, "ring": self.settings.ring,
-                "placement": self.settings.option("placement", "collectives_intra")}
+                "placement": self.settings.placement}
 
     def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
-        kv_replication(q.shape[2], k.shape[2], self.settings.ulysses)
         call = RingCall(self.kv_ring, self.grad_ring, self.layout, causal, scale, kernel, mask=mask)
         return ulysses_attention(q, k, v, self.ulysses_comm, lambda q_, k_, v_: ring_attention(q_, k_, v_, call),
                                  need_lse)

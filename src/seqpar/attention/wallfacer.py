@@ -46,12 +46,13 @@ from ..comm import Comm, RingComm
 from ..documents import DocMask
 from ..kernels import BlockKernel
 from ..layout import Pair, TokenLayout
-from ..mesh import PLACEMENTS, axis_order, check_placement, physical_rank
-from . import register
-from .base import Strategy
+from ..mesh import DEFAULT_PLACEMENT, PLACEMENTS, axis_order, check_placement, physical_rank
+from .base import Strategy, divisors
+from .options import StrategyOptions
+from .registry import register
 from .ring import RingCall, ring_backward, ring_forward
 
-__all__ = ["WallFacerGrid", "WallFacerStrategy", "PLACEMENTS"]
+__all__ = ["WallFacerGrid", "WallFacerStrategy"]
 _PLACE_TAG, _RETURN_TAG = 2, 3  # ring traffic uses tags 0 (K/V) and 1 (dK/dV)
 
 
@@ -61,7 +62,7 @@ class WallFacerGrid:
 
     ranks: int
     team_size: int
-    placement: str = "collectives_intra"
+    placement: str = DEFAULT_PLACEMENT
 
     def __post_init__(self):
         p, c = self.ranks, self.team_size
@@ -244,23 +245,28 @@ class WallFacerAttention(torch.autograd.Function):
 class WallFacerStrategy(Strategy):
     """WallFacer over the whole group; `team_size` = C (replication factor)."""
 
-    uses = ("team_size",)
-    accepted_options = ("placement", "ranks_per_node")
+    uses = ("team_size", "placement", "ranks_per_node")
+    cost_model = "seqpar.plan.costs:WALLFACER"
 
     @classmethod
-    def _resolve(cls, cfg, size, kind):
-        rpn = cfg.options.get("ranks_per_node")
-        if rpn is not None and (isinstance(rpn, bool) or not isinstance(rpn, int) or rpn < 1):
-            raise ValueError(f"wallfacer: ranks_per_node must be a positive integer, got {rpn!r}")
-        c = cfg.team_size if cfg.team_size is not None else (2 if size % 4 == 0 else 1)
-        grid = WallFacerGrid(size, c, cfg.options.get("placement", "collectives_intra"))
+    def _resolve(cls, options, size, kind):
+        c = options.team_size if options.team_size is not None else (2 if size % 4 == 0 else 1)
+        grid = WallFacerGrid(size, c, options.placement or DEFAULT_PLACEMENT)
         layout = TokenLayout(kind, outer=grid.team_count, inner=grid.team_size)
-        return cls._settings(cfg, size, layout, team_size=grid.team_size)
+        return cls._settings(options, size, layout, team_size=grid.team_size)
+
+    @classmethod
+    def candidates(cls, size, causal, chunks=(1,)):
+        """Every team size C > 1 with C^2 | P, both placements where they differ (with C^2 = P
+        the sub-rings have one rank and both are the same rank mapping)."""
+        return [StrategyOptions(layout=kind, team_size=c, placement=placement)
+                for c in divisors(size)[1:] if size % (c * c) == 0
+                for placement in (PLACEMENTS[:1] if c * c == size else PLACEMENTS)
+                for kind in cls._candidate_layouts(causal)]
 
     def __init__(self, settings, mesh, comm, stats):
         super().__init__(settings, mesh, comm, stats)
-        grid = self.grid = WallFacerGrid(settings.size, settings.team_size,
-                                         settings.option("placement", "collectives_intra"))
+        grid = self.grid = WallFacerGrid(settings.size, settings.team_size, settings.placement)
         self._logical = grid.logical()
         team_comm = Comm(mesh.partition([grid.team_members(t) for t in range(grid.team_count)]), stats)
         team, member = grid.coords(mesh.rank)
@@ -269,7 +275,7 @@ class WallFacerStrategy(Strategy):
         ring_ranks = grid.subring_members(team, member)
         plan_rings = [comm.ring(tag=tag, ranks=ring_ranks) for tag in (0, 1)]
         self.plan = WallFacerPlan(grid, team_comm, comm, *plan_rings)
-        rpn = settings.option("ranks_per_node")
+        rpn = settings.ranks_per_node
         self._topology = self._topology_info(_node_ids(mesh, rpn), rpn)
 
     def _topology_info(self, node: list[Any], rpn: int | None) -> dict[str, Any]:

@@ -33,6 +33,12 @@ import statistics
 import time
 from typing import Any, Callable
 
+import torch
+import torch.distributed as dist
+
+from ..comm import Comm, CommStats
+from ..kernels import LseAccumulator, get_kernel
+from ..mesh import Mesh
 from .hardware import (
     CALIBRATED_KINDS,
     KERNEL_COLUMNS,
@@ -69,7 +75,6 @@ def link_partitions(world: int, ranks_per_node: int) -> list[tuple[str, list[lis
 
 # -- on every rank -------------------------------------------------------------------------------
 def _sync(device) -> Callable[[], None]:
-    import torch
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
@@ -93,7 +98,6 @@ def _together(op: Callable[[], Any], sync, calls: int, repeats: int, warm: bool 
     """One call's time while every rank runs `calls` back-to-back calls after a barrier (the
     median over `repeats`, after a warm-up call when `warm`): amortises the skew of the
     barrier's exit and, for long runs, shows how ranks share the cores."""
-    import torch.distributed as dist
     if warm:
         op()
     times = []
@@ -105,8 +109,6 @@ def _together(op: Callable[[], Any], sync, calls: int, repeats: int, warm: bool 
 
 def _agree(values: list[float], device, op: str = "max") -> list[float]:
     """Every rank's values reduced over the world (max, or the mean)."""
-    import torch
-    import torch.distributed as dist
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return [v if op == "max" else v / dist.get_world_size() for v in t.cpu().tolist()]
@@ -115,7 +117,6 @@ def _agree(values: list[float], device, op: str = "max") -> list[float]:
 def _comm_op(kind: str, comm, target: int, device) -> tuple[Callable[[], Any], int]:
     """A call of `kind` on comm's group sending about `target` bytes per rank, and the bytes
     CommStats counts for it."""
-    import torch
     n, elem = comm.size, 4
     if kind == "p2p":
         ring = comm.ring()
@@ -135,10 +136,7 @@ def _comm_op(kind: str, comm, target: int, device) -> tuple[Callable[[], Any], i
 
 def _probe_links(ranks_per_node: int, sizes, repeats: int, device, sync) -> list[tuple]:
     """(link class, kind, group size, bytes, seconds per call) of every measured call."""
-    import torch.distributed as dist
 
-    from ..comm import Comm, CommStats
-    from ..mesh import Mesh
 
     keys, times, mesh = [], [], Mesh()
     for link_class, blocks in link_partitions(dist.get_world_size(), ranks_per_node):
@@ -152,7 +150,6 @@ def _probe_links(ranks_per_node: int, sizes, repeats: int, device, sync) -> list
 
 
 def _kernel_ops(kernel, n: int, heads: int, kv_heads: int, head_dim: int, dtype, device, causal: bool):
-    import torch
     g = torch.Generator().manual_seed(n)
     q = torch.randn(1, n, heads, head_dim, generator=g).to(device, dtype)
     k, v = (torch.randn(1, n, kv_heads, head_dim, generator=g).to(device, dtype) for _ in range(2))
@@ -165,7 +162,6 @@ def _kernel_ops(kernel, n: int, heads: int, kv_heads: int, head_dim: int, dtype,
 def _alone_then_together(ops: list, sync, repeats: int, device, target_s: float) -> tuple[list[float], list[float]]:
     """Seconds per call of each op: rank 0 alone (the others wait, idle, in a barrier), then
     every rank at once, back to back for about `target_s` (the same call counts everywhere)."""
-    import torch.distributed as dist
     dist.barrier()
     alone = _agree([_alone(op, sync, repeats) if dist.get_rank() == 0 else 0.0 for op in ops], device)
     together = []
@@ -179,9 +175,7 @@ def _probe_kernels(dtype: str, kernel_sizes, heads, kv_heads, head_dim, repeats,
                    target_s: float) -> dict[str, Any]:
     """Seconds per kernel call of each size and KERNEL_COLUMNS, alone and together; matmul
     seconds per flop, alone and together."""
-    import torch
 
-    from ..kernels import LseAccumulator, get_kernel
 
     torch_dtype = getattr(torch, dtype)
     kernel = get_kernel("auto", device, torch_dtype)
@@ -212,10 +206,7 @@ def _probe_sharing(dtype: str, size: int, heads, kv_heads, head_dim, p2p_bytes: 
     collective (all-to-all, ring exchange) costs on top of its time without compute around it
     (a rank to wake on a busy core); `overlap`, a world ring exchange of `p2p_bytes` started
     before a compute chunk of about its duration and waited after it, against both apart."""
-    import torch
 
-    from ..comm import Comm, CommStats
-    from ..kernels import get_kernel
 
     torch_dtype = getattr(torch, dtype)
     fwd, _ = _kernel_ops(get_kernel("auto", device, torch_dtype), size, heads, kv_heads, head_dim, torch_dtype, device,
@@ -254,8 +245,6 @@ def probe_rank(*, ranks_per_node: int, sizes=DEFAULT_SIZES, kernel_sizes=DEFAULT
     """Per rank (collective over the world): every measurement of the module docstring, as
     plain data identical on every rank (`build_calibration` turns it into a Calibration).
     `target_s`: how long the back-to-back runs last (shorter: faster, noisier)."""
-    import torch
-    import torch.distributed as dist
 
     backend = dist.get_backend()
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")

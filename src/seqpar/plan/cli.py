@@ -13,11 +13,15 @@ import json
 import os
 from dataclasses import replace
 
+from .advice import fit_suggestions, format_suggestions
+from .calibrate import measure
+from .costs import planned_strategies
 from .hardware import Calibration
 from .inputs import DTYPE_BYTES, MODEL_PRESETS, Cluster, GiB, PlanInput
 from .presets import CLUSTER_PRESETS
 from .profiling import ProfileReport, profile, profile_input, profile_rank
-from .search import STRATEGY_MODELS, Candidate, plan
+from .search import Candidate, plan
+from .worlds import open_world
 
 __all__ = ["add_arguments", "main", "plan_input_from_args", "format_table", "format_profile", "DEFAULT_CALIBRATION"]
 
@@ -29,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _cluster_arguments(p.add_argument_group("cluster"))
     _model_arguments(p.add_argument_group("model and batch"))
     out = p.add_argument_group("output")
-    out.add_argument("--strategies", help=f"comma-separated subset of {sorted(STRATEGY_MODELS)}")
+    out.add_argument("--strategies", help=f"comma-separated subset of {planned_strategies()}")
     out.add_argument("--top", type=int, default=0, help="print only the best N rows (0: all)")
     out.add_argument("--json", action="store_true", help="print JSON instead of a table")
     cal = p.add_argument_group("calibration (measured hardware)")
@@ -244,7 +248,6 @@ def _describe(inp: PlanInput) -> str:
 def _measure(run, inp: PlanInput, args) -> Calibration:
     """Calibrate the world `run` reaches for what this plan predicts: the plan's and the
     profile's dtypes, the profiled head size and GQA ratio."""
-    from .calibrate import measure
     small = profile_input(inp, seq=args.profile_seq, heads=args.profile_heads, kv_heads=args.profile_kv_heads,
                           head_dim=args.profile_head_dim, dtype=args.profile_dtype)
     dtypes = tuple(dict.fromkeys([small.dtype, inp.dtype])) if args.profile else (inp.dtype,)
@@ -254,8 +257,6 @@ def _measure(run, inp: PlanInput, args) -> Calibration:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .advice import fit_suggestions, format_suggestions
-    from .worlds import open_world
 
     inp = plan_input_from_args(args)
     chunks = fpdt_chunks_from_args(args)

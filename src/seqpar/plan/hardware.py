@@ -21,6 +21,8 @@ from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from ..io import atomic_write
+
 __all__ = ["SCHEMA", "LINK_CLASSES", "CALIBRATED_KINDS", "KERNEL_COLUMNS", "ALPHA_STEPS", "Link", "LinkFit",
            "KernelTable", "Calibration", "fit_alpha_beta", "calibrated_peak_flops"]
 
@@ -206,7 +208,6 @@ class Calibration:
         return json.dumps(self.to_dict(), indent=1, allow_nan=False)
 
     def save(self, path: str | os.PathLike) -> None:
-        from ..io import atomic_write
         atomic_write(path, self.to_json() + "\n")
 
     @classmethod

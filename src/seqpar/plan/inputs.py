@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
+from ..attention import Settings, get_strategy
+from ..context import resolve
 from ..model import ModelConfig
 from .hardware import Calibration, KernelTable, Link
 
@@ -335,45 +337,50 @@ class PlanInput:
 
 @dataclass(frozen=True)
 class Config:
-    """One candidate: the arguments of `seqpar.init` (plus WallFacer's placement)."""
+    """One candidate: a strategy's resolved settings (what `seqpar.init` builds), plus FPDT's
+    per-chunk block pipeline (a model option: --chunked-blocks)."""
 
-    strategy: str
-    layout: str = "contiguous"
-    ulysses: int = 1
-    ring: int | None = None
-    team_size: int = 1
-    chunks: int = 1
-    offload: bool = False
-    placement: str | None = None
-    chunked_blocks: bool = False  # FPDT's per-chunk block pipeline (a model option: --chunked-blocks)
+    settings: Settings
+    chunked_blocks: bool = False
+
+    @classmethod
+    def of(cls, strategy: str, world: int, chunked_blocks: bool = False, **options) -> "Config":
+        """The candidate `seqpar.init(strategy, **options)` builds on `world` ranks (its errors too)."""
+        return cls(resolve(strategy, world, **options), chunked_blocks)
+
+    @property
+    def strategy(self) -> str:
+        return self.settings.strategy
+
+    @property
+    def layout(self) -> str:
+        return self.settings.layout.kind
+
+    # the resolved degrees, as the schedules and memory models read them
+    ulysses = property(lambda self: self.settings.ulysses)
+    ring = property(lambda self: self.settings.ring)
+    team_size = property(lambda self: self.settings.team_size)
+    chunks = property(lambda self: self.settings.chunks)
+    offload = property(lambda self: self.settings.offload)
+    placement = property(lambda self: self.settings.placement)
 
     def init_kwargs(self, ranks_per_node: int | None = None) -> dict:
-        """Arguments of `seqpar.init` / `seqpar.resolve` for this candidate."""
-        kw: dict = {"layout": self.layout}
-        if self.strategy == "usp":
-            kw.update(ulysses=self.ulysses, ring=self.ring)
-        if self.team_size > 1:
-            kw["team_size"] = self.team_size
-        if self.chunks > 1:
-            kw["chunks"] = self.chunks
-        if self.offload:
-            kw["offload"] = True
-        if self.placement is not None:
-            kw["placement"] = self.placement
-            if ranks_per_node is not None:
-                kw["ranks_per_node"] = ranks_per_node
+        """Arguments of `seqpar.init` / `seqpar.resolve` for this candidate (with the topology's
+        ranks per node for a strategy that reports it)."""
+        kw = self.settings.init_kwargs()
+        if ranks_per_node is not None and "ranks_per_node" in get_strategy(self.strategy).uses:
+            kw["ranks_per_node"] = ranks_per_node
         return kw
 
     @property
     def label(self) -> str:
-        parts = [self.strategy]
-        if self.strategy == "usp":
-            parts.append(f"u{self.ulysses}xr{self.ring}")
-        if self.strategy == "wallfacer":
-            parts.append(f"C={self.team_size} {self.placement}")
-        if self.chunks > 1 or self.offload:
-            parts.append(f"chunks={self.chunks}" + (" offload" if self.offload else "")
+        s, parts = self.settings, [self.strategy]
+        if s.strategy == "usp":
+            parts.append(f"u{s.ulysses}xr{s.ring}")
+        if s.strategy == "wallfacer":
+            parts.append(f"C={s.team_size} {s.placement}")
+        if s.chunks > 1 or s.offload:
+            parts.append(f"chunks={s.chunks}" + (" offload" if s.offload else "")
                          + (" blocks" if self.chunked_blocks else ""))
         parts.append(self.layout)
         return " ".join(parts)
-

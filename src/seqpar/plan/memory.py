@@ -6,8 +6,9 @@ allocates; `memory_estimate` adds the rest of the model (docs/planner.md).
 """
 from __future__ import annotations
 
+from ..attention.ulysses import kv_replication
 from .inputs import Config, PlanInput
-from .schedules import fpdt_chunk_sizes, kv_replication
+from .schedules import fpdt_chunk_sizes
 
 __all__ = ["ring_memory", "ulysses_memory", "usp_memory", "allgather_memory", "wallfacer_memory", "fpdt_memory",
            "model_state_bytes", "memory_estimate"]

@@ -21,10 +21,16 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+import torch
+import torch.distributed as dist
+
+from ..comm import Comm, CommStats
+from ..context import init
 from .hardware import Calibration
 from .inputs import Config, ModelShape, PlanInput
 from .search import Candidate, attention_schedule, evaluate
 from .stages import max_bytes_by_kind
+from .worlds import open_world
 
 __all__ = ["KINDS", "attention_iteration", "profile_rank", "profile", "profile_input", "spearman", "ProfileReport"]
 
@@ -47,7 +53,6 @@ def attention_iteration(ctx, shards: tuple, causal: bool) -> dict[str, int]:
 
 def _full_inputs(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, dtype: str, seed: int, device):
     """Full-sequence random q, k, v, dout, identical on every rank (same seed)."""
-    import torch
 
     g = torch.Generator().manual_seed(seed)
     shape_q, shape_kv = (batch, seq, heads, head_dim), (batch, seq, kv_heads, head_dim)
@@ -62,12 +67,8 @@ def profile_rank(configs: list[tuple[str, dict]], *, batch: int, seq: int, heads
     init_kwargs). Returns, for every config, {"seconds": median over iterations of the max
     over ranks, "times": those maxima, "bytes": per kind, max over ranks} (identical on
     every rank) or {"error": message}."""
-    import torch
-    import torch.distributed as dist
 
-    import seqpar
 
-    from ..comm import Comm, CommStats
 
     control = Comm(None, CommStats())  # timing/bytes reductions, kept out of the measured stats
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -76,7 +77,7 @@ def profile_rank(configs: list[tuple[str, dict]], *, batch: int, seq: int, heads
     runs, results = [], []
     for strategy, kwargs in configs:
         try:  # same on every rank: bad config / strategy not installed
-            ctx = seqpar.init(strategy, **kwargs)
+            ctx = init(strategy, **kwargs)
             shards = tuple(ctx.shard(t) for t in full)
             sent = {}
             for _ in range(max(1, warmup)):  # the first call also runs the input check's collective
@@ -203,7 +204,6 @@ def profile(inp: PlanInput, candidates: list[Candidate], args, runner: Runner | 
     kwargs = {"iters": args.profile_iters, "warmup": args.profile_warmup, **shape}
     configs = [(c.config.strategy, c.config.init_kwargs(inp.cluster.ranks_per_node)) for c in chosen]
     if runner is None:
-        from .worlds import open_world
         with open_world(inp.world) as run:
             return profile(inp, candidates, args, lambda w, c, kw: run(profile_rank, c, **kw), calibration)
     report = _report(small, chosen, runner(inp.world, configs, kwargs), shape, args, calibration)

@@ -11,22 +11,18 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import lru_cache
 
+from ..attention.ulysses import kv_replication
+from ..attention.wallfacer import WallFacerGrid
 from .inputs import Config, PlanInput
 from .stages import Collective, Compute, RingLoop, Send, Stage, Step, Steps, loop_steps
 from .tables import all_pairs_load, chunked_load, local_load, ring_step_loads, wallfacer_step_loads
 
 __all__ = ["ring_schedule", "ulysses_schedule", "usp_schedule", "allgather_schedule",
            "wallfacer_schedule", "fpdt_schedule", "usp_groups", "fpdt_host_bytes", "fpdt_chunk_sizes",
-           "kv_replication", "wallfacer_grid"]
+           "wallfacer_grid"]
 
 
 # -- shared geometry ---------------------------------------------------------------------------
-def kv_replication(heads: int, kv_heads: int, degree: int) -> int:
-    """attention/ulysses.py's K/V head replication for a Ulysses degree (raises if invalid)."""
-    from ..attention.ulysses import kv_replication as replication
-    return replication(heads, kv_heads, degree)
-
-
 def usp_groups(world: int, ulysses: int, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """mesh.grid(rows=ring, cols=ulysses): Ulysses groups contiguous, ring groups strided."""
     row, col = divmod(rank, ulysses)
@@ -34,12 +30,11 @@ def usp_groups(world: int, ulysses: int, rank: int) -> tuple[tuple[int, ...], tu
 
 
 def wallfacer_grid(inp: PlanInput, cfg: Config):
-    return _grid(inp.world, cfg.team_size, cfg.placement or "collectives_intra")
+    return _grid(inp.world, cfg.team_size, cfg.placement)
 
 
 @lru_cache(maxsize=64)
-def _grid(world: int, team_size: int, placement: str):
-    from ..attention.wallfacer import WallFacerGrid
+def _grid(world: int, team_size: int, placement: str) -> WallFacerGrid:
     return WallFacerGrid(world, team_size, placement)
 
 

@@ -1,59 +1,33 @@
-"""The strategy table, the candidates, their evaluation and the ranking.
+"""The candidates, their evaluation and the ranking.
 
-`STRATEGY_MODELS` ties each strategy to its schedule (seqpar.plan.schedules), validity
-check (validity) and attention memory model (memory). `candidate_configs` enumerates
-strategy x degree x layout, `evaluate` predicts one candidate's step time, bytes and memory,
-`plan` ranks them all. `paper_block_volume` recounts a schedule the way the WallFacer paper
-does.
+`candidate_configs` asks every registered strategy with a cost model (seqpar.plan.costs)
+for its candidates (`Strategy.candidates`: degrees x layouts) and resolves them as
+`seqpar.init` would; `evaluate` predicts one candidate's step time, bytes and memory from
+its cost model, `plan` ranks them all. `paper_block_volume` recounts a schedule the way the
+WallFacer paper does.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable
 
+from ..attention import get_strategy
 from . import memory as mem
-from . import schedules as sched
 from . import validity as val
+from .costs import cost_model, planned_strategies
 from .inputs import Config, GiB, Hardware, PlanInput
 from .stages import Collective, Compute, RingLoop, Stage, bytes_by_kind, max_bytes_by_kind
 
-__all__ = ["StrategyModel", "STRATEGY_MODELS", "STRATEGY_ORDER", "FPDT_CHUNKS", "Candidate", "attention_schedule",
-           "attention_bytes", "paper_block_volume", "candidate_configs", "evaluate", "memory_fits", "plan"]
+__all__ = ["FPDT_CHUNKS", "Candidate", "attention_schedule", "attention_bytes", "paper_block_volume",
+           "candidate_configs", "evaluate", "memory_fits", "plan"]
 
 DENSE_BWD_FACTOR = 2.0  # backward of a linear layer: grad input + grad weight
-STRATEGY_ORDER = ("ring", "ulysses", "usp", "allgather", "lss", "fpdt", "wallfacer")
-
-
-@dataclass(frozen=True)
-class StrategyModel:
-    schedule: Callable[[PlanInput, Config, int], list[Stage]]
-    #: attention memory beyond the layer's own q/k/v/out: (saved per layer, peak working set), bytes
-    memory: Callable[[PlanInput, Config], tuple[float, float]]
-
-
-STRATEGY_MODELS: dict[str, StrategyModel] = {
-    "ring": StrategyModel(sched.ring_schedule, mem.ring_memory),
-    "ulysses": StrategyModel(sched.ulysses_schedule, mem.ulysses_memory),
-    "usp": StrategyModel(sched.usp_schedule, mem.usp_memory),
-    "allgather": StrategyModel(sched.allgather_schedule, mem.allgather_memory),
-    "wallfacer": StrategyModel(sched.wallfacer_schedule, mem.wallfacer_memory),
-    "fpdt": StrategyModel(sched.fpdt_schedule, mem.fpdt_memory),
-    # attention/lss.py is AllGatherStrategy restricted to segment layouts
-    "lss": StrategyModel(sched.allgather_schedule, mem.allgather_memory),
-}
-
-
-def _strategy_model(name: str) -> StrategyModel:
-    if name not in STRATEGY_MODELS:
-        raise ValueError(f"no cost model for strategy {name!r}; modelled: {sorted(STRATEGY_MODELS)}")
-    return STRATEGY_MODELS[name]
 
 
 def attention_schedule(inp: PlanInput, cfg: Config, rank: int = 0) -> list[Stage]:
     """The stages of one attention layer (fwd + bwd) on `rank`; raises ValueError if invalid."""
-    model = _strategy_model(cfg.strategy)
+    model = cost_model(cfg.strategy)
     val.check(inp, cfg)
     return model.schedule(inp, cfg, rank)
 
@@ -121,42 +95,24 @@ class Candidate:
                 "speedup_vs_ring": self.speedup_vs_ring, "measured": self.measured}
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _placements(world: int, team_size: int) -> tuple[str, ...]:
-    """WallFacer placements worth comparing: with C^2 = P the sub-rings have one rank and both
-    placements are the same rank mapping."""
-    return ("collectives_intra",) if team_size * team_size == world else ("collectives_intra", "rings_intra")
-
-
 FPDT_CHUNKS = (1, 2, 4, 8)
 
 
 def candidate_configs(inp: PlanInput, strategies: list[str] | None = None,
-                      fpdt_chunks: tuple[int, ...] = FPDT_CHUNKS) -> list[Config]:
-    """Every strategy x degree x layout worth considering (invalid ones included, to be reported)."""
-    names = [s for s in STRATEGY_ORDER if s in STRATEGY_MODELS] if strategies is None else strategies
-    unknown = [s for s in names if s not in STRATEGY_MODELS]
-    if unknown:
-        raise ValueError(f"no cost model for strategy {unknown}; modelled: {sorted(STRATEGY_MODELS)}")
-    layouts = ("contiguous", "zigzag") if inp.causal else ("contiguous",)
-    p, out = inp.world, []
+                      chunks: tuple[int, ...] = FPDT_CHUNKS) -> list[Config]:
+    """Every strategy x degree x layout worth considering (invalid ones included, to be reported):
+    each strategy's own `candidates`, resolved on the world; a strategy with a per-chunk block
+    pipeline (FPDT) also as that pipeline where it chunks and offloads. `chunks`: the chunk
+    counts to consider."""
+    names = planned_strategies() if strategies is None else strategies
+    out = []
     for name in names:
-        if name == "ulysses":
-            out.append(Config("ulysses"))
-        elif name == "usp":
-            out += [Config("usp", lay, ulysses=u, ring=p // u) for u in _divisors(p)[1:-1] for lay in layouts]
-        elif name == "wallfacer":
-            out += [Config("wallfacer", lay, team_size=c, placement=pl) for c in _divisors(p)[1:] if p % (c * c) == 0
-                    for pl in _placements(p, c) for lay in layouts]
-        elif name == "fpdt":
-            out += [Config("fpdt", "contiguous", chunks=u, offload=off) for u in fpdt_chunks for off in (False, True)]
-            out += [Config("fpdt", "contiguous", chunks=u, offload=True, chunked_blocks=True) for u in fpdt_chunks
-                    if u > 1]
-        else:
-            out += [Config(name, lay) for lay in layouts]
+        cost_model(name)  # a clear error for a strategy the planner cannot model
+        cls = get_strategy(name)
+        configs = [Config(cls.resolve(options, inp.world)) for options in cls.candidates(inp.world, inp.causal, chunks)]
+        out += configs
+        if cls.block_pipeline:
+            out += [Config(c.settings, chunked_blocks=True) for c in configs if c.chunks > 1 and c.offload]
     return out
 
 
@@ -171,7 +127,7 @@ def _dense_seconds(inp: PlanInput) -> float:
 
 def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
     """Predict step time, bytes and memory of one configuration (invalid -> valid=False + reason)."""
-    model = _strategy_model(cfg.strategy)
+    model = cost_model(cfg.strategy)
     try:
         val.check(inp, cfg)
         schedules = [model.schedule(inp, cfg, r) for r in range(inp.world)]
@@ -236,7 +192,7 @@ def memory_fits(inp: PlanInput, cfg: Config) -> bool:
     """Whether a valid candidate fits device memory (the memory model only, no timing)."""
     try:
         val.check(inp, cfg)
-        total = mem.memory_estimate(inp, _strategy_model(cfg.strategy).memory(inp, cfg), cfg)["total"]
+        total = mem.memory_estimate(inp, cost_model(cfg.strategy).memory(inp, cfg), cfg)["total"]
     except ValueError:
         return False
     return total <= inp.cluster.memory_gib * GiB
@@ -247,10 +203,10 @@ def _rank_key(c: Candidate):
 
 
 def plan(inp: PlanInput, strategies: list[str] | None = None,
-         fpdt_chunks: tuple[int, ...] = FPDT_CHUNKS) -> list[Candidate]:
+         chunks: tuple[int, ...] = FPDT_CHUNKS) -> list[Candidate]:
     """All candidates ranked: valid and fitting by predicted step time, then valid but too
     large for device memory, then invalid ones (each with its reason)."""
-    candidates = [evaluate(inp, cfg) for cfg in candidate_configs(inp, strategies, fpdt_chunks)]
+    candidates = [evaluate(inp, cfg) for cfg in candidate_configs(inp, strategies, chunks)]
     rings = [c.step_time for c in candidates if c.valid and c.config.strategy == "ring"]
     if rings:
         for c in candidates:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from ..attention.wallfacer import WallFacerGrid
 from ..layout import block_pairs
 from .stages import Load, balanced_loads, work_of
 
@@ -65,7 +66,6 @@ def all_pairs_busiest(kind: str, causal: bool, size: int, n_local: int) -> int:
 @lru_cache(maxsize=None)
 def wallfacer_step_pairs(kind: str, causal: bool, world: int, team_size: int, team_tokens: int) -> tuple[int, ...]:
     """Pairs of the busiest rank at each sub-ring step (team-level block rules, C*n-token blocks)."""
-    from ..attention.wallfacer import WallFacerGrid
     grid = WallFacerGrid(world, team_size)
     cls = block_class_pairs(kind, causal, team_tokens)
     return tuple(max(cls[k] for k in {_order(t, grid.kv_team(t, a, s)) for t in range(grid.team_count)
@@ -117,7 +117,6 @@ def all_pairs_load(kind: str, causal: bool, size: int, n_local: int, rows: int, 
 def wallfacer_step_loads(kind: str, causal: bool, world: int, team_size: int, team_tokens: int, rows: int,
                          head_dim: int) -> tuple[tuple[Load, Load], ...]:
     """Per sub-ring step, the loads over every (team, member) (team-level rules, C*n-token blocks)."""
-    from ..attention.wallfacer import WallFacerGrid
     grid = WallFacerGrid(world, team_size)
     steps = []
     for s in range(grid.ring_len):

@@ -11,6 +11,11 @@ import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+import torch
+import torch.distributed as dist
+
+from ..world import ProcessWorld
+
 __all__ = ["open_world", "under_torchrun", "local_ranks_per_node"]
 
 Run = Callable[..., Any]
@@ -28,7 +33,6 @@ def local_ranks_per_node(size: int) -> int:
 
 @contextmanager
 def open_world(size: int) -> Iterator[Run]:
-    import torch.distributed as dist
 
     created = under_torchrun() and not dist.is_initialized()
     if created:
@@ -39,7 +43,6 @@ def open_world(size: int) -> Iterator[Run]:
                 raise ValueError(f"--world {size} does not match the running world of {dist.get_world_size()} ranks")
             yield lambda fn, *args, **kwargs: fn(*args, **kwargs)
             return
-        from ..world import ProcessWorld
         # profiles of long sequences run for many minutes, and one block of a ring step for seconds
         with ProcessWorld(size, timeout=6 * 3600.0, pg_timeout=1800.0) as pw:
             yield lambda fn, *args, **kwargs: pw.run(fn, *args, **kwargs)[0]
@@ -49,8 +52,6 @@ def open_world(size: int) -> Iterator[Run]:
 
 
 def _init_torchrun_group() -> None:
-    import torch
-    import torch.distributed as dist
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":

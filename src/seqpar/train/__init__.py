@@ -13,11 +13,7 @@ Configuration: defaults < config file (TOML or YAML; flat keys or [model]/[data]
 [parallel]/[output] tables) < command-line flags. `train(cfg, group)` is the training loop
 on an already-initialised process group (what the launchers and the tests call).
 
-Loss normalisation: each rank computes the *sum* of its tokens' losses; one all-reduce
-gives the global token count C over all dp x sp ranks, and each rank back-propagates
-sum_local * world / C. Gradient averaging over the world (or sp then dp, or FSDP's
-reduce-scatter) then yields exactly the gradient of the mean token loss of the global
-batch, i.e. what one process computes on the whole batch.
+Loss normalisation (each rank back-propagates sum_local * world / C): see train/trainer.py.
 """
 from .config import DTYPES, TrainConfig, add_arguments, build_config, config_from_args, load_config
 from .launch import launch_local, launch_torchrun, main, prepare

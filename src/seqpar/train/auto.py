@@ -11,19 +11,21 @@ runner-up and why.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
+import torch
+
+from ..attention import StrategyOptions
+from ..plan import Calibration, Cluster, ModelShape, PlanInput, fit_suggestions, format_suggestions, measure, plan
+from ..plan.memory import loss_piece_tokens
+from ..plan.worlds import open_world
 from .config import TrainConfig
 
 __all__ = ["plan_input", "choose", "local_memory_gib", "ensure_calibration"]
 
-_STRATEGY_FIELDS = ("layout", "ulysses", "ring", "team_size", "chunks", "offload")
-
 
 def local_memory_gib(processes: int) -> float:
     """Memory one of `processes` local ranks may use: the GPU's, or the host's share."""
-    import torch
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory / 2 ** 30
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -31,8 +33,7 @@ def local_memory_gib(processes: int) -> float:
 
 
 def _model_shape(cfg: TrainConfig):
-    from ..plan import ModelShape
-    if cfg.model == "dit":
+    if cfg.model.kind == "dit":
         d = cfg.dit_config()
         # GELU MLP (2 matrices of mlp_hidden) = SwiGLU's 3 matrices of 2/3 the width; patches ~ vocab
         return ModelShape(d.n_layers, d.dim, d.n_heads, d.n_kv_heads, max(1, 2 * d.mlp_hidden // 3), d.patch_dim)
@@ -44,13 +45,13 @@ def plan_input(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | 
                memory_gib: float | None = None):
     """The planner's view of this run on its sp group (needs sp >= 2); memory per rank: this
     machine's (`local_memory_gib`) unless given."""
-    from ..plan import Cluster, PlanInput
     sp = cfg.sp_size(world)
     rpn = min(sp, ranks_per_node or sp)
-    cluster = Cluster(sp, rpn, memory_gib=memory_gib or local_memory_gib(rpn * cfg.dp), calibration=calibration)
-    return PlanInput(cluster, _model_shape(cfg), cfg.sequence_length(), cfg.batch, cfg.dtype,
-                     causal=cfg.model != "dit", zero=3 if cfg.fsdp else 0,
-                     checkpointing=cfg.activation_checkpointing or cfg.offload_activations)
+    memory_gib = memory_gib or local_memory_gib(rpn * cfg.parallel.dp)
+    cluster = Cluster(sp, rpn, memory_gib=memory_gib, calibration=calibration)
+    return PlanInput(cluster, _model_shape(cfg), cfg.sequence_length(), cfg.data.batch, cfg.optim.dtype,
+                     causal=cfg.model.kind != "dit", zero=3 if cfg.parallel.fsdp else 0,
+                     checkpointing=cfg.model.activation_checkpointing or cfg.model.offload_activations)
 
 
 def _why(best, other) -> str:
@@ -72,9 +73,8 @@ def _why(best, other) -> str:
 def choose(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None = None,
            memory_gib: float | None = None) -> tuple[TrainConfig, str]:
     """(cfg with the planner's best fitting strategy, a one-line explanation)."""
-    from ..plan import fit_suggestions, format_suggestions, plan
     if cfg.sp_size(world) < 2:
-        return dataclasses.replace(cfg, strategy="local"), "--strategy auto: sp = 1, no sequence parallelism (local)"
+        return cfg.with_strategy("local", StrategyOptions()), "--strategy auto: sp = 1, no sequence parallelism (local)"
     inp = plan_input(cfg, world, calibration, ranks_per_node, memory_gib)
     candidates = [c for c in plan(inp) if not c.config.chunked_blocks or cfg.chunked_blocks_apply()]
     fitting = [c for c in candidates if c.valid and c.fits]
@@ -87,11 +87,8 @@ def choose(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None
         raise ValueError(f"--strategy auto: no strategy fits this run in {inp.cluster.memory_gib:.1f} GiB per rank: "
                          + " ".join(hint.split()))
     best = fitting[0]
-    kwargs = best.config.init_kwargs(ranks_per_node)
-    fields = {k: kwargs.pop(k) for k in _STRATEGY_FIELDS if k in kwargs}
-    defaults = {"layout": "", "ulysses": 0, "ring": 0, "team_size": 0, "chunks": 1, "offload": False}
-    chosen = dataclasses.replace(cfg, strategy=best.config.strategy, **{**defaults, **fields},
-                                 strategy_options={**cfg.strategy_options, **kwargs})
+    options = StrategyOptions.from_kwargs(**best.config.init_kwargs(ranks_per_node))
+    chosen = cfg.with_strategy(best.config.strategy, options)
     if best.config.chunked_blocks:
         chosen = _with_chunked_blocks(chosen, inp, best.config)
     line = (f"--strategy auto picked {best.label} (predicted {best.step_time:.3g} s/step, "
@@ -106,29 +103,25 @@ def choose(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None
 def _with_chunked_blocks(cfg: TrainConfig, inp, config) -> TrainConfig:
     """The run as the planner modelled the chunked-block candidate: --chunked-blocks, block
     checkpointing as --offload-activations, the loss in pieces of `loss_piece_tokens`."""
-    from ..plan.memory import loss_piece_tokens
     tokens = inp.batch * inp.tokens_per_rank
-    loss_chunks = max(cfg.loss_chunks, -(-tokens // loss_piece_tokens(inp, config)))
-    return dataclasses.replace(cfg, chunked_blocks=True, loss_chunks=loss_chunks,
-                               offload_activations=cfg.offload_activations or cfg.activation_checkpointing,
-                               activation_checkpointing=False)
+    loss_chunks = max(cfg.model.loss_chunks, -(-tokens // loss_piece_tokens(inp, config)))
+    return cfg.replace(chunked_blocks=True, loss_chunks=loss_chunks, activation_checkpointing=False,
+                       offload_activations=cfg.model.offload_activations or cfg.model.activation_checkpointing)
 
 
 def ensure_calibration(cfg: TrainConfig, world: int):
     """The calibration of this run's world: --calibration, or <out_dir>/calibration.json, or a
     fresh measurement of the local world (saved there for the next run)."""
-    from ..plan import Calibration, measure
-    from ..plan.worlds import open_world
     path = cfg.calibration_path()
     if path.is_file():
         return Calibration.load(path)
-    if cfg.calibration:
-        raise FileNotFoundError(f"--calibration {cfg.calibration!r} does not exist (write one with seqpar plan "
-                                "--calibrate)")
+    if cfg.parallel.calibration:
+        raise FileNotFoundError(f"--calibration {cfg.parallel.calibration!r} does not exist (write one with "
+                                "seqpar plan --calibrate)")
     shape = _model_shape(cfg)
     sp = cfg.sp_size(world)
     with open_world(sp) as run:
-        cal = measure(run, sp, dtypes=(cfg.dtype,), heads=max(1, shape.heads // shape.kv_heads), kv_heads=1,
+        cal = measure(run, sp, dtypes=(cfg.optim.dtype,), heads=max(1, shape.heads // shape.kv_heads), kv_heads=1,
                       head_dim=shape.hidden // shape.heads, repeats=3)
     path.parent.mkdir(parents=True, exist_ok=True)
     cal.save(path)

@@ -1,330 +1,268 @@
-"""Training configuration: `TrainConfig` (every field a --flag and a config-file key), config
-files (TOML/YAML) and command-line parsing. Validation of each field lives here.
+"""Training configuration: `TrainConfig`, one section per config-file table (train/sections.py:
+model, dit, data, optim, parallel, output, faults), each validating itself.
+
+Every field is also a `--flag` (the field name with dashes; `ModelSection.kind` is `--model`),
+so the command line stays flat while config files are tables. The strategy options of
+`[parallel]` are the option schema of `seqpar.StrategyOptions` itself (their flags, types and
+help text come from it; None = the strategy's default). Defaults < config file < flags.
+`TrainConfig.of(**flags)` builds a config from flag names (scripts and tests), `cfg.replace(**flags)`
+changes some; `validate(world)` runs each section's checks and the checks between sections.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import math
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..attention import STRATEGIES, Settings
-from ..context import resolve
-from ..kernels import check_kernel_name
+from ..attention import Settings, StrategyOptions
+from ..attention.options import option_fields
+from ..dit import DiTConfig
 from ..model import ModelConfig
+from .sections import (
+    AUTO,
+    DTYPES,
+    SECTIONS,
+    DataSection,
+    DitSection,
+    FaultsSection,
+    ModelSection,
+    OptimSection,
+    OutputSection,
+    ParallelSection,
+)
 
-__all__ = ["TrainConfig", "DTYPES", "load_config", "build_config", "config_from_args", "add_arguments"]
+__all__ = ["TrainConfig", "ModelSection", "DitSection", "DataSection", "OptimSection", "ParallelSection",
+           "OutputSection", "FaultsSection", "DTYPES", "AUTO", "load_config", "build_config", "config_from_args",
+           "add_arguments", "flat_values"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-NONFINITE = ("stop", "skip")
-AUTO = "auto"  # resolved by the launcher (train/auto.py) before any worker starts
-MODELS = ("llama", "dit")
-SECTIONS = ("model", "data", "optim", "parallel", "output")
-_MODEL_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "mlp_chunks", "loss_chunks",
-               "activation_checkpointing", "offload_activations", "chunked_blocks")
-_SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
+@dataclass(frozen=True)
+class _Flag:
+    """Where a --flag lives: section, attribute (and the option schema's field, for strategy options)."""
+
+    section: str
+    attr: str
+    help: str
+    kind: type
+    option: bool = False  # a field of ParallelSection.options (StrategyOptions)
+    choices: tuple = ()
 
 
-def _opt(default: Any, help_text: str):
-    """A TrainConfig field with its --help text."""
-    return field(default=default, metadata={"help": help_text})
+def _flags() -> dict[str, _Flag]:
+    """dest name -> _Flag for every flag of `seqpar train` (what TrainConfig.of takes)."""
+    out: dict[str, _Flag] = {}
+    defaults = {name: cls() for name, cls in SECTIONS.items()}
+    for name, cls in SECTIONS.items():
+        for f in fields(cls):
+            if f.name == "options":
+                for o in option_fields():
+                    out[o.name] = _Flag(name, o.name, o.metadata["help"], o.metadata["kind"], True,
+                                        o.metadata["choices"])
+                continue
+            kind = dict if f.name == "strategy_options" else (int if f.name == "sp" else
+                                                               type(getattr(defaults[name], f.name)))
+            out[f.metadata.get("flag") or f.name] = _Flag(name, f.name, f.metadata["help"], kind)
+    return out
 
 
+FLAGS = _flags()
+
+
+# -- the whole config ------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
-    """Everything a training run needs; every field is a `--flag` and a config-file key."""
+    """Everything a training run needs, in its sections (see the module docstring)."""
 
-    # model (byte-level by default: vocab 256)
-    model: str = _opt("llama", "llama: the built-in byte-level decoder (or --hf-model) on text | dit: a diffusion "
-                               "transformer on scikit-image's sample photos, sharded over patch tokens")
-    vocab_size: int = _opt(256, "vocabulary size (256 for raw bytes)")
-    dim: int = _opt(256, "model width")
-    n_layers: int = _opt(4, "decoder blocks")
-    n_heads: int = _opt(8, "attention heads")
-    n_kv_heads: int = _opt(4, "key/value heads (GQA when < n_heads)")
-    ffn_dim: int = _opt(0, "SwiGLU hidden size; 0: 8/3 * dim rounded up to 32")
-    mlp_chunks: int = _opt(1, "FPDT chunked MLP (recompute in backward)")
-    loss_chunks: int = _opt(1, "FPDT chunked LM head + cross-entropy")
-    activation_checkpointing: bool = _opt(False, "recompute every block in backward")
-    offload_activations: bool = _opt(False, "checkpoint every block and keep its saved input in host memory "
-                                            "(pinned on CUDA): no per-token state on the device between forward "
-                                            "and backward (FPDT / ALST); not with --fsdp")
-    chunked_blocks: bool = _opt(False, "FPDT's per-chunk block pipeline (--strategy fpdt): projections, attention "
-                                       "and MLP of one chunk at a time, forward and backward, so no whole-sequence "
-                                       "q/k/v or attention output exists on the device; with --offload-activations "
-                                       "only the block inputs wait in host memory and the backward runs each "
-                                       "block's chunk loop again")
-    hf_model: str = _opt("", "a Hugging Face causal LM directory (config.json, optional safetensors weights and "
-                             "tokenizer) to train instead of the built-in model; its shape replaces the model flags")
-    # images (--model dit): (image_size / patch_size)^2 tokens per image replace seq_len
-    image_size: int = _opt(256, "dit: square crop size in pixels")
-    patch_size: int = _opt(2, "dit: patch size in pixels")
-    samples: int = _opt(8, "dit: images sampled into samples.png at the end (one per class, cycling); 0: none")
-    sample_steps: int = _opt(8, "dit: Euler steps of the sampler")
-    # data
-    data: str = _opt("", "raw byte file, .npy or .bin token file; empty: Python stdlib corpus")
-    corpus_bytes: int = _opt(4_000_000, "size of the stdlib corpus")
-    val_fraction: float = _opt(0.05, "held-out tail of the data for validation")
-    pack_documents: bool = _opt(True, "mask attention at document boundaries (positions restart, no label "
-                                      "crosses into the next document) where the data has documents: the stdlib "
-                                      "corpus's files, a data file's <file>.docs.npy index, or --doc-separator")
-    doc_separator: int = _opt(-1, "token id that ends every document of the data file (EOS style); -1: none")
-    seq_len: int = _opt(1024, "global sequence length (sharded over sp ranks)")
-    batch: int = _opt(1, "sequences per data-parallel rank and step")
-    # optimisation
-    steps: int = _opt(150, "optimizer steps")
-    lr: float = _opt(3e-3, "peak learning rate (AdamW)")
-    min_lr: float = _opt(3e-4, "learning rate at the end of the cosine decay")
-    warmup: int = _opt(15, "linear warmup steps")
-    weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only)")
-    beta1: float = _opt(0.9, "AdamW beta1")
-    beta2: float = _opt(0.95, "AdamW beta2")
-    grad_clip: float = _opt(1.0, "global gradient-norm clip; 0: off (the norm is still computed and checked)")
-    nonfinite: str = _opt("stop", "on a non-finite loss or gradient norm: stop (error, nothing saved) | skip "
-                                  "(no update for that step)")
-    max_skips: int = _opt(3, "with --nonfinite skip: consecutive skipped steps tolerated; one more stops the run")
-    seed: int = _opt(0, "initial weights and data order")
-    dtype: str = _opt("float32", "float32 | bfloat16 (autocast, fp32 weights) | float64")
-    # parallelism
-    nproc: int = _opt(4, "local processes when not under torchrun")
-    dp: int = _opt(1, "data-parallel degree")
-    sp: int = _opt(0, "sequence-parallel degree; 0: world size / dp")
-    strategy: str = _opt("wallfacer", "attention strategy: local ring ulysses usp allgather wallfacer lss fpdt, or "
-                                      "auto (the calibrated planner picks strategy, degrees, layout, chunks)")
-    calibration: str = _opt("", "a `seqpar plan --calibrate` JSON of this world: hardware for --strategy auto and the "
-                                "MFU peak; empty: <out_dir>/calibration.json when present (auto measures it once)")
-    ulysses: int = _opt(0, "Ulysses degree (usp); 0: the strategy's default")
-    ring: int = _opt(0, "ring degree (usp); 0: the strategy's default")
-    team_size: int = _opt(0, "WallFacer team size C (--teams: deprecated alias); 0: the strategy's default "
-                             "(2 when 4 divides sp)")
-    layout: str = _opt("", "token layout: contiguous | zigzag | striped; empty: the strategy's default")
-    chunks: int = _opt(1, "FPDT sequence chunks")
-    offload: bool = _opt(False, "FPDT host offload of K/V chunks")
-    kernel: str = _opt("auto", "block attention kernel")
-    strategy_options: dict = field(default_factory=dict, metadata={"help": "extra seqpar.init options"})
-    fsdp: bool = _opt(False, "shard parameters with FSDP2 fully_shard over all ranks")
-    # output
-    out_dir: str = _opt("runs/train", "log, plot, config, checkpoints, cached corpus")
-    log_every: int = _opt(10, "progress-bar period (steps)")
-    eval_every: int = _opt(50, "validation period (and at the end); 0: only at the end")
-    eval_batches: int = _opt(2, "validation batches")
-    checkpoint_every: int = _opt(50, "checkpoint period (and at the end); 0: never")
-    keep_checkpoints: int = _opt(2, "checkpoints kept; 0: all")
-    resume: str = _opt("", "'latest' or a checkpoint directory")
-    peak_tflops: float = _opt(0.0, "per-process peak TFLOP/s for MFU; 0: the calibration's, else measured at start "
-                                   "on CPU (all ranks at once), the GPU table on GPUs")
-    progress: bool = _opt(True, "progress bar and summary on rank 0")
-    plot: bool = _opt(True, "loss-curve PNG at the end")
-    # fault handling
-    timeout: float = _opt(600.0, "process-group timeout (s): a collective waiting longer fails the run")
-    stall_timeout: float = _opt(0.0, "seconds without a heartbeat before the launcher names a rank stalled and "
-                                     "stops the run; 0: min(60, timeout / 2)")
-    stop_grace: float = _opt(10.0, "seconds workers get after SIGTERM/SIGINT to stop (and checkpoint on "
-                                   "SIGTERM) before they are killed")
+    model: ModelSection = field(default_factory=ModelSection)
+    dit: DitSection = field(default_factory=DitSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    faults: FaultsSection = field(default_factory=FaultsSection)
 
-    # -- derived -------------------------------------------------------------------------------
+    # -- building ----------------------------------------------------------------------------------
+    @classmethod
+    def of(cls, **flags: Any) -> "TrainConfig":
+        """A config from flag names (`--seq-len` -> seq_len=...), the defaults for the rest."""
+        return cls().replace(**flags)
+
+    def replace(self, **flags: Any) -> "TrainConfig":
+        """A copy with these flags (by flag name) changed."""
+        sections = {name: dataclasses.replace(getattr(self, name)) for name in SECTIONS}
+        sections["parallel"].strategy_options = dict(self.parallel.strategy_options)
+        options = dict(sections["parallel"].options.__dict__)
+        for name, value in flags.items():
+            if name not in FLAGS:
+                raise ValueError(f"unknown training option {name!r}")
+            spec = FLAGS[name]
+            if spec.option:
+                options[spec.attr] = value
+            else:
+                setattr(sections[spec.section], spec.attr, value)
+        sections["parallel"].options = StrategyOptions(**options)
+        return TrainConfig(**sections)
+
+    def with_strategy(self, strategy: str, options: StrategyOptions) -> "TrainConfig":
+        """A copy running `strategy` with exactly these options (the others back to their defaults)."""
+        parallel = dataclasses.replace(self.parallel, strategy=strategy, options=options,
+                                       strategy_options=dict(options.extras))
+        return dataclasses.replace(self, parallel=parallel)
+
+    @classmethod
+    def from_tables(cls, tables: dict[str, dict[str, Any]], source: str = "config") -> "TrainConfig":
+        """A config from {table: {key: value}} (a config file, or `to_dict()`); a key outside its
+        table, or of the wrong type, is a one-line ValueError naming it."""
+        flags = {}
+        for table, values in tables.items():
+            if table not in SECTIONS or not isinstance(values, dict):
+                raise ValueError(f"{source}: unknown table or top-level key {table!r}; the tables are "
+                                 f"{list(SECTIONS)}" + _home_hint(table))
+            for key, value in values.items():
+                if key == "options" and table == "parallel" and isinstance(value, dict):  # to_dict()'s form
+                    flags.update({k: v for k, v in value.items() if k != "extras"})
+                    continue
+                flag = _flag_of(table, key)
+                if flag is None:
+                    raise ValueError(f"{source} [{table}]: unknown key {key!r}" + _home_hint(key, table))
+                if value is not None or FLAGS[flag].option:  # None: not given (JSON of to_dict)
+                    flags[flag] = value if value is None else _coerce(flag, value, f"{source} [{table}]")
+        return cls.of(**flags)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """{table: {key: value}}: what from_tables reads back (JSON-able)."""
+        out = {}
+        for name in SECTIONS:
+            section = dataclasses.asdict(getattr(self, name))
+            if name == "parallel":
+                options = section.pop("options")
+                section.update({k: v for k, v in options.items() if k != "extras"})
+            out[name] = section
+        return out
+
+    # -- derived -----------------------------------------------------------------------------------
     def model_config(self) -> ModelConfig:
-        """The language model's shape: the model flags, or the --hf-model's config (its shape
-        in seqpar's terms, for FLOP counts, head checks, the planner and resume checks)."""
-        if self.hf_model:
-            from ..hf import hf_model_shape
-            return ModelConfig(**hf_model_shape(self.hf_model))
-        return ModelConfig(**{k: getattr(self, k) for k in _MODEL_KEYS})
+        return self.model.config()
 
-    @property
-    def separator(self) -> int | None:
-        """The document separator token (--doc-separator), None when there is none."""
-        return self.doc_separator if self.doc_separator >= 0 else None
-
-    def calibration_path(self) -> Path:
-        """--calibration, else <out_dir>/calibration.json (what --strategy auto writes)."""
-        return Path(self.calibration) if self.calibration else Path(self.out_dir) / "calibration.json"
-
-    def dit_config(self, num_classes: int = 10):
-        """The DiT of --model dit (model width flags shared with the language model)."""
-        from ..dit import DiTConfig
-        return DiTConfig(image_size=self.image_size, patch_size=self.patch_size, dim=self.dim, n_layers=self.n_layers,
-                         n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, num_classes=num_classes,
-                         activation_checkpointing=self.activation_checkpointing)
+    def dit_config(self, num_classes: int = 10) -> DiTConfig:
+        return self.dit.config(self.model, num_classes)
 
     def sequence_length(self) -> int:
         """Tokens per sample, sharded over the sp ranks: seq_len, or the patches of an image (dit)."""
-        return self.dit_config().num_tokens if self.model == "dit" else self.seq_len
+        return self.dit_config().num_tokens if self.model.kind == "dit" else self.data.seq_len
 
     def sp_size(self, world: int) -> int:
-        return self.sp or world // self.dp
+        return self.parallel.sp_size(world)
 
     def strategy_settings(self, world: int) -> Settings:
-        """The attention strategy's settings on this run's sp group, resolved by the strategy
-        itself (`seqpar.resolve`: what seqpar.init accepts; 0 / empty = the strategy's default)."""
-        given = {"layout": self.layout or None, "ulysses": self.ulysses or None, "ring": self.ring or None,
-                 "team_size": self.team_size or None, "chunks": self.chunks, "offload": self.offload}
-        return resolve(self.strategy, self.sp_size(world), **given, **self.strategy_options)
+        return self.parallel.strategy_settings(world)
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    # -- validation ----------------------------------------------------------------------------
-    def validate(self, world: int | None = None) -> None:
-        """Raise ValueError for anything that cannot work (world: number of ranks, default nproc)."""
-        world = world or self.nproc
-        self._validate_finite()
-        _check_choice("model", self.model, MODELS)
-        if self.model == "dit":
-            self._validate_dit()
-        else:
-            if self.hf_model:
-                self._validate_hf_model()
-            self.model_config()  # model shape errors
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("strategy", self.strategy, (*STRATEGIES, AUTO))
-        check_kernel_name(self.kernel)
-        _check_choice("nonfinite", self.nonfinite, NONFINITE)
-        for name in ("seq_len", "batch", "steps", "nproc", "dp", "chunks", "log_every", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("sp", "ulysses", "ring", "team_size", "warmup", "eval_every", "checkpoint_every",
-                     "keep_checkpoints", "corpus_bytes", "max_skips"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("need 0 <= beta1, beta2 < 1, weight_decay >= 0 and grad_clip >= 0")
-        if self.offload_activations and (self.fsdp or self.model != "llama" or self.hf_model):
-            raise ValueError("--offload-activations applies to the built-in language model without --fsdp")
-        if self.chunked_blocks:
-            self._validate_chunked_blocks()
-        if self.doc_separator < -1 or (self.doc_separator >= 0 and not self.pack_documents):
-            raise ValueError(f"doc_separator {self.doc_separator}: needs a token id >= 0 (-1: none) and "
-                             "--pack-documents")
-        if self.doc_separator >= self.vocab_size and not self.hf_model:
-            raise ValueError(f"doc_separator {self.doc_separator} is not a token id of the model's vocabulary "
-                             f"(vocab_size {self.vocab_size})")
-        if self.peak_tflops < 0:
-            raise ValueError(f"peak_tflops must be >= 0 (0 = auto), got {self.peak_tflops}")
-        if not (self.timeout > 0 and self.stop_grace > 0 and self.stall_timeout >= 0):
-            raise ValueError(f"need timeout > 0, stop_grace > 0 and stall_timeout >= 0, got timeout={self.timeout}, "
-                             f"stop_grace={self.stop_grace}, stall_timeout={self.stall_timeout}")
-        self._validate_mesh(world)
+    def calibration_path(self) -> Path:
+        """--calibration, else <out_dir>/calibration.json (what --strategy auto writes)."""
+        given = self.parallel.calibration
+        return Path(given) if given else Path(self.output.out_dir) / "calibration.json"
 
     def chunked_blocks_apply(self) -> bool:
         """Whether this run's model can take --chunked-blocks: the built-in LM without FSDP."""
-        return self.model == "llama" and not self.hf_model and not self.fsdp
+        return self.model.builtin_lm() and not self.parallel.fsdp
+
+    # -- validation ----------------------------------------------------------------------------------
+    def validate(self, world: int | None = None) -> None:
+        """Raise ValueError for anything that cannot work (world: number of ranks, default nproc)."""
+        world = world or self.parallel.nproc
+        for name in SECTIONS:
+            getattr(self, name).validate()
+        if self.model.kind == "dit":
+            self._validate_dit()
+        m = self.model
+        if m.offload_activations and not self.chunked_blocks_apply():
+            raise ValueError("--offload-activations applies to the built-in language model without --fsdp")
+        if m.chunked_blocks:
+            self._validate_chunked_blocks()
+        if self.data.doc_separator >= m.vocab_size and not m.hf_model:
+            raise ValueError(f"doc_separator {self.data.doc_separator} is not a token id of the model's vocabulary "
+                             f"(vocab_size {m.vocab_size})")
+        self._validate_mesh(world)
 
     def _validate_chunked_blocks(self) -> None:
-        if self.strategy != "fpdt":
-            raise ValueError(f"--chunked-blocks is FPDT's pipeline: it needs --strategy fpdt, got {self.strategy!r}")
+        if self.parallel.strategy != "fpdt":
+            raise ValueError(f"--chunked-blocks is FPDT's pipeline: it needs --strategy fpdt, got "
+                             f"{self.parallel.strategy!r}")
         if not self.chunked_blocks_apply():
             raise ValueError("--chunked-blocks applies to the built-in language model without --fsdp")
-        if self.activation_checkpointing:
+        if self.model.activation_checkpointing:
             raise ValueError("--chunked-blocks recomputes its projections and MLP per chunk already; for block "
                              "inputs in host memory use --offload-activations, not --activation-checkpointing")
 
     def _validate_dit(self) -> None:
         self.dit_config()  # shape errors
-        if self.data or self.hf_model:
+        if self.data.data or self.model.hf_model:
             raise ValueError("--model dit trains on scikit-image's sample photos: --data / --hf-model are for "
                              "language models")
-        if self.samples < 0 or self.sample_steps < 1:
-            raise ValueError(f"need samples >= 0 and sample_steps >= 1, got {self.samples}, {self.sample_steps}")
         try:
-            import skimage  # noqa: F401
+            import skimage  # noqa: F401 - the optional `dit` extra
         except ImportError:
             raise ValueError("--model dit needs scikit-image: pip install -e '.[dit]'") from None
 
-    def _validate_hf_model(self) -> None:
-        path = Path(self.hf_model)
-        if not (path / "config.json").is_file():
-            raise ValueError(f"--hf-model {self.hf_model!r} is not a Hugging Face model directory (no config.json)")
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
-            raise ValueError("--hf-model needs transformers: pip install -e '.[hf]'") from None
-        if self.mlp_chunks > 1 or self.loss_chunks > 1:
-            raise ValueError("--mlp-chunks / --loss-chunks apply to the built-in model only, not --hf-model")
-
-    def _validate_finite(self) -> None:
-        """Every float field (and float strategy option) must be finite: inf/nan would train NaN."""
-        values = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
-        values += [(f"strategy option {k}", v) for k, v in self.strategy_options.items()]
-        for name, value in values:
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value}")
-
     def _validate_mesh(self, world: int) -> None:
-        sp = self.sp_size(world)
-        if sp < 1 or self.dp * sp != world:
-            raise ValueError(f"dp ({self.dp}) x sp ({self.sp or 'auto'}) must equal the number of processes "
-                             f"({world})")
-        if self.strategy == AUTO:
+        par = self.parallel
+        sp = par.sp_size(world)
+        if sp < 1 or par.dp * sp != world:
+            raise ValueError(f"dp ({par.dp}) x sp ({par.sp or 'auto'}) must equal the number of processes ({world})")
+        if par.strategy == AUTO:
             return  # the planner picks a strategy that passes the checks below (train/auto.py)
-        layout = self.strategy_settings(world).layout
-        if layout.kind == "documents" and self.pack_documents and self.batch > 1 and self.model != "dit":
+        layout = par.strategy_settings(world).layout
+        if layout.kind == "documents" and self.data.pack_documents and self.data.batch > 1 and self.model.kind != "dit":
             raise ValueError(f"layout 'documents' places tokens by one batch's documents, but --pack-documents "
-                             f"gives each of the {self.batch} rows its own: use --batch 1 (more rows: --dp) or "
+                             f"gives each of the {self.data.batch} rows its own: use --batch 1 (more rows: --dp) or "
                              f"another layout")
         n = self.sequence_length()
-        what = f"seq_len {n}" if self.model != "dit" else f"the {n} patch tokens of --image-size {self.image_size}"
+        what = f"seq_len {n}" if self.model.kind != "dit" else f"the {n} patch tokens of --image-size " \
+                                                               f"{self.dit.image_size}"
         try:
             layout.check(n)
         except ValueError as e:
             raise ValueError(f"{what} must be a multiple of {layout.granularity()}: {e}") from None
 
 
-def _check_choice(name: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose from {sorted(choices)}")
+def flat_values(tables: dict[str, Any]) -> dict[str, Any]:
+    """{flag: value} of a to_dict() (or of a config written before the tables: already flat)."""
+    flat: dict[str, Any] = {}
+    for key, value in tables.items():
+        if isinstance(value, dict) and key in SECTIONS:
+            flat.update({_flag_of(key, k) or k: v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
 
 
 # -- configuration files and flags -----------------------------------------------------------------
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_DEFAULTS = TrainConfig()
+def _flag_of(table: str, key: str) -> str | None:
+    """The flag of config key `key` in `table`, or None when the key does not belong there."""
+    for flag, spec in FLAGS.items():
+        if spec.section == table and (spec.attr == key or flag == key) and key != "options":
+            return flag
+    return None
 
 
-def _field_type(name: str) -> type:
-    return type(getattr(_DEFAULTS, name))
+def _home_hint(key: str, table: str | None = None) -> str:
+    homes = [spec.section for flag, spec in FLAGS.items() if key in (flag, spec.attr)]
+    if homes and homes[0] != table:
+        return f"; it belongs in [{homes[0]}]"
+    return f"; valid keys: {sorted(k for k, s in FLAGS.items() if s.section == table)}" if table else ""
 
 
-def _coerce(name: str, value: Any, source: str) -> Any:
-    """Check a config-file value against the field's type (ints are accepted for floats)."""
-    want = _field_type(name)
+def _coerce(flag: str, value: Any, source: str) -> Any:
+    """Check a config-file value against the flag's type (ints are accepted for floats)."""
+    want = FLAGS[flag].kind
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-        raise ValueError(f"{source}: {name} must be {want.__name__}, got {value!r}")
+        raise ValueError(f"{source}: {flag} must be {want.__name__}, got {value!r}")
     return value
-
-
-_DEPRECATED = {"teams": "team_size"}  # old key -> field (kept one release, with a warning)
-
-
-def _flatten(raw: dict[str, Any], source: str) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in _DEPRECATED:
-            warnings.warn(f"{source}: '{key}' is deprecated, use '{_DEPRECATED[key]}'", DeprecationWarning,
-                          stacklevel=2)
-            key = _DEPRECATED[key]
-        if isinstance(value, dict) and key in SECTIONS:
-            flat.update(_flatten(value, f"{source} [{key}]"))
-        elif key in _FIELDS:
-            flat[key] = _coerce(key, value, source)
-        else:
-            raise ValueError(f"{source}: unknown key {key!r}; valid keys: {sorted(_FIELDS)} "
-                             f"(optionally grouped in tables {list(SECTIONS)})")
-    return flat
 
 
 def _config_path(name: str) -> Path:
@@ -340,25 +278,29 @@ def _config_path(name: str) -> Path:
     raise FileNotFoundError(f"config file {name!r} not found (packaged configs: {available})")
 
 
-def load_config(name: str) -> dict[str, Any]:
-    """Read a TOML or YAML config file into flat TrainConfig keys (clear errors for bad keys/values)."""
-    path = _config_path(name)
+def _parse_file(path: Path) -> Any:
     text = path.read_bytes()
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
-            raw = yaml.safe_load(text) or {}
-        else:
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
-            raw = tomllib.loads(text.decode())
+            return yaml.safe_load(text) or {}
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        return tomllib.loads(text.decode())
     except Exception as e:  # noqa: BLE001 - tomllib/yaml parse errors have several types
         raise ValueError(f"cannot parse config file {str(path)!r}: {e}") from None
+
+
+def load_config(name: str) -> TrainConfig:
+    """A TOML or YAML config file (its tables: model, dit, data, optim, parallel, output, faults)
+    as a TrainConfig, with one-line errors for bad tables, keys and values."""
+    path = _config_path(name)
+    raw = _parse_file(path)
     if not isinstance(raw, dict):
         raise ValueError(f"config file {str(path)!r} must hold a table/mapping of keys")
-    return _flatten(raw, str(path))
+    return TrainConfig.from_tables(raw, str(path))
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -374,20 +316,19 @@ def _parse_option(text: str) -> tuple[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML/YAML config file or packaged config name (default, tiny, ...)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    for name, f in _FIELDS.items():
+    defaults = TrainConfig()
+    for name, spec in FLAGS.items():
         flag = "--" + name.replace("_", "-")
-        kind = _field_type(name)
-        help_text = f"{f.metadata['help']} (default: {getattr(_DEFAULTS, name)!r})".replace("%", "%%")
-        if name == "strategy_options":
-            parser.add_argument("--strategy-option", dest=name, action="append", metavar="KEY=VALUE",
-                                help="extra seqpar.init option (repeatable)")
-        elif kind is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
+        if spec.kind is dict:  # --strategy-option KEY=VALUE, repeatable
+            parser.add_argument(flag.removesuffix("s"), dest=name, action="append", metavar="KEY=VALUE", help=spec.help)
+            continue
+        default = getattr(defaults.parallel.options if spec.option else getattr(defaults, spec.section), spec.attr)
+        help_text = f"{spec.help} (default: {default!r})".replace("%", "%%")
+        if spec.kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            aliases = ["--" + old for old, new in _DEPRECATED.items() if new == name]
-            parser.add_argument(flag, *aliases, dest=name, type=kind, default=None, metavar=kind.__name__.upper(),
-                                help=help_text)
+            parser.add_argument(flag, dest=name, type=spec.kind, default=None, metavar=spec.kind.__name__.upper(),
+                                choices=list(spec.choices) or None, help=help_text)
 
 
 def build_config(argv: list[str]) -> TrainConfig:
@@ -398,11 +339,11 @@ def build_config(argv: list[str]) -> TrainConfig:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values = load_config(args.config) if getattr(args, "config", None) else {}
-    for name in _FIELDS:
-        given = getattr(args, name, None)
-        if given is None:
+    cfg = load_config(args.config) if getattr(args, "config", None) else TrainConfig()
+    given = {}
+    for name, spec in FLAGS.items():
+        value = getattr(args, name, None)
+        if value is None:
             continue
-        values[name] = dict(_parse_option(o) for o in given) if name == "strategy_options" else given
-    return TrainConfig(**values)
-
+        given[name] = dict(_parse_option(o) for o in value) if spec.kind is dict else value
+    return cfg.replace(**given)

@@ -37,9 +37,11 @@ from multiprocessing.connection import wait as wait_sentinels
 from pathlib import Path
 from typing import Any
 
+from ..io import atomic_write
+
 __all__ = ["TrainingStopped", "install_stop_handlers", "stop_signal", "die_with_parent", "start_heartbeat",
            "report_step", "stall_limit", "StallWatch", "SignalCatcher", "Outcome", "supervise", "RunLock",
-           "write_record", "read_record", "signal_name", "latest_checkpoint", "stop_message"]
+           "write_record", "read_record", "signal_name", "stop_message"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 LOCK_NAME = "seqpar.lock"
@@ -82,14 +84,6 @@ class TrainingStopped(Exception):
         return {"signal": self.signum, "step": self.step, "checkpoint": self.checkpoint, "reason": self.reason}
 
 
-def latest_checkpoint(out_dir: str | os.PathLike) -> str | None:
-    """The checkpoint `<out_dir>/checkpoints/latest` names, or None."""
-    pointer = Path(out_dir) / "checkpoints" / "latest"
-    with contextlib.suppress(OSError):
-        return str(pointer.parent / pointer.read_text().strip())
-    return None
-
-
 def stop_message(signum: int, step: int | None, checkpoint: str | None, reason: str = "",
                  latest: str | None = None) -> str:
     """The one line printed when a run stops on a signal."""
@@ -115,8 +109,8 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def stall_limit(cfg: Any) -> float:
-    """Seconds without a heartbeat after which a rank counts as stalled (cfg.stall_timeout, or derived)."""
-    return float(cfg.stall_timeout) if cfg.stall_timeout else min(60.0, float(cfg.timeout) / 2)
+    """Seconds without a heartbeat after which a rank counts as stalled (cfg.faults.stall_timeout, or derived)."""
+    return float(cfg.faults.stall_timeout) if cfg.faults.stall_timeout else min(60.0, float(cfg.faults.timeout) / 2)
 
 
 class _Heartbeat(threading.Thread):
@@ -129,9 +123,7 @@ class _Heartbeat(threading.Thread):
     def write(self) -> None:
         self.beat += 1
         record = {"rank": self.rank, "pid": os.getpid(), "step": self.step, "beat": self.beat}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(record), durable=False)
 
     def run(self) -> None:
         while True:
@@ -161,10 +153,7 @@ def report_step(step: int) -> None:
 
 
 def write_record(directory: str | os.PathLike, name: str, record: dict[str, Any]) -> None:
-    path = Path(directory) / name
-    tmp = path.with_name(f".{name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
+    atomic_write(Path(directory) / name, json.dumps(record))
 
 
 def read_record(path: str | os.PathLike) -> dict[str, Any] | None:

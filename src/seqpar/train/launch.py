@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import sys
@@ -28,12 +27,14 @@ import torch
 import torch.distributed as dist
 
 from ..attention.ulysses import kv_replication
-from ..checkpoint import read_meta, resolve_checkpoint
+from ..checkpoint import latest_checkpoint, read_meta, resolve_checkpoint
 from ..data import find_documents, open_tokens, split_tokens, stdlib_corpus
+from ..images import image_loaders
 from ..kernels import get_kernel
 from ..world import init_local_gloo, start_ranks
 from . import control
-from .config import AUTO, DTYPES, TrainConfig, config_from_args
+from .auto import choose, ensure_calibration
+from .config import AUTO, DTYPES, TrainConfig, config_from_args, flat_values
 from .tasks import tokenized_corpus
 from .trainer import lr_at, train
 
@@ -41,6 +42,13 @@ __all__ = ["check", "prepare", "resolve_inputs", "resume_note", "launch_local", 
 
 
 # -- checks before anything starts -----------------------------------------------------------------------
+
+def _latest(cfg: TrainConfig) -> str | None:
+    """The run's newest complete checkpoint (what `--resume latest` would load), or None."""
+    path = latest_checkpoint(Path(cfg.output.out_dir) / "checkpoints")
+    return None if path is None else str(path)
+
+
 def check_out_dir(out_dir: str) -> None:
     """The output directory exists (created here) and is a writable directory."""
     path = Path(out_dir)
@@ -60,52 +68,51 @@ def check_strategy(cfg: TrainConfig, world: int, device: str = "cpu") -> None:
     (`cfg.validate` already resolved the strategy's options, degrees and layout)."""
     settings = cfg.strategy_settings(world)
     if settings.ulysses > 1:
-        m = cfg.dit_config() if cfg.model == "dit" else cfg.model_config()
+        m = cfg.dit_config() if cfg.model.kind == "dit" else cfg.model_config()
         kv_replication(m.n_heads, m.n_kv_heads, settings.ulysses)
-    if cfg.kernel != "auto":  # attention runs in the autocast dtype (bf16) or the parameter dtype
-        get_kernel(cfg.kernel, device, DTYPES[cfg.dtype])
+    if cfg.parallel.kernel != "auto":  # attention runs in the autocast dtype (bf16) or the parameter dtype
+        get_kernel(cfg.parallel.kernel, device, DTYPES[cfg.optim.dtype])
 
 
 def check(cfg: TrainConfig, world: int, device: str = "cpu") -> None:
     """Everything that can be checked without data or a process group (raises ValueError)."""
     cfg.validate(world)
-    check_out_dir(cfg.out_dir)
+    check_out_dir(cfg.output.out_dir)
     check_strategy(cfg, world, device)
 
 
 def resolve_inputs(cfg: TrainConfig) -> TrainConfig:
     """Open the data (building the stdlib corpus once, atomically; tokenizing it once with an
     --hf-model's tokenizer) and the checkpoint to resume."""
-    if cfg.model == "dit":
-        from ..images import image_loaders
-        image_loaders(cfg.image_size, 1)  # the photos load and crop (skimage present, sizes valid)
-        if cfg.resume:
-            resolve_checkpoint(cfg.resume, Path(cfg.out_dir) / "checkpoints")
+    if cfg.model.kind == "dit":
+        image_loaders(cfg.dit.image_size, 1)  # the photos load and crop (skimage present, sizes valid)
+        if cfg.output.resume:
+            resolve_checkpoint(cfg.output.resume, Path(cfg.output.out_dir) / "checkpoints")
         return cfg
-    if not cfg.data:
-        cfg = dataclasses.replace(cfg, data=str(stdlib_corpus(Path(cfg.out_dir) / "data", cfg.corpus_bytes)))
-    vocab = cfg.vocab_size
-    if cfg.hf_model:
+    if not cfg.data.data:
+        cfg = cfg.replace(data=str(stdlib_corpus(Path(cfg.output.out_dir) / "data", cfg.data.corpus_bytes)))
+    vocab = cfg.model.vocab_size
+    if cfg.model.hf_model:
         from ..hf import hf_vocab_size
-        cfg, vocab = dataclasses.replace(cfg, data=tokenized_corpus(cfg)), hf_vocab_size(cfg.hf_model)
-    data = open_tokens(cfg.data)
+        cfg, vocab = cfg.replace(data=tokenized_corpus(cfg)), hf_vocab_size(cfg.model.hf_model)
+    data = open_tokens(cfg.data.data)
     if data.vocab_size > vocab:  # the same check as LanguageTask
         raise ValueError(f"data {data.path!r} needs vocab_size >= {data.vocab_size}, the model has {vocab}")
-    split_tokens(data, cfg.val_fraction, cfg.seq_len)
-    if cfg.pack_documents:  # a corrupt index or an absent separator fails here, in one line
-        find_documents(data, cfg.separator)
-    if cfg.resume:
-        resolve_checkpoint(cfg.resume, Path(cfg.out_dir) / "checkpoints")
+    split_tokens(data, cfg.data.val_fraction, cfg.data.seq_len)
+    if cfg.data.pack_documents:  # a corrupt index or an absent separator fails here, in one line
+        find_documents(data, cfg.data.separator)
+    if cfg.output.resume:
+        resolve_checkpoint(cfg.output.resume, Path(cfg.output.out_dir) / "checkpoints")
     return cfg
 
 
 def documents_note(cfg: TrainConfig) -> str:
     """How the run treats document boundaries, for the launch line."""
-    if cfg.model == "dit":
-        return f"{cfg.image_size}x{cfg.image_size} crops of scikit-image's photos"
-    if not cfg.pack_documents:
+    if cfg.model.kind == "dit":
+        return f"{cfg.dit.image_size}x{cfg.dit.image_size} crops of scikit-image's photos"
+    if not cfg.data.pack_documents:
         return "documents not packed (--no-pack-documents)"
-    data = find_documents(open_tokens(cfg.data), cfg.separator)
+    data = find_documents(open_tokens(cfg.data.data), cfg.data.separator)
     if data.doc_starts is None:
         return "no document boundaries in the data (add <file>.docs.npy or --doc-separator to pack)"
     return f"{len(data.doc_starts)} packed documents (mean length {round(len(data) / len(data.doc_starts))})"
@@ -122,32 +129,33 @@ _SCHEDULE_KEYS = ("steps", "warmup", "lr", "min_lr")
 
 def resume_note(cfg: TrainConfig) -> str | None:
     """One line when a resumed run changes the LR schedule (or has nothing left to train)."""
-    if not cfg.resume:
+    if not cfg.output.resume:
         return None
-    path = resolve_checkpoint(cfg.resume, Path(cfg.out_dir) / "checkpoints")
+    path = resolve_checkpoint(cfg.output.resume, Path(cfg.output.out_dir) / "checkpoints")
     meta = read_meta(path)
-    start, saved = int(meta["step"]), meta.get("config", {})
-    if cfg.steps <= start:
-        return (f"seqpar train: note: checkpoint {path.name} is at step {start}, --steps is {cfg.steps}: "
+    start, saved = int(meta["step"]), flat_values(meta.get("config", {}))
+    if cfg.optim.steps <= start:
+        return (f"seqpar train: note: checkpoint {path.name} is at step {start}, --steps is {cfg.optim.steps}: "
                 "nothing left to train")
-    changed = {k: saved[k] for k in _SCHEDULE_KEYS if k in saved and saved[k] != getattr(cfg, k)}
+    now = {k: getattr(cfg.optim, k) for k in _SCHEDULE_KEYS}
+    changed = {k: saved[k] for k in _SCHEDULE_KEYS if k in saved and saved[k] != now[k]}
     if not changed:
         return None
-    before, after = lr_at(start, dataclasses.replace(cfg, **changed)), lr_at(start, cfg)
-    what = ", ".join(f"--{k.replace('_', '-')} {v} -> {getattr(cfg, k)}" for k, v in changed.items())
+    before, after = lr_at(start, cfg.replace(**changed)), lr_at(start, cfg)
+    what = ", ".join(f"--{k.replace('_', '-')} {v} -> {now[k]}" for k, v in changed.items())
     return (f"seqpar train: note: resuming {path.name} with {what}: the LR schedule (warmup, then cosine to "
             f"min_lr at --steps) is recomputed, not restarted: from step {start + 1} the LR follows the new "
-            f"{cfg.steps}-step curve (lr {after:.3g} at step {start + 1}, {before:.3g} on the old one)")
+            f"{cfg.optim.steps}-step curve (lr {after:.3g} at step {start + 1}, {before:.3g} on the old one)")
 
 
 # -- local launch ---------------------------------------------------------------------------------------
 def _local_worker(rank: int, world: int, control_dir: str, cfg_dict: dict[str, Any], parent_pid: int) -> None:
     control.die_with_parent(parent_pid)
     control.install_stop_handlers()
-    cfg = TrainConfig(**cfg_dict)
+    cfg = TrainConfig.from_tables(cfg_dict)
     control.start_heartbeat(control_dir, rank, min(1.0, control.stall_limit(cfg) / 5), parent_pid)
     try:
-        init_local_gloo(rank, world, f"{control_dir}/init", cfg.timeout)
+        init_local_gloo(rank, world, f"{control_dir}/init", cfg.faults.timeout)
         train(cfg)
     except control.TrainingStopped as stop:
         if rank == 0:
@@ -163,7 +171,7 @@ def _local_worker(rank: int, world: int, control_dir: str, cfg_dict: dict[str, A
 
 def _report(outcome: control.Outcome, cfg: TrainConfig) -> int:
     """Print the one line of a run that did not finish; returns the exit code."""
-    latest = control.latest_checkpoint(cfg.out_dir)
+    latest = _latest(cfg)
     resume = f"; latest checkpoint {latest} (resume with --resume latest)" if latest else "; no checkpoint yet"
     if outcome.kind == "done":
         return 0
@@ -192,16 +200,16 @@ def _report(outcome: control.Outcome, cfg: TrainConfig) -> int:
 
 
 def launch_local(cfg: TrainConfig, signals: control.SignalCatcher | None = None) -> int:
-    """Spawn cfg.nproc gloo workers (file:// rendezvous) and supervise them; returns the exit code."""
+    """Spawn cfg.parallel.nproc gloo workers (file:// rendezvous) and supervise them; returns the exit code."""
     with contextlib.ExitStack() as stack:
         signals = signals or stack.enter_context(control.SignalCatcher())
         control_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="seqpar-train-"))
         procs = []
         try:
-            procs += start_ranks(_local_worker, cfg.nproc,
-                                 lambda rank: (rank, cfg.nproc, control_dir, cfg.to_dict(), os.getpid()))
+            procs += start_ranks(_local_worker, cfg.parallel.nproc,
+                                 lambda rank: (rank, cfg.parallel.nproc, control_dir, cfg.to_dict(), os.getpid()))
             outcome = control.supervise(procs, control_dir, signals, stall=control.stall_limit(cfg),
-                                        startup_limit=cfg.timeout, stop_grace=cfg.stop_grace)
+                                        startup_limit=cfg.faults.timeout, stop_grace=cfg.faults.stop_grace)
         finally:
             for p in procs:
                 if p.pid is not None and p.exitcode is None:
@@ -223,13 +231,14 @@ def launch_torchrun(cfg: TrainConfig) -> int:
         control.die_with_parent(os.getppid())
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=cfg.timeout))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.faults.timeout))
     try:
         train(cfg)
     except control.TrainingStopped as stop:
         if dist.get_rank() == 0:
             print(control.stop_message(stop.signum, stop.step, stop.checkpoint, stop.reason,
-                                       control.latest_checkpoint(cfg.out_dir)), file=sys.stderr)
+                                       _latest(cfg)), file=sys.stderr)
         return 128 + stop.signum
     finally:
         dist.destroy_process_group()
@@ -240,9 +249,8 @@ def resolve_auto(cfg: TrainConfig, world: int, lead: bool = True, under_torchrun
     """--strategy auto -> the planner's choice on this world's calibration (train/auto.py);
     other strategies unchanged. Under torchrun every rank reads the same calibration file and
     so makes the same choice; locally a missing calibration is measured once and saved."""
-    if cfg.strategy != AUTO:
+    if cfg.parallel.strategy != AUTO:
         return cfg
-    from .auto import choose, ensure_calibration
     cfg.validate(world)
     if under_torchrun and not cfg.calibration_path().is_file():
         raise ValueError("--strategy auto under torchrun needs --calibration FILE (run `seqpar plan --calibrate` "
@@ -260,7 +268,7 @@ def resolve_auto(cfg: TrainConfig, world: int, lead: bool = True, under_torchrun
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    world = int(os.environ["WORLD_SIZE"]) if under_torchrun else cfg.nproc
+    world = int(os.environ["WORLD_SIZE"]) if under_torchrun else cfg.parallel.nproc
     if args.print_config:
         cfg.validate(world)
         print(json.dumps(cfg.to_dict(), indent=1))
@@ -269,7 +277,7 @@ def main(args: argparse.Namespace) -> int:
     if under_torchrun:  # every rank checks and prepares (the corpus cache is written atomically); rank 0 locks
         lead = int(os.environ["RANK"]) == 0
         check(cfg, world, "cuda" if torch.cuda.is_available() else "cpu")
-        with control.RunLock(cfg.out_dir) if lead else contextlib.nullcontext() as lock:
+        with control.RunLock(cfg.output.out_dir) if lead else contextlib.nullcontext() as lock:
             cfg = resolve_inputs(cfg)
             for note in (lock.note if lead else None, resume_note(cfg) if lead else None):
                 if note:
@@ -277,18 +285,17 @@ def main(args: argparse.Namespace) -> int:
             return launch_torchrun(cfg)
     with control.SignalCatcher() as signals:
         check(cfg, world)
-        with control.RunLock(cfg.out_dir) as lock:
+        with control.RunLock(cfg.output.out_dir) as lock:
             cfg = resolve_inputs(cfg)
             for note in (lock.note, resume_note(cfg)):
                 if note:
                     print(note, file=sys.stderr)
             if signals.received:
                 print(control.stop_message(signals.received[0], None, None, "before training started",
-                                           control.latest_checkpoint(cfg.out_dir)), file=sys.stderr)
+                                           _latest(cfg)), file=sys.stderr)
                 return 128 + signals.received[0]
-            print(f"seqpar train: {cfg.nproc} local gloo processes, strategy {cfg.strategy} (dp={cfg.dp}, "
-                  f"sp={cfg.sp_size(world)}), {cfg.model}, seq_len {cfg.sequence_length()}, data {cfg.data or '-'}, "
-                  f"{documents_note(cfg)}, "
-                  f"out {cfg.out_dir}",
-                  file=sys.stderr)
+            par = cfg.parallel
+            print(f"seqpar train: {par.nproc} local gloo processes, strategy {par.strategy} (dp={par.dp}, "
+                  f"sp={cfg.sp_size(world)}), {cfg.model.kind}, seq_len {cfg.sequence_length()}, "
+                  f"data {cfg.data.data or '-'}, {documents_note(cfg)}, out {cfg.output.out_dir}", file=sys.stderr)
             return launch_local(cfg, signals)

@@ -27,10 +27,13 @@ from torch import Tensor
 
 from ..context import SeqParallel
 from ..data import SequenceLoader, find_documents, open_tokens, shard_batch, split_tokens, stdlib_corpus
+from ..dit import DiT, loss_terms, noise_seed, sample
 from ..documents import visible_pairs
+from ..images import image_loaders, save_image_grid
 from ..metrics import training_flops_per_token
 from ..model import Transformer
-from .config import _SHAPE_KEYS, TrainConfig
+from .config import TrainConfig
+from .sections import SHAPE_KEYS
 
 __all__ = ["Task", "LanguageTask", "ImageTask", "build_task", "corpus_path", "tokenized_corpus"]
 
@@ -76,12 +79,12 @@ class Task:
 
 def corpus_path(cfg: TrainConfig) -> str:
     """The data file: --data, or the stdlib corpus (built once, with its document index)."""
-    return cfg.data or str(stdlib_corpus(Path(cfg.out_dir) / "data", cfg.corpus_bytes))
+    return cfg.data.data or str(stdlib_corpus(Path(cfg.output.out_dir) / "data", cfg.data.corpus_bytes))
 
 
 def param_dtype(cfg: TrainConfig) -> torch.dtype:
     """Weights are fp64 for float64 runs, fp32 otherwise (bf16 runs autocast)."""
-    return torch.float64 if cfg.dtype == "float64" else torch.float32
+    return torch.float64 if cfg.optim.dtype == "float64" else torch.float32
 
 
 def tokenized_corpus(cfg: TrainConfig) -> str:
@@ -89,19 +92,19 @@ def tokenized_corpus(cfg: TrainConfig) -> str:
     corpus tokenized with it (cached in <out_dir>/data by the tokenizer's and text's identity;
     documents kept), else `corpus_path(cfg)` (bytes or a token file)."""
     text = corpus_path(cfg)
-    if not cfg.hf_model or Path(text).suffix in (".bin", ".npy"):
+    if not cfg.model.hf_model or Path(text).suffix in (".bin", ".npy"):
         return text
     from ..hf import has_tokenizer, tokenize_corpus
-    if not has_tokenizer(cfg.hf_model):
+    if not has_tokenizer(cfg.model.hf_model):
         return text
     key = hashlib.sha1()
-    for f in sorted(Path(cfg.hf_model).glob("*token*")) + [Path(cfg.hf_model) / "config.json"]:
+    for f in sorted(Path(cfg.model.hf_model).glob("*token*")) + [Path(cfg.model.hf_model) / "config.json"]:
         key.update(f.name.encode() + f.read_bytes())
     stat = Path(text).stat()
     key.update(f"{Path(text).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    out = Path(cfg.out_dir) / "data" / f"{Path(text).name}.{key.hexdigest()[:12]}.tokens.bin"  # or .npy
+    out = Path(cfg.output.out_dir) / "data" / f"{Path(text).name}.{key.hexdigest()[:12]}.tokens.bin"  # or .npy
     cached = [p for p in (out.with_suffix(".bin"), out.with_suffix(".npy")) if p.is_file()]
-    return str(cached[0] if cached else tokenize_corpus(cfg.hf_model, text, out))
+    return str(cached[0] if cached else tokenize_corpus(cfg.model.hf_model, text, out))
 
 
 class LanguageTask(Task):
@@ -112,16 +115,16 @@ class LanguageTask(Task):
     def __init__(self, cfg: TrainConfig, ctx: SeqParallel, dp: int, dp_rank: int, device: torch.device):
         self.cfg, self.ctx, self.device = cfg, ctx, device
         self.model_cfg = cfg.model_config()
-        if cfg.hf_model:
+        if cfg.model.hf_model:
             from ..hf import load_hf_model
-            self.model = load_hf_model(cfg.hf_model, ctx, param_dtype(cfg), seed=cfg.seed,
-                                       activation_checkpointing=cfg.activation_checkpointing).to(device)
+            self.model = load_hf_model(cfg.model.hf_model, ctx, param_dtype(cfg), seed=cfg.optim.seed,
+                                       activation_checkpointing=cfg.model.activation_checkpointing).to(device)
         else:
             self.model = Transformer(self.model_cfg, ctx).to(device=device, dtype=param_dtype(cfg))
         self.vocab_size = self.model_cfg.vocab_size
         self.loaders = self._loaders(dp, dp_rank)
-        self.tokens_per_batch = cfg.batch * cfg.seq_len
-        self._flops = training_flops_per_token(self.model_cfg, cfg.seq_len, causal=True)
+        self.tokens_per_batch = cfg.data.batch * cfg.data.seq_len
+        self._flops = training_flops_per_token(self.model_cfg, cfg.data.seq_len, causal=True)
 
     def _loaders(self, dp: int, dp_rank: int) -> dict[str, SequenceLoader]:
         cfg = self.cfg
@@ -129,13 +132,14 @@ class LanguageTask(Task):
         if data.vocab_size > self.vocab_size:
             raise ValueError(f"data {data.path!r} needs vocab_size >= {data.vocab_size}, the model has "
                              f"{self.vocab_size}")
-        if cfg.pack_documents:
-            data = find_documents(data, cfg.separator)
+        if cfg.data.pack_documents:
+            data = find_documents(data, cfg.data.separator)
         self.packed = data.doc_starts is not None
-        train, val = split_tokens(data, cfg.val_fraction, cfg.seq_len)
-        common = dict(seq_len=cfg.seq_len, batch=cfg.batch, vocab_size=self.vocab_size, dp=dp, dp_rank=dp_rank)
-        return {"train": SequenceLoader(train.tokens, seed=cfg.seed, doc_starts=train.doc_starts, **common),
-                "val": SequenceLoader(val.tokens, seed=cfg.seed + 1, doc_starts=val.doc_starts, **common)}
+        train, val = split_tokens(data, cfg.data.val_fraction, cfg.data.seq_len)
+        common = dict(seq_len=cfg.data.seq_len, batch=cfg.data.batch, vocab_size=self.vocab_size, dp=dp,
+                      dp_rank=dp_rank)
+        return {"train": SequenceLoader(train.tokens, seed=cfg.optim.seed, doc_starts=train.doc_starts, **common),
+                "val": SequenceLoader(val.tokens, seed=cfg.optim.seed + 1, doc_starts=val.doc_starts, **common)}
 
     def batch(self, split: str, step: int) -> tuple[Tensor, Tensor, Tensor, list[Tensor] | None]:
         """Sharded tokens, labels [batch, seq_local], positions, cu_seqlens (None unpacked)."""
@@ -155,13 +159,13 @@ class LanguageTask(Task):
         cu_seqlens = batch[3]
         if cu_seqlens is None:
             return self._flops
-        seq = self.cfg.seq_len
+        seq = self.cfg.data.seq_len
         doc_len = sum(2 * visible_pairs(cu.tolist(), True) / seq for cu in cu_seqlens) / len(cu_seqlens)
         return training_flops_per_token(self.model_cfg, seq, causal=True, doc_len=doc_len)
 
     def shape(self) -> dict[str, Any]:
-        shape = {k: getattr(self.model_cfg, k) for k in _SHAPE_KEYS}
-        return {**shape, "hf_model": str(Path(self.cfg.hf_model).resolve())} if self.cfg.hf_model else shape
+        shape = {k: getattr(self.model_cfg, k) for k in SHAPE_KEYS}
+        return {**shape, "hf_model": str(Path(self.cfg.model.hf_model).resolve())} if self.cfg.model.hf_model else shape
 
     def describe(self) -> dict[str, Any]:
         return self.model_cfg.to_dict()
@@ -174,14 +178,12 @@ class ImageTask(Task):
     loss_label = "loss (velocity MSE per pixel value)"
 
     def __init__(self, cfg: TrainConfig, ctx: SeqParallel, dp: int, dp_rank: int, device: torch.device):
-        from ..dit import DiT
-        from ..images import image_loaders
         self.cfg, self.ctx, self.device = cfg, ctx, device
-        train, val = image_loaders(cfg.image_size, cfg.batch, dp=dp, dp_rank=dp_rank, seed=cfg.seed)
+        train, val = image_loaders(cfg.dit.image_size, cfg.data.batch, dp=dp, dp_rank=dp_rank, seed=cfg.optim.seed)
         self.dit_cfg = cfg.dit_config(num_classes=train.num_classes)
         self.model = DiT(self.dit_cfg, ctx).to(device=device, dtype=param_dtype(cfg))
         self.loaders = {"train": train, "val": val}
-        self.tokens_per_batch = cfg.batch * self.dit_cfg.num_tokens
+        self.tokens_per_batch = cfg.data.batch * self.dit_cfg.num_tokens
         self._flops = self.dit_cfg.flops_per_token()
 
     def batch(self, split: str, step: int) -> tuple[str, int, Tensor, Tensor]:
@@ -189,12 +191,11 @@ class ImageTask(Task):
         return split, step, images, class_ids
 
     def loss_terms(self, batch) -> tuple[Tensor, Tensor]:
-        from ..dit import loss_terms, noise_seed
         split, step, images, class_ids = batch
         was_training = self.model.training
         self.model.train(split == "train")  # class dropout only in training
         try:
-            return loss_terms(self.model, self.ctx, images, class_ids, noise_seed(self.cfg.seed, step, split),
+            return loss_terms(self.model, self.ctx, images, class_ids, noise_seed(self.cfg.optim.seed, step, split),
                               self.loaders[split].row_offset)
         finally:
             self.model.train(was_training)
@@ -208,14 +209,12 @@ class ImageTask(Task):
 
     def finish(self, out_dir: Path, write: bool = True) -> list[Path]:
         """Sample one image per class (collective: every rank calls it); rank 0 writes samples.png."""
-        from ..dit import sample
-        from ..images import save_image_grid
-        if not self.cfg.samples:
+        if not self.cfg.dit.samples:
             return []
-        classes = [i % self.dit_cfg.num_classes for i in range(self.cfg.samples)]
+        classes = [i % self.dit_cfg.num_classes for i in range(self.cfg.dit.samples)]
         was_training = self.model.training
         self.model.eval()
-        images = sample(self.model, self.ctx, classes, self.cfg.sample_steps, self.cfg.seed)
+        images = sample(self.model, self.ctx, classes, self.cfg.dit.sample_steps, self.cfg.optim.seed)
         self.model.train(was_training)
         if not write:
             return []
@@ -226,7 +225,7 @@ class ImageTask(Task):
 
 def build_task(cfg: TrainConfig, ctx: SeqParallel, dp: int, dp_rank: int, device: torch.device) -> Task:
     """The task of this run's config (same weights on every rank: seeded before building)."""
-    torch.manual_seed(cfg.seed)
-    if cfg.model == "dit":
+    torch.manual_seed(cfg.optim.seed)
+    if cfg.model.kind == "dit":
         return ImageTask(cfg, ctx, dp, dp_rank, device)
     return LanguageTask(cfg, ctx, dp, dp_rank, device)

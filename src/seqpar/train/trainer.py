@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
 
 import seqpar
 
@@ -34,6 +36,7 @@ from ..metrics import (
     read_jsonl,
 )
 from ..parallel import ParallelMesh, average_gradients
+from ..plan import calibrated_peak_flops
 from . import control
 from .config import TrainConfig
 from .tasks import build_task
@@ -47,10 +50,10 @@ class NonFiniteError(ValueError):
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to min_lr at `steps` (step is 0-based)."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    if step < cfg.optim.warmup:
+        return cfg.optim.lr * (step + 1) / cfg.optim.warmup
+    progress = min(1.0, (step - cfg.optim.warmup) / max(1, cfg.optim.steps - cfg.optim.warmup))
+    return cfg.optim.min_lr + 0.5 * (cfg.optim.lr - cfg.optim.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def loss_and_backward(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
@@ -88,8 +91,6 @@ def _device_for(group: dist.ProcessGroup | None) -> torch.device:
 
 def _apply_fsdp(model: torch.nn.Module, group: dist.ProcessGroup | None, device: torch.device) -> None:
     """FSDP2: shard every block and the root over all ranks of `group` (works on CPU/gloo too)."""
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
 
     mesh = DeviceMesh.from_group(group or dist.group.WORLD, device.type)
     for block in model.layers:
@@ -101,8 +102,8 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     """AdamW; weight decay on matrices only (nanoGPT convention)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=1e-8)
 
 
 class Trainer:
@@ -116,21 +117,21 @@ class Trainer:
         self.device = _device_for(group)
         self.mesh = ParallelMesh(cfg.sp_size(world), group)
         self.settings = cfg.strategy_settings(world)
-        self.ctx = seqpar.init(cfg.strategy, group=self.mesh.sp_group, stats=self.mesh.stats, kernel=cfg.kernel,
-                               **self.settings.init_kwargs())
+        self.ctx = seqpar.init(cfg.parallel.strategy, group=self.mesh.sp_group, stats=self.mesh.stats,
+                               kernel=cfg.parallel.kernel, **self.settings.init_kwargs())
         self.task = build_task(cfg, self.ctx, self.mesh.dp, self.mesh.dp_rank, self.device)
         self.model = self.task.model
         self.num_params = sum(p.numel() for p in self.model.parameters())
-        if cfg.fsdp:
+        if cfg.parallel.fsdp:
             _apply_fsdp(self.model, group, self.device)
         self.optimizer = _optimizer(self.model, cfg)
-        self.out_dir = Path(cfg.out_dir)
+        self.out_dir = Path(cfg.output.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.step = 0
-        if cfg.resume:
+        if cfg.output.resume:
             self._resume()
         self.peak_tflops, self.peak_source = self._peak_tflops()
-        self.log = JsonlLog(self.out_dir / "metrics.jsonl", keep_until_step=self.step if cfg.resume else None) \
+        self.log = JsonlLog(self.out_dir / "metrics.jsonl", keep_until_step=self.step if cfg.output.resume else None) \
             if self.rank == 0 else None
 
     def _peak_tflops(self) -> tuple[float, str]:
@@ -139,21 +140,21 @@ class Trainer:
         rate measured now on every rank at once (processes sharing cores share it; the mean over
         ranks); on GPU the table by device name."""
         cfg = self.cfg
-        if cfg.peak_tflops:
-            return cfg.peak_tflops, "--peak-tflops"
+        if cfg.output.peak_tflops:
+            return cfg.output.peak_tflops, "--peak-tflops"
         path = cfg.calibration_path()
         if path.is_file():
-            from ..plan import calibrated_peak_flops
             with contextlib.suppress(ValueError, KeyError):
-                return calibrated_peak_flops(path, cfg.dtype) / 1e12, f"calibration {path}"
+                return calibrated_peak_flops(path, cfg.optim.dtype) / 1e12, f"calibration {path}"
         if self.device.type == "cuda":
-            return default_peak_tflops(self.device, cfg.torch_dtype), "GPU table"
-        peak = torch.tensor([measured_peak_tflops(self.device, cfg.torch_dtype, seconds=0.1)], dtype=torch.float64)
+            return default_peak_tflops(self.device, cfg.optim.torch_dtype), "GPU table"
+        peak = measured_peak_tflops(self.device, cfg.optim.torch_dtype, seconds=0.1)
+        peak = torch.tensor([peak], dtype=torch.float64)
         dist.all_reduce(peak, group=self.group)
         return float(peak) / self.mesh.size, "matmul measured on every rank at start"
 
     def _autocast(self):
-        if self.cfg.dtype == "bfloat16":
+        if self.cfg.optim.dtype == "bfloat16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -185,7 +186,7 @@ class Trainer:
         self.step += 1
         record = self._record(loss, lr, grad_norm, seconds, self.task.flops_per_token(batch), skipped=not finite)
         self._nonfinite_skips = 0 if finite else getattr(self, "_nonfinite_skips", 0) + 1
-        if not finite and (cfg.nonfinite == "stop" or self._nonfinite_skips > cfg.max_skips):
+        if not finite and (cfg.faults.nonfinite == "stop" or self._nonfinite_skips > cfg.faults.max_skips):
             if self.log is not None:  # the failing step is logged (loss / grad_norm null) before stopping
                 self.log.write(record)
             raise NonFiniteError(self._nonfinite_message(loss, grad_norm))
@@ -194,7 +195,7 @@ class Trainer:
     def _nonfinite_message(self, loss: float, grad_norm: float) -> str:
         cfg = self.cfg
         why = (f"{self._nonfinite_skips} consecutive non-finite steps (--nonfinite skip tolerates --max-skips "
-               f"{cfg.max_skips})" if cfg.nonfinite == "skip" else "--nonfinite stop")
+               f"{cfg.faults.max_skips})" if cfg.faults.nonfinite == "skip" else "--nonfinite stop")
         last = latest_checkpoint(self.ckpt_root)
         where = (f"the last checkpoint is {str(last)!r} (resume with --resume {last}, perhaps with a lower --lr)"
                  if last else "no checkpoint was written")
@@ -202,7 +203,7 @@ class Trainer:
                 f"stopped before the optimizer update, no checkpoint written for it; {where}")
 
     def _sync_gradients(self) -> None:
-        if self.cfg.fsdp:  # FSDP reduce-scatters (averages) inside backward; count its bytes (estimate)
+        if self.cfg.parallel.fsdp:  # FSDP reduce-scatters (averages) inside backward; count its bytes (estimate)
             n, pbytes = self.mesh.size, self.num_params * next(self.model.parameters()).element_size()
             vol = pbytes * (n - 1) // n
             self.mesh.stats.record("fsdp_all_gather_est", 2 * vol, 2 * vol)  # forward + backward re-gather
@@ -214,8 +215,8 @@ class Trainer:
     def _clip(self) -> float:
         """Global gradient norm (clipped to grad_clip unless it is 0); always computed, so non-finite
         gradients are seen even without clipping."""
-        if self.cfg.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if self.cfg.optim.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -235,7 +236,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean token loss over `eval_batches` fixed validation batches (same on every rank)."""
         totals = torch.zeros(2, dtype=torch.float64)
-        for i in range(self.cfg.eval_batches):
+        for i in range(self.cfg.output.eval_batches):
             with self._autocast():
                 loss_sum, count = self.task.loss_terms(self.task.batch("val", i))
             totals += torch.stack([loss_sum.double().cpu(), count.double().cpu()])
@@ -248,7 +249,7 @@ class Trainer:
         self._check_finite_state()
         meta = {"loader": self.task.loader_state(), "model": self.task.shape(), "config": self.cfg.to_dict()}
         return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, meta, self.group,
-                               keep=self.cfg.keep_checkpoints)
+                               keep=self.cfg.output.keep_checkpoints)
 
     def _check_finite_state(self) -> None:
         """Refuse (on every rank) to checkpoint non-finite weights or optimizer state: a MAX all-reduce
@@ -266,7 +267,7 @@ class Trainer:
                                                    f"{last})" if last else "no checkpoint was written"))
 
     def _resume(self) -> None:
-        path = resolve_checkpoint(self.cfg.resume, self.ckpt_root)  # sizes only; load_checkpoint hashes
+        path = resolve_checkpoint(self.cfg.output.resume, self.ckpt_root)  # sizes only; load_checkpoint hashes
         meta = load_checkpoint(path, self.model, self.optimizer, self.group)
         wanted = self.task.shape()
         saved = {k: meta.get("model", {}).get(k) for k in wanted}
@@ -280,14 +281,14 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Train to cfg.steps; returns {"losses", "val_losses", "records"} (records on rank 0 only)."""
+        """Train to cfg.optim.steps; returns {"losses", "val_losses", "records"} (records on rank 0 only)."""
         cfg = self.cfg
-        bar = ProgressBar(cfg.steps) if self.rank == 0 and cfg.progress else None
+        bar = ProgressBar(cfg.optim.steps) if self.rank == 0 and cfg.output.progress else None
         losses, val_losses, records = [], [], []
         if self.rank == 0:
             self._write_config()
         first_step, saved = self.step, (None, None)  # (step, path) of the newest checkpoint saved here
-        while self.step < cfg.steps:
+        while self.step < cfg.optim.steps:
             signum = self._agreed_stop_signal()
             if signum:
                 self._stop(signum, first_step, saved, bar)
@@ -295,14 +296,14 @@ class Trainer:
             control.report_step(self.step)
             losses.append(record["loss"])
             self._emit(record, records)
-            last = self.step == cfg.steps
-            if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
+            last = self.step == cfg.optim.steps
+            if (cfg.output.eval_every and self.step % cfg.output.eval_every == 0) or last:
                 val = self.evaluate()
                 val_losses.append((self.step, val))
                 self._emit({"type": "val", "step": self.step, "val_loss": val}, records)
-            if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or last):
+            if cfg.output.checkpoint_every and (self.step % cfg.output.checkpoint_every == 0 or last):
                 saved = (self.step, self.save())
-            if bar and (self.step % cfg.log_every == 0 or last):
+            if bar and (self.step % cfg.output.log_every == 0 or last):
                 bar.update(self.step, f"loss {record['loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s  "
                                       f"mfu {100 * record['mfu']:.1f}%  " + (f"val {val_losses[-1][1]:.3f}"
                                                                           if val_losses else ""))
@@ -323,7 +324,7 @@ class Trainer:
         checkpoint, reason = None, ""
         if signum != signal.SIGTERM:
             reason = f"{control.signal_name(signum)} stops without saving; send SIGTERM to checkpoint first"
-        elif not self.cfg.checkpoint_every:
+        elif not self.cfg.output.checkpoint_every:
             reason = "checkpoints are off (--checkpoint-every 0)"
         elif self.step == first_step:
             reason = "no step completed since the start"
@@ -352,13 +353,15 @@ class Trainer:
         if self.log is None:
             return
         self.log.close()
-        if self.cfg.plot:
-            title = f"{self.cfg.strategy} sp={self.mesh.sp} dp={self.mesh.dp} ({self.num_params / 1e6:.2f}M params)"
+        if self.cfg.output.plot:
+            title = (f"{self.cfg.parallel.strategy} sp={self.mesh.sp} dp={self.mesh.dp} "
+                     f"({self.num_params / 1e6:.2f}M params)")
             plot_loss_curve(read_jsonl(self.log.path), self.out_dir / "loss.png", title, self.task.loss_label)
-        if self.cfg.progress:
-            print(f"seqpar train: done; log {self.log.path}" + (f", plot {self.out_dir / 'loss.png'}" if self.cfg.plot
+        if self.cfg.output.progress:
+            out = self.cfg.output
+            print(f"seqpar train: done; log {self.log.path}" + (f", plot {self.out_dir / 'loss.png'}" if out.plot
                   else "") + "".join(f", {p.stem} {p}" for p in outputs)
-                  + (f", checkpoints {self.ckpt_root}" if self.cfg.checkpoint_every else ""), file=sys.stderr)
+                  + (f", checkpoints {self.ckpt_root}" if out.checkpoint_every else ""), file=sys.stderr)
 
 
 def train(cfg: TrainConfig, group: dist.ProcessGroup | None = None) -> dict[str, Any]:

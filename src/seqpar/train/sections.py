@@ -1,0 +1,285 @@
+"""The sections of `TrainConfig` (train/config.py), one per config-file table, each validating itself.
+
+    [model]     ModelSection     the network (built-in decoder, --hf-model, or the DiT's width)
+    [dit]       DitSection       --model dit: images, patches, the sampler
+    [data]      DataSection      corpus, packing, sequence length, batch
+    [optim]     OptimSection     schedule, AdamW, seed, dtype
+    [parallel]  ParallelSection  processes, dp / sp, FSDP, the strategy and its options
+    [output]    OutputSection    logs, validation, checkpoints, metrics
+    [faults]    FaultsSection    non-finite steps, timeouts, signals
+
+Every field carries its --help text (`_opt`); `validate()` checks the section alone (the checks
+between sections are `TrainConfig.validate`'s).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..attention import STRATEGIES, Settings, StrategyOptions
+from ..context import resolve
+from ..dit import DiTConfig
+from ..kernels import check_kernel_name
+from ..model import ModelConfig
+
+__all__ = ["ModelSection", "DitSection", "DataSection", "OptimSection", "ParallelSection", "OutputSection",
+           "FaultsSection", "SECTIONS", "DTYPES", "AUTO", "SHAPE_KEYS"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+NONFINITE = ("stop", "skip")
+AUTO = "auto"  # --strategy auto: resolved by the launcher (train/auto.py) before any worker starts
+MODELS = ("llama", "dit")
+SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
+
+
+def _opt(default: Any, help_text: str, flag: str | None = None):
+    """A section field with its --help text (and its flag when it is not the field name)."""
+    return field(default=default, metadata={"help": help_text, "flag": flag})
+
+
+def _check_choice(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose from {sorted(choices)}")
+
+
+def _at_least(section: Any, minimum: int, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {getattr(section, name)}")
+
+
+def _finite(section: Any) -> None:
+    """Every float field must be finite: inf/nan would train NaN."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
+
+
+# -- the sections --------------------------------------------------------------------------------
+@dataclass
+class ModelSection:
+    """[model]: the network (byte-level by default: vocab 256)."""
+
+    kind: str = _opt("llama", "llama: the built-in byte-level decoder (or --hf-model) on text | dit: a diffusion "
+                              "transformer on scikit-image's sample photos, sharded over patch tokens", flag="model")
+    vocab_size: int = _opt(256, "vocabulary size (256 for raw bytes)")
+    dim: int = _opt(256, "model width")
+    n_layers: int = _opt(4, "decoder blocks")
+    n_heads: int = _opt(8, "attention heads")
+    n_kv_heads: int = _opt(4, "key/value heads (GQA when < n_heads)")
+    ffn_dim: int = _opt(0, "SwiGLU hidden size; 0: 8/3 * dim rounded up to 32")
+    mlp_chunks: int = _opt(1, "FPDT chunked MLP (recompute in backward)")
+    loss_chunks: int = _opt(1, "FPDT chunked LM head + cross-entropy")
+    activation_checkpointing: bool = _opt(False, "recompute every block in backward")
+    offload_activations: bool = _opt(False, "checkpoint every block and keep its saved input in host memory "
+                                            "(pinned on CUDA): no per-token state on the device between forward "
+                                            "and backward (FPDT / ALST); not with --fsdp")
+    chunked_blocks: bool = _opt(False, "FPDT's per-chunk block pipeline (--strategy fpdt): projections, attention "
+                                       "and MLP of one chunk at a time, forward and backward, so no whole-sequence "
+                                       "q/k/v or attention output exists on the device; with --offload-activations "
+                                       "only the block inputs wait in host memory and the backward runs each "
+                                       "block's chunk loop again")
+    hf_model: str = _opt("", "a Hugging Face causal LM directory (config.json, optional safetensors weights and "
+                             "tokenizer) to train instead of the built-in model; its shape replaces the model flags")
+
+    def config(self) -> ModelConfig:
+        """The language model's shape: these fields, or the --hf-model's config (its shape in
+        seqpar's terms, for FLOP counts, head checks, the planner and resume checks)."""
+        if self.hf_model:
+            from ..hf import hf_model_shape  # the optional `hf` extra
+            return ModelConfig(**hf_model_shape(self.hf_model))
+        names = {f.name for f in fields(ModelConfig)}
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(self) if f.name in names})
+
+    def validate(self) -> None:
+        _check_choice("model", self.kind, MODELS)
+        if self.kind == "llama" and self.hf_model:
+            self._validate_hf_model()
+        if self.kind == "llama":
+            self.config()  # shape errors
+
+    def _validate_hf_model(self) -> None:
+        if not (Path(self.hf_model) / "config.json").is_file():
+            raise ValueError(f"--hf-model {self.hf_model!r} is not a Hugging Face model directory (no config.json)")
+        try:
+            import transformers  # noqa: F401 - the optional `hf` extra
+        except ImportError:
+            raise ValueError("--hf-model needs transformers: pip install -e '.[hf]'") from None
+        if self.mlp_chunks > 1 or self.loss_chunks > 1:
+            raise ValueError("--mlp-chunks / --loss-chunks apply to the built-in model only, not --hf-model")
+
+    def builtin_lm(self) -> bool:
+        """The built-in language model (not --hf-model, not the DiT)."""
+        return self.kind == "llama" and not self.hf_model
+
+
+@dataclass
+class DitSection:
+    """[dit]: --model dit (the model width fields of [model] are shared)."""
+
+    image_size: int = _opt(256, "dit: square crop size in pixels")
+    patch_size: int = _opt(2, "dit: patch size in pixels")
+    samples: int = _opt(8, "dit: images sampled into samples.png at the end (one per class, cycling); 0: none")
+    sample_steps: int = _opt(8, "dit: Euler steps of the sampler")
+
+    def config(self, model: ModelSection, num_classes: int = 10) -> DiTConfig:
+        return DiTConfig(image_size=self.image_size, patch_size=self.patch_size, dim=model.dim,
+                         n_layers=model.n_layers, n_heads=model.n_heads, n_kv_heads=model.n_kv_heads,
+                         num_classes=num_classes, activation_checkpointing=model.activation_checkpointing)
+
+    def validate(self) -> None:
+        if self.samples < 0 or self.sample_steps < 1:
+            raise ValueError(f"need samples >= 0 and sample_steps >= 1, got {self.samples}, {self.sample_steps}")
+
+
+@dataclass
+class DataSection:
+    """[data]"""
+
+    data: str = _opt("", "raw byte file, .npy or .bin token file; empty: Python stdlib corpus")
+    corpus_bytes: int = _opt(4_000_000, "size of the stdlib corpus")
+    val_fraction: float = _opt(0.05, "held-out tail of the data for validation")
+    pack_documents: bool = _opt(True, "mask attention at document boundaries (positions restart, no label "
+                                      "crosses into the next document) where the data has documents: the stdlib "
+                                      "corpus's files, a data file's <file>.docs.npy index, or --doc-separator")
+    doc_separator: int = _opt(-1, "token id that ends every document of the data file (EOS style); -1: none")
+    seq_len: int = _opt(1024, "global sequence length (sharded over sp ranks)")
+    batch: int = _opt(1, "sequences per data-parallel rank and step")
+
+    @property
+    def separator(self) -> int | None:
+        """The document separator token (--doc-separator), None when there is none."""
+        return self.doc_separator if self.doc_separator >= 0 else None
+
+    def validate(self) -> None:
+        _finite(self)
+        _at_least(self, 1, "seq_len", "batch")
+        _at_least(self, 0, "corpus_bytes")
+        if self.doc_separator < -1 or (self.doc_separator >= 0 and not self.pack_documents):
+            raise ValueError(f"doc_separator {self.doc_separator}: needs a token id >= 0 (-1: none) and "
+                             "--pack-documents")
+
+
+@dataclass
+class OptimSection:
+    """[optim]"""
+
+    steps: int = _opt(150, "optimizer steps")
+    lr: float = _opt(3e-3, "peak learning rate (AdamW)")
+    min_lr: float = _opt(3e-4, "learning rate at the end of the cosine decay")
+    warmup: int = _opt(15, "linear warmup steps")
+    weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "global gradient-norm clip; 0: off (the norm is still computed and checked)")
+    seed: int = _opt(0, "initial weights and data order")
+    dtype: str = _opt("float32", "float32 | bfloat16 (autocast, fp32 weights) | float64")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def validate(self) -> None:
+        _finite(self)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _at_least(self, 1, "steps")
+        _at_least(self, 0, "warmup")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("need 0 <= beta1, beta2 < 1, weight_decay >= 0 and grad_clip >= 0")
+
+
+@dataclass
+class ParallelSection:
+    """[parallel]: processes, the dp x sp mesh, FSDP, the strategy and its options (the schema of
+    `seqpar.StrategyOptions`: `options`, one flag and config key per option)."""
+
+    nproc: int = _opt(4, "local processes when not under torchrun")
+    dp: int = _opt(1, "data-parallel degree")
+    sp: int | None = _opt(None, "sequence-parallel degree (default: world size / dp)")
+    strategy: str = _opt("wallfacer", "attention strategy (a registered name: local ring ulysses usp allgather "
+                                      "wallfacer lss fpdt), or auto (the calibrated planner picks strategy, degrees, "
+                                      "layout, chunks)")
+    options: StrategyOptions = field(default_factory=StrategyOptions, metadata={"help": None, "flag": None})
+    strategy_options: dict = field(default_factory=dict, metadata={
+        "help": "an option of a strategy registered from outside seqpar (KEY=VALUE, repeatable)", "flag": None})
+    calibration: str = _opt("", "a `seqpar plan --calibrate` JSON of this world: hardware for --strategy auto and "
+                                "the MFU peak; empty: <out_dir>/calibration.json when present (auto measures it "
+                                "once)")
+    kernel: str = _opt("auto", "block attention kernel")
+    fsdp: bool = _opt(False, "shard parameters with FSDP2 fully_shard over all ranks")
+
+    def sp_size(self, world: int) -> int:
+        return self.sp or world // self.dp
+
+    def strategy_settings(self, world: int) -> Settings:
+        """The strategy's settings on this run's sp group, resolved by the strategy itself
+        (`seqpar.resolve`: what seqpar.init accepts; None = the strategy's default)."""
+        return resolve(self.strategy, self.sp_size(world), **self.options.given(), **self.strategy_options)
+
+    def validate(self) -> None:
+        _check_choice("strategy", self.strategy, (*STRATEGIES, AUTO))
+        check_kernel_name(self.kernel)
+        _at_least(self, 1, "nproc", "dp")
+        if self.sp is not None:
+            _at_least(self, 1, "sp")
+        self.options.check_types()
+        for key, value in self.strategy_options.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"strategy option {key} must be a finite number, got {value}")
+
+
+@dataclass
+class OutputSection:
+    """[output]"""
+
+    out_dir: str = _opt("runs/train", "log, plot, config, checkpoints, cached corpus")
+    log_every: int = _opt(10, "progress-bar period (steps)")
+    eval_every: int = _opt(50, "validation period (and at the end); 0: only at the end")
+    eval_batches: int = _opt(2, "validation batches")
+    checkpoint_every: int = _opt(50, "checkpoint period (and at the end); 0: never")
+    keep_checkpoints: int = _opt(2, "checkpoints kept; 0: all")
+    resume: str = _opt("", "'latest' or a checkpoint directory")
+    peak_tflops: float = _opt(0.0, "per-process peak TFLOP/s for MFU; 0: the calibration's, else measured at start "
+                                   "on CPU (all ranks at once), the GPU table on GPUs")
+    progress: bool = _opt(True, "progress bar and summary on rank 0")
+    plot: bool = _opt(True, "loss-curve PNG at the end")
+
+    def validate(self) -> None:
+        _finite(self)
+        _at_least(self, 1, "log_every", "eval_batches")
+        _at_least(self, 0, "eval_every", "checkpoint_every", "keep_checkpoints")
+        if self.peak_tflops < 0:
+            raise ValueError(f"peak_tflops must be >= 0 (0 = auto), got {self.peak_tflops}")
+
+
+@dataclass
+class FaultsSection:
+    """[faults]: what the run does about non-finite steps, hung collectives, stalls and signals."""
+
+    nonfinite: str = _opt("stop", "on a non-finite loss or gradient norm: stop (error, nothing saved) | skip "
+                                  "(no update for that step)")
+    max_skips: int = _opt(3, "with --nonfinite skip: consecutive skipped steps tolerated; one more stops the run")
+    timeout: float = _opt(600.0, "process-group timeout (s): a collective waiting longer fails the run")
+    stall_timeout: float = _opt(0.0, "seconds without a heartbeat before the launcher names a rank stalled and "
+                                     "stops the run; 0: min(60, timeout / 2)")
+    stop_grace: float = _opt(10.0, "seconds workers get after SIGTERM/SIGINT to stop (and checkpoint on "
+                                   "SIGTERM) before they are killed")
+
+    def validate(self) -> None:
+        _finite(self)
+        _check_choice("nonfinite", self.nonfinite, NONFINITE)
+        _at_least(self, 0, "max_skips")
+        if not (self.timeout > 0 and self.stop_grace > 0 and self.stall_timeout >= 0):
+            raise ValueError(f"need timeout > 0, stop_grace > 0 and stall_timeout >= 0, got timeout={self.timeout}, "
+                             f"stop_grace={self.stop_grace}, stall_timeout={self.stall_timeout}")
+
+
+SECTIONS = {"model": ModelSection, "dit": DitSection, "data": DataSection, "optim": OptimSection,
+            "parallel": ParallelSection, "output": OutputSection, "faults": FaultsSection}
