@@ -10,8 +10,9 @@ from .context import SeqParallel, init, resolve
 from .kernels import available_kernels, get_kernel
 from .layout import LAYOUTS, TokenLayout
 from .modules import SequenceParallelAttention, UlyssesAttention
+from .parallel import ParallelDims
 
 __version__ = "0.1.0"
-__all__ = ["init", "resolve", "Settings", "StrategyOptions", "Strategy", "register", "SeqParallel",
+__all__ = ["init", "resolve", "Settings", "StrategyOptions", "Strategy", "register", "SeqParallel", "ParallelDims",
            "SequenceParallelAttention", "UlyssesAttention", "CommStats", "TokenLayout", "LAYOUTS", "STRATEGIES",
            "get_kernel", "available_kernels", "__version__"]

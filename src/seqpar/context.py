@@ -6,6 +6,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from .attention import Settings, StrategyOptions, get_strategy
 from .attention.fpdt_block import BlockFunctions
@@ -209,7 +210,7 @@ class SequenceParallelAttention(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self.ctx.strategy.describe().items())
 
 
-def init(strategy: str, *, group: dist.ProcessGroup | None = None, kernel: str | BlockKernel = "auto",
+def init(strategy: str, *, group: dist.ProcessGroup | DeviceMesh | None = None, kernel: str | BlockKernel = "auto",
          check_inputs: bool = True, stats: CommStats | None = None, **options: Any) -> SeqParallel:
     """Build a sequence-parallel context from an initialised torch.distributed.
 
@@ -222,13 +223,28 @@ def init(strategy: str, *, group: dist.ProcessGroup | None = None, kernel: str |
       (default 2 when 4 divides the group size); chunks / offload: FPDT; placement: USP /
       WallFacer topology; ranks_per_node: WallFacer; plus the options of a strategy registered
       from outside.
-    group: the sequence-parallel group (default WORLD); kernel: block kernel name or "auto";
+    group: the sequence-parallel group (default WORLD), or a torch DeviceMesh: its "sp" dimension
+      (e.g. `seqpar.ParallelDims(...).device_mesh`), or the mesh itself when it is 1-D;
+      kernel: block kernel name or "auto";
     check_inputs: verify that every rank passes valid, matching q/k/v (one tiny all-gather the
     first time each shape/dtype/mask signature is seen; every rank raises the same error).
     Collective: every rank of `group` must call it with the same arguments.
     """
+    if isinstance(group, DeviceMesh):
+        group = _sp_group_of(group)
     return SeqParallel(strategy, StrategyOptions.from_kwargs(**options), group=group, kernel=kernel,
                        check_inputs=check_inputs, stats=stats)
+
+
+def _sp_group_of(mesh: DeviceMesh) -> dist.ProcessGroup:
+    """The sequence-parallel group of a DeviceMesh: its "sp" dimension, or the mesh when 1-D."""
+    names = mesh.mesh_dim_names or ()
+    if "sp" in names:
+        return mesh.get_group("sp")
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    raise ValueError(f"seqpar.init(group=DeviceMesh{tuple(mesh.shape)}): name its sequence-parallel dimension "
+                     f"'sp' (mesh_dim_names={names}) or pass that dimension's group")
 
 
 def resolve(strategy: str, size: int, **options: Any) -> Settings:

@@ -150,17 +150,17 @@ class Attention(nn.Module):
     def project(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x [batch, seq, dim] -> q [batch, seq, heads, head_dim], k, v [batch, seq, kv_heads, head_dim]
         (RoPE applied when given tables for these tokens)."""
-        b, s, _ = x.shape
-        q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
-        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
+        b, s = x.shape[:2]
+        q = self.wq(x).view(b, s, -1, self.head_dim)  # [b, s, heads (/ tp), head_dim]
+        k = self.wk(x).view(b, s, -1, self.head_dim)  # [b, s, kv_heads (/ tp), head_dim]
+        v = self.wv(x).view(b, s, -1, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         return q, k, v
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, cu_seqlens=None) -> Tensor:
         """x [batch, seq_local, dim] -> [batch, seq_local, dim]; cu_seqlens: packed documents."""
-        b, s, _ = x.shape
+        b, s = x.shape[:2]
         q, k, v = self.project(x, rope)
         with torch.autocast(x.device.type, enabled=False):  # q/k/v keep their (autocast) dtype
             out = self.ctx.attention(q, k, v, causal=self.causal, cu_seqlens=cu_seqlens)
@@ -265,7 +265,15 @@ class Transformer(nn.Module):
         return self._loss_sum(h, labels), (labels != IGNORE_INDEX).sum()
 
     def _loss_sum(self, h: Tensor, labels: Tensor) -> Tensor:
-        """Sum of token cross-entropies (fp32, fp64 for fp64), chunked when loss_chunks > 1."""
+        """Sum of token cross-entropies (fp32, fp64 for fp64), chunked when loss_chunks > 1; with tensor
+        parallelism (seqpar.tensor_parallel) over vocabulary-sharded logits (exact under torch's
+        `loss_parallel`, which the trainer enters; all-gathered logits without it)."""
+        if getattr(self, "tensor_parallel", False):
+            logits = self.output(h)  # DTensor [batch, seq_local, vocab] sharded over vocab (tp)
+            logits = logits.flatten(0, 1)  # [batch * seq_local, vocab]
+            work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+            loss = F.cross_entropy(logits.to(work), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            return loss.full_tensor()
         return chunked_lm_loss(h, self.output.weight, labels, self.cfg.loss_chunks, ignore_index=IGNORE_INDEX,
                                reduction="sum")
 

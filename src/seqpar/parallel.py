@@ -1,8 +1,15 @@
-"""Data x sequence parallel mesh and gradient averaging.
+"""The parallel layout: data x sequence x tensor parallelism on one mesh, and gradient averaging.
 
-The world (or a given group) of dp * sp ranks is a grid whose rows are the
-sequence-parallel groups (sp contiguous ranks: one sequence, split) and whose columns
-are the data-parallel groups (same sequence shard position, different samples).
+`ParallelDims(sp, group, tp=...)` lays the ranks of a group (default WORLD) out as a grid in
+USP's order, tensor parallelism innermost (consecutive ranks, so inside a node):
+
+    rank = (dp_rank * sp + sp_rank) * tp + tp_rank
+
+and holds, for this rank, every group the run needs: the sequence-parallel group (what the
+strategy's context shards the sequence over), the data-parallel group, the tensor-parallel
+group (a torch `DeviceMesh` for `torch.distributed.tensor.parallel`), and the *batch* group
+(dp x sp ranks of one tp rank: all the ranks that hold different tokens, over which loss sums
+and gradients are reduced). It validates once and every part of the trainer asks it.
 """
 from __future__ import annotations
 
@@ -11,28 +18,57 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from .comm import Comm, CommStats
 from .mesh import Mesh
 
-__all__ = ["ParallelMesh", "average_gradients"]
+__all__ = ["ParallelDims", "average_gradients", "reduce_partial_gradients", "MESH_ORDER"]
+
+#: mesh dimensions from the outermost (slowest varying over consecutive ranks) to the innermost
+MESH_ORDER = ("dp", "sp", "tp")
 
 
-class ParallelMesh:
-    """dp x sp process groups: `sp_group` (contiguous ranks), `dp_group` (strided ranks)."""
+class ParallelDims:
+    """dp x sp x tp process groups of one rank (tp innermost, then sp, then dp).
 
-    def __init__(self, sp: int, group: dist.ProcessGroup | None = None, stats: CommStats | None = None):
+    Attributes: `dp`, `sp`, `tp` (degrees), `dp_rank`, `sp_rank`, `tp_rank`; `sp_group`,
+    `dp_group`, `tp_group`, `batch_group` (dp x sp ranks of this tp rank); `sp_comm`,
+    `dp_comm`, `batch_comm` (byte-counted); `device_mesh` (a torch DeviceMesh over
+    ("dp", "sp", "tp")) and `tp_mesh` / `batch_mesh` (its tensor-parallel and flattened
+    dp x sp dimensions, for parallelize_module and fully_shard).
+    """
+
+    def __init__(self, sp: int, group: dist.ProcessGroup | None = None, stats: CommStats | None = None,
+                 tp: int = 1, device_type: str = "cpu"):
         self.mesh = Mesh(group)
         size = self.mesh.size
-        if sp < 1 or size % sp:
-            raise ValueError(f"sequence-parallel size {sp} must divide the number of ranks ({size})")
-        self.sp, self.dp = sp, size // sp
+        if tp < 1 or sp < 1 or size % (sp * tp):
+            raise ValueError(f"sp ({sp}) x tp ({tp}) must divide the number of ranks ({size}): set --sp/--tp so "
+                             f"that dp x sp x tp = {size}")
+        self.sp, self.tp, self.dp = sp, tp, size // (sp * tp)
         self.stats = stats if stats is not None else CommStats()
-        self.sp_group, self.dp_group = self.mesh.grid(rows=self.dp, cols=sp)
-        self.dp_rank, self.sp_rank = divmod(self.mesh.rank, sp)
-        self.world_comm = Comm(self.mesh.group, self.stats)
+        self.dp_rank, rest = divmod(self.mesh.rank, sp * tp)
+        self.sp_rank, self.tp_rank = divmod(rest, tp)
+        coords = [(d, s, t) for d in range(self.dp) for s in range(sp) for t in range(tp)]  # index = group rank
+        self.tp_group = self._partition(coords, lambda c: (c[0], c[1]))
+        self.sp_group = self._partition(coords, lambda c: (c[0], c[2]))
+        self.dp_group = self._partition(coords, lambda c: (c[1], c[2]))
+        self.batch_group = self._partition(coords, lambda c: c[2])
         self.sp_comm = Comm(self.sp_group, self.stats)
         self.dp_comm = Comm(self.dp_group, self.stats)
+        self.batch_comm = Comm(self.batch_group, self.stats)
+        self.device_type = device_type
+        self._device_mesh: DeviceMesh | None = None
+        self._batch_mesh: DeviceMesh | None = None
+
+    def _partition(self, coords: list[tuple[int, int, int]], key) -> dist.ProcessGroup:
+        """The group of ranks sharing key(coords) with this rank (collective: every rank, same order)."""
+        blocks: dict = {}
+        for rank, c in enumerate(coords):
+            blocks.setdefault(key(c), []).append(rank)
+        return self.mesh.partition(list(blocks.values()))
 
     @property
     def rank(self) -> int:
@@ -42,20 +78,70 @@ class ParallelMesh:
     def size(self) -> int:
         return self.mesh.size
 
+    @property
+    def batch_size(self) -> int:
+        """Ranks holding different tokens: dp x sp."""
+        return self.dp * self.sp
+
+    @property
+    def device_mesh(self) -> DeviceMesh:
+        """torch DeviceMesh over ("dp", "sp", "tp") built from this layout's groups (made on first use)."""
+        if self._device_mesh is None:
+            ranks = torch.tensor(self.mesh.global_ranks).view(self.dp, self.sp, self.tp)  # [dp, sp, tp]
+            self._device_mesh = DeviceMesh.from_group([self.dp_group, self.sp_group, self.tp_group],
+                                                      self.device_type, mesh=ranks, mesh_dim_names=MESH_ORDER)
+        return self._device_mesh
+
+    @property
+    def tp_mesh(self) -> DeviceMesh:
+        """The tensor-parallel dimension (what `parallelize_module` shards over)."""
+        return self.device_mesh["tp"]
+
+    @property
+    def batch_mesh(self) -> DeviceMesh:
+        """The dp x sp dimensions flattened into one ("batch"): what FSDP2 shards over (with tp > 1
+        FSDP2 joins it with the parameters' tp dimension itself: 2-D FSDP x TP)."""
+        if self._batch_mesh is None:
+            self._batch_mesh = self.device_mesh["dp", "sp"]._flatten("batch")
+        return self._batch_mesh
+
     def __repr__(self) -> str:
-        return f"ParallelMesh(dp={self.dp}, sp={self.sp}, dp_rank={self.dp_rank}, sp_rank={self.sp_rank})"
+        return (f"ParallelDims(dp={self.dp}, sp={self.sp}, tp={self.tp}, dp_rank={self.dp_rank}, "
+                f"sp_rank={self.sp_rank}, tp_rank={self.tp_rank})")
+
+
+def _local_grad(p: nn.Parameter) -> torch.Tensor:
+    """This rank's gradient as a plain tensor (a tensor-parallel shard for DTensor parameters)."""
+    return p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
 
 
 def _flat_grads(params: list[nn.Parameter]) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1) for p in params])
+    return torch.cat([_local_grad(p).reshape(-1) for p in params])
 
 
 def _unflatten_into(flat: torch.Tensor, params: list[nn.Parameter]) -> None:
     offset = 0
     for p in params:
-        n = p.grad.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        grad = _local_grad(p)
+        n = grad.numel()
+        grad.copy_(flat[offset:offset + n].view_as(grad))
         offset += n
+
+
+def reduce_partial_gradients(params: Iterable[nn.Parameter], stats: CommStats | None = None) -> None:
+    """Sum the tensor-parallel partial gradients (norm weights of sequence-sharded activations are
+    used by every tp rank on its own tokens: their gradients are Partial over tp) into Replicate
+    ones, counting the all-reduce bytes as kind "tp_grad_all_reduce"."""
+    for p in params:
+        grad = p.grad
+        if not isinstance(grad, DTensor) or not any(isinstance(pl, Partial) for pl in grad.placements):
+            continue
+        n = grad.device_mesh.size()
+        p.grad = grad.redistribute(placements=[Replicate() if isinstance(pl, Partial) else pl
+                                               for pl in grad.placements])
+        if stats is not None:
+            nbytes = 2 * (n - 1) * grad.to_local().numel() * grad.element_size() // n
+            stats.record("tp_grad_all_reduce", nbytes, nbytes)
 
 
 def _average(params: list[nn.Parameter], comm: Comm, kind: str) -> None:
@@ -67,29 +153,31 @@ def _average(params: list[nn.Parameter], comm: Comm, kind: str) -> None:
     _unflatten_into(flat / comm.size, params)
 
 
-def average_gradients(params: Iterable[nn.Parameter], mesh: ParallelMesh, mode: str = "flat",
+def average_gradients(params: Iterable[nn.Parameter], mesh: ParallelDims, mode: str = "flat",
                       segment_local: Iterable[nn.Parameter] = ()) -> None:
     """Average gradients so every rank holds the gradient of the mean loss over all samples.
 
-    mode "flat": one all-reduce over all dp*sp ranks.
+    Tensor-parallel partial gradients are first summed over tp (`reduce_partial_gradients`); then
+    mode "flat": one all-reduce over the dp x sp ranks (of this tp rank).
     mode "double" (LSS Transformer): average over the sequence group, then over the
     data-parallel group. `segment_local` parameters (e.g. a position-embedding shard that
     each sequence rank owns alone) skip the sequence-group step: they are averaged over the
     data-parallel group only and scaled by 1/sp, which is exactly their share of the mean.
     """
     params = [p for p in params if p.grad is not None]
+    reduce_partial_gradients(params, mesh.stats)
     local_ids = {id(p) for p in segment_local}
     shared = [p for p in params if id(p) not in local_ids]
     local = [p for p in params if id(p) in local_ids]
     if mode == "flat":
         if local:
             raise ValueError("segment-local parameters need mode='double'")
-        _average(shared, mesh.world_comm, "grad_all_reduce")
+        _average(shared, mesh.batch_comm, "grad_all_reduce")
     elif mode == "double":
         _average(shared, mesh.sp_comm, "grad_all_reduce_sp")
         _average(shared, mesh.dp_comm, "grad_all_reduce_dp")
         for p in local:
-            p.grad.div_(mesh.sp)
+            _local_grad(p).div_(mesh.sp)
         _average(local, mesh.dp_comm, "grad_all_reduce_dp")
     else:
         raise ValueError(f"unknown gradient averaging mode {mode!r}; use 'flat' or 'double'")

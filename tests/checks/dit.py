@@ -15,7 +15,7 @@ from torch import Tensor, nn
 import seqpar
 from checks.train import grad_mode
 from seqpar.dit import DiT, DiTConfig, loss_terms, sample
-from seqpar.parallel import ParallelMesh, average_gradients
+from seqpar.parallel import ParallelDims, average_gradients
 from seqpar.train import loss_and_backward
 
 #: the tiny model of the tests: 16x16 images in 2x2 patches = 64 tokens
@@ -76,7 +76,7 @@ def dit_step(strategy: str, init_kwargs: dict[str, Any], images: Tensor, labels:
     """One training step on a dp x sp world as the trainer does it: dp rank r takes rows
     [r*b, (r+1)*b) of the global batch, `loss_terms` on its token shard, `loss_and_backward`
     (global-mean normalisation), then gradient averaging over the world."""
-    mesh = ParallelMesh(dist.get_world_size() // dp)
+    mesh = ParallelDims(dist.get_world_size() // dp)
     ctx = seqpar.init(strategy, group=mesh.sp_group, stats=mesh.stats, **init_kwargs)
     model = build_model(ctx, cfg, seed)
     b = len(images) // dp
@@ -88,7 +88,7 @@ def dit_step(strategy: str, init_kwargs: dict[str, Any], images: Tensor, labels:
                                                   row_offset=mesh.dp_rank * b)
         return local["sum"], local["count"]
 
-    loss = loss_and_backward(forward, None, None, None, mesh.world_comm)
+    loss = loss_and_backward(forward, None, None, None, mesh.batch_comm)
     average_gradients(model.parameters(), mesh, mode=grad_mode(strategy))
     grads = _grads(model)
     digest = hashlib.sha256(b"".join(g.numpy().tobytes() for g in grads.values())).hexdigest()

@@ -128,10 +128,10 @@ def packed_training(strategy: str, init_kwargs: dict[str, Any] | None = None, *,
     from checks.train import TINY_MODEL, grad_mode
     from seqpar.data import shard_batch
     from seqpar.model import ModelConfig, Transformer
-    from seqpar.parallel import ParallelMesh, average_gradients
+    from seqpar.parallel import ParallelDims, average_gradients
     from seqpar.train import loss_and_backward
 
-    mesh = ParallelMesh(torch.distributed.get_world_size())
+    mesh = ParallelDims(torch.distributed.get_world_size())
     ctx = seqpar.init(strategy, group=mesh.sp_group, stats=mesh.stats, **(init_kwargs or {}))
     torch.manual_seed(0)
     net = Transformer(ModelConfig(**{**TINY_MODEL, **(model or {})}), ctx)
@@ -145,7 +145,7 @@ def packed_training(strategy: str, init_kwargs: dict[str, Any] | None = None, *,
         tokens, labels, positions = shard_batch(ctx, window, cu_seqlens=cu)
         opt.zero_grad()
         losses.append(loss_and_backward(lambda *a, cu=cu: net(*a, cu_seqlens=cu), tokens, labels, positions,
-                                        mesh.world_comm))
+                                        mesh.batch_comm))
         average_gradients(net.parameters(), mesh, mode=grad_mode(strategy))
         opt.step()
     return losses

@@ -214,7 +214,7 @@ def training_step_memory(cfg: dict[str, Any]) -> dict[str, float]:
         batch = task.batch("train", task.step)
         loss_sum, count = task.loss_terms(batch)
         retained = meter.live
-        backward_global_mean(loss_sum, count, trainer.mesh.world_comm)
+        backward_global_mean(loss_sum, count, trainer.mesh.batch_comm)
         del loss_sum, count, batch
         activations = meter.peak
         meter.reset_peak()

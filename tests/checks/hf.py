@@ -15,27 +15,27 @@ import seqpar
 from seqpar.data import shard_batch
 from seqpar.hf import PREFIX, load_hf_model
 from seqpar.model import IGNORE_INDEX
-from seqpar.parallel import ParallelMesh, average_gradients
+from seqpar.parallel import ParallelDims, average_gradients
 from seqpar.train import loss_and_backward
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def hf_step(model_dir: str, strategy: str, init_kwargs: dict[str, Any], window: torch.Tensor, ignored: torch.Tensor,
-            cu: list[int] | None = None, dtype: str = "float64", mesh: ParallelMesh | None = None,
+            cu: list[int] | None = None, dtype: str = "float64", mesh: ParallelDims | None = None,
             activation_checkpointing: bool = False) -> dict[str, Any]:
     """One trainer-style forward/backward of the model in `model_dir` on `window` [batch, seq + 1]
     (`ignored` [batch, seq]: labels set to -100; `cu`: packed-document boundaries).
 
     Returns the global mean loss, the full-sequence logits and (rank 0 only) every parameter's
     gradient by its HF name."""
-    mesh = mesh or ParallelMesh(dist.get_world_size())
+    mesh = mesh or ParallelDims(dist.get_world_size())
     ctx = seqpar.init(strategy, group=mesh.sp_group, stats=mesh.stats, **init_kwargs)
     model = load_hf_model(model_dir, ctx, DTYPES[dtype], activation_checkpointing=activation_checkpointing)
     cu_t = None if cu is None else torch.tensor(cu)
     tokens, labels, positions = shard_batch(ctx, window, cu_seqlens=cu_t)
     labels = labels.masked_fill(ctx.shard(ignored, cu_seqlens=cu_t), IGNORE_INDEX)
-    loss = loss_and_backward(lambda *a: model(*a, cu_seqlens=cu_t), tokens, labels, positions, mesh.world_comm)
+    loss = loss_and_backward(lambda *a: model(*a, cu_seqlens=cu_t), tokens, labels, positions, mesh.batch_comm)
     average_gradients(model.parameters(), mesh, mode="flat")
     with torch.no_grad():
         logits = ctx.unshard(model(tokens, positions, cu_seqlens=cu_t), cu_seqlens=cu_t)
@@ -46,7 +46,7 @@ def hf_step(model_dir: str, strategy: str, init_kwargs: dict[str, Any], window: 
 def hf_steps(model_dir: str, cases: list[tuple[str, dict[str, Any]]], window: torch.Tensor, ignored: torch.Tensor,
              **kwargs: Any) -> list[dict[str, Any]]:
     """`hf_step` for each (strategy, init kwargs) case, in one world call."""
-    mesh = ParallelMesh(dist.get_world_size())
+    mesh = ParallelDims(dist.get_world_size())
     return [hf_step(model_dir, strategy, kw, window, ignored, mesh=mesh, **kwargs) for strategy, kw in cases]
 
 
@@ -82,7 +82,7 @@ def hf_train_and_save(model_dir: str, root: str, strategy: str, init_kwargs: dic
 
     from seqpar.checkpoint import save_checkpoint
 
-    mesh = ParallelMesh(dist.get_world_size())
+    mesh = ParallelDims(dist.get_world_size())
     ctx = seqpar.init(strategy, group=mesh.sp_group, stats=mesh.stats, **init_kwargs)
     model = load_hf_model(model_dir, ctx, torch.float32)
     if fsdp:
@@ -97,7 +97,7 @@ def hf_train_and_save(model_dir: str, root: str, strategy: str, init_kwargs: dic
     tokens, labels, positions = shard_batch(ctx, window)
     for _ in range(2):
         opt.zero_grad()
-        loss_and_backward(model, tokens, labels, positions, mesh.world_comm)
+        loss_and_backward(model, tokens, labels, positions, mesh.batch_comm)
         if not fsdp:
             average_gradients(model.parameters(), mesh, mode="flat")
         opt.step()

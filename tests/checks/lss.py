@@ -16,7 +16,7 @@ import seqpar
 from seqpar.attention.lss import SegmentPositionEmbedding, segment_local_parameters
 from seqpar.chunked import chunked_lm_loss, chunked_mlp, count_tokens
 from seqpar.mesh import Mesh
-from seqpar.parallel import ParallelMesh, average_gradients
+from seqpar.parallel import ParallelDims, average_gradients
 from seqpar.testing.checks import DTYPES
 
 __all__ = ["TinySegmentLM", "lss_model_gradients", "segment_embedding_errors"]
@@ -71,7 +71,7 @@ def lss_model_gradients(sp: int = 2, *, layout: str = "contiguous", causal: bool
     gradients averaged "double" (and "flat" for shared params, and "double" with the position
     embedding wrongly averaged over the sequence group), each compared with a 1-process
     full-sequence step on all dp samples. Returns max abs errors, reference magnitude, comm kinds."""
-    mesh = ParallelMesh(sp)
+    mesh = ParallelDims(sp)
     alone = Mesh().partition([[r] for r in range(mesh.size)])
     ref_ctx = seqpar.init("local", group=alone, kernel="math")
     ctx = seqpar.init("lss", group=mesh.sp_group, layout=layout)

@@ -20,7 +20,7 @@ import seqpar
 from seqpar.attention import get_strategy
 from seqpar.data import SequenceLoader, shard_batch
 from seqpar.model import IGNORE_INDEX, DiTBlock, ModelConfig, Transformer
-from seqpar.parallel import ParallelMesh, average_gradients
+from seqpar.parallel import ParallelDims, average_gradients
 from seqpar.train import TrainConfig, Trainer, loss_and_backward, train
 
 # (strategy, seqpar.init kwargs = TrainConfig overrides) on 4 processes: every strategy, causally balanced
@@ -51,7 +51,7 @@ def transformer_step(strategy: str, init_kwargs: dict[str, Any] | None = None, *
     rank's own share of the loss before the all-reduce: `local_loss_sum` and `local_count`
     (labelled tokens in its shard), which differ between ranks and add up to the global.
     """
-    mesh = ParallelMesh(dist.get_world_size() // dp)
+    mesh = ParallelDims(dist.get_world_size() // dp)
     ctx = seqpar.init(strategy, group=mesh.sp_group, stats=mesh.stats, **(init_kwargs or {}))
     cfg = ModelConfig(**{**TINY_MODEL, **(model or {})})
     torch.manual_seed(seed)
@@ -62,7 +62,7 @@ def transformer_step(strategy: str, init_kwargs: dict[str, Any] | None = None, *
     rows = slice(mesh.dp_rank * batch, (mesh.dp_rank + 1) * batch)
     tokens, labels, positions = shard_batch(ctx, windows[rows])
     labels = labels.masked_fill(ctx.shard(ignored[rows]), IGNORE_INDEX)
-    loss = loss_and_backward(net, tokens, labels, positions, mesh.world_comm)
+    loss = loss_and_backward(net, tokens, labels, positions, mesh.batch_comm)
     average_gradients(net.parameters(), mesh, mode=grad_mode(strategy))
     with torch.no_grad():
         logits = ctx.unshard(net(tokens, positions))
@@ -96,7 +96,7 @@ def loader_sharding(strategy: str, init_kwargs: dict[str, Any] | None = None, *,
                     batch: int = 2, dp: int = 1, steps: int = 2) -> dict[str, Any]:
     """Shard loader windows over a token array whose value is its own index, so every token tells
     where it came from; returns consistency flags and the positions/offsets this rank used."""
-    mesh = ParallelMesh(dist.get_world_size() // dp)
+    mesh = ParallelDims(dist.get_world_size() // dp)
     ctx = seqpar.init(strategy, group=mesh.sp_group, stats=mesh.stats, **(init_kwargs or {}))
     source = np.arange(10_000, dtype=np.int64)
     loader = SequenceLoader(source, seq_len, batch, vocab_size=len(source), dp=mesh.dp, dp_rank=mesh.dp_rank,

@@ -22,6 +22,7 @@ from ..attention import Settings, StrategyOptions
 from ..attention.options import option_fields
 from ..dit import DiTConfig
 from ..model import ModelConfig
+from ..tensor_parallel import check_tensor_parallel
 from .sections import (
     AUTO,
     DTYPES,
@@ -197,6 +198,19 @@ class TrainConfig:
             raise ValueError("--chunked-blocks recomputes its projections and MLP per chunk already; for block "
                              "inputs in host memory use --offload-activations, not --activation-checkpointing")
 
+    def _validate_tensor_parallel(self, sp: int) -> None:
+        """--tp > 1: the built-in language model (the DiT and --hf-model are not tensor-parallel yet),
+        whole heads per tp rank (and per Ulysses rank of each tp rank's heads), tokens per sp rank
+        divisible by tp, and none of the chunkings that TP's sharding replaces."""
+        m, tp = self.model, self.parallel.tp
+        if not m.builtin_lm():
+            raise ValueError(f"--tp {tp} shards the built-in language model only: the DiT and --hf-model run with "
+                             f"--tp 1 (use --sp / --dp)")
+        if m.mlp_chunks > 1 or m.loss_chunks > 1 or m.chunked_blocks or m.offload_activations:
+            raise ValueError("tensor parallelism shards the MLP and the LM head already: drop --mlp-chunks, "
+                             "--loss-chunks, --chunked-blocks and --offload-activations with --tp > 1")
+        check_tensor_parallel(tp, m.n_heads, m.n_kv_heads, self.data.seq_len // sp)
+
     def _validate_dit(self) -> None:
         self.dit_config()  # shape errors
         if self.data.data or self.model.hf_model:
@@ -210,8 +224,11 @@ class TrainConfig:
     def _validate_mesh(self, world: int) -> None:
         par = self.parallel
         sp = par.sp_size(world)
-        if sp < 1 or par.dp * sp != world:
-            raise ValueError(f"dp ({par.dp}) x sp ({par.sp or 'auto'}) must equal the number of processes ({world})")
+        if sp < 1 or par.dp * sp * par.tp != world:
+            raise ValueError(f"dp ({par.dp}) x sp ({par.sp or 'auto'}) x tp ({par.tp}) must equal the number of "
+                             f"processes ({world})")
+        if par.tp > 1:
+            self._validate_tensor_parallel(sp)
         if par.strategy == AUTO:
             return  # the planner picks a strategy that passes the checks below (train/auto.py)
         layout = par.strategy_settings(world).layout

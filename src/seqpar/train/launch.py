@@ -67,9 +67,10 @@ def check_strategy(cfg: TrainConfig, world: int, device: str = "cpu") -> None:
     the Ulysses head split of the strategy's resolved settings, and the kernel for the run's dtype
     (`cfg.validate` already resolved the strategy's options, degrees and layout)."""
     settings = cfg.strategy_settings(world)
-    if settings.ulysses > 1:
+    if settings.ulysses > 1:  # each tensor-parallel rank's heads are split over the Ulysses degree
         m = cfg.dit_config() if cfg.model.kind == "dit" else cfg.model_config()
-        kv_replication(m.n_heads, m.n_kv_heads, settings.ulysses)
+        tp = cfg.parallel.tp
+        kv_replication(m.n_heads // tp, m.n_kv_heads // tp, settings.ulysses)
     if cfg.parallel.kernel != "auto":  # attention runs in the autocast dtype (bf16) or the parameter dtype
         get_kernel(cfg.parallel.kernel, device, DTYPES[cfg.optim.dtype])
 
@@ -282,6 +283,9 @@ def main(args: argparse.Namespace) -> int:
             for note in (lock.note if lead else None, resume_note(cfg) if lead else None):
                 if note:
                     print(note, file=sys.stderr)
+            if lead:
+                print(f"seqpar train: {world} torchrun ranks, strategy {cfg.parallel.strategy} on "
+                      f"{cfg.parallel.mesh_description(world)}", file=sys.stderr)
             return launch_torchrun(cfg)
     with control.SignalCatcher() as signals:
         check(cfg, world)
@@ -295,7 +299,7 @@ def main(args: argparse.Namespace) -> int:
                                            _latest(cfg)), file=sys.stderr)
                 return 128 + signals.received[0]
             par = cfg.parallel
-            print(f"seqpar train: {par.nproc} local gloo processes, strategy {par.strategy} (dp={par.dp}, "
-                  f"sp={cfg.sp_size(world)}), {cfg.model.kind}, seq_len {cfg.sequence_length()}, "
+            print(f"seqpar train: {par.nproc} local gloo processes, strategy {par.strategy} on "
+                  f"{par.mesh_description(world)}, {cfg.model.kind}, seq_len {cfg.sequence_length()}, "
                   f"data {cfg.data.data or '-'}, {documents_note(cfg)}, out {cfg.output.out_dir}", file=sys.stderr)
             return launch_local(cfg, signals)

@@ -202,7 +202,9 @@ class ParallelSection:
 
     nproc: int = _opt(4, "local processes when not under torchrun")
     dp: int = _opt(1, "data-parallel degree")
-    sp: int | None = _opt(None, "sequence-parallel degree (default: world size / dp)")
+    sp: int | None = _opt(None, "sequence-parallel degree (default: world size / (dp x tp))")
+    tp: int = _opt(1, "tensor-parallel degree (torch DTensor: heads, MLP, vocabulary and the norms' tokens "
+                      "sharded; innermost in the mesh)")
     strategy: str = _opt("wallfacer", "attention strategy (a registered name: local ring ulysses usp allgather "
                                       "wallfacer lss fpdt), or auto (the calibrated planner picks strategy, degrees, "
                                       "layout, chunks)")
@@ -216,7 +218,12 @@ class ParallelSection:
     fsdp: bool = _opt(False, "shard parameters with FSDP2 fully_shard over all ranks")
 
     def sp_size(self, world: int) -> int:
-        return self.sp or world // self.dp
+        return self.sp or world // (self.dp * self.tp)
+
+    def mesh_description(self, world: int) -> str:
+        """The process mesh in USP's order, outermost first (what seqpar.parallel.ParallelDims builds)."""
+        return f"mesh dp{self.dp} x sp{self.sp_size(world)} x tp{self.tp} (tp innermost" + \
+            (", FSDP over dp x sp)" if self.fsdp else ")")
 
     def strategy_settings(self, world: int) -> Settings:
         """The strategy's settings on this run's sp group, resolved by the strategy itself
@@ -226,7 +233,7 @@ class ParallelSection:
     def validate(self) -> None:
         _check_choice("strategy", self.strategy, (*STRATEGIES, AUTO))
         check_kernel_name(self.kernel)
-        _at_least(self, 1, "nproc", "dp")
+        _at_least(self, 1, "nproc", "dp", "tp")
         if self.sp is not None:
             _at_least(self, 1, "sp")
         self.options.check_types()

@@ -1,10 +1,12 @@
 """The training loop: `Trainer` (one rank's state and steps) and `train(cfg, group)`.
 
 Loss normalisation: each rank computes the *sum* of its tokens' losses; one all-reduce
-gives the global token count C over all dp x sp ranks, and each rank back-propagates
-sum_local * world / C. Gradient averaging over the world (or sp then dp, or FSDP's
-reduce-scatter) then yields exactly the gradient of the mean token loss of the global
-batch, i.e. what one process computes on the whole batch.
+over the batch group (the dp x sp ranks holding different tokens; the tp ranks of one
+sp rank hold the same tokens and the same, tensor-parallel, loss) gives the global token
+count C, and each rank back-propagates sum_local * (dp x sp) / C. Gradient averaging over
+the batch group (or sp then dp, or FSDP's reduce-scatter) then yields exactly the
+gradient of the mean token loss of the global batch, i.e. what one process computes on
+the whole batch.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.parallel import loss_parallel
 
 import seqpar
 
@@ -35,8 +37,9 @@ from ..metrics import (
     plot_loss_curve,
     read_jsonl,
 )
-from ..parallel import ParallelMesh, average_gradients
+from ..parallel import ParallelDims, average_gradients, reduce_partial_gradients
 from ..plan import calibrated_peak_flops
+from ..tensor_parallel import TensorParallelTraffic, parallelize_decoder
 from . import control
 from .config import TrainConfig
 from .tasks import build_task
@@ -89,13 +92,17 @@ def _device_for(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
-def _apply_fsdp(model: torch.nn.Module, group: dist.ProcessGroup | None, device: torch.device) -> None:
-    """FSDP2: shard every block and the root over all ranks of `group` (works on CPU/gloo too)."""
-
-    mesh = DeviceMesh.from_group(group or dist.group.WORLD, device.type)
-    for block in model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+def parallelize(model: torch.nn.Module, dims: ParallelDims, fsdp: bool) -> torch.nn.Module:
+    """torchtitan's order: tensor parallelism first (DTensor shards over the tp mesh), then FSDP2
+    over the dp x sp ranks (2-D with tp); activation checkpointing is the model's own option."""
+    if dims.tp > 1:
+        parallelize_decoder(model, dims.tp_mesh)
+    if fsdp:
+        mesh = dims.batch_mesh
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -115,15 +122,14 @@ class Trainer:
         self.cfg, self.group = cfg, group
         self.rank = dist.get_rank(group)
         self.device = _device_for(group)
-        self.mesh = ParallelMesh(cfg.sp_size(world), group)
+        self.mesh = ParallelDims(cfg.sp_size(world), group, tp=cfg.parallel.tp, device_type=self.device.type)
         self.settings = cfg.strategy_settings(world)
         self.ctx = seqpar.init(cfg.parallel.strategy, group=self.mesh.sp_group, stats=self.mesh.stats,
                                kernel=cfg.parallel.kernel, **self.settings.init_kwargs())
         self.task = build_task(cfg, self.ctx, self.mesh.dp, self.mesh.dp_rank, self.device)
         self.model = self.task.model
         self.num_params = sum(p.numel() for p in self.model.parameters())
-        if cfg.parallel.fsdp:
-            _apply_fsdp(self.model, group, self.device)
+        parallelize(self.model, self.mesh, cfg.parallel.fsdp)
         self.optimizer = _optimizer(self.model, cfg)
         self.out_dir = Path(cfg.output.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
@@ -158,6 +164,16 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _tensor_parallel(self):
+        """Around forward and backward with tp > 1: torch's vocabulary-parallel cross-entropy and the
+        count of the collectives DTensor issues (kinds tp_*)."""
+        if self.mesh.tp == 1:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(loss_parallel())
+        stack.enter_context(TensorParallelTraffic(self.mesh.stats))
+        return stack
+
     # -- steps ---------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         """One optimizer step on the next global batch; returns its metrics record."""
@@ -169,9 +185,10 @@ class Trainer:
         t0 = time.perf_counter()
         batch = self.task.batch("train", self.task.step)
         self.task.advance()
-        with self._autocast():
-            loss_sum, count = self.task.loss_terms(batch)
-        loss = backward_global_mean(loss_sum, count, self.mesh.world_comm)
+        with self._tensor_parallel():
+            with self._autocast():
+                loss_sum, count = self.task.loss_terms(batch)
+            loss = backward_global_mean(loss_sum, count, self.mesh.batch_comm)
         self._sync_gradients()
         grad_norm = self._clip()
         # the loss is all-reduced and the norm is of the averaged (or FSDP-global) gradient, so every
@@ -204,10 +221,12 @@ class Trainer:
 
     def _sync_gradients(self) -> None:
         if self.cfg.parallel.fsdp:  # FSDP reduce-scatters (averages) inside backward; count its bytes (estimate)
-            n, pbytes = self.mesh.size, self.num_params * next(self.model.parameters()).element_size()
+            n = self.mesh.batch_size  # each tp rank's shard of the parameters, over its dp x sp ranks
+            pbytes = self.num_params * next(self.model.parameters()).element_size() // self.mesh.tp
             vol = pbytes * (n - 1) // n
             self.mesh.stats.record("fsdp_all_gather_est", 2 * vol, 2 * vol)  # forward + backward re-gather
             self.mesh.stats.record("fsdp_reduce_scatter_est", vol, vol)
+            reduce_partial_gradients(self.model.parameters(), self.mesh.stats)
             return
         mode = "double" if self.ctx.strategy.double_grad_averaging else "flat"
         average_gradients(self.model.parameters(), self.mesh, mode=mode)
@@ -237,11 +256,11 @@ class Trainer:
         """Mean token loss over `eval_batches` fixed validation batches (same on every rank)."""
         totals = torch.zeros(2, dtype=torch.float64)
         for i in range(self.cfg.output.eval_batches):
-            with self._autocast():
+            with self._tensor_parallel(), self._autocast():
                 loss_sum, count = self.task.loss_terms(self.task.batch("val", i))
             totals += torch.stack([loss_sum.double().cpu(), count.double().cpu()])
         totals = totals.to(self.device)
-        self.mesh.world_comm.all_reduce(totals, kind="loss_all_reduce")
+        self.mesh.batch_comm.all_reduce(totals, kind="loss_all_reduce")
         return (totals[0] / totals[1]).item()
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -354,7 +373,7 @@ class Trainer:
             return
         self.log.close()
         if self.cfg.output.plot:
-            title = (f"{self.cfg.parallel.strategy} sp={self.mesh.sp} dp={self.mesh.dp} "
+            title = (f"{self.cfg.parallel.strategy} sp={self.mesh.sp} dp={self.mesh.dp} tp={self.mesh.tp} "
                      f"({self.num_params / 1e6:.2f}M params)")
             plot_loss_curve(read_jsonl(self.log.path), self.out_dir / "loss.png", title, self.task.loss_label)
         if self.cfg.output.progress:

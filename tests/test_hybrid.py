@@ -1,0 +1,96 @@
+"""Hybrid parallelism: dp x sp x tp on one mesh, tensor parallelism on torch's DTensor.
+
+Every tensor-parallel training run is compared with the 1-process run of the same global
+batch, fp64: per-step loss and gradient norm (1e-9 relative) and every first-step gradient
+(full tensors gathered from the DTensor shards, 1e-10 of the largest value). The TP traffic
+the trainer counts equals the planner's formula byte for byte.
+"""
+import pytest
+
+from checks.hybrid import init_error, layout_groups
+from checks.train import run_training, training_error
+from seqpar.data import stdlib_corpus
+from seqpar.plan.tensor import tensor_parallel_traffic
+from seqpar.train import TrainConfig
+from test_train import BASE, assert_gradients_match, assert_losses_match
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return str(stdlib_corpus(tmp_path_factory.mktemp("corpus"), max_bytes=60_000))
+
+
+def config(corpus, out_dir, **overrides):
+    return {**BASE, "data": corpus, "out_dir": str(out_dir), **overrides}
+
+
+@pytest.fixture(scope="module")
+def reference(worlds, corpus, tmp_path_factory):
+    return worlds.run(1, run_training, config(corpus, tmp_path_factory.mktemp("ref")), gradients=True)[0]
+
+
+def test_mesh_order_tp_innermost(worlds):
+    """rank = (dp_rank * sp + sp_rank) * tp + tp_rank: tp groups are consecutive ranks."""
+    results = worlds.run(8, layout_groups, 2, 2)
+    for rank, r in enumerate(results):
+        dp, sp, tp = r["coords"]
+        assert rank == (dp * 2 + sp) * 2 + tp
+        assert r["members"]["tp"] == [rank - tp, rank - tp + 1]
+        assert r["members"]["sp"] == [dp * 4 + tp, dp * 4 + 2 + tp]
+        assert r["members"]["dp"] == [sp * 2 + tp, 4 + sp * 2 + tp]
+        assert r["members"]["batch"] == [tp, 2 + tp, 4 + tp, 6 + tp]
+        assert r["mesh"] == ((2, 2, 2), ("dp", "sp", "tp")) and r["batch_mesh"] == (4,)
+        assert r["ctx_ranks"] == r["members"]["sp"]  # seqpar.init(group=DeviceMesh) takes its "sp" dimension
+
+
+def test_init_with_a_mesh_without_sp_dimension_is_an_error(worlds):
+    assert all("name its sequence-parallel dimension 'sp'" in e for e in worlds.run(4, init_error))
+
+
+CASES = [
+    (2, dict(tp=2)),
+    (4, dict(tp=2, strategy="ring", layout="zigzag")),
+    (4, dict(tp=2, strategy="usp", ulysses=2)),
+    (4, dict(tp=2, strategy="wallfacer", team_size=1, layout="zigzag")),
+    (4, dict(tp=2, dp=2, batch=1, fsdp=True)),
+    (4, dict(tp=2, strategy="ring", layout="zigzag", activation_checkpointing=True)),
+]
+
+
+@pytest.mark.parametrize("world,overrides", CASES, ids=["tp2", "tp2-ring2", "tp2-usp2", "tp2-wallfacer2",
+                                                          "dp2-tp2-fsdp", "tp2-ring2-checkpointing"])
+def test_tensor_parallel_parity_with_one_process(worlds, corpus, tmp_path, reference, world, overrides):
+    results = worlds.run(world, run_training, config(corpus, tmp_path, **overrides), gradients=True)
+    got = results[0]
+    assert_losses_match(got["losses"], reference["losses"])
+    assert_gradients_match(got, reference)
+    (step, val), = got["val_losses"]
+    assert abs(val - reference["val_losses"][0][1]) <= 1e-9 * val
+    cfg = TrainConfig.of(**config(corpus, tmp_path, **overrides))
+    sp = cfg.sp_size(world)
+    m = cfg.model_config()
+    expected = tensor_parallel_traffic(
+        tp=2, n_layers=m.n_layers, dim=m.dim, tokens=cfg.data.batch * cfg.data.seq_len // sp, act_bytes=8,
+        loss_bytes=8, norm_params=(2 * m.n_layers + 1) * m.dim, param_bytes=8,
+        recompute=cfg.model.activation_checkpointing, fsdp=cfg.parallel.fsdp)
+    for record in (r for r in got["records"] if r["type"] == "train"):
+        counted = {k: v for k, v in record["comm"].items() if k.startswith("tp_")}
+        assert counted == expected, f"step {record['step']}"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(tp=3), "x tp (3) must equal the number of processes (4)"),
+    (dict(tp=4, n_heads=4, n_kv_heads=2), "--tp 4 must divide n_heads (4) and n_kv_heads (2)"),
+    (dict(tp=2, seq_len=66, strategy="ring", layout="contiguous"), "--tp 2 must divide each sequence-parallel"),
+    (dict(tp=2, loss_chunks=2), "drop --mlp-chunks, --loss-chunks"),
+    (dict(tp=2, model="dit"), "shards the built-in language model only"),
+    (dict(tp=2, strategy="usp", ulysses=2, n_heads=2, n_kv_heads=2, dim=32), "must divide the number of "
+                                                                              "attention heads"),
+])
+def test_bad_tensor_parallel_layouts_are_one_line_errors(overrides, message, corpus, tmp_path):
+    from seqpar.train.launch import check
+    data = {} if overrides.get("model") == "dit" else {"data": corpus}
+    cfg = TrainConfig.of(**{**config(corpus, tmp_path, nproc=4, **overrides), "data": "", **data})
+    with pytest.raises(ValueError) as info:
+        check(cfg, 4)
+    assert message in str(info.value) and "\n" not in str(info.value)
