@@ -33,8 +33,8 @@ RUNS = {
             "--nproc", "4", "--strategy", "wallfacer", "--batch", "4", "--steps", "400", "--lr", "1e-3",
             "--min-lr", "1e-4", "--warmup", "20", "--eval-every", "100", "--samples", "10", "--sample-steps", "16"],
 }
-DEFAULT_DIT = ["--model", "dit", "--image-size", "256", "--nproc", "4", "--strategy", "ulysses", "--steps", "2", "--samples", "0",
-               "--eval-every", "0", "--eval-batches", "1", "--checkpoint-every", "0", "--no-plot"]
+DEFAULT_DIT = ["--model", "dit", "--image-size", "256", "--nproc", "4", "--strategy", "ulysses", "--steps", "2",
+               "--samples", "0", "--eval-every", "0", "--eval-batches", "1", "--checkpoint-every", "0", "--no-plot"]
 
 
 def train(args: list[str], out: Path) -> float:
