@@ -2,8 +2,8 @@
 
 Runs (or, with --reuse, reads back) the README's two commands on the local CPU world and
 writes docs/models.md with their loss curves, the DiT's sample grid and tokens/s; then
-times a few steps of `--model dit` at its default size (256x256 crops, patch 2: 16,384
-tokens per image).
+times a few steps of `--model dit --image-size 256` (256x256 crops, patch 2: 16,384
+tokens per image, one flag from the defaults' 1,024).
 
     python3 benchmarks/models.py > docs/models.md
     python3 benchmarks/models.py --runs /tmp/ex --reuse > docs/models.md   # runs already made there
@@ -33,8 +33,8 @@ RUNS = {
             "--nproc", "4", "--strategy", "wallfacer", "--batch", "4", "--steps", "400", "--lr", "1e-3",
             "--min-lr", "1e-4", "--warmup", "20", "--eval-every", "100", "--samples", "10", "--sample-steps", "16"],
 }
-DEFAULT_DIT = ["--model", "dit", "--nproc", "4", "--strategy", "ulysses", "--steps", "2", "--samples", "0",
-               "--eval-every", "0", "--eval-batches", "1", "--checkpoint-every", "0", "--no-plot"]
+DEFAULT_DIT = ["--model", "dit", "--image-size", "256", "--nproc", "4", "--strategy", "ulysses", "--steps", "2",
+               "--samples", "0", "--eval-every", "0", "--eval-batches", "1", "--checkpoint-every", "0", "--no-plot"]
 
 
 def train(args: list[str], out: Path) -> float:
@@ -116,8 +116,8 @@ every rank runs the sampler (16 Euler steps, one image per class) and rank 0 wri
 
 ![DiT loss](models_dit_loss.png)
 
-At its default size (`--model dit` alone: 256x256 crops, 16,384 tokens per image, dim 256,
-4 layers) one training step of one image takes {d256['step_s']:.1f} s on this machine with
+In the 16K-token configuration (`--image-size 256`: 256x256 crops, 16,384 tokens per image,
+dim 256, 4 layers) one training step of one image takes {d256['step_s']:.1f} s on this machine with
 Ulysses over 4 processes ({d256['tok_s']:,.0f} tokens/s; `{cmd(DEFAULT_DIT)}`, {default_seconds:.0f} s
 in all): attention over 16K tokens dominates, which is what sequence parallelism is for on
 more devices.

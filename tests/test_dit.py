@@ -20,7 +20,7 @@ from checks.dit import (
     reference_sample,
     reference_step,
 )
-from seqpar.dit import DIT_PRESETS, DiT, DiTConfig, flow_draws, loss_terms, noise_seed, sincos_2d
+from seqpar.dit import DIT_PRESETS, DiT, DiTConfig, flow_draws, loss_terms, noise_seed, sample, sincos_2d
 from seqpar.images import TRAIN_IMAGES, VAL_IMAGES, ImageLoader, image_grid, image_loaders, save_image_grid
 
 TOL = 1e-10
@@ -59,8 +59,9 @@ def test_config_is_validated(overrides, message):
 
 
 def test_presets_and_flops():
-    default = DIT_PRESETS["default"]
-    assert (default.image_size, default.patch_size, default.num_tokens) == (256, 2, 16384)
+    default, long = DIT_PRESETS["default"], DIT_PRESETS["16k"]
+    assert (default.image_size, default.patch_size, default.num_tokens) == (64, 2, 1024)
+    assert (long.image_size, long.patch_size, long.num_tokens) == (256, 2, 16384)
     assert default.num_classes == len(TRAIN_IMAGES)
     cfg = DIT_PRESETS["test"]
     # forward matmuls: 2 flops per weight a token passes through (+ per-image conditioning / N)
@@ -160,7 +161,39 @@ def test_sampler_matches_one_process(worlds, guidance):
     for r in results:
         assert torch.equal(r["images"], results[0]["images"]), "ranks disagree"
         assert r["repeat_equal"] and r["other_seed_differs"]
+        assert r["events"] == [(i, 3 * 3) for i in range(1, 10)]  # 3 images one at a time x 3 Euler steps
     assert_close(results[0]["images"], ref, "samples")
+    assert_close(results[0]["one_by_one"], results[0]["images"], "samples one image per forward")
+    assert_close(results[0]["pairs"], results[0]["images"], "samples two images per forward")
+
+
+def test_cli_defaults_fit_a_small_machine():
+    """`seqpar train --model dit` alone: 1,024 tokens, the sampler <= 10% of the run's FLOPs; the
+    16K-token configuration is one flag away."""
+    from seqpar.train import TrainConfig
+    cfg = TrainConfig.of(model="dit")
+    assert cfg.sequence_length() == 1024 and cfg.dit.sample_batch == cfg.dit.samples == 8
+    assert 0.05 < cfg.sampling_share() <= 0.10
+    assert TrainConfig.of(model="dit", image_size=256).sequence_length() == 16384
+    assert TrainConfig.of(model="dit", samples=0).sampling_share() == TrainConfig().sampling_share() == 0.0
+
+
+def test_sampler_batches_give_the_images_of_one_by_one():
+    """fp64, one process: any --sample-batch gives the images of one image per forward (values),
+    with one progress event per forward; fp32 agrees to rounding."""
+    model, classes = build_model(FullContext()), [0, 1, 2, 3, 0]
+    events = {}
+    runs = {b: sample(model, FullContext(), classes, 2, 5, batch_size=b,
+                      progress=lambda d, t, b=b: events.setdefault(b, []).append((d, t))) for b in (0, 1, 2, 5, 9)}
+    for b, images in runs.items():
+        assert_close(images, runs[1], f"batch_size {b}")
+    assert events[1] == [(i, 10) for i in range(1, 11)] and events[2] == [(i, 6) for i in range(1, 7)]
+    assert events[0] == events[5] == events[9] == [(1, 2), (2, 2)]
+    model32 = model.float()
+    one, five = (sample(model32, FullContext(), classes, 2, 5, batch_size=b) for b in (1, 5))
+    assert (one - five).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="batch_size >= 0"):
+        sample(model, FullContext(), classes, 2, 5, batch_size=-1)
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -257,7 +290,7 @@ def test_cli_trains_resumes_and_writes_the_sample_grid(tmp_path):
     args = [sys.executable, "-m", "seqpar", "train", "--model", "dit", "--image-size", "16", "--dim", "32",
             "--n-heads", "4", "--n-kv-heads", "4", "--nproc", "2", "--strategy", "ring", "--batch", "2",
             "--checkpoint-every", "2", "--eval-every", "0", "--samples", "3", "--sample-steps", "2",
-            "--no-progress", "--out-dir", str(out)]
+            "--sample-batch", "2", "--no-progress", "--out-dir", str(out)]
     proc = subprocess.run(args + ["--steps", "2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run(args + ["--steps", "3", "--resume", "latest"], capture_output=True, text=True, timeout=300)
@@ -265,6 +298,10 @@ def test_cli_trains_resumes_and_writes_the_sample_grid(tmp_path):
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(x)["type"] == "train"]
     assert steps == [1, 2, 3]
+    outputs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
+               if json.loads(x)["type"] == "outputs" and json.loads(x)["step"] == 3]  # sampler: 2 batches x 2 steps
+    assert [(o.get("done"), o.get("total")) for o in outputs] == [(1, 4), (2, 4), (3, 4), (4, 4), (None, None)]
+    assert 0 < outputs[-1]["share_of_run"] < 1 and outputs[-1]["files"] == [str(out / "samples.png")]
     grid = np.asarray(Image.open(out / "samples.png"))
     assert grid.shape == (2 + 2 * 18, 2 + 2 * 18, 3)  # 3 samples of 16x16 in a 2x2 grid, 2-pixel padding
     assert (out / "loss.png").is_file()

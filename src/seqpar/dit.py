@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,8 +28,8 @@ from torch.utils.checkpoint import checkpoint
 from .context import SeqParallel
 from .model import ATTENTION_FLOPS_PER_PAIR, DiTBlock, _modulate
 
-__all__ = ["DiTConfig", "DIT_PRESETS", "DiT", "loss_terms", "flow_draws", "noise_seed", "sample", "sincos_2d",
-           "timestep_embedding"]
+__all__ = ["DiTConfig", "DIT_PRESETS", "DiT", "loss_terms", "flow_draws", "noise_seed", "sample", "sampling_flops",
+           "SampleProgress", "sincos_2d", "timestep_embedding"]
 
 FREQ_DIM = 256            # sinusoidal timestep features (DiT)
 T_SCALE = 1000.0          # t in [0, 1] is embedded as t * 1000 (DiT's timestep range)
@@ -116,20 +116,27 @@ class DiTConfig:
         """Forward attention FLOPs of one token over all seq_len patch tokens (non-causal)."""
         return ATTENTION_FLOPS_PER_PAIR * (seq_len or self.num_tokens) * self.dim * self.n_layers
 
+    def forward_flops_per_token(self, seq_len: int | None = None) -> float:
+        """Forward FLOPs of one patch token (matmuls + attention): what sampling and validation cost."""
+        return self.matmul_flops_per_token(seq_len) + self.attention_flops_per_token(seq_len)
+
     def flops_per_token(self, seq_len: int | None = None, causal: bool = False) -> float:
         """Training FLOPs of one patch token (forward + backward = 3x forward). seq_len defaults
         to the image's token count; `causal` is accepted for `ModelConfig` compatibility and
         ignored: DiT attention is never causal."""
-        return 3.0 * (self.matmul_flops_per_token(seq_len) + self.attention_flops_per_token(seq_len))
+        return 3.0 * self.forward_flops_per_token(seq_len)
 
 
 #: "test": 16x16 pixels, 64 tokens (seconds on CPU); "default": `seqpar train --model dit`,
-#: 256x256 pixels in 2x2 patches = 16,384 tokens, small widths so a CPU run is feasible.
+#: 64x64 pixels in 2x2 patches = 1,024 tokens (a run of minutes on a 2-core CPU); "16k":
+#: `--image-size 256`, 16,384 tokens per image, the long-sequence configuration.
 DIT_PRESETS = {
     "test": DiTConfig(image_size=16, patch_size=2, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_ratio=2.0,
                       num_classes=4, class_dropout=0.25),
-    "default": DiTConfig(image_size=256, patch_size=2, dim=64, n_layers=4, n_heads=4, n_kv_heads=4, mlp_ratio=4.0,
+    "default": DiTConfig(image_size=64, patch_size=2, dim=64, n_layers=4, n_heads=4, n_kv_heads=4, mlp_ratio=4.0,
                          num_classes=10, class_dropout=0.1),
+    "16k": DiTConfig(image_size=256, patch_size=2, dim=64, n_layers=4, n_heads=4, n_kv_heads=4, mlp_ratio=4.0,
+                     num_classes=10, class_dropout=0.1),
 }
 
 
@@ -330,35 +337,74 @@ def loss_terms(model: DiT, ctx: SeqParallel, images: Tensor, class_ids: Tensor,
     return err.sum(), torch.tensor(err.numel(), device=err.device)
 
 
+def sampling_flops(cfg: DiTConfig, images: int, steps: int, guidance: float = 1.0) -> float:
+    """FLOPs of `sample`: one forward of every image per Euler step (two with guidance != 1)."""
+    return images * steps * (1 if guidance == 1.0 else 2) * cfg.num_tokens * cfg.forward_flops_per_token()
+
+
+SampleProgress = Callable[[int, int], None]   # (forwards done, forwards in all)
+
+
+def _sample_noise(n: int, cfg: DiTConfig, size: int, seed: int) -> Tensor:
+    """[n, C, size, size] fp32 noise; row i from (seed, i) alone, whatever the batching."""
+    gens = [torch.Generator().manual_seed(_row_seed(seed, i, _SAMPLE_STREAM)) for i in range(n)]
+    return torch.stack([torch.randn((cfg.channels, size, size), generator=g) for g in gens])
+
+
+def _euler(model: DiT, x: Tensor, labels: Tensor, times: list[float], grid: int, guidance: float,
+           progress: Callable[[], None]) -> Tensor:
+    """Integrate one batch of local tokens x [b, N/P, p*p*C] along `times` (Euler steps)."""
+    p = _param(model)
+    if guidance != 1.0:
+        labels = torch.cat([labels, torch.full_like(labels, model.null_class)])
+    for t_now, t_next in zip(times[:-1], times[1:]):
+        t = torch.full((len(labels),), t_now, device=p.device, dtype=p.dtype)
+        v = model(x if guidance == 1.0 else torch.cat([x, x]), t, labels, grid=grid)
+        if guidance != 1.0:
+            v_class, v_null = v.chunk(2)
+            v = v_null + guidance * (v_class - v_null)
+        x = x + (t_next - t_now) * v
+        progress()
+    return x
+
+
 @torch.no_grad()
 def sample(model: DiT, ctx: SeqParallel, class_ids: Tensor | Sequence[int], steps: int, seed: int,
-           image_size: int | None = None, guidance: float = 1.0) -> Tensor:
+           image_size: int | None = None, guidance: float = 1.0, batch_size: int = 0,
+           progress: SampleProgress | None = None) -> Tensor:
     """Generate images by integrating dx/dt = v(x, t) from noise at t = 1 to t = 0 with `steps`
     Euler steps; guidance > 1 applies classifier-free guidance (v_null + g (v_class - v_null)).
 
-    The noise of row i is drawn from (seed, i) on the full image, the same on every rank; each
-    rank advances its own tokens and the full images are gathered with `ctx.unshard` at the end
-    (collective). Returns [n, C, image_size, image_size] in [-1, 1] (the model's dtype), on every rank.
+    The images go through the model `batch_size` at a time (0: all at once; each forward is
+    [batch_size, N/P, p*p*C] tokens, so the result does not depend on the batching); after every
+    forward `progress(done, total)` is called with the forwards done and in all (ceil(n /
+    batch_size) * steps). The noise of row i is drawn from (seed, i) on the full image, the same
+    on every rank; each rank advances its own tokens and the full images are gathered with
+    `ctx.unshard` at the end (collective). Returns [n, C, image_size, image_size] in [-1, 1]
+    (the model's dtype), on every rank.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps < 1 or batch_size < 0:
+        raise ValueError(f"need steps >= 1 and batch_size >= 0, got {steps} and {batch_size}")
     cfg, p = model.cfg, _param(model)
     size = image_size or cfg.image_size
     if size % cfg.patch_size:
         raise ValueError(f"image_size {size} is not a multiple of patch_size {cfg.patch_size}")
     labels = torch.as_tensor(class_ids, dtype=torch.long, device=p.device).reshape(-1)
     n = len(labels)
-    gens = [torch.Generator().manual_seed(_row_seed(seed, i, _SAMPLE_STREAM)) for i in range(n)]
-    noise = torch.stack([torch.randn((cfg.channels, size, size), generator=g) for g in gens])
-    x = ctx.shard(model.patchify(noise.to(device=p.device, dtype=p.dtype)), dim=1)
-    if guidance != 1.0:
-        labels = torch.cat([labels, torch.full_like(labels, model.null_class)])
+    if n == 0:
+        raise ValueError("sample needs at least one class id")
+    batch_size = min(batch_size or n, n)
+    noise = _sample_noise(n, cfg, size, seed)
     times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
-    for t_now, t_next in zip(times[:-1], times[1:]):
-        t = torch.full((len(labels),), t_now, device=p.device, dtype=p.dtype)
-        v = model(x if guidance == 1.0 else torch.cat([x, x]), t, labels, grid=size // cfg.patch_size)
-        if guidance != 1.0:
-            v_class, v_null = v.chunk(2)
-            v = v_null + guidance * (v_class - v_null)
-        x = x + (t_next - t_now) * v
-    return model.unpatchify(ctx.unshard(x, dim=1), size).clamp(-1.0, 1.0)
+    total, done = math.ceil(n / batch_size) * steps, [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+
+    out = []
+    for lo in range(0, n, batch_size):
+        x = ctx.shard(model.patchify(noise[lo:lo + batch_size].to(device=p.device, dtype=p.dtype)), dim=1)
+        out.append(_euler(model, x, labels[lo:lo + batch_size], times, size // cfg.patch_size, guidance, tick))
+    return model.unpatchify(ctx.unshard(torch.cat(out), dim=1), size).clamp(-1.0, 1.0)

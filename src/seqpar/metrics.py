@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import resource
+import socket
 import sys
 import time
 from pathlib import Path
@@ -12,10 +14,12 @@ from typing import IO, Any, Iterable
 
 import torch
 
+from .io import atomic_write
 from .model import ModelConfig
 
 __all__ = ["training_flops_per_token", "default_peak_tflops", "cpu_cores_per_process", "measured_peak_tflops",
-           "peak_memory_mb", "JsonlLog", "ProgressBar", "plot_loss_curve", "read_jsonl"]
+           "machine_key", "machine_peak_tflops", "peak_cache_path", "mfu", "peak_memory_mb", "JsonlLog", "ProgressBar",
+           "plot_loss_curve", "read_jsonl"]
 
 # dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment; fp32 uses half (TF32 rate)
 _GPU_PEAKS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40": 181.0, "A10": 125.0, "V100": 125.0}
@@ -71,6 +75,81 @@ def measured_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: floa
         sync()
         runs.append((time.perf_counter() - t0) / calls)
     return 2.0 * size ** 3 / sorted(runs)[2] / 1e12
+
+
+# -- the machine's peak (MFU's denominator) -------------------------------------------------------
+PEAK_CACHE_ENV = "SEQPAR_CACHE_DIR"
+
+
+def peak_cache_path() -> Path:
+    """The per-user cache of machine peaks: $SEQPAR_CACHE_DIR, else $XDG_CACHE_HOME/seqpar, else
+    ~/.cache/seqpar; the file machine_peak.json."""
+    root = os.environ.get(PEAK_CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seqpar"
+    return Path(root) / "machine_peak.json"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def machine_key(device: torch.device, dtype: torch.dtype) -> str:
+    """What a machine peak belongs to: host name, CPU model (or GPU name), cores, torch version, dtype."""
+    chip = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
+    return f"{socket.gethostname()}|{chip}|{_cores()} cores|torch {torch.__version__}|{str(dtype).split('.')[-1]}"
+
+
+def _measure_machine(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
+    """Matmul TFLOP/s of this process with one torch thread per core (the machine's CPU peak):
+    the best of 5 runs of 512x512 matmuls, about `seconds` in all."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_cores())
+    try:
+        rates = [measured_peak_tflops(device, dtype, seconds / 5, size=512) for _ in range(5)]
+    finally:
+        torch.set_num_threads(threads)
+    return max(rates)
+
+
+def machine_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0,
+                        cache: str | os.PathLike | None = None) -> tuple[float, str]:
+    """(peak TFLOP/s of this machine, where it came from). GPU: the table by device name (one
+    device). CPU: matmuls with every core (`_measure_machine`), measured once per `machine_key`
+    and kept in the cache file (`peak_cache_path()`): every later run on this machine, with any
+    number of processes, divides by the same peak, so MFU ratios are tokens/s ratios."""
+    if device.type == "cuda":
+        return default_peak_tflops(device, dtype), "GPU table (one device)"
+    path = Path(cache) if cache else peak_cache_path()
+    key = machine_key(device, dtype)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(key) if isinstance(known, dict) else None
+    if isinstance(entry, dict) and isinstance(entry.get("tflops"), (int, float)) and entry["tflops"] > 0:
+        return float(entry["tflops"]), f"machine peak cached in {path}"
+    peak = _measure_machine(device, dtype, seconds)
+    known = known if isinstance(known, dict) else {}
+    known[key] = {"tflops": peak, "threads": _cores(), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        atomic_write(path, json.dumps(known, indent=1) + "\n")
+    except OSError:
+        return peak, "machine peak measured now (cache not writable)"
+    return peak, f"machine peak measured now, cached in {path}"
+
+
+def mfu(flops_per_token: float, tokens: int, seconds: float, peak_tflops: float) -> float:
+    """Model FLOPs utilisation: world-total model FLOPs / (peak of the machines * elapsed seconds)."""
+    return flops_per_token * tokens / (peak_tflops * 1e12 * seconds)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -104,11 +104,17 @@ def reference_sample(class_ids: list[int], steps: int, seed: int, guidance: floa
 
 def dit_sample(strategy: str, init_kwargs: dict[str, Any], class_ids: list[int], steps: int, seed: int,
                guidance: float = 1.0, cfg: DiTConfig = TEST_DIT) -> dict[str, Any]:
-    """This rank's `sample` (twice, to check it is deterministic) and a second seed's."""
+    """This rank's `sample` (twice, to check it is deterministic), a second seed's, and the same
+    images one at a time (with the progress events) and two at a time."""
     ctx = seqpar.init(strategy, **init_kwargs)
     model = build_model(ctx, cfg)
     first = sample(model, ctx, class_ids, steps, seed, guidance=guidance)
     again = sample(model, ctx, class_ids, steps, seed, guidance=guidance)
     other = sample(model, ctx, class_ids, steps, seed + 1, guidance=guidance)
+    events: list[tuple[int, int]] = []
+    one_by_one = sample(model, ctx, class_ids, steps, seed, guidance=guidance, batch_size=1,
+                        progress=lambda done, total: events.append((done, total)))
+    pairs = sample(model, ctx, class_ids, steps, seed, guidance=guidance, batch_size=2)
     return {"images": first, "repeat_equal": bool(torch.equal(first, again)),
-            "other_seed_differs": not torch.equal(first, other)}
+            "other_seed_differs": not torch.equal(first, other), "one_by_one": one_by_one, "pairs": pairs,
+            "events": events}

@@ -158,6 +158,19 @@ class TrainConfig:
     def sp_size(self, world: int) -> int:
         return self.parallel.sp_size(world)
 
+    def sampling_share(self) -> float:
+        """The DiT sampler's share of the run's model FLOPs (training steps, validations and the
+        samples at the end; 0 for language models): what --samples / --sample-steps cost."""
+        if self.model.kind != "dit" or not self.dit.samples:
+            return 0.0
+        dit = self.dit_config()
+        image = dit.num_tokens * dit.forward_flops_per_token()
+        o, rows = self.output, self.data.batch * self.parallel.dp
+        evals = (self.optim.steps // o.eval_every if o.eval_every else 0) + (1 if not o.eval_every or
+                                                                              self.optim.steps % o.eval_every else 0)
+        sampling = self.dit.samples * self.dit.sample_steps * image
+        return sampling / (3 * self.optim.steps * rows * image + evals * o.eval_batches * rows * image + sampling)
+
     def strategy_settings(self, world: int) -> Settings:
         return self.parallel.strategy_settings(world)
 

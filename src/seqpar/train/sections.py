@@ -122,10 +122,12 @@ class ModelSection:
 class DitSection:
     """[dit]: --model dit (the model width fields of [model] are shared)."""
 
-    image_size: int = _opt(256, "dit: square crop size in pixels")
+    image_size: int = _opt(64, "dit: square crop size in pixels (64 with patch 2: 1,024 tokens, a run of minutes on a "
+                               "2-core CPU; 256: 16,384 tokens, the long-sequence configuration)")
     patch_size: int = _opt(2, "dit: patch size in pixels")
     samples: int = _opt(8, "dit: images sampled into samples.png at the end (one per class, cycling); 0: none")
-    sample_steps: int = _opt(8, "dit: Euler steps of the sampler")
+    sample_steps: int = _opt(6, "dit: Euler steps of the sampler")
+    sample_batch: int = _opt(8, "dit: images per sampler forward (the same images whatever the batching); 0: all")
 
     def config(self, model: ModelSection, num_classes: int = 10) -> DiTConfig:
         return DiTConfig(image_size=self.image_size, patch_size=self.patch_size, dim=model.dim,
@@ -133,8 +135,9 @@ class DitSection:
                          num_classes=num_classes, activation_checkpointing=model.activation_checkpointing)
 
     def validate(self) -> None:
-        if self.samples < 0 or self.sample_steps < 1:
-            raise ValueError(f"need samples >= 0 and sample_steps >= 1, got {self.samples}, {self.sample_steps}")
+        if self.samples < 0 or self.sample_steps < 1 or self.sample_batch < 0:
+            raise ValueError(f"need samples >= 0, sample_steps >= 1 and sample_batch >= 0, got {self.samples}, "
+                             f"{self.sample_steps}, {self.sample_batch}")
 
 
 @dataclass
@@ -253,8 +256,10 @@ class OutputSection:
     checkpoint_every: int = _opt(50, "checkpoint period (and at the end); 0: never")
     keep_checkpoints: int = _opt(2, "checkpoints kept; 0: all")
     resume: str = _opt("", "'latest' or a checkpoint directory")
-    peak_tflops: float = _opt(0.0, "per-process peak TFLOP/s for MFU; 0: the calibration's, else measured at start "
-                                   "on CPU (all ranks at once), the GPU table on GPUs")
+    peak_tflops: float = _opt(0.0, "peak TFLOP/s of one machine (all its cores; on GPUs one device) for MFU; 0: the "
+                                   "calibration's (its together rate x ranks per node), else measured once with all "
+                                   "cores and cached per machine (~/.cache/seqpar/machine_peak.json or "
+                                   "$SEQPAR_CACHE_DIR), the GPU table on GPUs")
     progress: bool = _opt(True, "progress bar and summary on rank 0")
     plot: bool = _opt(True, "loss-curve PNG at the end")
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..context import SeqParallel
 from ..data import SequenceLoader, find_documents, open_tokens, shard_batch, split_tokens, stdlib_corpus
-from ..dit import DiT, loss_terms, noise_seed, sample
+from ..dit import DiT, SampleProgress, loss_terms, noise_seed, sample
 from ..documents import visible_pairs
 from ..images import image_loaders, save_image_grid
 from ..metrics import training_flops_per_token
@@ -72,8 +72,9 @@ class Task:
     def shape(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def finish(self, out_dir: Path, write: bool = True) -> list[Path]:
-        """End-of-run outputs (every rank calls it, it may be collective; only `write` ranks write)."""
+    def finish(self, out_dir: Path, write: bool = True, progress: Any = None) -> list[Path]:
+        """End-of-run outputs (every rank calls it, it may be collective; only `write` ranks write);
+        `progress(done, total)` reports long outputs (the DiT's sampler)."""
         return []
 
 
@@ -207,14 +208,16 @@ class ImageTask(Task):
         keys = ("image_size", "patch_size", "channels", "dim", "n_layers", "n_heads", "n_kv_heads", "num_classes")
         return {k: getattr(self.dit_cfg, k) for k in keys}
 
-    def finish(self, out_dir: Path, write: bool = True) -> list[Path]:
-        """Sample one image per class (collective: every rank calls it); rank 0 writes samples.png."""
+    def finish(self, out_dir: Path, write: bool = True, progress: SampleProgress | None = None) -> list[Path]:
+        """Sample one image per class (collective: every rank calls it), --sample-batch images per
+        forward, `progress(done, total)` after each forward; rank 0 writes samples.png."""
         if not self.cfg.dit.samples:
             return []
         classes = [i % self.dit_cfg.num_classes for i in range(self.cfg.dit.samples)]
         was_training = self.model.training
         self.model.eval()
-        images = sample(self.model, self.ctx, classes, self.cfg.dit.sample_steps, self.cfg.optim.seed)
+        images = sample(self.model, self.ctx, classes, self.cfg.dit.sample_steps, self.cfg.optim.seed,
+                        batch_size=self.cfg.dit.sample_batch, progress=progress)
         self.model.train(was_training)
         if not write:
             return []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -31,14 +32,14 @@ from ..comm import Comm
 from ..metrics import (
     JsonlLog,
     ProgressBar,
-    default_peak_tflops,
-    measured_peak_tflops,
+    machine_peak_tflops,
+    mfu,
     peak_memory_mb,
     plot_loss_curve,
     read_jsonl,
 )
 from ..parallel import ParallelDims, average_gradients, reduce_partial_gradients
-from ..plan import calibrated_peak_flops
+from ..plan import Calibration
 from ..tensor_parallel import TensorParallelTraffic, parallelize_decoder
 from . import control
 from .config import TrainConfig
@@ -141,23 +142,36 @@ class Trainer:
             if self.rank == 0 else None
 
     def _peak_tflops(self) -> tuple[float, str]:
-        """Per-process peak for MFU: --peak-tflops; else the calibration's matmul rate with every
-        rank computing (--calibration or <out_dir>/calibration.json); else, on CPU, the matmul
-        rate measured now on every rank at once (processes sharing cores share it; the mean over
-        ranks); on GPU the table by device name."""
+        """Peak TFLOP/s of the machines this run occupies, MFU's denominator: per machine
+        --peak-tflops; else the calibration's matmul rate with every rank computing, times its
+        ranks per node (--calibration or <out_dir>/calibration.json); else `machine_peak_tflops`
+        (CPU: measured once with all cores and cached per machine; GPU: the table, per device).
+        Times the machines (world / local ranks; GPUs: every rank is a device). The same for
+        any number of processes on a machine, so MFU ratios are tokens/s ratios."""
+        per_machine, source = self._machine_peak()
+        world = self.mesh.size
+        machines = world if self.device.type == "cuda" else max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE",
+                                                                                               world)))
+        self.peak_machine_tflops, self.machines = per_machine, machines
+        return per_machine * machines, source
+
+    def _machine_peak(self) -> tuple[float, str]:
         cfg = self.cfg
         if cfg.output.peak_tflops:
             return cfg.output.peak_tflops, "--peak-tflops"
         path = cfg.calibration_path()
         if path.is_file():
             with contextlib.suppress(ValueError, KeyError):
-                return calibrated_peak_flops(path, cfg.optim.dtype) / 1e12, f"calibration {path}"
+                cal = Calibration.load(path)
+                return cal.peak_flops_per_process(cfg.optim.dtype) * cal.ranks_per_node / 1e12, f"calibration {path}"
         if self.device.type == "cuda":
-            return default_peak_tflops(self.device, cfg.optim.torch_dtype), "GPU table"
-        peak = measured_peak_tflops(self.device, cfg.optim.torch_dtype, seconds=0.1)
-        peak = torch.tensor([peak], dtype=torch.float64)
-        dist.all_reduce(peak, group=self.group)
-        return float(peak) / self.mesh.size, "matmul measured on every rank at start"
+            return machine_peak_tflops(self.device, cfg.optim.torch_dtype)
+        found = [None]
+        if self.rank == 0:  # one process measures (all cores) while the others wait; then all read the value
+            found = [machine_peak_tflops(self.device, cfg.optim.torch_dtype)]
+        dist.broadcast_object_list(found, src=dist.get_global_rank(self.group, 0) if self.group else 0,
+                                   group=self.group)
+        return found[0]
 
     def _autocast(self):
         if self.cfg.optim.dtype == "bfloat16":
@@ -244,10 +258,9 @@ class Trainer:
                 skipped: bool = False) -> dict[str, Any]:
         tokens = self.mesh.dp * self.task.tokens_per_batch
         comm = self.mesh.stats.snapshot()
-        flops_per_s = flops_per_token * tokens / seconds
         return {"type": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "skipped": skipped, "step_time_s": seconds, "tokens_per_s": tokens / seconds,
-                "mfu": flops_per_s / (self.peak_tflops * 1e12 * self.mesh.size),
+                "mfu": mfu(flops_per_token, tokens, seconds, self.peak_tflops),
                 "peak_mem_mb": peak_memory_mb(self.device), "comm_bytes": comm["total"]["sent"],
                 "comm": {k: v["sent"] for k, v in comm.items() if k != "total"}}
 
@@ -307,6 +320,7 @@ class Trainer:
         if self.rank == 0:
             self._write_config()
         first_step, saved = self.step, (None, None)  # (step, path) of the newest checkpoint saved here
+        self._run_t0 = time.perf_counter()
         while self.step < cfg.optim.steps:
             signum = self._agreed_stop_signal()
             if signum:
@@ -364,11 +378,36 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         info = {"config": self.cfg.to_dict(), "num_params": self.num_params, "world_size": self.mesh.size,
                 "packed_documents": self.task.packed, "peak_tflops": self.peak_tflops, "peak_source": self.peak_source,
+                "peak_machine_tflops": self.peak_machine_tflops, "machines": self.machines,
                 "context": self.ctx.describe(), "torch": torch.__version__}
         (self.out_dir / "config.json").write_text(json.dumps(info, indent=1, default=str))
 
+    def _task_outputs(self) -> list[Path]:
+        """The task's end-of-run outputs (collective: every rank), with a progress bar and "outputs"
+        events in the log on rank 0 (one per sampler forward, then the seconds and their share of the run)."""
+        bar = ProgressBar(1) if self.log is not None and self.cfg.output.progress else None
+        t0 = time.perf_counter()
+
+        def progress(done: int, total: int) -> None:
+            if self.log is not None:
+                self.log.write({"type": "outputs", "step": self.step, "done": done, "total": total,
+                                "seconds": time.perf_counter() - t0})
+            if bar is not None:
+                bar.total = total
+                bar.update(done, "sampling")
+
+        outputs = self.task.finish(self.out_dir, write=self.log is not None, progress=progress)
+        seconds = time.perf_counter() - t0
+        if bar is not None and outputs:
+            bar.close()
+        if self.log is not None and outputs:
+            run_s = time.perf_counter() - getattr(self, "_run_t0", t0)
+            self.log.write({"type": "outputs", "step": self.step, "seconds": seconds,
+                            "share_of_run": seconds / max(run_s, 1e-9), "files": [str(p) for p in outputs]})
+        return outputs
+
     def _finish(self) -> None:
-        outputs = self.task.finish(self.out_dir, write=self.log is not None)  # may be collective: every rank
+        outputs = self._task_outputs()
         if self.log is None:
             return
         self.log.close()
