@@ -8,7 +8,7 @@ the trainer counts equals the planner's formula byte for byte.
 import pytest
 
 from checks.hybrid import init_error, layout_groups
-from checks.train import run_training, training_error
+from checks.train import run_training
 from seqpar.data import stdlib_corpus
 from seqpar.plan.tensor import tensor_parallel_traffic
 from seqpar.train import TrainConfig

@@ -6,7 +6,8 @@ attention and the MLP projections) and reduce-scatters twice (after wo and w2); 
 reduce-scatters once and the LM head all-gathers once. Backward turns every all-gather into a
 reduce-scatter of the same size and back, and activation checkpointing runs the blocks' forward
 collectives once more, up to the last one whose output backward needs (the attention's
-reduce-scatter: torch's non-reentrant checkpoint stops early, so the MLP's is not rerun). torch's `loss_parallel` all-reduces three fp32 (fp64) values per token
+reduce-scatter: torch's non-reentrant checkpoint stops early, so the MLP's is not rerun).
+torch's `loss_parallel` all-reduces three fp32 (fp64) values per token
 (the max logit, the sum of exponentials, the target logit) in forward; the norms' weights
 (used on token shards) all-reduce their Partial gradients over tp once per step: in the
 gradient sync (kind tp_grad_all_reduce), or, with FSDP2, inside backward (tp_all_reduce).
