@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from .io import atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "resolve_checkpoint", "read_meta", "verify_checkpoint",
-           "latest_checkpoint", "file_digest", "CorruptCheckpointError", "LATEST", "META"]
+           "latest_checkpoint", "file_digest", "CorruptCheckpointError", "CheckpointWriteError", "LATEST", "META"]
 
 LATEST = "latest"
 META = "meta.json"
@@ -51,6 +51,11 @@ META_DIGEST = "meta_sha256"  # meta.json: sha256 of its own canonical JSON (with
 _PREFIX = "step_"
 _CHUNK = 1 << 20
 _RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp|rng_rank(\d+)\.pt")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. a full disk): one line naming the cause, the
+    directory and its free space. Nothing partial is left, and older checkpoints are kept."""
 
 
 class CorruptCheckpointError(ValueError):
@@ -112,27 +117,91 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
                     meta: dict[str, Any], group: dist.ProcessGroup | None = None, keep: int = 2) -> Path:
     """Collectively save model + optimizer + per-rank RNG + `meta` (JSON) + file checksums as
     checkpoint `step`. Keeps the newest `keep` checkpoints up to this one (0 = all). Returns its directory.
+
+    A failure on any rank (a full disk, a read-only directory) is agreed by every rank: the partial
+    `.tmp-step_*` directory is removed and every rank raises the same one-line `CheckpointWriteError`.
     """
     root = Path(root)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     final, tmp = root / _name(step), root / f".tmp-{_name(step)}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier(group=group)
+    error = _attempt(lambda: _make_tmp(tmp) if rank == 0 else None)
+    _raise_agreed(error, root, tmp, step, group)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), process_group=group)
-    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+
+    def write_shards() -> None:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), process_group=group)
+        torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+
+    _raise_agreed(_attempt(write_shards), root, tmp, step, group)
     digests = _all_gather(_digest_own_files(tmp, rank, world), group)  # also the barrier: all files written
-    if rank == 0:
+
+    def finish() -> None:
         files = {name: d for part in digests for name, d in part.items()}
         record = {**meta, "step": step, "world_size": world, FILES: dict(sorted(files.items()))}
         atomic_write(tmp / META, _meta_text(record))
         _replace_dir(tmp, final)
         atomic_write(root / LATEST, final.name + "\n")
         _prune(root, keep, final.name)
-    dist.barrier(group=group)
+
+    _raise_agreed(_attempt(finish) if rank == 0 else "", root, tmp, step, group)  # also the final barrier
     return final
+
+
+def _make_tmp(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+
+def _attempt(write) -> str:
+    """Run `write`; '' on success, else the root cause in one line (DCP wraps every rank's failure
+    in a CheckpointException, a BaseException)."""
+    try:
+        write()
+    except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - any write failure: one line
+        return _root_cause(e)
+    return ""
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost OSError's strerror (e.g. 'No space left on device'), else the first line."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        failures = getattr(e, "failures", None) or {}
+        todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        todo += [x for x in (e.__cause__, e.__context__) if x is not None]
+    return _describe(error)
+
+
+def _raise_agreed(error: str, root: Path, tmp: Path, step: int, group: dist.ProcessGroup | None) -> None:
+    """Every rank learns whether any rank failed (a MAX all-reduce of a flag, the first message
+    gathered); on failure rank 0 removes the partial directory and every rank raises."""
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    flag = torch.tensor([float(bool(error))], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)  # control flag, not data
+    if not flag.item():
+        return
+    cause = next(m for m in _all_gather(error, group) if m)
+    if dist.get_rank(group) == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier(group=group)
+    kept = latest_checkpoint(root)
+    previous = f"the previous checkpoint {str(kept)!r} is kept" if kept else "no earlier checkpoint"
+    raise CheckpointWriteError(f"checkpoint step {step} not written: {cause} in {str(root)!r} "
+                               f"({_free_space(root)}); nothing partial left, {previous}")
+
+
+def _free_space(root: Path) -> str:
+    try:
+        usage = shutil.disk_usage(root)
+    except OSError:
+        return "free space unknown"
+    return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB"
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -162,10 +162,13 @@ def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
     return None
 
 
-def error_record(error: BaseException, config_error: bool) -> dict[str, Any]:
-    """What a worker writes when it fails: one-line config errors, full tracebacks otherwise."""
-    return {"config": config_error, "message": str(error) if config_error else f"{type(error).__name__}: {error}",
-            "traceback": "" if config_error else traceback.format_exc(), "time": time.time()}
+def error_record(error: BaseException, config_error: bool, one_line: bool = False) -> dict[str, Any]:
+    """What a worker writes when it fails: one-line config errors (rc 2) and one-line run errors
+    such as a full disk (rc 1), full tracebacks otherwise."""
+    short = config_error or one_line
+    return {"config": config_error, "one_line": one_line,
+            "message": str(error) if short else f"{type(error).__name__}: {error}",
+            "traceback": "" if short else traceback.format_exc(), "time": time.time()}
 
 
 # -- the launcher's side ---------------------------------------------------------------------------

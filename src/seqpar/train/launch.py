@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..attention.ulysses import kv_replication
-from ..checkpoint import latest_checkpoint, read_meta, resolve_checkpoint
+from ..checkpoint import CheckpointWriteError, latest_checkpoint, read_meta, resolve_checkpoint
 from ..data import find_documents, open_tokens, split_tokens, stdlib_corpus
 from ..images import image_loaders
 from ..kernels import get_kernel
@@ -164,6 +164,10 @@ def _local_worker(rank: int, world: int, control_dir: str, cfg_dict: dict[str, A
     except (ValueError, FileNotFoundError) as e:  # a configuration/data error: reported as one line
         control.write_record(control_dir, f"error_rank{rank}.json", control.error_record(e, config_error=True))
         sys.exit(1)
+    except CheckpointWriteError as e:  # a full disk: one line, no traceback (rc 1)
+        control.write_record(control_dir, f"error_rank{rank}.json", control.error_record(e, config_error=False,
+                                                                                         one_line=True))
+        sys.exit(1)
     except BaseException as e:  # noqa: BLE001 - reported by the launcher with its traceback
         control.write_record(control_dir, f"error_rank{rank}.json", control.error_record(e, config_error=False))
         sys.exit(1)
@@ -189,6 +193,9 @@ def _report(outcome: control.Outcome, cfg: TrainConfig) -> int:
     if config_errors:  # e.g. a strategy rejecting its options inside seqpar.init
         raise ValueError(config_errors[0]["message"])
     rank = first if first is not None else min(errors, default=0)
+    if errors.get(rank, {}).get("one_line"):
+        print(f"seqpar train: {errors[rank]['message']}", file=sys.stderr)
+        return 1
     if rank in errors:
         print(errors[rank]["traceback"].rstrip(), file=sys.stderr)
         what = errors[rank]["message"].splitlines()[0] if errors[rank]["message"] else "an error"
@@ -236,6 +243,10 @@ def launch_torchrun(cfg: TrainConfig) -> int:
     dist.init_process_group(backend, timeout=timedelta(seconds=cfg.faults.timeout))
     try:
         train(cfg)
+    except CheckpointWriteError as e:
+        if dist.get_rank() == 0:
+            print(f"seqpar train: {e}", file=sys.stderr)
+        return 1
     except control.TrainingStopped as stop:
         if dist.get_rank() == 0:
             print(control.stop_message(stop.signum, stop.step, stop.checkpoint, stop.reason,
