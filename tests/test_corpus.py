@@ -332,3 +332,17 @@ def test_train_on_a_jsonl_corpus_end_to_end_with_tensorboard(tmp_path):
         for kind, sent in record.get("comm", {}).items():
             (event,) = [e for e in events.Scalars(f"comm/{kind}") if e.step == record["step"]]
             assert event.value == pytest.approx(sent, rel=1e-6)
+
+
+def test_torchrun_local_rank_zero_prepares(tmp_path):
+    """Under torchrun (2 local ranks) local rank 0 tokenizes the corpus once; rank 1 waits for it."""
+    path = write_corpus("jsonl", tmp_path / "src", [r * 10 for r in ROWS] * 2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "seqpar",
+           "train", "--data", str(path), "--out-dir", str(tmp_path / "run"), "--steps", "2", "--val-fraction", "0.2",
+           *TINY[:2], *TINY[4:]]  # torchrun sets the world (it would take --nproc for its own flag)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("tokenized 10 documents") == 1 and "cached tokens" not in proc.stderr
+    assert len(list((tmp_path / "run" / "data").glob("*.bin"))) == 1
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2]
