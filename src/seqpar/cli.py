@@ -1,4 +1,4 @@
-"""`seqpar` command line: train | plan | verify | export.
+"""`seqpar` command line: train | prepare | plan | verify | export.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and
 `main(args) -> int`; modules are imported only when their subcommand runs.
@@ -14,6 +14,9 @@ SUBCOMMANDS = {
                               "(--model dit) with sequence parallelism (default: local gloo world; "
                               "under torchrun: gloo on CPU, NCCL on GPUs - the NCCL/GPU path has never been run "
                               "in this project, no GPU was available)"),
+    "prepare": ("seqpar.prepare", "tokenize a corpus (.jsonl, .json, .parquet, a folder of .txt/.md files, a "
+                                  "datasets save_to_disk directory) into seqpar's cache ahead of `seqpar train` "
+                                  "(takes train's flags)"),
     "plan": ("seqpar.plan", "rank strategies and degrees by predicted step time and memory"),
     "verify": ("seqpar.verify", "check a strategy's exactness against single-device attention"),
     "export": ("seqpar.export", "write a training run's checkpoint as a Hugging Face model directory"),

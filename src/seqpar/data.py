@@ -17,6 +17,11 @@ separator token that ends every document (EOS style: `find_documents`). `Sequenc
 then also gives, per window row, the document starts inside it (`Packed`), from which
 `shard_batch` derives cu_seqlens, per-document positions and the labels to ignore.
 
+Validation: with document boundaries, `split_tokens` holds out whole documents, chosen by a
+seeded permutation until they hold about val_fraction of the tokens (no document is in both
+splits; the same seed gives the same split); without boundaries, the tail of the tokens. Each
+split is a `Segments` view (the runs of its documents in the memory-mapped file, nothing copied).
+
 `SequenceLoader` draws windows of seq_len + 1 tokens at offsets that depend only on
 (seed, step), so its state is two integers and a resumed run sees the same batches;
 data-parallel rank r takes rows [r*batch, (r+1)*batch) of each global batch.
@@ -30,6 +35,7 @@ import hashlib
 import io
 import os
 import sysconfig
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +47,9 @@ from .context import SeqParallel
 from .io import atomic_write
 from .model import IGNORE_INDEX
 
-__all__ = ["open_tokens", "write_token_file", "write_document_index", "find_documents", "stdlib_corpus",
-           "split_tokens", "SequenceLoader", "Packed", "shard_batch", "TOKEN_MAGIC", "IGNORE_INDEX"]
+__all__ = ["open_tokens", "write_token_file", "token_file_header", "write_document_index", "find_documents",
+           "stdlib_corpus", "split_tokens", "Segments", "SequenceLoader", "Prefetcher", "Packed", "shard_batch",
+           "TOKEN_MAGIC", "IGNORE_INDEX"]
 
 TOKEN_MAGIC = b"SEQPTOK1"
 _HEADER = np.dtype([("magic", "S8"), ("version", "<u4"), ("vocab", "<u4")])
@@ -107,13 +114,19 @@ def find_documents(data: TokenData, separator: int | None) -> TokenData:
     return dataclasses.replace(data, doc_starts=starts[starts < len(data)])
 
 
+def token_file_header(vocab_size: int) -> bytes:
+    """The 16-byte header of a `.bin` token file (its uint16 little-endian tokens follow)."""
+    if not 0 < vocab_size <= 65536:
+        raise ValueError(f"a .bin token file holds vocab sizes in [1, 65536], got {vocab_size}")
+    return np.array([(TOKEN_MAGIC, 1, vocab_size)], dtype=_HEADER).tobytes()
+
+
 def write_token_file(path: str | os.PathLike, tokens: np.ndarray, vocab_size: int) -> None:
     """Write tokens (< vocab_size <= 65536) as a `.bin` token file, atomically."""
     tokens = np.asarray(tokens)
     if vocab_size > 65536 or (tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size)):
         raise ValueError(f"tokens must lie in [0, {vocab_size}) with vocab_size <= 65536")
-    header = np.array([(TOKEN_MAGIC, 1, vocab_size)], dtype=_HEADER)
-    atomic_write(Path(path), header.tobytes() + tokens.astype("<u2").tobytes())
+    atomic_write(Path(path), token_file_header(vocab_size) + tokens.astype("<u2").tobytes())
 
 
 def open_tokens(path: str | os.PathLike) -> TokenData:
@@ -192,23 +205,88 @@ def stdlib_corpus(cache_dir: str | os.PathLike, max_bytes: int = 4_000_000) -> P
     return out
 
 
-def split_tokens(data: TokenData, val_fraction: float, seq_len: int) -> tuple[TokenData, TokenData]:
-    """(train, val): the last val_fraction of the tokens is held out (document starts follow);
-    both must fit a window."""
+class Segments:
+    """Read-only concatenation of runs of a 1-D token array: runs int64 [n, 2] of (start, length)
+    in `base`. Sliced like an array (`view[a:b]`, step 1), copying only the tokens returned."""
+
+    def __init__(self, base: np.ndarray, runs: np.ndarray):
+        self.base, self.runs = base, np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+        self.offsets = np.concatenate([[0], np.cumsum(self.runs[:, 1])])  # run i at [offsets[i], offsets[i+1])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice):
+            raise TypeError("Segments supports slices only")
+        lo, hi, step = key.indices(len(self))
+        if step != 1:
+            raise ValueError("Segments supports slices of step 1 only")
+        pieces, i = [], int(np.searchsorted(self.offsets, lo, side="right")) - 1
+        while lo < hi:
+            start = int(self.runs[i, 0] + lo - self.offsets[i])
+            n = int(min(hi, self.offsets[i + 1]) - lo)
+            pieces.append(np.asarray(self.base[start:start + n]))
+            lo, i = lo + n, i + 1
+        return np.concatenate(pieces) if pieces else np.asarray(self.base[0:0])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self[:], dtype=dtype)
+
+
+def split_tokens(data: TokenData, val_fraction: float, seq_len: int, seed: int = 0) -> tuple[TokenData, TokenData]:
+    """(train, val): whole documents held out when `data` has document starts (about val_fraction
+    of the tokens, chosen by a permutation seeded with `seed`: disjoint and reproducible), else
+    the tail val_fraction of the tokens; both must fit a window of seq_len + 1 tokens."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if data.doc_starts is not None and len(data.doc_starts):
+        return _split_documents(data, val_fraction, seq_len, seed)
     n_val = int(len(data) * val_fraction)
     train, val = data.tokens[: len(data) - n_val], data.tokens[len(data) - n_val:]
+    _check_split(data, val_fraction, seq_len, len(train), len(val), "")
+    return TokenData(train, data.vocab_size, data.path), TokenData(val, data.vocab_size, data.path)
+
+
+def _check_split(data: TokenData, val_fraction: float, seq_len: int, n_train: int, n_val: int, how: str) -> None:
     need = seq_len + 1
-    if len(train) < need or len(val) < need:
+    if n_train < need or n_val < need:
         raise ValueError(f"data file {data.path!r} has {len(data)} tokens: too few for train/val windows of "
-                         f"{need} tokens with val_fraction {val_fraction} (train {len(train)}, val {len(val)})")
-    split = len(train)
-    starts = data.doc_starts
-    train_starts = None if starts is None else starts[starts < split]
-    val_starts = None if starts is None else np.concatenate([[0], starts[starts > split] - split])
-    return (TokenData(train, data.vocab_size, data.path, train_starts),
-            TokenData(val, data.vocab_size, data.path, val_starts))
+                         f"{need} tokens with val_fraction {val_fraction}{how} (train {n_train}, val {n_val})")
+
+
+def _split_documents(data: TokenData, val_fraction: float, seq_len: int, seed: int) -> tuple[TokenData, TokenData]:
+    """Documents in a seeded random order go to validation until they hold >= val_fraction of the
+    tokens (and a window), skipping any that would take more than twice that share; if they
+    still hold less than a window, the shortest remaining documents are added."""
+    starts = data.doc_starts if data.doc_starts[0] == 0 else np.concatenate([[0], data.doc_starts])
+    lengths = np.diff(np.append(starts, len(data)))
+    target = max(int(len(data) * val_fraction), seq_len + 1)
+    chosen, total = np.zeros(len(starts), dtype=bool), 0
+    for d in np.random.default_rng(seed).permutation(len(starts)):
+        if total >= target:
+            break
+        if total + lengths[d] <= 2 * target:
+            chosen[d], total = True, total + int(lengths[d])
+    for d in np.argsort(lengths, kind="stable"):
+        if total > seq_len or len(starts) - chosen.sum() <= 1:
+            break
+        if not chosen[d]:
+            chosen[d], total = True, total + int(lengths[d])
+    train, val = _documents(data, starts, lengths, ~chosen), _documents(data, starts, lengths, chosen)
+    _check_split(data, val_fraction, seq_len, len(train), len(val), f" held out as whole documents "
+                 f"({int(chosen.sum())} of {len(starts)})")
+    return train, val
+
+
+def _documents(data: TokenData, starts: np.ndarray, lengths: np.ndarray, mask: np.ndarray) -> TokenData:
+    """The documents `mask` selects, in file order, as one `Segments` view with their starts."""
+    sel = np.flatnonzero(mask)
+    groups = np.split(sel, np.flatnonzero(np.diff(sel) != 1) + 1) if len(sel) else []
+    runs = np.array([(starts[g[0]], starts[g[-1]] + lengths[g[-1]] - starts[g[0]]) for g in groups],
+                    dtype=np.int64).reshape(-1, 2)
+    doc_starts = np.concatenate([[0], np.cumsum(lengths[sel])[:-1]]).astype(np.int64) if len(sel) else None
+    return TokenData(Segments(data.tokens, runs), data.vocab_size, data.path, doc_starts)
 
 
 @dataclass(frozen=True)
@@ -285,6 +363,32 @@ class SequenceLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.step = int(state["seed"]), int(state["step"])
+
+
+class Prefetcher:
+    """`get(step)` returns fn(step), computed ahead for the next `depth` steps by one background
+    thread (fn must depend on the step only: the loaders' batches do); depth 0: on demand."""
+
+    def __init__(self, fn, depth: int):
+        self.fn, self.depth = fn, depth
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="seqpar-prefetch") if depth > 0 else None
+        self._ahead: dict[int, Future] = {}
+
+    def get(self, step: int):
+        if self._pool is None:
+            return self.fn(step)
+        current = self._ahead.pop(step, None) or self._pool.submit(self.fn, step)
+        for s in [s for s in self._ahead if s < step or s > step + self.depth]:  # after a jump (resume)
+            self._ahead.pop(s).cancel()
+        for s in range(step + 1, step + 1 + self.depth):
+            if s not in self._ahead:
+                self._ahead[s] = self._pool.submit(self.fn, s)
+        return current.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._ahead.clear()
 
 
 def shard_batch(ctx: SeqParallel, window: Tensor, device: torch.device | str = "cpu", cu_seqlens=None,

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from .checkpoint import read_model_state, resolve_checkpoint
 from .context import SeqParallel
+from .corpus import TOKENIZER_FILES
 from .data import find_documents, open_tokens, write_document_index, write_token_file
 from .documents import check_cu_seqlens
 from .io import atomic_write
@@ -59,9 +60,6 @@ CU_SEQLENS_KWARG = "seqpar_cu_seqlens"  # forward kwarg carrying the global docu
 PREFIX = "hf_model."                   # HFCausalLM state-dict key = PREFIX + HF model key
 IGNORE_INDEX = -100
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "spiece.model", "vocab.txt",
-                   "chat_template.jinja", "chat_template.json")
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")  # logit soft-capping, attention sinks
 
 

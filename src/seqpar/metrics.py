@@ -1,4 +1,5 @@
-"""Training metrics: FLOPs / MFU, peak memory, JSON-lines log, progress bar, loss-curve plot."""
+"""Training metrics: FLOPs / MFU, peak memory, JSON-lines log (and its TensorBoard mirror),
+progress bar, loss-curve plot."""
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ from .io import atomic_write
 from .model import ModelConfig
 
 __all__ = ["training_flops_per_token", "default_peak_tflops", "cpu_cores_per_process", "measured_peak_tflops",
-           "machine_key", "machine_peak_tflops", "peak_cache_path", "mfu", "peak_memory_mb", "JsonlLog", "ProgressBar",
-           "plot_loss_curve", "read_jsonl"]
+            "machine_key", "machine_peak_tflops", "peak_cache_path", "mfu", "peak_memory_mb", "JsonlLog",
+           "TensorBoardLog", "scalars", "ProgressBar", "plot_loss_curve", "read_jsonl"]
 
 # dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment; fp32 uses half (TF32 rate)
 _GPU_PEAKS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40": 181.0, "A10": 125.0, "V100": 125.0}
@@ -182,6 +183,38 @@ class JsonlLog:
 
     def close(self) -> None:
         self._fh.close()
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics record as TensorBoard tags: its keys (`comm` as comm/<kind>),
+    without `type`, `step`, flags and nulls."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update({f"{key}/{k}": float(v) for k, v in value.items() if isinstance(v, (int, float))})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "type"):
+            out[key] = float(value)
+    return out
+
+
+class TensorBoardLog:
+    """The scalars of every metrics record (`scalars`) at its step, through
+    torch.utils.tensorboard (the `tensorboard` package, in the `data` extra); a resumed run
+    purges the events after its checkpoint's step."""
+
+    def __init__(self, log_dir: str | os.PathLike, purge_step: int | None = None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install -e '.[data]'") from None
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def write(self, record: dict[str, Any]) -> None:
+        for tag, value in scalars(record).items():
+            self.writer.add_scalar(tag, value, record["step"])
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _finite_or_none(value: Any) -> Any:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from ..attention.ulysses import kv_replication
 from ..checkpoint import CheckpointWriteError, latest_checkpoint, read_meta, resolve_checkpoint
+from ..corpus import corpus_kind
 from ..data import find_documents, open_tokens, split_tokens, stdlib_corpus
 from ..images import image_loaders
 from ..kernels import get_kernel
@@ -35,7 +36,7 @@ from ..world import init_local_gloo, start_ranks
 from . import control
 from .auto import choose, ensure_calibration
 from .config import AUTO, DTYPES, TrainConfig, config_from_args, flat_values
-from .tasks import tokenized_corpus
+from .tasks import prepared_corpus, tokenized_corpus
 from .trainer import lr_at, train
 
 __all__ = ["check", "prepare", "resolve_inputs", "resume_note", "launch_local", "launch_torchrun", "main"]
@@ -82,14 +83,20 @@ def check(cfg: TrainConfig, world: int, device: str = "cpu") -> None:
     check_strategy(cfg, world, device)
 
 
-def resolve_inputs(cfg: TrainConfig) -> TrainConfig:
-    """Open the data (building the stdlib corpus once, atomically; tokenizing it once with an
-    --hf-model's tokenizer) and the checkpoint to resume."""
+def resolve_inputs(cfg: TrainConfig, lead: bool = True) -> TrainConfig:
+    """Open the data (building the stdlib corpus once, atomically; tokenizing a corpus, or the
+    stdlib corpus with an --hf-model's tokenizer, once) and the checkpoint to resume. `lead`: this
+    process prepares a corpus (local rank 0); the others wait for its cache entry."""
     if cfg.model.kind == "dit":
         image_loaders(cfg.dit.image_size, 1)  # the photos load and crop (skimage present, sizes valid)
         if cfg.output.resume:
             resolve_checkpoint(cfg.output.resume, Path(cfg.output.out_dir) / "checkpoints")
         return cfg
+    if cfg.data.data and corpus_kind(cfg.data.data):
+        prepared = prepared_corpus(cfg, lead)
+        if lead and cfg.output.progress:
+            print(f"seqpar train: {prepared.describe(cfg.data.data)}", file=sys.stderr)
+        cfg = cfg.replace(data=str(prepared.path))
     if not cfg.data.data:
         cfg = cfg.replace(data=str(stdlib_corpus(Path(cfg.output.out_dir) / "data", cfg.data.corpus_bytes)))
     vocab = cfg.model.vocab_size
@@ -99,9 +106,8 @@ def resolve_inputs(cfg: TrainConfig) -> TrainConfig:
     data = open_tokens(cfg.data.data)
     if data.vocab_size > vocab:  # the same check as LanguageTask
         raise ValueError(f"data {data.path!r} needs vocab_size >= {data.vocab_size}, the model has {vocab}")
-    split_tokens(data, cfg.data.val_fraction, cfg.data.seq_len)
-    if cfg.data.pack_documents:  # a corrupt index or an absent separator fails here, in one line
-        find_documents(data, cfg.data.separator)
+    data = find_documents(data, cfg.data.separator)  # a corrupt index or an absent separator: one line
+    split_tokens(data, cfg.data.val_fraction, cfg.data.seq_len, cfg.data.val_seed)
     if cfg.output.resume:
         resolve_checkpoint(cfg.output.resume, Path(cfg.output.out_dir) / "checkpoints")
     return cfg
@@ -286,11 +292,11 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.to_dict(), indent=1))
         return 0
     cfg = resolve_auto(cfg, world, not under_torchrun or int(os.environ["RANK"]) == 0, under_torchrun)
-    if under_torchrun:  # every rank checks and prepares (the corpus cache is written atomically); rank 0 locks
+    if under_torchrun:  # every rank checks; local rank 0 prepares a corpus, the others wait; rank 0 locks
         lead = int(os.environ["RANK"]) == 0
         check(cfg, world, "cuda" if torch.cuda.is_available() else "cpu")
         with control.RunLock(cfg.output.out_dir) if lead else contextlib.nullcontext() as lock:
-            cfg = resolve_inputs(cfg)
+            cfg = resolve_inputs(cfg, int(os.environ.get("LOCAL_RANK", "0")) == 0)
             for note in (lock.note if lead else None, resume_note(cfg) if lead else None):
                 if note:
                     print(note, file=sys.stderr)

@@ -13,6 +13,7 @@ between sections are `TrainConfig.validate`'s).
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 
 from ..attention import STRATEGIES, Settings, StrategyOptions
 from ..context import resolve
+from ..corpus import check_tokenizer_dir, corpus_kind
 from ..dit import DiTConfig
 from ..kernels import check_kernel_name
 from ..model import ModelConfig
@@ -144,9 +146,20 @@ class DitSection:
 class DataSection:
     """[data]"""
 
-    data: str = _opt("", "raw byte file, .npy or .bin token file; empty: Python stdlib corpus")
+    data: str = _opt("", "a corpus (.jsonl / .json / .parquet, a folder of .txt/.md files, a `datasets` "
+                         "save_to_disk directory: one document per row or file, tokenized once into --data-cache), "
+                         "a raw byte file, or a .npy / .bin token file; empty: Python stdlib corpus")
+    text_field: str = _opt("text", "the field holding each row's text (.jsonl / .json / .parquet / save_to_disk)")
+    tokenizer: str = _opt("", "a Hugging Face tokenizer directory for a corpus; empty: --hf-model's tokenizer when "
+                              "it has one, else UTF-8 bytes (vocab 256)")
+    data_cache: str = _opt("", "directory of tokenized corpora (keyed by content, text field and tokenizer); "
+                               "empty: <out_dir>/data")
+    data_workers: int = _opt(0, "processes tokenizing a corpus (datasets' map); 0: one per core, at most 8")
+    prefetch: int = _opt(2, "training batches prepared ahead by a background thread; 0: on demand")
     corpus_bytes: int = _opt(4_000_000, "size of the stdlib corpus")
-    val_fraction: float = _opt(0.05, "held-out tail of the data for validation")
+    val_fraction: float = _opt(0.05, "share of the tokens held out for validation: whole documents where the data "
+                                     "has them (seeded by --val-seed), else the tail")
+    val_seed: int = _opt(0, "seed choosing the validation documents (the same held-out set whatever --seed)")
     pack_documents: bool = _opt(True, "mask attention at document boundaries (positions restart, no label "
                                       "crosses into the next document) where the data has documents: the stdlib "
                                       "corpus's files, a data file's <file>.docs.npy index, or --doc-separator")
@@ -162,10 +175,24 @@ class DataSection:
     def validate(self) -> None:
         _finite(self)
         _at_least(self, 1, "seq_len", "batch")
-        _at_least(self, 0, "corpus_bytes")
+        _at_least(self, 0, "corpus_bytes", "data_workers", "prefetch")
+        self._validate_corpus()
         if self.doc_separator < -1 or (self.doc_separator >= 0 and not self.pack_documents):
             raise ValueError(f"doc_separator {self.doc_separator}: needs a token id >= 0 (-1: none) and "
                              "--pack-documents")
+
+
+    def _validate_corpus(self) -> None:
+        if not self.text_field:
+            raise ValueError("text_field must name a field (default 'text')")
+        corpus = bool(self.data) and corpus_kind(self.data) is not None
+        if self.tokenizer and not corpus:
+            raise ValueError("--tokenizer applies to corpus data (.jsonl, .json, .parquet, a folder of .txt/.md files "
+                             "or a save_to_disk directory); pass one with --data")
+        if self.tokenizer:
+            check_tokenizer_dir(self.tokenizer)
+        if corpus and importlib.util.find_spec("datasets") is None:
+            raise ValueError(f"--data {self.data!r} is read with the `datasets` package: pip install -e '.[data]'")
 
 
 @dataclass
@@ -262,6 +289,7 @@ class OutputSection:
                                    "$SEQPAR_CACHE_DIR), the GPU table on GPUs")
     progress: bool = _opt(True, "progress bar and summary on rank 0")
     plot: bool = _opt(True, "loss-curve PNG at the end")
+    tensorboard: bool = _opt(False, "also write metrics.jsonl's scalars as TensorBoard events (<out_dir>/tensorboard)")
 
     def validate(self) -> None:
         _finite(self)
@@ -269,6 +297,8 @@ class OutputSection:
         _at_least(self, 0, "eval_every", "checkpoint_every", "keep_checkpoints")
         if self.peak_tflops < 0:
             raise ValueError(f"peak_tflops must be >= 0 (0 = auto), got {self.peak_tflops}")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install -e '.[data]'")
 
 
 @dataclass

@@ -18,6 +18,7 @@ grid of samples at the end.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ import torch
 from torch import Tensor
 
 from ..context import SeqParallel
-from ..data import SequenceLoader, find_documents, open_tokens, shard_batch, split_tokens, stdlib_corpus
+from ..corpus import CorpusSpec, Prepared, corpus_kind, prepare_corpus, tokenizer_files
+from ..data import Prefetcher, SequenceLoader, find_documents, open_tokens, shard_batch, split_tokens, stdlib_corpus
 from ..dit import DiT, SampleProgress, loss_terms, noise_seed, sample
 from ..documents import visible_pairs
 from ..images import image_loaders, save_image_grid
@@ -35,7 +37,8 @@ from ..model import Transformer
 from .config import TrainConfig
 from .sections import SHAPE_KEYS
 
-__all__ = ["Task", "LanguageTask", "ImageTask", "build_task", "corpus_path", "tokenized_corpus"]
+__all__ = ["Task", "LanguageTask", "ImageTask", "build_task", "corpus_path", "tokenized_corpus", "corpus_spec",
+           "prepared_corpus"]
 
 
 class Task:
@@ -77,9 +80,33 @@ class Task:
         `progress(done, total)` reports long outputs (the DiT's sampler)."""
         return []
 
+    def close(self) -> None:
+        """Stop background work (the batch prefetcher)."""
+
+
+def corpus_spec(cfg: TrainConfig) -> CorpusSpec:
+    """What `prepare_corpus` needs of a run with corpus data: the tokenizer is --tokenizer, else
+    --hf-model's when its directory has one, else bytes; the vocabulary is the model's."""
+    hf = cfg.model.hf_model
+    tokenizer = cfg.data.tokenizer or (hf if hf and tokenizer_files(hf) else "")
+    vocab = cfg.model.vocab_size
+    if hf:
+        from ..hf import hf_vocab_size
+        vocab = hf_vocab_size(hf)
+    return CorpusSpec(cfg.data.data, cfg.data.data_cache or str(Path(cfg.output.out_dir) / "data"),
+                      cfg.data.text_field, tokenizer, cfg.data.data_workers, vocab)
+
+
+def prepared_corpus(cfg: TrainConfig, lead: bool = True) -> Prepared:
+    """The run's corpus tokenized (once: cached), waiting for the lead process when not `lead`."""
+    return prepare_corpus(corpus_spec(cfg), lead, cfg.faults.timeout)
+
 
 def corpus_path(cfg: TrainConfig) -> str:
-    """The data file: --data, or the stdlib corpus (built once, with its document index)."""
+    """The data file: --data (a corpus: its cached token file), or the stdlib corpus (built once,
+    with its document index)."""
+    if cfg.data.data and corpus_kind(cfg.data.data):
+        return str(prepared_corpus(cfg).path)
     return cfg.data.data or str(stdlib_corpus(Path(cfg.output.out_dir) / "data", cfg.data.corpus_bytes))
 
 
@@ -133,23 +160,34 @@ class LanguageTask(Task):
         if data.vocab_size > self.vocab_size:
             raise ValueError(f"data {data.path!r} needs vocab_size >= {data.vocab_size}, the model has "
                              f"{self.vocab_size}")
-        if cfg.data.pack_documents:
-            data = find_documents(data, cfg.data.separator)
-        self.packed = data.doc_starts is not None
-        train, val = split_tokens(data, cfg.data.val_fraction, cfg.data.seq_len)
+        data = find_documents(data, cfg.data.separator)  # the split holds out whole documents, packed or not
+        train, val = split_tokens(data, cfg.data.val_fraction, cfg.data.seq_len, cfg.data.val_seed)
+        if not cfg.data.pack_documents:
+            train, val = (dataclasses.replace(d, doc_starts=None) for d in (train, val))
+        self.packed = train.doc_starts is not None
         common = dict(seq_len=cfg.data.seq_len, batch=cfg.data.batch, vocab_size=self.vocab_size, dp=dp,
                       dp_rank=dp_rank)
-        return {"train": SequenceLoader(train.tokens, seed=cfg.optim.seed, doc_starts=train.doc_starts, **common),
-                "val": SequenceLoader(val.tokens, seed=cfg.optim.seed + 1, doc_starts=val.doc_starts, **common)}
+        loaders = {"train": SequenceLoader(train.tokens, seed=cfg.optim.seed, doc_starts=train.doc_starts, **common),
+                   "val": SequenceLoader(val.tokens, seed=cfg.optim.seed + 1, doc_starts=val.doc_starts, **common)}
+        load = loaders["train"]
+        self._prefetch = Prefetcher(lambda step: (load.batch_at(step), load.documents_at(step)), cfg.data.prefetch)
+        return loaders
 
     def batch(self, split: str, step: int) -> tuple[Tensor, Tensor, Tensor, list[Tensor] | None]:
-        """Sharded tokens, labels [batch, seq_local], positions, cu_seqlens (None unpacked)."""
+        """Sharded tokens, labels [batch, seq_local], positions, cu_seqlens (None unpacked); the
+        training windows [batch, seq_len + 1] come from the prefetcher."""
         loader = self.loaders[split]
-        window, packed = loader.batch_at(step), loader.documents_at(step)
+        if split == "train":
+            window, packed = self._prefetch.get(step)
+        else:
+            window, packed = loader.batch_at(step), loader.documents_at(step)
         if packed is None:
             return (*shard_batch(self.ctx, window, self.device), None)
         cu = packed.cu_seqlens()
         return (*shard_batch(self.ctx, window, self.device, cu, packed.ignored_labels()), cu)
+
+    def close(self) -> None:
+        self._prefetch.close()
 
     def loss_terms(self, batch) -> tuple[Tensor, Tensor]:
         tokens, labels, positions, cu = batch

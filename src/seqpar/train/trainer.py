@@ -32,6 +32,7 @@ from ..comm import Comm
 from ..metrics import (
     JsonlLog,
     ProgressBar,
+    TensorBoardLog,
     machine_peak_tflops,
     mfu,
     peak_memory_mb,
@@ -140,6 +141,8 @@ class Trainer:
         self.peak_tflops, self.peak_source = self._peak_tflops()
         self.log = JsonlLog(self.out_dir / "metrics.jsonl", keep_until_step=self.step if cfg.output.resume else None) \
             if self.rank == 0 else None
+        self.board = TensorBoardLog(self.out_dir / "tensorboard", purge_step=self.step + 1 if cfg.output.resume
+                                    else None) if self.rank == 0 and cfg.output.tensorboard else None
 
     def _peak_tflops(self) -> tuple[float, str]:
         """Peak TFLOP/s of the machines this run occupies, MFU's denominator: per machine
@@ -197,7 +200,8 @@ class Trainer:
             group["lr"] = lr
         self.mesh.stats.reset()
         t0 = time.perf_counter()
-        batch = self.task.batch("train", self.task.step)
+        batch = self.task.batch("train", self.task.step)  # prefetched: waits only when the loader fell behind
+        data_wait = time.perf_counter() - t0
         self.task.advance()
         with self._tensor_parallel():
             with self._autocast():
@@ -216,6 +220,7 @@ class Trainer:
         seconds = time.perf_counter() - t0
         self.step += 1
         record = self._record(loss, lr, grad_norm, seconds, self.task.flops_per_token(batch), skipped=not finite)
+        record["data_wait_s"] = data_wait
         self._nonfinite_skips = 0 if finite else getattr(self, "_nonfinite_skips", 0) + 1
         if not finite and (cfg.faults.nonfinite == "stop" or self._nonfinite_skips > cfg.faults.max_skips):
             if self.log is not None:  # the failing step is logged (loss / grad_norm null) before stopping
@@ -321,6 +326,20 @@ class Trainer:
             self._write_config()
         first_step, saved = self.step, (None, None)  # (step, path) of the newest checkpoint saved here
         self._run_t0 = time.perf_counter()
+        try:
+            self._loop(bar, first_step, saved, losses, val_losses, records)
+        finally:
+            self.task.close()
+            if self.board is not None:
+                self.board.close()
+        if bar:
+            bar.close()
+        self._finish()
+        return {"losses": losses, "val_losses": val_losses, "records": records}
+
+    def _loop(self, bar: ProgressBar | None, first_step: int, saved: tuple, losses: list, val_losses: list,
+              records: list) -> None:
+        cfg = self.cfg
         while self.step < cfg.optim.steps:
             signum = self._agreed_stop_signal()
             if signum:
@@ -340,10 +359,6 @@ class Trainer:
                 bar.update(self.step, f"loss {record['loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s  "
                                       f"mfu {100 * record['mfu']:.1f}%  " + (f"val {val_losses[-1][1]:.3f}"
                                                                           if val_losses else ""))
-        if bar:
-            bar.close()
-        self._finish()
-        return {"losses": losses, "val_losses": val_losses, "records": records}
 
     def _agreed_stop_signal(self) -> int:
         """The stop signal any rank received (SIGTERM over SIGINT), 0 if none: one tiny MAX all-reduce,
@@ -373,6 +388,8 @@ class Trainer:
         if self.log is not None:
             self.log.write(record)
             records.append(record)
+        if self.board is not None:
+            self.board.write(record)
 
     def _write_config(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
