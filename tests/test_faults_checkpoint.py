@@ -252,3 +252,60 @@ def test_flipped_shard_is_one_error_line_through_the_cli(run_copy):
     assert errors == [f"seqpar train: error: checkpoint '{out / 'checkpoints' / ckpt_name(4)}' is corrupt: "
                       f"__1_0.distcp fails its sha256 checksum; the newest intact checkpoint is '{intact}': resume "
                       f"from it with --resume {intact}"], proc.stderr
+
+
+def test_a_failed_checkpoint_write_is_one_agreed_line_and_leaves_nothing(worlds, tmp_path):
+    """ENOSPC on one rank only (its RNG file): every rank raises the same one-line error naming the
+    cause, the directory and its free space; the partial .tmp-step_* directory is gone and the
+    previous checkpoint stays the latest."""
+    from checks.train import checkpoint_write_failure
+    from seqpar.data import stdlib_corpus
+    corpus = str(stdlib_corpus(tmp_path / "corpus", max_bytes=60_000))
+    cfg = dict(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=64, batch=1, steps=2,
+               warmup=1, strategy="ring", progress=False, plot=False, data=corpus, out_dir=str(tmp_path / "run"),
+               checkpoint_every=0, eval_batches=1)
+    results = worlds.run(2, checkpoint_write_failure, cfg, 1)
+    messages = {r["message"] for r in results}
+    assert len(messages) == 1
+    message, = messages
+    assert message.startswith("checkpoint step 2 not written: No space left on device in ")
+    assert "MiB free of" in message and "step_00000001' is kept" in message and "\n" not in message
+    assert results[0]["left"] == ["latest", "step_00000001"] and results[0]["latest"] == "step_00000001"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2.5 MiB tmpfs (root only: skipped where mounting is not allowed): room for one checkpoint
+    of the tiny config on 2 ranks (1.7 MiB), not two."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2560k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()[:100]}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.parametrize("first_fits", [True, False], ids=["second-checkpoint", "first-checkpoint"])
+def test_a_full_disk_stops_the_run_with_one_line(tmp_path, small_disk, first_fits):
+    """`seqpar train` on a full disk: rc 1, one line (no tracebacks), nothing partial left; the
+    checkpoint that fitted stays the latest."""
+    from seqpar.data import stdlib_corpus
+    corpus = stdlib_corpus(tmp_path / "corpus", max_bytes=60_000)
+    if not first_fits:  # fill the disk so that not even the first checkpoint fits
+        (small_disk / "ballast").write_bytes(b"\0" * (2 * 2**20))
+    out = small_disk / "run"
+    cmd = [sys.executable, "-m", "seqpar", "train", "--config", "tiny", "--nproc", "2", "--steps", "3",
+           "--out-dir", str(out), "--checkpoint-every", "1", "--keep-checkpoints", "1", "--data", str(corpus),
+           "--no-progress", "--no-plot"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "Traceback" in line or "not written" in line]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "MiB free of 2.5 MiB" in lines[0], \
+        proc.stderr[-2000:]
+    left = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert not [n for n in left if n.startswith(".tmp-")], left
+    if first_fits:
+        assert "step_00000001' is kept" in lines[0] and left == ["latest", "step_00000001"]
+    else:
+        assert "no earlier checkpoint" in lines[0] and "step_00000001" not in left

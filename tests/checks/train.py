@@ -221,3 +221,36 @@ def step_overheads(cfg: dict[str, Any], steps: int = 6, warmup: int = 2) -> dict
     if trainer.log is not None:
         trainer.log.close()
     return {name: statistics.median(values[-steps:]) for name, values in timings.items()}
+
+
+def checkpoint_write_failure(cfg: dict[str, Any], failing_rank: int) -> dict[str, Any]:
+    """Train one step and checkpoint it, then make `failing_rank`'s next checkpoint write fail
+    with ENOSPC (its RNG file, after DCP wrote the shards): every rank's error message and what
+    is left in the checkpoint directory."""
+    import errno
+
+    from seqpar import checkpoint as ckpt_module
+    trainer = Trainer(TrainConfig.of(**cfg))
+    trainer.train_step()
+    trainer.save()
+    trainer.train_step()
+    real_save = ckpt_module.torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if str(f).endswith(f"rng_rank{failing_rank}.pt"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    ckpt_module.torch.save = full_disk
+    try:
+        trainer.save()
+        message = ""
+    except ckpt_module.CheckpointWriteError as e:
+        message = str(e)
+    finally:
+        ckpt_module.torch.save = real_save
+        if trainer.log is not None:
+            trainer.log.close()
+    root = trainer.ckpt_root
+    return {"message": message, "left": sorted(p.name for p in root.iterdir()),
+            "latest": (root / "latest").read_text().strip()}
