@@ -9,6 +9,10 @@ Megatron-style with sequence parallelism between blocks (torchtitan's Llama plan
     mlp              all-gather tokens in; w1, w3 ColwiseParallel; w2 RowwiseParallel (reduce-scatter out)
     output           ColwiseParallel: vocabulary-parallel logits, DTensor Shard(-1) for `loss_parallel`
 
+The DiT (`parallelize_dit`) keeps its tokens replicated over the tp ranks (its adaLN modulation and
+embedders act on every token with replicated weights): Megatron TP without SP, Q/K/V and the
+MLP's first layer column-parallel, the output projections row-parallel with an all-reduce.
+
 Each tp rank's n_heads / tp query heads and n_kv_heads / tp K/V heads go through the sequence-
 parallel strategy on its own sp group: attention itself is unchanged. The traffic torch's
 collectives move is counted per kind by `TensorParallelTraffic` into the run's CommStats.
@@ -31,7 +35,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .comm import CommStats
 
-__all__ = ["parallelize_decoder", "TensorParallelTraffic", "check_tensor_parallel"]
+__all__ = ["parallelize_decoder", "parallelize_dit", "parallelize_hf", "TensorParallelTraffic",
+           "check_tensor_parallel", "HF_STYLES"]
 
 
 def check_tensor_parallel(tp: int, n_heads: int, n_kv_heads: int, tokens_per_rank: int | None = None) -> None:
@@ -81,6 +86,70 @@ def parallelize_decoder(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     for block in model.layers:
         parallelize_module(block, tp_mesh, _block_plan())
     model.tensor_parallel = True
+    return model
+
+
+def parallelize_dit(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
+    """Shard the DiT's blocks over `tp_mesh` in place (attention heads and MLP hidden units); the
+    tokens, the embedders, the modulation and the final layer stay replicated over tp."""
+    cfg = model.cfg
+    check_tensor_parallel(tp_mesh.size(), cfg.n_heads, cfg.n_kv_heads or cfg.n_heads)
+    for block in model.layers:
+        parallelize_module(block, tp_mesh, {
+            "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),
+            "attn.wo": RowwiseParallel(output_layouts=Replicate()),
+            "mlp.0": ColwiseParallel(), "mlp.2": RowwiseParallel(output_layouts=Replicate()),
+        })
+    model.tensor_parallel = True
+    return model
+
+
+#: transformers' tensor-parallel plan styles and torch's parallel styles that do the same
+#: (replicated hidden states between layers: Megatron TP without sequence parallelism)
+HF_STYLES = {
+    "colwise": ColwiseParallel,
+    "rowwise": RowwiseParallel,
+    "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate()),
+    "colwise_rep": lambda: ColwiseParallel(output_layouts=Replicate()),
+    "rowwise_rep": RowwiseParallel,
+    "embedding_rowwise": lambda: RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+}
+
+
+def hf_tensor_parallel_plan(hf_model: nn.Module) -> dict:
+    """The model's own transformers TP plan (the instance's `_tp_plan`, else config.base_model_tp_plan
+    under the base model's prefix) in torch's parallel styles. Tied input and output embeddings stay
+    replicated (sharding one Parameter two ways would untie it). A one-line error when the model has
+    no plan or uses a style torch's API cannot express here."""
+    name = type(hf_model).__name__
+    plan = dict(getattr(hf_model, "_tp_plan", None) or {})
+    if not any("layers" in key for key in plan):
+        base = getattr(hf_model.config.get_text_config(), "base_model_tp_plan", None) or {}
+        plan.update({f"{hf_model.base_model_prefix}.{key}": style for key, style in base.items()})
+    if not any("layers" in key for key in plan):
+        raise ValueError(f"--tp: {name} has no tensor-parallel plan in transformers (config.base_model_tp_plan); "
+                         f"train it with --tp 1")
+    embeddings, head = hf_model.get_input_embeddings(), hf_model.get_output_embeddings()
+    if head is not None and embeddings.weight is head.weight:
+        plan = {key: style for key, style in plan.items() if style not in ("embedding_rowwise",)
+                and hf_model.get_submodule(key.split("*")[0].rstrip(".")) not in (embeddings, head)}
+    unknown = sorted({style for style in plan.values() if style not in HF_STYLES})
+    if unknown:
+        raise ValueError(f"--tp: {name}'s tensor-parallel plan uses {unknown}, which seqpar does not map to torch's "
+                         f"parallel styles ({sorted(HF_STYLES)}); train it with --tp 1")
+    return {key: HF_STYLES[style]() for key, style in plan.items()}
+
+
+def parallelize_hf(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
+    """Shard an `HFCausalLM` over `tp_mesh` by its transformers TP plan, applied with torch's
+    `parallelize_module` (heads and MLP columns split, output projections all-reduced, the LM head
+    gathered); each tp rank's local heads reach seqpar's attention through transformers' own
+    `view(..., -1, head_dim)`."""
+    hf = model.hf_model
+    text = hf.config.get_text_config()
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    check_tensor_parallel(tp_mesh.size(), text.num_attention_heads, kv_heads)
+    parallelize_module(hf, tp_mesh, hf_tensor_parallel_plan(hf))
     return model
 
 

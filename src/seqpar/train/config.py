@@ -216,9 +216,12 @@ class TrainConfig:
         whole heads per tp rank (and per Ulysses rank of each tp rank's heads), tokens per sp rank
         divisible by tp, and none of the chunkings that TP's sharding replaces."""
         m, tp = self.model, self.parallel.tp
-        if not m.builtin_lm():
-            raise ValueError(f"--tp {tp} shards the built-in language model only: the DiT and --hf-model run with "
-                             f"--tp 1 (use --sp / --dp)")
+        if m.kind == "dit":
+            d = self.dit_config()
+            check_tensor_parallel(tp, d.n_heads, d.n_kv_heads or d.n_heads)
+            return
+        if m.hf_model:
+            return  # heads and the model's own TP plan are checked where the model is read (launch.check_strategy)
         if m.mlp_chunks > 1 or m.loss_chunks > 1 or m.chunked_blocks or m.offload_activations:
             raise ValueError("tensor parallelism shards the MLP and the LM head already: drop --mlp-chunks, "
                              "--loss-chunks, --chunked-blocks and --offload-activations with --tp > 1")

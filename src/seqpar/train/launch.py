@@ -30,8 +30,10 @@ from ..attention.ulysses import kv_replication
 from ..checkpoint import CheckpointWriteError, latest_checkpoint, read_meta, resolve_checkpoint
 from ..corpus import corpus_kind
 from ..data import find_documents, open_tokens, split_tokens, stdlib_corpus
+from ..hf import hf_model_shape
 from ..images import image_loaders
 from ..kernels import get_kernel
+from ..tensor_parallel import check_tensor_parallel
 from ..world import init_local_gloo, start_ranks
 from . import control
 from .auto import choose, ensure_calibration
@@ -65,13 +67,20 @@ def check_out_dir(out_dir: str) -> None:
 
 def check_strategy(cfg: TrainConfig, world: int, device: str = "cpu") -> None:
     """What the first attention call would check inside the workers, run here with the same code:
-    the Ulysses head split of the strategy's resolved settings, and the kernel for the run's dtype
-    (`cfg.validate` already resolved the strategy's options, degrees and layout)."""
+    the Ulysses head split of the strategy's resolved settings (of each tensor-parallel rank's
+    heads), an --hf-model's heads over --tp, and the kernel for the run's dtype (`cfg.validate`
+    already resolved the strategy's options, degrees and layout)."""
     settings = cfg.strategy_settings(world)
-    if settings.ulysses > 1:  # each tensor-parallel rank's heads are split over the Ulysses degree
+    tp = cfg.parallel.tp
+    if cfg.model.hf_model:
+        shape = hf_model_shape(cfg.model.hf_model)
+        heads, kv_heads = shape["n_heads"], shape["n_kv_heads"]
+        check_tensor_parallel(tp, heads, kv_heads)
+    else:
         m = cfg.dit_config() if cfg.model.kind == "dit" else cfg.model_config()
-        tp = cfg.parallel.tp
-        kv_replication(m.n_heads // tp, m.n_kv_heads // tp, settings.ulysses)
+        heads, kv_heads = m.n_heads, m.n_kv_heads
+    if settings.ulysses > 1:  # each tensor-parallel rank's heads are split over the Ulysses degree
+        kv_replication(heads // tp, kv_heads // tp, settings.ulysses)
     if cfg.parallel.kernel != "auto":  # attention runs in the autocast dtype (bf16) or the parameter dtype
         get_kernel(cfg.parallel.kernel, device, DTYPES[cfg.optim.dtype])
 
