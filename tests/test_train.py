@@ -339,3 +339,14 @@ def test_torchrun_launch(tmp_path):
 def test_a_batch_without_labels_is_a_clear_error(worlds):
     from checks.train import empty_batch_error
     assert all("no labelled tokens" in e for e in worlds.run(2, empty_batch_error))
+
+
+def test_docs_list_every_config_key():
+    """docs/training.md's config table is the one generated from the sections' fields (a new or
+    renamed key, flag, default or help text must reach the docs)."""
+    from pathlib import Path
+
+    from seqpar.train.config import config_table
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    assert config_table() in docs, "regenerate the table: python3 -c 'from seqpar.train.config import " \
+                                   "config_table; print(config_table())'"

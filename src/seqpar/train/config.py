@@ -72,6 +72,20 @@ def _flags() -> dict[str, _Flag]:
 FLAGS = _flags()
 
 
+def config_table() -> str:
+    """docs/training.md's table of every config key: its table, key, flag, default and meaning
+    (generated from the sections' fields; a test keeps the docs equal to it)."""
+    defaults = {name: cls() for name, cls in SECTIONS.items()}
+    rows = ["| table | key | flag | default | meaning |", "|---|---|---|---|---|"]
+    for dest, f in FLAGS.items():
+        section = defaults[f.section]
+        default = getattr(section.options, f.attr) if f.option else getattr(section, f.attr)
+        flag = "--strategy-option K=V" if f.attr == "strategy_options" else "--" + dest.replace("_", "-")
+        meaning = f.help.replace("|", "\\|")
+        rows.append(f"| {f.section} | `{f.attr}` | `{flag}` | `{default!r}` | {meaning} |")
+    return "\n".join(rows)
+
+
 # -- the whole config ------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
