@@ -25,7 +25,9 @@ existed (no ``files`` in meta.json) load unverified.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -124,15 +126,18 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
     root = Path(root)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     final, tmp = root / _name(step), root / f".tmp-{_name(step)}"
-    error = _attempt(lambda: _make_tmp(tmp) if rank == 0 else None)
-    _raise_agreed(error, root, tmp, step, group)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _raise_agreed(_attempt(lambda: tmp.mkdir(parents=True) if rank == 0 else None), root, tmp, step, group)
     model_sd, optim_sd = get_state_dict(model, optimizer)
 
     def write_shards() -> None:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), process_group=group)
-        torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+        buffer = io.BytesIO()  # serialised first: a full disk is then an OSError (ENOSPC) from the write,
+        torch.save(_rng_state(), buffer)  # not the zip writer's "unexpected pos" RuntimeError
+        (tmp / f"rng_rank{rank}.pt").write_bytes(buffer.getvalue())
 
-    _raise_agreed(_attempt(write_shards), root, tmp, step, group)
+    _raise_agreed(_attempt(write_shards, tmp, _state_bytes(model_sd, optim_sd)), root, tmp, step, group)
     digests = _all_gather(_digest_own_files(tmp, rank, world), group)  # also the barrier: all files written
 
     def finish() -> None:
@@ -147,34 +152,38 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
     return final
 
 
-def _make_tmp(tmp: Path) -> None:
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-
-
-def _attempt(write) -> str:
+def _attempt(write, directory: Path | None = None, needed: int = 0) -> str:
     """Run `write`; '' on success, else the root cause in one line (DCP wraps every rank's failure
-    in a CheckpointException, a BaseException)."""
+    in a CheckpointException, a BaseException). torch's zip writer reports a full disk as a
+    RuntimeError without errno: when `directory` has less free space than the `needed` bytes,
+    that is the cause named."""
     try:
         write()
     except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - any write failure: one line
-        return _root_cause(e)
+        cause = _root_cause(e)
+        if directory is not None and "No space" not in cause and _free_bytes(directory) < needed:
+            return os.strerror(28)  # ENOSPC: "No space left on device"
+        return cause
     return ""
+
+
+def _state_bytes(*states: dict) -> int:
+    """Bytes of this rank's tensors in `states` (flattened state dicts): what its shards need."""
+    leaves = torch.utils._pytree.tree_leaves(states)
+    return sum(t.numel() * t.element_size() for t in (x.to_local() if hasattr(x, "to_local") else x
+                                                      for x in leaves if torch.is_tensor(x)))
 
 
 def _root_cause(error: BaseException) -> str:
     """The innermost OSError's strerror (e.g. 'No space left on device'), else the first line."""
-    seen, todo = set(), [error]
-    while todo:
-        e = todo.pop(0)
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
+    todo = [error]
+    for e in todo:  # breadth first over DCP's per-rank failures and the exception chains
+        if len(todo) > 64:
+            break
         if isinstance(e, OSError) and e.strerror:
             return e.strerror
-        failures = getattr(e, "failures", None) or {}
-        todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
-        todo += [x for x in (e.__cause__, e.__context__) if x is not None]
+        todo += [f[0] if isinstance(f, tuple) else f for f in (getattr(e, "failures", None) or {}).values()]
+        todo += [x for x in (e.__cause__, e.__context__) if x is not None and x not in todo]
     return _describe(error)
 
 
@@ -196,12 +205,17 @@ def _raise_agreed(error: str, root: Path, tmp: Path, step: int, group: dist.Proc
                                f"({_free_space(root)}); nothing partial left, {previous}")
 
 
+def _free_bytes(directory: Path) -> int:
+    with contextlib.suppress(OSError):
+        return shutil.disk_usage(directory).free
+    return 1 << 62
+
+
 def _free_space(root: Path) -> str:
-    try:
+    with contextlib.suppress(OSError):
         usage = shutil.disk_usage(root)
-    except OSError:
-        return "free space unknown"
-    return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB"
+        return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB"
+    return "free space unknown"
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -236,12 +236,13 @@ class Segments:
 
 def split_tokens(data: TokenData, val_fraction: float, seq_len: int, seed: int = 0) -> tuple[TokenData, TokenData]:
     """(train, val): whole documents held out when `data` has document starts (about val_fraction
-    of the tokens, chosen by a permutation seeded with `seed`: disjoint and reproducible), else
-    the tail val_fraction of the tokens; both must fit a window of seq_len + 1 tokens."""
+    of the tokens, chosen by a permutation seeded with `seed`: disjoint and reproducible) when it
+    has two or more, else the tail val_fraction of the tokens; both must fit a window of seq_len + 1
+    tokens."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if data.doc_starts is not None and len(data.doc_starts):
-        return _split_documents(data, val_fraction, seq_len, seed)
+    if data.doc_starts is not None and len(data.doc_starts) + int(data.doc_starts[0] != 0) >= 2:
+        return _split_documents(data, val_fraction, seq_len, seed)  # (one document: its tail, below)
     n_val = int(len(data) * val_fraction)
     train, val = data.tokens[: len(data) - n_val], data.tokens[len(data) - n_val:]
     _check_split(data, val_fraction, seq_len, len(train), len(val), "")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -234,21 +235,21 @@ def checkpoint_write_failure(cfg: dict[str, Any], failing_rank: int) -> dict[str
     trainer.train_step()
     trainer.save()
     trainer.train_step()
-    real_save = ckpt_module.torch.save
+    real_write = Path.write_bytes
 
-    def full_disk(obj, f, *args, **kwargs):
-        if str(f).endswith(f"rng_rank{failing_rank}.pt"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
-        return real_save(obj, f, *args, **kwargs)
+    def full_disk(path, data):
+        if path.name == f"rng_rank{failing_rank}.pt":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_write(path, data)
 
-    ckpt_module.torch.save = full_disk
+    Path.write_bytes = full_disk
     try:
         trainer.save()
         message = ""
     except ckpt_module.CheckpointWriteError as e:
         message = str(e)
     finally:
-        ckpt_module.torch.save = real_save
+        Path.write_bytes = real_write
         if trainer.log is not None:
             trainer.log.close()
     root = trainer.ckpt_root

@@ -22,16 +22,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import loss_parallel
 
 import seqpar
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from ..comm import Comm
-from ..dit import DiT
-from ..hf import HFCausalLM
 from ..metrics import (
     JsonlLog,
     ProgressBar,
@@ -44,9 +39,9 @@ from ..metrics import (
 )
 from ..parallel import ParallelDims, average_gradients, reduce_partial_gradients
 from ..plan import Calibration
-from ..tensor_parallel import TensorParallelTraffic, parallelize_decoder, parallelize_dit, parallelize_hf
 from . import control
 from .config import TrainConfig
+from .parallelize import clip_gradients, parallelize, tensor_parallel_context
 from .tasks import build_task
 
 __all__ = ["Trainer", "train", "lr_at", "loss_and_backward", "backward_global_mean", "NonFiniteError"]
@@ -95,21 +90,6 @@ def _device_for(group: dist.ProcessGroup | None) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def parallelize(model: torch.nn.Module, dims: ParallelDims, fsdp: bool) -> torch.nn.Module:
-    """torchtitan's order: tensor parallelism first (DTensor shards over the tp mesh), then FSDP2
-    over the dp x sp ranks (2-D with tp); activation checkpointing is the model's own option."""
-    if dims.tp > 1:
-        how = parallelize_dit if isinstance(model, DiT) else parallelize_hf if isinstance(model, HFCausalLM) \
-            else parallelize_decoder
-        how(model, dims.tp_mesh)
-    if fsdp:
-        mesh = dims.batch_mesh
-        for block in model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-    return model
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -187,14 +167,7 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _tensor_parallel(self):
-        """Around forward and backward with tp > 1: torch's vocabulary-parallel cross-entropy and the
-        count of the collectives DTensor issues (kinds tp_*)."""
-        if self.mesh.tp == 1:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(loss_parallel())
-        stack.enter_context(TensorParallelTraffic(self.mesh.stats))
-        return stack
+        return tensor_parallel_context(self.mesh)
 
     # -- steps ---------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
@@ -256,30 +229,7 @@ class Trainer:
         average_gradients(self.model.parameters(), self.mesh, mode=mode)
 
     def _clip(self) -> float:
-        """Global gradient norm (clipped to grad_clip unless it is 0); always computed, so non-finite
-        gradients are seen even without clipping."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        sharded = [g for g in grads if isinstance(g, DTensor)]
-        if sharded and len(sharded) < len(grads):
-            return self._clip_mixed(sharded, [g for g in grads if not isinstance(g, DTensor)])
-        if self.cfg.optim.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        else:
-            norm = torch.nn.utils.get_total_norm(grads)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-    def _clip_mixed(self, sharded: list, plain: list) -> float:
-        """clip_grad_norm_ for a model whose tensor-parallel weights are DTensors and whose other
-        weights (replicated over tp: the DiT's modulation, a Hugging Face model's norms) are plain
-        tensors, which torch's foreach kernels cannot take in one list: the norm of each part, one
-        total, one clipping coefficient (min(1, clip / (norm + 1e-6)), as clip_grad_norm_)."""
-        part = torch.nn.utils.get_total_norm(sharded).full_tensor()
-        total = float(torch.stack([part, torch.nn.utils.get_total_norm(plain).to(part.dtype)]).norm())
-        if self.cfg.optim.grad_clip:
-            coef = min(1.0, self.cfg.optim.grad_clip / (total + 1e-6))
-            for g in sharded + plain:
-                g.mul_(coef)
-        return total
+        return clip_gradients(self.model.parameters(), self.cfg.optim.grad_clip)
 
     def _record(self, loss: float, lr: float, grad_norm: float, seconds: float, flops_per_token: float,
                 skipped: bool = False) -> dict[str, Any]:

@@ -1,0 +1,75 @@
+"""How a model is spread over the run's mesh (torchtitan's `parallelize` recipe) and what the
+step does around it: tensor parallelism, then FSDP2; the tensor-parallel loss and traffic count
+around forward and backward; gradient clipping over DTensor and plain gradients.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable
+
+import torch
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from ..dit import DiT
+from ..hf import HFCausalLM
+from ..parallel import ParallelDims
+from ..tensor_parallel import TensorParallelTraffic, parallelize_decoder, parallelize_dit, parallelize_hf
+
+__all__ = ["parallelize", "tensor_parallel_context", "clip_gradients"]
+
+
+def parallelize(model: torch.nn.Module, dims: ParallelDims, fsdp: bool) -> torch.nn.Module:
+    """torchtitan's order: tensor parallelism first (DTensor shards over the tp mesh), then FSDP2
+    over the dp x sp ranks (2-D with tp); activation checkpointing is the model's own option."""
+    if dims.tp > 1:
+        how = parallelize_dit if isinstance(model, DiT) else parallelize_hf if isinstance(model, HFCausalLM) \
+            else parallelize_decoder
+        how(model, dims.tp_mesh)
+    if fsdp:
+        mesh = dims.batch_mesh
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def tensor_parallel_context(dims: ParallelDims):
+    """Around forward and backward with tp > 1: torch's vocabulary-parallel cross-entropy and the
+    count of the collectives DTensor issues (kinds tp_*); nothing with tp = 1."""
+    if dims.tp == 1:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(loss_parallel())
+    stack.enter_context(TensorParallelTraffic(dims.stats))
+    return stack
+
+
+def clip_gradients(parameters: Iterable[torch.nn.Parameter], clip: float) -> float:
+    """Global gradient norm, clipped to `clip` unless it is 0 (always computed, so non-finite
+    gradients are seen even without clipping)."""
+    params = list(parameters)
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    if sharded and len(sharded) < len(grads):
+        return _clip_mixed(sharded, [g for g in grads if not isinstance(g, DTensor)], clip)
+    if clip:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    else:
+        norm = torch.nn.utils.get_total_norm(grads)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def _clip_mixed(sharded: list, plain: list, clip: float) -> float:
+    """clip_grad_norm_ for a model whose tensor-parallel weights are DTensors and whose other
+    weights (replicated over tp: the DiT's modulation, a Hugging Face model's norms) are plain
+    tensors, which torch's foreach kernels cannot take in one list: the norm of each part, one
+    total, one clipping coefficient (min(1, clip / (norm + 1e-6)), as clip_grad_norm_)."""
+    part = torch.nn.utils.get_total_norm(sharded).full_tensor()
+    total = float(torch.stack([part, torch.nn.utils.get_total_norm(plain).to(part.dtype)]).norm())
+    if clip:
+        coef = min(1.0, clip / (total + 1e-6))
+        for g in sharded + plain:
+            g.mul_(coef)
+    return total
