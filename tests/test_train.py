@@ -279,35 +279,28 @@ def test_cli_end_to_end(tmp_path):
     assert bad.returncode == 2 and "error: seq_len 30 must be a multiple" in bad.stderr
 
 
-def test_mfu_divides_by_one_machine_peak_whatever_the_process_count(tmp_path):
-    """1 and 4 processes on the same job: the same cached machine peak (measured once, with all
-    cores), and MFU = world-total model FLOPs / (peak * step seconds), so the MFU ratio of the two
-    runs is their tokens/s ratio (before: a per-run probe, 0.168 vs 0.501 at similar tokens/s)."""
-    from seqpar.metrics import training_flops_per_token
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEQPAR_CACHE_DIR": str(tmp_path / "cache")}
+def test_mfu_divides_by_one_machine_peak_whatever_the_process_count(worlds, corpus, tmp_path):
+    """1 and 4 processes on the same job: the same machine peak (measured once with all cores and
+    cached per machine), and MFU = world-total model FLOPs / (peak * step seconds), so the MFU ratio
+    of the two runs is their tokens/s ratio (before: a per-run probe, 0.168 vs 0.501 at similar
+    tokens/s)."""
+    from seqpar.metrics import peak_cache_path, training_flops_per_token
     runs = {}
-    for n in (1, 4):
-        out = tmp_path / f"run{n}"
-        proc = subprocess.run([sys.executable, "-m", "seqpar", "train", "--config", "tiny", "--nproc", str(n),
-                               "--strategy", "ulysses" if n > 1 else "local", "--layout", "contiguous",
-                               "--steps", "3", "--no-pack-documents", "--corpus-bytes", "60000", "--eval-every", "0",
-                               "--checkpoint-every", "0", "--no-plot", "--no-progress", "--out-dir", str(out)],
-                              capture_output=True, text=True, timeout=300, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        info = json.loads((out / "config.json").read_text())
-        train = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
-        runs[n] = info, train
+    for n, strategy in ((1, "local"), (4, "ulysses")):
+        cfg = config(corpus, tmp_path / f"run{n}", strategy=strategy, dtype="float32", steps=2, peak_tflops=0.0)
+        train = [r for r in worlds.run(n, run_training, cfg)[0]["records"] if r["type"] == "train"]
+        runs[n] = json.loads((tmp_path / f"run{n}" / "config.json").read_text()), train
     (info1, train1), (info4, train4) = runs[1], runs[4]
     assert info1["peak_tflops"] == info4["peak_tflops"] > 0 and info1["machines"] == info4["machines"] == 1
-    assert "measured now, cached" in info1["peak_source"] and "cached in" in info4["peak_source"]
-    assert (tmp_path / "cache" / "machine_peak.json").is_file()
-    cfg = TrainConfig.of(**{**flat_values(info1["config"]), "pack_documents": False})
+    assert "cached" in info1["peak_source"] and "cached in" in info4["peak_source"]
+    assert peak_cache_path().is_file()
+    cfg = TrainConfig.of(**config(corpus, tmp_path))
     flops = training_flops_per_token(cfg.model_config(), cfg.data.seq_len, causal=True)
-    tokens = cfg.data.batch * cfg.data.seq_len
     for r in train1 + train4:
+        tokens = r["tokens_per_s"] * r["step_time_s"]
         assert r["mfu"] == pytest.approx(flops * tokens / (info1["peak_tflops"] * 1e12 * r["step_time_s"]), rel=1e-9)
     mfu_ratio = train4[-1]["mfu"] / train1[-1]["mfu"]
-    assert mfu_ratio == pytest.approx(train4[-1]["tokens_per_s"] / train1[-1]["tokens_per_s"], rel=0.10)
+    assert mfu_ratio == pytest.approx(train4[-1]["tokens_per_s"] / train1[-1]["tokens_per_s"], rel=1e-6)
 
 
 def test_packaged_default_config_is_the_default():
