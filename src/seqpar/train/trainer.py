@@ -93,11 +93,17 @@ def _device_for(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
-def parallelize(model: torch.nn.Module, dims: ParallelDims, fsdp: bool) -> torch.nn.Module:
-    """torchtitan's order: tensor parallelism first (DTensor shards over the tp mesh), then FSDP2
-    over the dp x sp ranks (2-D with tp); activation checkpointing is the model's own option."""
+def parallelize(model: torch.nn.Module, dims: ParallelDims, fsdp: bool, compile_backend: str | None = None
+                ) -> torch.nn.Module:
+    """torchtitan's order: tensor parallelism first (DTensor shards over the tp mesh), then each
+    block compiled in place (`block.compile`: parameter names unchanged) when compile_backend is
+    given, then FSDP2 over the dp x sp ranks (2-D with tp); activation checkpointing is the
+    model's own option (around the compiled blocks)."""
     if dims.tp > 1:
         parallelize_decoder(model, dims.tp_mesh)
+    if compile_backend:
+        for block in model.layers:
+            block.compile(backend=compile_backend)
     if fsdp:
         mesh = dims.batch_mesh
         for block in model.layers:
@@ -130,7 +136,8 @@ class Trainer:
         self.task = build_task(cfg, self.ctx, self.mesh.dp, self.mesh.dp_rank, self.device)
         self.model = self.task.model
         self.num_params = sum(p.numel() for p in self.model.parameters())
-        parallelize(self.model, self.mesh, cfg.parallel.fsdp)
+        parallelize(self.model, self.mesh, cfg.parallel.fsdp,
+                    cfg.parallel.compile_backend if cfg.parallel.compile else None)
         self.optimizer = _optimizer(self.model, cfg)
         self.out_dir = Path(cfg.output.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
