@@ -221,3 +221,19 @@ def step_overheads(cfg: dict[str, Any], steps: int = 6, warmup: int = 2) -> dict
     if trainer.log is not None:
         trainer.log.close()
     return {name: statistics.median(values[-steps:]) for name, values in timings.items()}
+
+
+def ddp_gradient_sync(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One training step: whether torch's DDP (composable replicate) synced the gradients, the
+    all-reduce bytes and calls it recorded, and what a ring all-reduce of every gradient once
+    sends (2 (n-1)/n x gradient bytes over the dp x sp ranks)."""
+    from torch.distributed._composable import replicate
+    trainer = Trainer(TrainConfig.of(**cfg))
+    trainer.train_step()
+    comm = trainer.mesh.stats.snapshot().get("grad_all_reduce", {"sent": 0, "calls": 0})
+    n = trainer.mesh.batch_size
+    grad_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    if trainer.log is not None:
+        trainer.log.close()
+    return {"ddp": replicate.state(trainer.model) is not None, "sent": comm["sent"], "calls": comm["calls"],
+            "expected": 2 * (n - 1) * grad_bytes // n}

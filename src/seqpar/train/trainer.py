@@ -38,7 +38,7 @@ from ..metrics import (
     plot_loss_curve,
     read_jsonl,
 )
-from ..parallel import ParallelDims, average_gradients, reduce_partial_gradients
+from ..parallel import ParallelDims, average_gradients, reduce_partial_gradients, replicate_gradients
 from ..plan import Calibration
 from ..tensor_parallel import TensorParallelTraffic, parallelize_decoder
 from . import control
@@ -93,17 +93,20 @@ def _device_for(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
-def parallelize(model: torch.nn.Module, dims: ParallelDims, fsdp: bool, compile_backend: str | None = None
-                ) -> torch.nn.Module:
+def parallelize(model: torch.nn.Module, dims: ParallelDims, fsdp: bool, compile_backend: str | None = None,
+                ddp: bool = False) -> torch.nn.Module:
     """torchtitan's order: tensor parallelism first (DTensor shards over the tp mesh), then each
     block compiled in place (`block.compile`: parameter names unchanged) when compile_backend is
     given, then FSDP2 over the dp x sp ranks (2-D with tp); activation checkpointing is the
-    model's own option (around the compiled blocks)."""
+    model's own option (around the compiled blocks). ddp: without FSDP, gradients averaged by
+    torch's DDP inside backward (`replicate_gradients`)."""
     if dims.tp > 1:
         parallelize_decoder(model, dims.tp_mesh)
     if compile_backend:
         for block in model.layers:
             block.compile(backend=compile_backend)
+    if not fsdp and ddp:
+        replicate_gradients(model, dims)
     if fsdp:
         mesh = dims.batch_mesh
         for block in model.layers:
@@ -136,8 +139,10 @@ class Trainer:
         self.task = build_task(cfg, self.ctx, self.mesh.dp, self.mesh.dp_rank, self.device)
         self.model = self.task.model
         self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.ddp = (self.mesh.batch_size > 1 and self.mesh.tp == 1 and not cfg.parallel.fsdp
+                    and not self.settings_double_averaging())
         parallelize(self.model, self.mesh, cfg.parallel.fsdp,
-                    cfg.parallel.compile_backend if cfg.parallel.compile else None)
+                    cfg.parallel.compile_backend if cfg.parallel.compile else None, ddp=self.ddp)
         self.optimizer = _optimizer(self.model, cfg)
         self.out_dir = Path(cfg.output.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
@@ -249,8 +254,14 @@ class Trainer:
             self.mesh.stats.record("fsdp_reduce_scatter_est", vol, vol)
             reduce_partial_gradients(self.model.parameters(), self.mesh.stats)
             return
-        mode = "double" if self.ctx.strategy.double_grad_averaging else "flat"
+        if self.ddp:  # DDP averaged the gradients inside backward (and counted its bytes)
+            return
+        mode = "double" if self.settings_double_averaging() else "flat"
         average_gradients(self.model.parameters(), self.mesh, mode=mode)
+
+    def settings_double_averaging(self) -> bool:
+        """LSS averages over sp, then dp (hand-written, `average_gradients(mode="double")`)."""
+        return self.ctx.strategy.double_grad_averaging
 
     def _clip(self) -> float:
         """Global gradient norm (clipped to grad_clip unless it is 0); always computed, so non-finite
