@@ -100,8 +100,8 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, handle: int, causal: bool, scale
     _TAPES[ticket] = (leaves, out)
     ticket_t = torch.tensor(ticket, dtype=torch.int64)
     weakref.finalize(ticket_t, _TAPES.pop, ticket, None)
-    lse = lse.detach() if need_lse else q.new_empty((0,), dtype=torch.float32)
-    out, lse = _unaliased([out.detach(), lse], (q, k, v))
+    lse = lse.detach().contiguous() if need_lse else q.new_empty((0,), dtype=torch.float32)
+    out, lse = _unaliased([_strided_like(out.detach(), q), lse], (q, k, v))
     return out, lse, ticket_t
 
 
@@ -121,8 +121,18 @@ def _attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ticket: T
                          "retain_graph=False, or activation checkpointing around the whole block)")
     leaves, out = tape
     grads = torch.autograd.grad(out, leaves, dout, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g.to(t.dtype) for g, t in zip(grads, leaves)]
+    grads = [torch.zeros_like(t) if g is None else _strided_like(g.to(t.dtype), t) for g, t in zip(grads, leaves)]
     return _unaliased(grads, (dout, q, k, v))
+
+
+def _strided_like(value: Tensor, like: Tensor) -> Tensor:
+    """value [shape of like] in the strides `torch.empty_like(like)` has (what the fake
+    implementation promises the compiled graph, which may view the result accordingly)."""
+    want = torch.empty_like(like, device="meta").stride()  # no memory
+    if value.stride() == want:
+        return value
+    out = torch.empty_strided(like.shape, want, dtype=value.dtype, device=value.device)
+    return out.copy_(value)
 
 
 def _unaliased(outputs: list[Tensor], inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
