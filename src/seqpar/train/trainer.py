@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import loss_parallel
 
 import seqpar
@@ -38,11 +37,12 @@ from ..metrics import (
     plot_loss_curve,
     read_jsonl,
 )
-from ..parallel import ParallelDims, average_gradients, reduce_partial_gradients, replicate_gradients
+from ..parallel import ParallelDims, average_gradients, reduce_partial_gradients
 from ..plan import Calibration
-from ..tensor_parallel import TensorParallelTraffic, parallelize_decoder
+from ..tensor_parallel import TensorParallelTraffic
 from . import control
 from .config import TrainConfig
+from .distribute import parallelize, uses_ddp
 from .tasks import build_task
 
 __all__ = ["Trainer", "train", "lr_at", "loss_and_backward", "backward_global_mean", "NonFiniteError"]
@@ -93,28 +93,6 @@ def _device_for(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
-def parallelize(model: torch.nn.Module, dims: ParallelDims, fsdp: bool, compile_backend: str | None = None,
-                ddp: bool = False) -> torch.nn.Module:
-    """torchtitan's order: tensor parallelism first (DTensor shards over the tp mesh), then each
-    block compiled in place (`block.compile`: parameter names unchanged) when compile_backend is
-    given, then FSDP2 over the dp x sp ranks (2-D with tp); activation checkpointing is the
-    model's own option (around the compiled blocks). ddp: without FSDP, gradients averaged by
-    torch's DDP inside backward (`replicate_gradients`)."""
-    if dims.tp > 1:
-        parallelize_decoder(model, dims.tp_mesh)
-    if compile_backend:
-        for block in model.layers:
-            block.compile(backend=compile_backend)
-    if not fsdp and ddp:
-        replicate_gradients(model, dims)
-    if fsdp:
-        mesh = dims.batch_mesh
-        for block in model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-    return model
-
-
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices only (nanoGPT convention)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -139,8 +117,7 @@ class Trainer:
         self.task = build_task(cfg, self.ctx, self.mesh.dp, self.mesh.dp_rank, self.device)
         self.model = self.task.model
         self.num_params = sum(p.numel() for p in self.model.parameters())
-        self.ddp = (self.mesh.batch_size > 1 and self.mesh.tp == 1 and not cfg.parallel.fsdp
-                    and not self.settings_double_averaging())
+        self.ddp = uses_ddp(self.mesh, cfg.parallel.fsdp, self.ctx.strategy.double_grad_averaging)
         parallelize(self.model, self.mesh, cfg.parallel.fsdp,
                     cfg.parallel.compile_backend if cfg.parallel.compile else None, ddp=self.ddp)
         self.optimizer = _optimizer(self.model, cfg)
@@ -256,12 +233,8 @@ class Trainer:
             return
         if self.ddp:  # DDP averaged the gradients inside backward (and counted its bytes)
             return
-        mode = "double" if self.settings_double_averaging() else "flat"
+        mode = "double" if self.ctx.strategy.double_grad_averaging else "flat"  # LSS: sp, then dp
         average_gradients(self.model.parameters(), self.mesh, mode=mode)
-
-    def settings_double_averaging(self) -> bool:
-        """LSS averages over sp, then dp (hand-written, `average_gradients(mode="double")`)."""
-        return self.ctx.strategy.double_grad_averaging
 
     def _clip(self) -> float:
         """Global gradient norm (clipped to grad_clip unless it is 0); always computed, so non-finite
