@@ -2,7 +2,8 @@
 
 Times, on a 2-process gloo world (sp = 2, one thread each), the pieces `Trainer.run` calls
 every step besides the model: the stop-signal agreement (one 4-byte MAX all-reduce), the
-gradient averaging, the gradient norm (clip + the host sync that decides whether the step is
+gradient sync (torch DDP inside backward: the step's time minus an interleaved step with
+DDP's all-reduce off), the gradient norm (clip + the host sync that decides whether the step is
 finite) and the metrics record; the loss normalisation's all-reduce is inside the step. Each
 as milliseconds per step (median, worst rank) and as a share of the step.
 
@@ -24,7 +25,8 @@ from seqpar.testing import ProcessWorld
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' per-rank bodies
 from checks.train import step_overheads
 
-PIECES = [("_agreed_stop_signal", "stop-signal all-reduce"), ("_sync_gradients", "gradient averaging (all-reduce)"),
+PIECES = [("_agreed_stop_signal", "stop-signal all-reduce"),
+          ("_sync_gradients", "gradient sync (DDP: step minus step without)"),
           ("_clip", "gradient norm + clip (host sync)"), ("_record", "metrics record")]
 
 

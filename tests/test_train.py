@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from checks.train import STRATEGY_CASES, loader_sharding, run_training, training_error
+from checks.train import STRATEGY_CASES, ddp_gradient_sync, loader_sharding, run_training, training_error
 from seqpar.data import SequenceLoader, open_tokens, split_tokens, stdlib_corpus, write_token_file
 from seqpar.train import TrainConfig, build_config, load_config
-from seqpar.train.config import flat_values
 
 PARITY_TOL = 1e-9
 GRAD_TOL = 1e-10
@@ -142,6 +141,24 @@ def test_resume_reproduces_losses(worlds, corpus, tmp_path):
              if r["type"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]  # the log was cut back to the checkpoint, then continued
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("overrides,ddp", [(dict(strategy="ring", layout="zigzag"), True),
+                                            (dict(strategy="ring", layout="zigzag", dp=2, batch=1), True),
+                                            (dict(strategy="lss"), False), (dict(strategy="usp", fsdp=True), False)],
+                         ids=["sp4", "dp2xsp2", "lss", "fsdp"])
+def test_gradients_are_synced_by_ddp(worlds, corpus, tmp_path, overrides, ddp):
+    """torch's DDP (composable replicate, one bucket fixed from the first step) averages the
+    gradients over the dp x sp ranks: one all-reduce of 2 (n-1)/n x the gradient bytes per step,
+    counted as grad_all_reduce. LSS keeps its double averaging (sp then dp) and FSDP its
+    reduce-scatter."""
+    results = worlds.run(4, ddp_gradient_sync, config(corpus, tmp_path, **overrides))
+    for r in results:
+        assert r["ddp"] is ddp, r
+        if ddp:
+            assert r["calls"] == 1 and r["sent"] == r["expected"] > 0, r
+        else:
+            assert r["calls"] == 0, r
 
 
 def test_corrupt_or_missing_checkpoint_is_a_clear_error(worlds, corpus, tmp_path):

@@ -16,6 +16,7 @@ from .inputcheck import InputChecker
 from .kernels import BlockKernel, CountingKernel, FlopStats, check_kernel_name, default_scale, get_kernel
 from .layout import DOCUMENTS, TokenLayout
 from .mesh import Mesh
+from .ops import attention_op, register_context
 
 __all__ = ["SeqParallel", "SequenceParallelAttention", "init", "resolve"]
 
@@ -45,6 +46,7 @@ class SeqParallel:
         self._masks: dict[tuple, DocMask] = {}  # the latest document masks (their sub-block caches)
         self.strategy = cls(self.settings, self.mesh, self.comm, self.stats)
         self.layout = self.settings.layout
+        self.handle = register_context(self)  # names this context in torch.ops.seqpar.attention
 
     # -- layout ----------------------------------------------------------------------------
 
@@ -107,13 +109,22 @@ class SeqParallel:
         Returns out [batch, seq_local, heads, head_dim], plus lse [batch, heads, seq_local]
         (fp32, fp64 for fp64 inputs) when return_lse.
         """
+        scale = default_scale(q.shape[-1], scale)
+        if torch.compiler.is_compiling():  # one opaque op in the compiled graph (seqpar.ops)
+            out, lse = attention_op(q, k, v, self.handle, causal, scale, return_lse, cu_seqlens)
+        else:
+            out, lse = self.attention_impl(q, k, v, causal, scale, return_lse, cu_seqlens)
+        return (out, lse) if return_lse else out
+
+    def attention_impl(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, need_lse: bool,
+                       cu_seqlens=None) -> tuple[Tensor, Tensor | None]:
+        """`attention` in eager mode (and inside the compiled graph's op): check the inputs, build
+        the document mask, run the strategy. Returns out and lse (None unless need_lse)."""
         rows = self._inputs.validate(q, k, v, causal, self.layout, cu_seqlens)
         if self.layout.kind == DOCUMENTS and (rows is None or len(set(rows)) > 1):
             raise ValueError("the 'documents' layout needs cu_seqlens, the same for every batch row")
         mask = None if rows is None else self._mask(rows, causal)
-        out, lse = self.strategy.attention(q, k, v, causal, default_scale(q.shape[-1], scale), return_lse,
-                                           self.kernel_for(q.device, q.dtype), mask)
-        return (out, lse) if return_lse else out
+        return self.strategy.attention(q, k, v, causal, scale, need_lse, self.kernel_for(q.device, q.dtype), mask)
 
     def chunked_block(self, x: Tensor, project, finish, params, *, heads: int, kv_heads: int, head_dim: int,
                       causal: bool = True, scale: float | None = None, cu_seqlens=None,

@@ -18,13 +18,15 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._composable import replicate
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from .comm import Comm, CommStats
 from .mesh import Mesh
 
-__all__ = ["ParallelDims", "average_gradients", "reduce_partial_gradients", "MESH_ORDER"]
+__all__ = ["ParallelDims", "average_gradients", "reduce_partial_gradients", "replicate_gradients", "MESH_ORDER"]
 
 #: mesh dimensions from the outermost (slowest varying over consecutive ranks) to the innermost
 MESH_ORDER = ("dp", "sp", "tp")
@@ -181,3 +183,35 @@ def average_gradients(params: Iterable[nn.Parameter], mesh: ParallelDims, mode: 
         _average(local, mesh.dp_comm, "grad_all_reduce_dp")
     else:
         raise ValueError(f"unknown gradient averaging mode {mode!r}; use 'flat' or 'double'")
+
+
+def replicate_gradients(model: nn.Module, mesh: ParallelDims) -> None:
+    """Average gradients over the batch group (dp x sp ranks) with torch's DDP, composable
+    `replicate` (parameter names unchanged), inside backward: the gradients of the mean loss
+    over all samples, as `average_gradients(mode="flat")` computes them.
+
+    One bucket, fixed from the first step: DDP would rebuild its buckets after the first
+    iteration (parameters in the order their gradients became ready), so a run resumed from a
+    checkpoint would reduce in another layout than the run it continues, and gloo's sums in
+    another order (not bitwise the same). Here the buckets are rebuilt once at construction, in
+    parameter order (what DDP's Join hook does), and never again; one bucket holds every
+    gradient (`gradient_as_bucket_view`: the gradients are views of it, no copies). Its bytes
+    are counted as kind "grad_all_reduce" (2 (n-1)/n x gradient bytes, a ring all-reduce's).
+    Plain tensors only: with tensor parallelism (DTensor parameters) use `average_gradients`.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    total_mb = sum(p.numel() * p.element_size() for p in params) / 2 ** 20
+    replicate(model, process_group=mesh.batch_group, bucket_cap_mb=total_mb + 1, gradient_as_bucket_view=True)
+    state = replicate.state(model)
+    state.lazy_init()  # build DDP now (replicate builds it lazily in the first forward)
+    ddp = state._ddp
+    ddp.reducer._push_all_rebuilt_params()  # the fixed layout: parameter order, rebuilt once now
+    ddp.reducer._rebuild_buckets()
+    n, stats = mesh.batch_size, mesh.stats
+
+    def counted_allreduce(group, bucket):
+        nbytes = 2 * (n - 1) * bucket.buffer().numel() * bucket.buffer().element_size() // n
+        stats.record("grad_all_reduce", nbytes, nbytes)
+        return allreduce_hook(group, bucket)
+
+    ddp.register_comm_hook(mesh.batch_group, counted_allreduce)

@@ -6,6 +6,7 @@ run with a 1-process run of the same function.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -216,12 +217,48 @@ def step_overheads(cfg: dict[str, Any], steps: int = 6, warmup: int = 2) -> dict
     for name in ("_agreed_stop_signal", "_sync_gradients", "_clip", "_record"):
         setattr(trainer, name, timed(name, getattr(trainer, name)))
     step = timed("step", trainer.train_step)
+    unsynced = timed("step_unsynced", trainer.train_step)
     for _ in range(warmup + steps):
         trainer._agreed_stop_signal()
         step()
+        if trainer.ddp:  # interleaved: the same step with DDP's all-reduce off (its exposed cost)
+            trainer._agreed_stop_signal()
+            with _ddp_sync_off(trainer.model):
+                unsynced()
     if trainer.log is not None:
         trainer.log.close()
-    return {name: statistics.median(values[-steps:]) for name, values in timings.items()}
+    out = {name: statistics.median(values[-steps:]) for name, values in timings.items()}
+    if trainer.ddp:  # DDP syncs inside backward: its cost is what a step with sync takes longer
+        out["_sync_gradients"] = max(0.0, out["step"] - out.pop("step_unsynced"))
+    return out
+
+
+@contextlib.contextmanager
+def _ddp_sync_off(model: nn.Module):
+    """composable replicate's no_sync: this step's backward does not all-reduce."""
+    from torch.distributed._composable import replicate
+    state = replicate.state(model)
+    state._no_sync = True
+    try:
+        yield
+    finally:
+        state._no_sync = False
+
+
+def ddp_gradient_sync(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One training step: whether torch's DDP (composable replicate) synced the gradients, the
+    all-reduce bytes and calls it recorded, and what a ring all-reduce of every gradient once
+    sends (2 (n-1)/n x gradient bytes over the dp x sp ranks)."""
+    from torch.distributed._composable import replicate
+    trainer = Trainer(TrainConfig.of(**cfg))
+    trainer.train_step()
+    comm = trainer.mesh.stats.snapshot().get("grad_all_reduce", {"sent": 0, "calls": 0})
+    n = trainer.mesh.batch_size
+    grad_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    if trainer.log is not None:
+        trainer.log.close()
+    return {"ddp": replicate.state(trainer.model) is not None, "sent": comm["sent"], "calls": comm["calls"],
+            "expected": 2 * (n - 1) * grad_bytes // n}
 
 
 def checkpoint_write_failure(cfg: dict[str, Any], failing_rank: int) -> dict[str, Any]:

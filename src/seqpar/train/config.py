@@ -210,6 +210,9 @@ class TrainConfig:
             raise ValueError("--offload-activations applies to the built-in language model without --fsdp")
         if m.chunked_blocks:
             self._validate_chunked_blocks()
+        if self.parallel.compile and (m.chunked_blocks or m.offload_activations or m.hf_model):
+            raise ValueError("--compile compiles the built-in blocks (decoder or DiT): not with --chunked-blocks, "
+                             "--offload-activations or --hf-model yet")
         if self.data.doc_separator >= m.vocab_size and not m.hf_model:
             raise ValueError(f"doc_separator {self.data.doc_separator} is not a token id of the model's vocabulary "
                              f"(vocab_size {m.vocab_size})")

@@ -1,6 +1,7 @@
 """How a model is spread over the run's mesh (torchtitan's `parallelize` recipe) and what the
-step does around it: tensor parallelism, then FSDP2; the tensor-parallel loss and traffic count
-around forward and backward; gradient clipping over DTensor and plain gradients.
+step does around it: tensor parallelism, compiled blocks, then DDP or FSDP2; the tensor-parallel
+loss and traffic count around forward and backward; gradient clipping over DTensor and plain
+gradients.
 """
 from __future__ import annotations
 
@@ -14,19 +15,37 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from ..dit import DiT
 from ..hf import HFCausalLM
-from ..parallel import ParallelDims
+from ..parallel import ParallelDims, replicate_gradients
 from ..tensor_parallel import TensorParallelTraffic, parallelize_decoder, parallelize_dit, parallelize_hf
 
-__all__ = ["parallelize", "tensor_parallel_context", "clip_gradients"]
+__all__ = ["parallelize", "uses_ddp", "tensor_parallel_context", "clip_gradients"]
 
 
-def parallelize(model: torch.nn.Module, dims: ParallelDims, fsdp: bool) -> torch.nn.Module:
-    """torchtitan's order: tensor parallelism first (DTensor shards over the tp mesh), then FSDP2
-    over the dp x sp ranks (2-D with tp); activation checkpointing is the model's own option."""
+def uses_ddp(dims: ParallelDims, fsdp: bool, double_averaging: bool) -> bool:
+    """Whether torch's DDP syncs the gradients (`replicate_gradients`): several dp x sp ranks,
+    no FSDP (it reduce-scatters itself), no tensor parallelism (DTensor parameters, which DDP
+    does not take: `average_gradients`), and not LSS (its double averaging, sp then dp, stays
+    hand-written in `average_gradients(mode="double")`)."""
+    return dims.batch_size > 1 and dims.tp == 1 and not fsdp and not double_averaging
+
+
+def parallelize(model: torch.nn.Module, dims: ParallelDims, fsdp: bool, compile_backend: str | None = None,
+                ddp: bool = False) -> torch.nn.Module:
+    """torchtitan's order: tensor parallelism first (DTensor shards over the tp mesh: the built-in
+    decoder, the DiT or a Hugging Face decoder by its own plan), then each block compiled in place
+    (`block.compile`: parameter names unchanged) when compile_backend is given, then FSDP2 over the
+    dp x sp ranks (2-D with tp); activation checkpointing is the model's own option (around the
+    compiled blocks). ddp: without FSDP, gradients averaged by torch's DDP inside backward
+    (`replicate_gradients`)."""
     if dims.tp > 1:
         how = parallelize_dit if isinstance(model, DiT) else parallelize_hf if isinstance(model, HFCausalLM) \
             else parallelize_decoder
         how(model, dims.tp_mesh)
+    if compile_backend:
+        for block in model.layers:
+            block.compile(backend=compile_backend)
+    if not fsdp and ddp:
+        replicate_gradients(model, dims)
     if fsdp:
         mesh = dims.batch_mesh
         for block in model.layers:

@@ -35,6 +35,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 NONFINITE = ("stop", "skip")
 AUTO = "auto"  # --strategy auto: resolved by the launcher (train/auto.py) before any worker starts
 MODELS = ("llama", "dit")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
 
 
@@ -246,6 +247,10 @@ class ParallelSection:
                                 "once)")
     kernel: str = _opt("auto", "block attention kernel")
     fsdp: bool = _opt(False, "shard parameters with FSDP2 fully_shard over all ranks")
+    compile: bool = _opt(False, "torch.compile every block (after tensor parallelism, before FSDP; seqpar's "
+                                "attention is one custom op inside the compiled graph)")
+    compile_backend: str = _opt("inductor", "torch.compile backend of --compile: inductor (C++ on CPU, Triton on "
+                                            "GPU) | aot_eager (no code generation: the tests) | eager")
 
     def sp_size(self, world: int) -> int:
         return self.sp or world // (self.dp * self.tp)
@@ -262,6 +267,7 @@ class ParallelSection:
 
     def validate(self) -> None:
         _check_choice("strategy", self.strategy, (*STRATEGIES, AUTO))
+        _check_choice("compile_backend", self.compile_backend, COMPILE_BACKENDS)
         check_kernel_name(self.kernel)
         _at_least(self, 1, "nproc", "dp", "tp")
         if self.sp is not None:

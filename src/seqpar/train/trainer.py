@@ -41,7 +41,7 @@ from ..parallel import ParallelDims, average_gradients, reduce_partial_gradients
 from ..plan import Calibration
 from . import control
 from .config import TrainConfig
-from .parallelize import clip_gradients, parallelize, tensor_parallel_context
+from .parallelize import clip_gradients, parallelize, tensor_parallel_context, uses_ddp
 from .tasks import build_task
 
 __all__ = ["Trainer", "train", "lr_at", "loss_and_backward", "backward_global_mean", "NonFiniteError"]
@@ -116,7 +116,9 @@ class Trainer:
         self.task = build_task(cfg, self.ctx, self.mesh.dp, self.mesh.dp_rank, self.device)
         self.model = self.task.model
         self.num_params = sum(p.numel() for p in self.model.parameters())
-        parallelize(self.model, self.mesh, cfg.parallel.fsdp)
+        self.ddp = uses_ddp(self.mesh, cfg.parallel.fsdp, self.ctx.strategy.double_grad_averaging)
+        parallelize(self.model, self.mesh, cfg.parallel.fsdp,
+                    cfg.parallel.compile_backend if cfg.parallel.compile else None, ddp=self.ddp)
         self.optimizer = _optimizer(self.model, cfg)
         self.out_dir = Path(cfg.output.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
@@ -166,9 +168,6 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _tensor_parallel(self):
-        return tensor_parallel_context(self.mesh)
-
     # -- steps ---------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         """One optimizer step on the next global batch; returns its metrics record."""
@@ -181,12 +180,12 @@ class Trainer:
         batch = self.task.batch("train", self.task.step)  # prefetched: waits only when the loader fell behind
         data_wait = time.perf_counter() - t0
         self.task.advance()
-        with self._tensor_parallel():
+        with tensor_parallel_context(self.mesh):
             with self._autocast():
                 loss_sum, count = self.task.loss_terms(batch)
             loss = backward_global_mean(loss_sum, count, self.mesh.batch_comm)
         self._sync_gradients()
-        grad_norm = self._clip()
+        grad_norm = clip_gradients(self.model.parameters(), self.cfg.optim.grad_clip)
         # the loss is all-reduced and the norm is of the averaged (or FSDP-global) gradient, so every
         # rank sees the same values and takes the same decision without another collective
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -225,11 +224,10 @@ class Trainer:
             self.mesh.stats.record("fsdp_reduce_scatter_est", vol, vol)
             reduce_partial_gradients(self.model.parameters(), self.mesh.stats)
             return
-        mode = "double" if self.ctx.strategy.double_grad_averaging else "flat"
+        if self.ddp:  # DDP averaged the gradients inside backward (and counted its bytes)
+            return
+        mode = "double" if self.ctx.strategy.double_grad_averaging else "flat"  # LSS: sp, then dp
         average_gradients(self.model.parameters(), self.mesh, mode=mode)
-
-    def _clip(self) -> float:
-        return clip_gradients(self.model.parameters(), self.cfg.optim.grad_clip)
 
     def _record(self, loss: float, lr: float, grad_norm: float, seconds: float, flops_per_token: float,
                 skipped: bool = False) -> dict[str, Any]:
@@ -246,7 +244,7 @@ class Trainer:
         """Mean token loss over `eval_batches` fixed validation batches (same on every rank)."""
         totals = torch.zeros(2, dtype=torch.float64)
         for i in range(self.cfg.output.eval_batches):
-            with self._tensor_parallel(), self._autocast():
+            with tensor_parallel_context(self.mesh), self._autocast():
                 loss_sum, count = self.task.loss_terms(self.task.batch("val", i))
             totals += torch.stack([loss_sum.double().cpu(), count.double().cpu()])
         totals = totals.to(self.device)
