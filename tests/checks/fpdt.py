@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import seqpar
 from seqpar.testing.checks import DTYPES, make_inputs
+from seqpar.train.parallelize import clip_gradients
 
 __all__ = ["offload_behaviour", "attention_memory", "peak_rss_bytes", "StorageMeter"]
 
@@ -219,7 +220,7 @@ def training_step_memory(cfg: dict[str, Any]) -> dict[str, float]:
         activations = meter.peak
         meter.reset_peak()
         trainer._sync_gradients()
-        trainer._clip()
+        clip_gradients(trainer.model.parameters(), trainer.cfg.optim.grad_clip)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
         optimizer = meter.peak
