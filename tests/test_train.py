@@ -334,18 +334,6 @@ def test_cli_reports_errors_found_inside_workers(tmp_path):
     assert "error: Ulysses degree 2 must divide the number of attention heads (5)" in proc.stderr
 
 
-def test_torchrun_launch(tmp_path):
-    """Under torchrun (RANK/WORLD_SIZE set) the same command joins that world (gloo on CPU)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "seqpar",
-           "train",
-           "--config", "tiny", "--steps", "2", "--out-dir", str(tmp_path), "--corpus-bytes", "60000", "--no-plot"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2]
-    assert json.loads((tmp_path / "config.json").read_text())["world_size"] == 2
-
-
 def test_a_batch_without_labels_is_a_clear_error(worlds):
     from checks.train import empty_batch_error
     assert all("no labelled tokens" in e for e in worlds.run(2, empty_batch_error))
