@@ -12,8 +12,7 @@ from .attention.fpdt_block import BlockFunctions
 from .comm import Comm, CommStats
 from .documents import DEFAULT_TILE, DocMask, Documents, check_cu_seqlens, check_window, document_positions
 from .inputcheck import InputChecker
-from .kernels import (BlockKernel, CountingKernel, FlopStats, SoftcapKernel, check_kernel_name, default_scale,
-                      get_kernel)
+from .kernels import BlockKernel, CountingKernel, FlopStats, SoftcapKernel, check_kernel_name, default_scale, get_kernel
 from .layout import DOCUMENTS, TokenLayout
 from .mesh import Mesh
 

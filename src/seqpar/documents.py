@@ -13,7 +13,9 @@ sub-blocks every kernel computes exactly:
 - anything else row by row.
 
 Key rows no query of the block may see are never computed, so a packed batch of short
-documents costs what its documents cost.
+documents costs what its documents cost. The same rule serves every strategy: the ring
+and all-gather strategies pass their layout's positions, Ulysses the whole sequence,
+FPDT its chunks.
 
 A sliding window (flash-attn's `window=(left, right)`: key j visible from query i iff
 (left < 0 or j >= i - left) and (right < 0 or j <= i + right)) narrows each row's interval
@@ -21,9 +23,7 @@ further; the intervals stay non-decreasing. Windowed masks are cut into tiles of
 rows instead (`tile_intervals`): per tile the key columns every row sees form one unmasked
 rectangle (the kernel's fast path), the partially visible edges `Band` blocks of at most
 `tile` columns each, and columns no row of the tile sees are skipped, so a causal window of w
-over S tokens computes about (w + 2 tile) S pairs per head instead of S^2 / 2. The same rule serves every strategy: the ring
-and all-gather strategies pass their layout's positions, Ulysses the whole sequence,
-FPDT its chunks.
+over S tokens computes about (w + 2 tile) S pairs per head instead of S^2 / 2.
 """
 from __future__ import annotations
 

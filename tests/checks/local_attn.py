@@ -84,7 +84,7 @@ def local_exactness_cases(strategy: str, init_kwargs: dict[str, Any], cases: lis
 
 
 def windowed_work(strategy: str, init_kwargs: dict[str, Any], *, seq: int, window, causal: bool = True,
-                  heads: int = 2, kv_heads: int = 1, head_dim: int = 2) -> dict[str, Any]:
+                  heads: int = 4, kv_heads: int = 1, head_dim: int = 2) -> dict[str, Any]:
     """This rank's forward pairs and bytes sent for one windowed call (fp64) and the settings."""
     ctx = seqpar.init(strategy, **init_kwargs)
     q, k, v, dout = make_inputs(1, seq, heads, kv_heads, head_dim, torch.float64, 0)

@@ -50,7 +50,7 @@ class StrategyOptions:
                                       "LOCAL_WORLD_SIZE, else the hostnames)")
     local_window: int | None = _opt(int, "every strategy: the sliding window (tokens) the model's attention uses; "
                                          "then the default layout is contiguous (balanced for windowed work, where "
-                                         "zigzag buys nothing) and the planner counts windowed work and traffic")
+                                         "zigzag buys nothing)")
     tile: int | None = _opt(int, "every strategy: query rows per kernel tile of windowed attention (tiles no "
                                  "query sees are skipped; default 128)")
     #: options of strategies defined outside seqpar (their `accepted_options`), by name
