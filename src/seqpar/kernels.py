@@ -28,6 +28,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .masked import Band, accum_dtype, expand_kv, fold_kv_grad, masked_backward, masked_forward
+
 __all__ = [
     "BlockKernel", "MathKernel", "CpuFlashKernel", "SdpaFlashKernel", "SdpaEfficientKernel",
     "FlashAttnKernel", "get_kernel", "available_kernels", "accum_dtype", "LseAccumulator",
@@ -36,33 +38,8 @@ __all__ = [
 ]
 
 
-def accum_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype for outputs/LSE accumulation: fp64 stays fp64, everything else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def default_scale(head_dim: int, scale: float | None) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-
-
-@dataclass(frozen=True, eq=False)
-class Band:
-    """The mask of a partially visible block: query row i sees key rows [lo[i], hi[i]) of the block.
-
-    lo, hi: int64 [seq_q] (CPU), relative to the block's key rows, 0 <= lo, hi <= seq_k; an
-    empty interval (hi <= lo) is a row that sees nothing in this block."""
-
-    lo: Tensor
-    hi: Tensor
-
-    def visible(self, seq_k: int, device: torch.device) -> Tensor:
-        """bool [seq_q, seq_k]: True where the key is visible."""
-        j = torch.arange(seq_k, device=device)
-        return (j >= self.lo.to(device)[:, None]) & (j < self.hi.to(device)[:, None])
-
-    def pairs(self) -> int:
-        """Visible (query, key) entries of the block."""
-        return int((self.hi - self.lo).clamp(min=0).sum())
 
 
 def _check_block(q: Tensor, k: Tensor, v: Tensor, causal) -> None:
@@ -79,18 +56,6 @@ def _check_block(q: Tensor, k: Tensor, v: Tensor, causal) -> None:
         raise ValueError(f"causal block needs seq_q == seq_k, got {q.shape[1]} and {k.shape[1]}")
     if isinstance(causal, Band) and causal.lo.numel() != q.shape[1]:
         raise ValueError(f"band mask of {causal.lo.numel()} rows for a block of {q.shape[1]} query rows")
-
-
-def _expand_kv(x: Tensor, heads: int) -> Tensor:
-    """[b, s, hkv, d] -> [b, s, heads, d] by repeating each kv head for its query group."""
-    rep = heads // x.shape[2]
-    return x if rep == 1 else x.repeat_interleave(rep, dim=2)
-
-
-def _fold_kv_grad(dx: Tensor, kv_heads: int) -> Tensor:
-    """Inverse of _expand_kv for gradients: sum each query group back onto its kv head."""
-    b, s, h, d = dx.shape
-    return dx if h == kv_heads else dx.reshape(b, s, kv_heads, h // kv_heads, d).sum(3)
 
 
 def _unit_last_stride(x: Tensor) -> Tensor:
@@ -161,64 +126,6 @@ class MathKernel(BlockKernel):
         return masked_backward(dout, q, k, v, out, lse, causal, scale, None)
 
 
-def _visible(causal, sq: int, sk: int, device: torch.device) -> Tensor | None:
-    """bool [sq, sk] of the visible entries of a block mask (None: all visible)."""
-    if isinstance(causal, Band):
-        return causal.visible(sk, device)
-    if causal:
-        return torch.ones(sq, sk, dtype=torch.bool, device=device).tril()
-    return None
-
-
-def _probs(q: Tensor, k: Tensor, causal, scale: float, softcap: float | None,
-           lse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """p [b, h, sq, sk] normalised by lse (the block's own when None), lse, and tanh(scores / c)
-    under soft-capping (its derivative is needed in backward)."""
-    acc = accum_dtype(q.dtype)
-    s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), _expand_kv(k, q.shape[2]).to(acc)) * scale
-    t = None
-    if softcap:
-        t = torch.tanh(s / softcap)
-        s = softcap * t
-    visible = _visible(causal, q.shape[1], k.shape[1], q.device)
-    if visible is not None:
-        s = s.masked_fill(~visible, float("-inf"))
-    if lse is None:
-        lse = torch.logsumexp(s, dim=-1)
-    finite = torch.isfinite(lse)
-    p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
-    p = torch.where(finite.unsqueeze(-1), p, torch.zeros_like(p))
-    return p, lse, t
-
-
-def masked_forward(q: Tensor, k: Tensor, v: Tensor, causal, scale: float,
-                   softcap: float | None) -> tuple[Tensor, Tensor]:
-    """One block by plain PyTorch: causal a bool or `Band`, optional soft-capping -> out, lse."""
-    p, lse, _ = _probs(q, k, causal, scale, softcap)
-    out = torch.einsum("bhqk,bkhd->bqhd", p, _expand_kv(v, q.shape[2]).to(p.dtype))
-    return out.to(q.dtype), lse
-
-
-def masked_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal,
-                    scale: float, softcap: float | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of one block given the global out / lse: dS = P (dP - rowsum(dO O)), times
-    1 - tanh^2 under soft-capping, times the scale."""
-    acc = accum_dtype(q.dtype)
-    p, _, t = _probs(q, k, causal, scale, softcap, lse=lse.to(acc))
-    do = dout.to(acc)
-    ve = _expand_kv(v, q.shape[2]).to(acc)
-    dv = torch.einsum("bhqk,bqhd->bkhd", p, do)
-    dp = torch.einsum("bqhd,bkhd->bhqk", do, ve)
-    delta = (do * out.to(acc)).sum(-1).transpose(1, 2).unsqueeze(-1)  # [b, h, q, 1]
-    ds = p * (dp - delta)
-    if t is not None:
-        ds = ds * (1 - t * t)
-    ds = ds * scale
-    dq = torch.einsum("bhqk,bkhd->bqhd", ds, _expand_kv(k, q.shape[2]).to(acc))
-    dk = torch.einsum("bhqk,bqhd->bkhd", ds, q.to(acc))
-    return dq, _fold_kv_grad(dk, k.shape[2]), _fold_kv_grad(dv, k.shape[2])
-
-
 def _bhsd(x: Tensor) -> Tensor:
     return x.transpose(1, 2)
 
@@ -269,19 +176,19 @@ class SdpaFlashKernel(BlockKernel):
     def block_forward(self, q, k, v, causal, scale):
         h = q.shape[2]
         res = torch.ops.aten._scaled_dot_product_flash_attention(
-            _bhsd(q), _bhsd(_expand_kv(k, h)), _bhsd(_expand_kv(v, h)), 0.0, causal, False, scale=scale)
+            _bhsd(q), _bhsd(expand_kv(k, h)), _bhsd(expand_kv(v, h)), 0.0, causal, False, scale=scale)
         return _bhsd(res[0]), res[1].float()
 
     def block_backward(self, dout, q, k, v, out, lse, causal, scale):
         h = q.shape[2]
-        ke, ve = _expand_kv(k, h), _expand_kv(v, h)
+        ke, ve = expand_kv(k, h), expand_kv(v, h)
         sq, sk = q.shape[1], k.shape[1]
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             _bhsd(dout.to(q.dtype)), _bhsd(q), _bhsd(ke), _bhsd(ve), _bhsd(out.to(q.dtype)),
             lse.float().contiguous(), None, None, sq, sk, 0.0, causal, seed, seed, scale=scale)
-        return (_bhsd(dq).float(), _fold_kv_grad(_bhsd(dk).float(), k.shape[2]),
-                _fold_kv_grad(_bhsd(dv).float(), k.shape[2]))
+        return (_bhsd(dq).float(), fold_kv_grad(_bhsd(dk).float(), k.shape[2]),
+                fold_kv_grad(_bhsd(dv).float(), k.shape[2]))
 
 
 class SdpaEfficientKernel(BlockKernel):
@@ -298,18 +205,18 @@ class SdpaEfficientKernel(BlockKernel):
     def block_forward(self, q, k, v, causal, scale):
         h, sq = q.shape[2], q.shape[1]
         out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-            _bhsd(q), _bhsd(_expand_kv(k, h)), _bhsd(_expand_kv(v, h)), None, True, 0.0, causal, scale=scale)
+            _bhsd(q), _bhsd(expand_kv(k, h)), _bhsd(expand_kv(v, h)), None, True, 0.0, causal, scale=scale)
         return _bhsd(out), lse[..., :sq].float()
 
     def block_backward(self, dout, q, k, v, out, lse, causal, scale):
         h = q.shape[2]
-        ke, ve = _expand_kv(k, h), _expand_kv(v, h)
+        ke, ve = expand_kv(k, h), expand_kv(v, h)
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
             _bhsd(dout.to(q.dtype)), _bhsd(q), _bhsd(ke), _bhsd(ve), None, _bhsd(out.to(q.dtype)),
             lse.float().contiguous(), seed, seed, 0.0, [True, True, True, False], causal, scale=scale)
-        return (_bhsd(dq).float(), _fold_kv_grad(_bhsd(dk).float(), k.shape[2]),
-                _fold_kv_grad(_bhsd(dv).float(), k.shape[2]))
+        return (_bhsd(dq).float(), fold_kv_grad(_bhsd(dk).float(), k.shape[2]),
+                fold_kv_grad(_bhsd(dv).float(), k.shape[2]))
 
 
 class FlashAttnKernel(BlockKernel):
