@@ -7,9 +7,12 @@ import torch
 import seqpar
 from checks.attention import expect_error
 from checks.local_attn import FIELDS, local_exactness_cases, reference_local_attention, windowed_work
+from checks.train import transformer_step
 from seqpar.documents import _intervals, tile_intervals, visible_pairs
 from seqpar.kernels import Band, MathKernel
+from seqpar.model import ModelConfig
 from seqpar.plan import windowed_ring_bytes
+from seqpar.train import build_config
 
 SEQ = 32  # 8 tokens per rank on 4 ranks
 DOCS = [0, 5, 18, 25, SEQ]
@@ -172,3 +175,49 @@ BAD = [  # (attention kwargs, message fragment)
 def test_bad_local_attention_arguments_raise_clear_errors(worlds, attn, message):
     errors = worlds.run(2, expect_error, "ring", {}, seq=16, heads=4, causal=True, attention_kwargs=attn)
     assert len(set(errors)) == 1 and message in errors[0], errors
+
+
+# -- training: the built-in model with windows (--window, --local-global) --------------------------
+WINDOWED = {"window": 5, "local_global": 1}  # 2 layers: a 5-token window, then a global one
+
+
+@pytest.fixture(scope="module")
+def windowed_reference(worlds):
+    return worlds.run(1, transformer_step, "local", model=WINDOWED)[0]
+
+
+@pytest.mark.parametrize("strategy,kwargs", [("ring", {"layout": "contiguous", "tile": 4}), ("usp", {"ulysses": 2}),
+                                             ("fpdt", {"chunks": 2, "tile": 8})])
+def test_windowed_transformer_matches_one_process(worlds, windowed_reference, strategy, kwargs):
+    got = worlds.run(4, transformer_step, strategy, kwargs, model=WINDOWED)[0]
+    ref = windowed_reference
+    assert abs(got["loss"] - ref["loss"]) <= 1e-10 * abs(ref["loss"])
+    assert (got["logits"] - ref["logits"]).abs().max() < 1e-10
+    for name, g in got["grads"].items():
+        assert (g - ref["grads"][name]).abs().max() < 1e-10, name
+
+
+def test_windowed_model_layers_and_flops():
+    cfg = ModelConfig(n_layers=6, window=1024, local_global=5)  # Gemma 3: 5 local, 1 global
+    assert [cfg.layer_window(i) for i in range(6)] == [1024] * 5 + [0]
+    full = ModelConfig(n_layers=6).attention_flops_per_token(16384)
+    local = ModelConfig(n_layers=6, window=1024).attention_flops_per_token(16384)
+    assert local == pytest.approx(full * (1024 - 1024 * 1023 / 32768) / 8192)
+    assert ModelConfig(n_layers=6, window=20000).attention_flops_per_token(16384) == full
+
+
+@pytest.mark.parametrize("kwargs,message", [({"local_global": 2}, "give the window too"),
+                                            ({"window": -1}, "must be >= 0"),
+                                            ({"window": 8, "chunked_blocks": True}, "not supported with")])
+def test_windowed_model_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**kwargs)
+
+
+def test_train_window_flags_reach_the_model_and_the_layout():
+    cfg = build_config(["--window", "64", "--strategy", "ring"])
+    assert cfg.model_config().window == 64 and cfg.strategy_settings(4).layout.kind == "contiguous"
+    mixed = build_config(["--window", "64", "--local-global", "3", "--strategy", "ring"])
+    assert mixed.model_config().local_global == 3 and mixed.strategy_settings(4).layout.kind == "zigzag"
+    assert build_config(["--window", "64", "--strategy", "ring", "--layout", "zigzag"]).strategy_settings(4) \
+        .layout.kind == "zigzag"
