@@ -174,6 +174,8 @@ def tile_intervals(lo: Tensor, hi: Tensor, q_pos: Tensor, tile: int) -> list[tup
         tlo, thi = lo[r0:r1], hi[r0:r1]
         a, b = int(tlo.min()), int(thi.max())
         inner = (int(tlo[-1]), int(thi[0]))
+        if torch.equal(thi - thi[0], torch.arange(r1 - r0)) and inner[1] - 1 > inner[0]:
+            inner = (inner[0], inner[1] - 1)  # the right edge is the causal diagonal: a square (fast path)
         parts = [(a, inner[0]), inner, (inner[1], b)] if inner[0] < inner[1] else [(a, b)]
         for i, (c0, c1) in enumerate(parts):
             if len(parts) == 3 and i == 1:
