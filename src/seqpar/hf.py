@@ -12,7 +12,12 @@ sets the model's `attn_implementation` to it and passes its context with every f
 keyword argument ``seqpar_context`` (and the packed-document boundaries as
 ``seqpar_cu_seqlens``); transformers hands a model's forward kwargs through every decoder
 layer to the attention function, which calls `ctx.attention(q, k, v, causal=True,
-scale=scaling, cu_seqlens=...)`. So each model carries its own context and no process group
+scale=scaling, cu_seqlens=..., window=..., sinks=..., softcap=...)`: a layer's
+`sliding_window` W (transformers: key j visible from query i iff i - W < j <= i) becomes the
+window (W - 1, 0), so per-layer windows (Gemma 2/3, gpt-oss, Cohere2 layer types, Mistral) work
+at any sequence length; `s_aux` (gpt-oss's attention sinks, a parameter of the attention
+module, [heads]) becomes `sinks` (its gradient flows like every parameter's) and `softcap`
+(Gemma 2's attention logit soft-capping) `softcap`. So each model carries its own context and no process group
 is global; calling `.hf_model` directly without ``seqpar_context`` raises. ``"seqpar"`` has no
 entry in transformers' `AttentionMaskInterface`, which is transformers' sanctioned way for
 custom attention to get no mask at all (`create_causal_mask` returns None) rather than one
@@ -42,7 +47,6 @@ from torch import Tensor, nn
 from .checkpoint import read_model_state, resolve_checkpoint
 from .context import SeqParallel
 from .data import find_documents, open_tokens, write_document_index, write_token_file
-from .documents import check_cu_seqlens
 from .io import atomic_write
 
 try:
@@ -62,7 +66,6 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "spiece.model", "vocab.txt",
                    "chat_template.jinja", "chat_template.json")
-_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")  # logit soft-capping, attention sinks
 
 
 # -- the attention function ----------------------------------------------------------------------
@@ -77,19 +80,21 @@ def seqpar_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
         raise ValueError(f"attn_implementation {IMPLEMENTATION!r} needs the sequence-parallel context: call the "
                          f"model through seqpar.hf.HFCausalLM, or pass {CONTEXT_KWARG}=ctx to its forward")
     cu_seqlens = kwargs.get(CU_SEQLENS_KWARG)
-    _check_supported(module, query, key, attention_mask, dropout, sliding_window, kwargs, ctx, cu_seqlens)
+    _check_supported(module, query, key, attention_mask, dropout)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    window = (int(sliding_window) - 1, 0) if sliding_window else None
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
     device = q.device.type
     if torch.is_autocast_enabled(device):  # as autocast runs F.scaled_dot_product_attention: its dtype;
         # HF's fp32 RoPE tables leave q, k in fp32 while v is bf16
         q, k, v = (t.to(torch.get_autocast_dtype(device)) for t in (q, k, v))
     with torch.autocast(device, enabled=False):
-        out = ctx.attention(q, k, v, causal=True, scale=scaling, cu_seqlens=cu_seqlens)
+        out = ctx.attention(q, k, v, causal=True, scale=scaling, cu_seqlens=cu_seqlens, window=window,
+                            sinks=sinks, softcap=kwargs.get("softcap"))
     return out, None
 
 
-def _check_supported(module: nn.Module, query: Tensor, key: Tensor, attention_mask, dropout: float,
-                     sliding_window: int | None, kwargs: dict[str, Any], ctx: SeqParallel, cu_seqlens) -> None:
+def _check_supported(module: nn.Module, query: Tensor, key: Tensor, attention_mask, dropout: float) -> None:
     """ValueError for what sequence-parallel causal self-attention cannot compute exactly."""
     name = type(module).__name__
     if not getattr(module, "is_causal", True):
@@ -104,19 +109,6 @@ def _check_supported(module: nn.Module, query: Tensor, key: Tensor, attention_ma
     if dropout and dropout > 0:
         raise ValueError(f"{name}: attention dropout {dropout} is not supported by seqpar; set the config's "
                          "attention_dropout to 0 (or evaluate with model.eval())")
-    for extra in _UNSUPPORTED_KWARGS:
-        if kwargs.get(extra) is not None:
-            raise ValueError(f"{name}: attention with {extra!r} is not supported by seqpar")
-    if sliding_window is not None:
-        seq_len = query.shape[2] * ctx.size
-        span = seq_len
-        if cu_seqlens is not None:  # a token sees only its own document
-            batch = len(cu_seqlens) if isinstance(cu_seqlens, (list, tuple)) else 1
-            span = max(b - a for row in check_cu_seqlens(cu_seqlens, seq_len, batch) for a, b in zip(row, row[1:]))
-        if sliding_window < span:
-            raise ValueError(f"{name}: sliding window {sliding_window} is smaller than the {span} tokens a query can "
-                             f"see (global sequence {seq_len}); seqpar computes full causal attention only — use "
-                             f"seq_len <= {sliding_window} or a model without a sliding window")
 
 
 AttentionInterface.register(IMPLEMENTATION, seqpar_attention_forward)
