@@ -6,7 +6,13 @@ import torch
 
 import seqpar
 from checks.attention import expect_error
-from checks.local_attn import FIELDS, local_exactness_cases, reference_local_attention, windowed_work
+from checks.local_attn import (
+    FIELDS,
+    local_args_mismatch,
+    local_exactness_cases,
+    reference_local_attention,
+    windowed_work,
+)
 from checks.train import transformer_step
 from seqpar.documents import _intervals, tile_intervals, visible_pairs
 from seqpar.kernels import Band, MathKernel
@@ -175,6 +181,14 @@ BAD = [  # (attention kwargs, message fragment)
 def test_bad_local_attention_arguments_raise_clear_errors(worlds, attn, message):
     errors = worlds.run(2, expect_error, "ring", {}, seq=16, heads=4, causal=True, attention_kwargs=attn)
     assert len(set(errors)) == 1 and message in errors[0], errors
+
+
+def test_ranks_passing_different_windows_raise_the_same_error(worlds):
+    """Window, soft-cap and sinks are part of the cross-rank input check: no rank computes (or hangs)
+    with another mask than its peers."""
+    errors = worlds.run(2, local_args_mismatch)
+    assert len(set(errors)) == 1 and "mismatched inputs" in errors[0] and "window = (4, 0), (5, 0)" in errors[0], \
+        errors
 
 
 # -- training: the built-in model with windows (--window, --local-global) --------------------------

@@ -11,7 +11,7 @@ from .attention import Settings, StrategyOptions, get_strategy
 from .attention.fpdt_block import BlockFunctions
 from .comm import Comm, CommStats
 from .documents import DEFAULT_TILE, DocMask, Documents, check_cu_seqlens, check_window, document_positions
-from .inputcheck import InputChecker
+from .inputcheck import InputChecker, local_code
 from .kernels import BlockKernel, CountingKernel, FlopStats, SoftcapKernel, check_kernel_name, default_scale, get_kernel
 from .layout import DOCUMENTS, TokenLayout
 from .mesh import Mesh
@@ -114,15 +114,17 @@ class SeqParallel:
         Returns out [batch, seq_local, heads, head_dim], plus lse [batch, heads, seq_local]
         (fp32, fp64 for fp64 inputs; including the sinks) when return_lse.
         """
-        rows = self._inputs.validate(q, k, v, causal, self.layout, cu_seqlens)
-        if self.layout.kind == DOCUMENTS and (rows is None or len(set(rows)) > 1):
-            raise ValueError("the 'documents' layout needs cu_seqlens, the same for every batch row")
         window = check_window(window)
         _check_sinks(sinks, q)
+        softcap = None if softcap is None else _check_softcap(softcap)
+        local = local_code(window, softcap, sinks is not None)
+        rows = self._inputs.validate(q, k, v, causal, self.layout, cu_seqlens, local)
+        if self.layout.kind == DOCUMENTS and (rows is None or len(set(rows)) > 1):
+            raise ValueError("the 'documents' layout needs cu_seqlens, the same for every batch row")
         mask = self._mask(rows, causal, window, q.shape[1] * self.size)
         kernel = self.kernel_for(q.device, q.dtype)
         if softcap is not None:
-            kernel = SoftcapKernel(kernel, _check_softcap(softcap))
+            kernel = SoftcapKernel(kernel, softcap)
         extra = {} if sinks is None else {"sinks": sinks}
         out, lse = self.strategy.attention(q, k, v, causal, default_scale(q.shape[-1], scale),
                                            return_lse or sinks is not None, kernel, mask, **extra)

@@ -94,3 +94,14 @@ def windowed_work(strategy: str, init_kwargs: dict[str, Any], *, seq: int, windo
     ctx.attention(*local, causal=causal, window=window).backward(ctx.shard(dout))
     return {"pairs": ctx.flop_stats()["forward_pairs"], "bytes": ctx.comm_stats()["total"]["sent"],
             "p2p": ctx.comm_stats().get("p2p", {}).get("sent", 0), "layout": ctx.layout.kind}
+
+
+def local_args_mismatch() -> str:
+    """Rank r calls attention with window (4 + r, 0); the error text ('' if none)."""
+    ctx = seqpar.init("ring")
+    x = torch.randn(1, 8, 4, 4, dtype=torch.float64)
+    try:
+        ctx.attention(x, x, x, causal=True, window=(4 + ctx.rank, 0))
+    except ValueError as e:
+        return str(e)
+    return ""
