@@ -22,6 +22,7 @@ from transformers import (
     MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    StableLmConfig,
     Qwen3Config,
 )
 
@@ -41,6 +42,7 @@ CONFIGS = {
     # local attention (issue #19): per-layer windows, logit soft-capping, attention sinks
     "gemma2": lambda: Gemma2Config(**SHAPE, head_dim=16, sliding_window=7, attn_logit_softcapping=2.0,
                                    final_logit_softcapping=30.0, query_pre_attn_scalar=16),
+    "stablelm": lambda: StableLmConfig(**SHAPE),  # decoder layers drop the kwargs on the way to attention
     "gpt_oss": lambda: GptOssConfig(**SHAPE, head_dim=16, sliding_window=9, num_local_experts=4,
                                     num_experts_per_tok=2),
     "llama_dropout": lambda: LlamaConfig(**SHAPE, attention_dropout=0.1),
@@ -124,6 +126,7 @@ def assert_matches(results, ref, tol, label):
     # transformers' eager Gemma 2 attention takes its softmax in fp32 even for fp64 models
     ("gemma2", [("usp", {"ulysses": 2, "ring": 2}), ("wallfacer", {"team_size": 1})], "float64", 1e-6),
     ("gpt_oss", [("ring", {"layout": "zigzag"}), ("fpdt", {"chunks": 2})], "float32", 1e-5),  # MoE: no fp64
+    ("stablelm", [("ulysses", {})], "float64", 1e-9),
     ("qwen3", [("ring", {"layout": "zigzag"})], "float32", 1e-5),
 ])
 def test_matches_single_process_transformers(worlds, models, name, cases, dtype, tol):

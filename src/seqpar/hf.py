@@ -18,7 +18,10 @@ window (W - 1, 0), so per-layer windows (Gemma 2/3, gpt-oss, Cohere2 layer types
 at any sequence length; `s_aux` (gpt-oss's attention sinks, a parameter of the attention
 module, [heads]) becomes `sinks` (its gradient flows like every parameter's) and `softcap`
 (Gemma 2's attention logit soft-capping) `softcap`. So each model carries its own context and no process group
-is global; calling `.hf_model` directly without ``seqpar_context`` raises. ``"seqpar"`` has no
+is global; calling `.hf_model` directly without ``seqpar_context`` raises. Models whose decoder
+layers do not hand the kwargs on to attention (StableLM) still get them: for the duration of
+its forward `HFCausalLM` also holds the context and boundaries on the model's modules
+(`_CALL_ATTR`), where the attention function finds them on the module it is called for. ``"seqpar"`` has no
 entry in transformers' `AttentionMaskInterface`, which is transformers' sanctioned way for
 custom attention to get no mask at all (`create_causal_mask` returns None) rather than one
 built for the local shard only; the causal and document masks are applied by seqpar, over the
@@ -61,6 +64,7 @@ IMPLEMENTATION = "seqpar"              # the attn_implementation name registered
 CONTEXT_KWARG = "seqpar_context"       # forward kwarg carrying the SeqParallel context to attention
 CU_SEQLENS_KWARG = "seqpar_cu_seqlens"  # forward kwarg carrying the global document boundaries
 PREFIX = "hf_model."                   # HFCausalLM state-dict key = PREFIX + HF model key
+_CALL_ATTR = "_seqpar_call"            # (context, cu_seqlens) on every module during HFCausalLM.forward
 IGNORE_INDEX = -100
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -75,11 +79,12 @@ def seqpar_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     """transformers attention function: query [batch, heads, seq_local, head_dim], key/value
     [batch, kv_heads, seq_local, head_dim] -> (out [batch, seq_local, heads, head_dim], None), exact
     causal self-attention over the whole (sharded) sequence of `kwargs["seqpar_context"]`."""
-    ctx = kwargs.get(CONTEXT_KWARG)
+    held = module.__dict__.get(_CALL_ATTR)  # layers that drop the kwargs (StableLM)
+    ctx = kwargs.get(CONTEXT_KWARG, held[0] if held else None)
     if not isinstance(ctx, SeqParallel):
         raise ValueError(f"attn_implementation {IMPLEMENTATION!r} needs the sequence-parallel context: call the "
                          f"model through seqpar.hf.HFCausalLM, or pass {CONTEXT_KWARG}=ctx to its forward")
-    cu_seqlens = kwargs.get(CU_SEQLENS_KWARG)
+    cu_seqlens = kwargs.get(CU_SEQLENS_KWARG, held[1] if held else None)
     _check_supported(module, query, key, attention_mask, dropout)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     window = (int(sliding_window) - 1, 0) if sliding_window else None
@@ -130,6 +135,20 @@ class HFCausalLM(nn.Module):
         if activation_checkpointing:
             hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    @contextlib.contextmanager
+    def _held(self, cu_seqlens):
+        """The context and boundaries held on every module of the model for one forward (and its
+        activation-checkpointing recomputation, which runs inside backward: kept until then)."""
+        modules = list(self.hf_model.modules())
+        for m in modules:
+            m.__dict__[_CALL_ATTR] = (self.ctx, cu_seqlens)
+        try:
+            yield
+        finally:
+            if not (torch.is_grad_enabled() and self.hf_model.is_gradient_checkpointing):
+                for m in modules:
+                    m.__dict__.pop(_CALL_ATTR, None)
+
     @property
     def layers(self) -> nn.ModuleList:
         """The decoder blocks (FSDP wraps each one)."""
@@ -156,8 +175,9 @@ class HFCausalLM(nn.Module):
             raise ValueError("this HFCausalLM has no sequence-parallel context (built with ctx=None)")
         if positions.dim() == 1:
             positions = positions.unsqueeze(0).expand(tokens.shape[0], -1)
-        logits = self.hf_model(input_ids=tokens, position_ids=positions, use_cache=False,
-                               **{CONTEXT_KWARG: self.ctx, CU_SEQLENS_KWARG: cu_seqlens}).logits
+        with self._held(cu_seqlens):
+            logits = self.hf_model(input_ids=tokens, position_ids=positions, use_cache=False,
+                                   **{CONTEXT_KWARG: self.ctx, CU_SEQLENS_KWARG: cu_seqlens}).logits
         if labels is None:
             return logits
         work = torch.float64 if logits.dtype == torch.float64 else torch.float32
