@@ -22,8 +22,8 @@ from transformers import (
     MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
-    StableLmConfig,
     Qwen3Config,
+    StableLmConfig,
 )
 
 from checks.hf import hf_errors, hf_steps, hf_train_and_save
