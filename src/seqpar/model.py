@@ -185,7 +185,8 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         q, k, v = self.project(x, rope)
         with torch.autocast(x.device.type, enabled=False):  # q/k/v keep their (autocast) dtype
-            out = self.ctx.attention(q, k, v, causal=self.causal, cu_seqlens=cu_seqlens, window=self.window)
+            local = {"window": self.window} if self.window else {}  # DiT's (duck-typed) contexts: unchanged call
+            out = self.ctx.attention(q, k, v, causal=self.causal, cu_seqlens=cu_seqlens, **local)
         return self.wo(out.reshape(b, s, -1))
 
 
