@@ -198,6 +198,11 @@ class RingComm:
         """Ring position of the rank whose block this rank holds after `step` rotations."""
         return (self.rank - step) % self.size
 
+    def shift(self, x: Tensor, distance: int, out: Tensor | None = None) -> PendingRecv:
+        """Send x to the rank `distance` places ahead on the ring, receive from the one as far behind."""
+        dst, src = (self.ranks[(self.rank + s) % self.size] for s in (distance, -distance))
+        return self.comm.exchange(x, dst, x, src, tag=self.tag, out=out)
+
     def send_recv(self, x: Tensor, out: Tensor | None = None) -> PendingRecv:
         """Send x to the next rank, receive the previous rank's (into `out` when given)."""
         return self.comm.exchange(x, self.next, x, self.prev, tag=self.tag, out=out)

@@ -11,9 +11,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from .attention import Settings, StrategyOptions, get_strategy
 from .attention.fpdt_block import BlockFunctions
 from .comm import Comm, CommStats
-from .documents import DocMask, Documents, check_cu_seqlens, document_positions
-from .inputcheck import InputChecker
-from .kernels import BlockKernel, CountingKernel, FlopStats, check_kernel_name, default_scale, get_kernel
+from .documents import DEFAULT_TILE, DocMask, Documents, check_cu_seqlens, check_window, document_positions
+from .inputcheck import InputChecker, local_code
+from .kernels import BlockKernel, CountingKernel, FlopStats, SoftcapKernel, check_kernel_name, default_scale, get_kernel
 from .layout import DOCUMENTS, TokenLayout
 from .mesh import Mesh
 from .ops import attention_op, register_context
@@ -99,32 +99,55 @@ class SeqParallel:
         return self._kernels[key]
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
-                  return_lse: bool = False, cu_seqlens=None):
+                  return_lse: bool = False, cu_seqlens=None, window=None, sinks: Tensor | None = None,
+                  softcap: float | None = None):
         """Exact attention over the full (sharded) sequence.
 
         q [batch, seq_local, heads, head_dim], k/v [batch, seq_local, kv_heads, head_dim].
         cu_seqlens: packed documents — a 1-D integer tensor [0, l1, l1+l2, ..., seq_len] of global
         boundaries (the same on every rank) for every batch row, or a list of them, one per row;
         a token then attends only to its own document (causally when causal).
+        window: (left, right) sliding window as in flash-attn — key j is visible from query i iff
+        (left < 0 or j >= i - left) and (right < 0 or j <= i + right), -1 unbounded (global
+        positions; with documents also inside the document); tiles no query sees are skipped.
+        sinks: [heads] learnable attention-sink logits (gpt-oss): one extra column in each
+        softmax denominator carrying no value; its gradient is this rank's part (summed over the
+        ranks by the gradient sync, like every parameter's).
+        softcap: c > 0, scores become c * tanh(scores / c) before masking (Gemma 2).
         Returns out [batch, seq_local, heads, head_dim], plus lse [batch, heads, seq_local]
-        (fp32, fp64 for fp64 inputs) when return_lse.
+        (fp32, fp64 for fp64 inputs; including the sinks) when return_lse.
         """
+        window = check_window(window)
+        _check_sinks(sinks, q)
+        softcap = None if softcap is None else _check_softcap(softcap)
         scale = default_scale(q.shape[-1], scale)
-        if torch.compiler.is_compiling():  # one opaque op in the compiled graph (seqpar.ops)
+        plain = window is None and sinks is None and softcap is None
+        if plain and torch.compiler.is_compiling():  # one opaque op in the compiled graph (seqpar.ops)
             out, lse = attention_op(q, k, v, self.handle, causal, scale, return_lse, cu_seqlens)
-        else:
-            out, lse = self.attention_impl(q, k, v, causal, scale, return_lse, cu_seqlens)
+        else:  # (windows, sinks and soft-capping are not in the op yet: dynamo traces into them)
+            out, lse = self.attention_impl(q, k, v, causal, scale, return_lse, cu_seqlens, window, sinks, softcap)
         return (out, lse) if return_lse else out
 
     def attention_impl(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, need_lse: bool,
-                       cu_seqlens=None) -> tuple[Tensor, Tensor | None]:
+                       cu_seqlens=None, window=None, sinks: Tensor | None = None,
+                       softcap: float | None = None) -> tuple[Tensor, Tensor | None]:
         """`attention` in eager mode (and inside the compiled graph's op): check the inputs, build
-        the document mask, run the strategy. Returns out and lse (None unless need_lse)."""
-        rows = self._inputs.validate(q, k, v, causal, self.layout, cu_seqlens)
+        the mask (documents, window), run the strategy, merge the sinks. Returns out and lse (None
+        unless need_lse or sinks)."""
+        local = local_code(window, softcap, sinks is not None)
+        rows = self._inputs.validate(q, k, v, causal, self.layout, cu_seqlens, local)
         if self.layout.kind == DOCUMENTS and (rows is None or len(set(rows)) > 1):
             raise ValueError("the 'documents' layout needs cu_seqlens, the same for every batch row")
-        mask = None if rows is None else self._mask(rows, causal)
-        return self.strategy.attention(q, k, v, causal, scale, need_lse, self.kernel_for(q.device, q.dtype), mask)
+        mask = self._mask(rows, causal, window, q.shape[1] * self.size)
+        kernel = self.kernel_for(q.device, q.dtype)
+        if softcap is not None:
+            kernel = SoftcapKernel(kernel, softcap)
+        extra = {} if sinks is None else {"sinks": sinks}
+        out, lse = self.strategy.attention(q, k, v, causal, scale, need_lse or sinks is not None, kernel, mask,
+                                           **extra)
+        if sinks is not None and torch.is_grad_enabled() and sinks.requires_grad:
+            out = _SinkGrad.apply(out, lse, sinks)
+        return out, lse
 
     def chunked_block(self, x: Tensor, project, finish, params, *, heads: int, kv_heads: int, head_dim: int,
                       causal: bool = True, scale: float | None = None, cu_seqlens=None,
@@ -155,13 +178,22 @@ class SeqParallel:
         return self.strategy.chunked_block(x, fns, causal, default_scale(head_dim, scale),
                                            self.kernel_for(x.device, dtype), mask, recompute)
 
-    def _mask(self, rows: tuple[tuple[int, ...], ...], causal: bool) -> DocMask:
-        """The DocMask of these boundaries (reused while they repeat, e.g. across layers)."""
-        key = (rows, causal)
+    def _mask(self, rows: tuple[tuple[int, ...], ...] | None, causal: bool, window=None,
+              seq_len: int = 0) -> DocMask | None:
+        """The DocMask of these boundaries and window (reused while they repeat, e.g. across
+        layers); None without documents and window."""
+        if rows is None and window is None:
+            return None
+        key = (rows, causal, window, None if rows else seq_len)
         if key not in self._masks:
-            if len(self._masks) >= 4:
+            if len(self._masks) >= 8:
                 self._masks.pop(next(iter(self._masks)))
-            self._masks[key] = DocMask(Documents.from_rows(rows), causal, self.layout.with_documents(rows[0]))
+            tile = self.settings.tile or DEFAULT_TILE
+            if rows is None:
+                self._masks[key] = DocMask.whole(seq_len, causal, window, tile)
+            else:
+                self._masks[key] = DocMask(Documents.from_rows(rows), causal, self.layout.with_documents(rows[0]),
+                                           window, tile)
         return self._masks[key]
 
     @property
@@ -202,6 +234,36 @@ class SeqParallel:
 
     def __repr__(self) -> str:
         return f"SeqParallel({self.describe()})"
+
+
+def _check_sinks(sinks: Tensor | None, q: Tensor) -> None:
+    if sinks is not None and (not isinstance(sinks, Tensor) or tuple(sinks.shape) != (q.shape[2],)
+                              or not sinks.is_floating_point()):
+        raise ValueError(f"sinks must be a floating-point tensor [heads] = [{q.shape[2]}] (one logit per query "
+                         f"head), got {tuple(sinks.shape) if isinstance(sinks, Tensor) else type(sinks).__name__}")
+
+
+def _check_softcap(softcap) -> float:
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < float("inf"):
+        raise ValueError(f"softcap must be a positive finite number (or None for no soft-capping), got {softcap!r}")
+    return float(softcap)
+
+
+class _SinkGrad(torch.autograd.Function):
+    """out unchanged; backward adds the sinks' gradient of this rank's rows: the sink of head h
+    takes p_sink = exp(sink_h - lse) of every row, so dsink_h = -sum_rows p_sink * (dO . O)."""
+
+    @staticmethod
+    def forward(ctx, out, lse, sinks):
+        ctx.save_for_backward(out, lse, sinks)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, dout):
+        out, lse, sinks = ctx.saved_tensors
+        p_sink = torch.exp(sinks.detach().to(lse.dtype).view(1, -1, 1) - lse)  # [b, h, s]
+        delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1).transpose(1, 2)  # [b, h, s]
+        return dout, None, -(p_sink * delta).sum((0, 2)).to(sinks.dtype)
 
 
 class SequenceParallelAttention(nn.Module):

@@ -16,6 +16,14 @@ Key rows no query of the block may see are never computed, so a packed batch of 
 documents costs what its documents cost. The same rule serves every strategy: the ring
 and all-gather strategies pass their layout's positions, Ulysses the whole sequence,
 FPDT its chunks.
+
+A sliding window (flash-attn's `window=(left, right)`: key j visible from query i iff
+(left < 0 or j >= i - left) and (right < 0 or j <= i + right)) narrows each row's interval
+further; the intervals stay non-decreasing. Windowed masks are cut into tiles of `tile` query
+rows instead (`tile_intervals`): per tile the key columns every row sees form one unmasked
+rectangle (the kernel's fast path), the partially visible edges `Band` blocks of at most
+`tile` columns each, and columns no row of the tile sees are skipped, so a causal window of w
+over S tokens computes about (w + 2 tile) S pairs per head instead of S^2 / 2.
 """
 from __future__ import annotations
 
@@ -25,9 +33,26 @@ from typing import Any, Hashable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Documents", "DocMask", "BPair", "cu_seqlens_error", "document_positions", "visible_pairs"]
+from .kernels import Band
 
-BPair = tuple[slice, slice, slice, bool]  # (batch rows, q rows, kv rows, causal)
+__all__ = ["Documents", "DocMask", "BPair", "cu_seqlens_error", "document_positions", "visible_pairs",
+           "check_window", "tile_intervals", "DEFAULT_TILE"]
+
+BPair = tuple[slice, slice, slice, "bool | Band"]  # (batch rows, q rows, kv rows, causal or Band)
+Window = tuple[int, int]
+DEFAULT_TILE = 128  # query rows (and at most key columns) per tile of a windowed mask
+
+
+def check_window(window) -> Window | None:
+    """A window (left, right) with -1 for unbounded -> the tuple, None when both are unbounded,
+    or a ValueError naming what to change."""
+    if window is None:
+        return None
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) or w < -1 for w in window)):
+        raise ValueError(f"window must be (left, right) with integers >= 0, or -1 for unbounded; got {window!r}")
+    left, right = (int(w) for w in window)
+    return None if left < 0 and right < 0 else (left, right)
 
 CU_ERRORS = (  # error code -> message; 0 = valid
     "",
@@ -88,22 +113,80 @@ def document_positions(positions: Tensor, cu: Sequence[int]) -> Tensor:
     return positions - bounds[doc]
 
 
-def visible_pairs(cu: Sequence[int], causal: bool, q_pos: Tensor | None = None, kv_pos: Tensor | None = None) -> int:
+def visible_pairs(cu: Sequence[int], causal: bool, q_pos: Tensor | None = None, kv_pos: Tensor | None = None,
+                  window: Window | None = None) -> int:
     """Number of visible (query, key) pairs of queries q_pos vs keys kv_pos (default: all tokens)."""
     q_pos = torch.arange(cu[-1]) if q_pos is None else q_pos
     kv_pos = torch.arange(cu[-1]) if kv_pos is None else kv_pos
-    lo, hi = _intervals(q_pos, kv_pos, cu, causal)
+    lo, hi = _intervals(q_pos, kv_pos, cu, causal, window)
     return int((hi - lo).sum())
 
 
-def _intervals(q_pos: Tensor, kv_pos: Tensor, cu: Sequence[int], causal: bool) -> tuple[Tensor, Tensor]:
+def _intervals(q_pos: Tensor, kv_pos: Tensor, cu: Sequence[int], causal: bool,
+               window: Window | None = None) -> tuple[Tensor, Tensor]:
     """Visible key rows [lo[i], hi[i]) of each query row i (positions sorted increasing)."""
     bounds = torch.tensor(cu, dtype=torch.long)
     q_pos, kv_pos = q_pos.long().cpu(), kv_pos.long().cpu()
     doc = torch.searchsorted(bounds, q_pos, right=True) - 1
     lo = torch.searchsorted(kv_pos, bounds[doc])
     hi = torch.searchsorted(kv_pos, q_pos, right=True) if causal else torch.searchsorted(kv_pos, bounds[doc + 1])
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            lo = torch.maximum(lo, torch.searchsorted(kv_pos, q_pos - left))
+        if right >= 0:
+            hi = torch.minimum(hi, torch.searchsorted(kv_pos, q_pos + right, right=True))
+        hi = torch.maximum(hi, lo)
     return lo, hi
+
+
+def _row_runs(q_pos: Tensor, tile: int) -> list[tuple[int, int]]:
+    """Query tiles: runs of rows whose positions advance by the smallest step (a rank's chunks),
+    cut every `tile` rows."""
+    n = q_pos.numel()
+    if n == 0:
+        return []
+    step = q_pos[1:] - q_pos[:-1]
+    cuts = [0] + ((step != step.min()).nonzero().flatten() + 1).tolist() + [n] if n > 1 else [0, n]
+    return [(r, min(r + tile, b)) for a, b in zip(cuts, cuts[1:]) for r in range(a, b, tile)]
+
+
+def _tile_mask(lo: Tensor, hi: Tensor, c0: int, c1: int):
+    """The mask of rows (lo, hi) against key columns [c0, c1): None (nothing visible), False (all
+    visible), True (exactly a top-left causal square) or a Band."""
+    if not bool(((lo < c1) & (hi > c0) & (hi > lo)).any()):
+        return None
+    if bool(((lo <= c0) & (hi >= c1)).all()):
+        return False
+    rows = lo.numel()
+    if rows == c1 - c0 and bool((lo <= c0).all()) and torch.equal(hi, torch.arange(c0 + 1, c1 + 1)):
+        return True
+    return Band((lo - c0).clamp(0, c1 - c0), (hi - c0).clamp(0, c1 - c0))
+
+
+def tile_intervals(lo: Tensor, hi: Tensor, q_pos: Tensor, tile: int) -> list[tuple[int, int, int, int, Any]]:
+    """Rows with visible key intervals [lo, hi) (non-decreasing) -> tiles (r0, r1, c0, c1, mask):
+    per query tile one unmasked rectangle of the keys all its rows see, and the partially visible
+    columns either side in tiles of at most `tile` columns (mask True or Band); columns no row of
+    the tile sees are skipped."""
+    out: list[tuple[int, int, int, int, Any]] = []
+    for r0, r1 in _row_runs(q_pos, tile):
+        tlo, thi = lo[r0:r1], hi[r0:r1]
+        a, b = int(tlo.min()), int(thi.max())
+        inner = (int(tlo[-1]), int(thi[0]))
+        if torch.equal(thi - thi[0], torch.arange(r1 - r0)) and inner[1] - 1 > inner[0]:
+            inner = (inner[0], inner[1] - 1)  # the right edge is the causal diagonal: a square (fast path)
+        parts = [(a, inner[0]), inner, (inner[1], b)] if inner[0] < inner[1] else [(a, b)]
+        for i, (c0, c1) in enumerate(parts):
+            if len(parts) == 3 and i == 1:
+                out.append((r0, r1, c0, c1, False))
+                continue
+            for d0 in range(c0, c1, tile):
+                d1 = min(d0 + tile, c1)
+                mask = _tile_mask(tlo, thi, d0, d1)
+                if mask is not None:
+                    out.append((r0, r1, d0, d1, mask))
+    return out
 
 
 def _runs(t: list[int]) -> list[tuple[int, int, int]]:
@@ -180,13 +263,21 @@ class Documents:
 
 @dataclass(frozen=True)
 class DocMask:
-    """The document mask of one attention call: `pairs(q_pos, kv_pos, key)` -> sub-blocks
-    (batch rows, q rows, kv rows, causal), cached under `key` (e.g. the outer ranks)."""
+    """The mask of one attention call — packed documents and/or a sliding window (one document
+    spanning the whole sequence when there are none): `pairs(q_pos, kv_pos, key)` -> sub-blocks
+    (batch rows, q rows, kv rows, causal or Band), cached under `key` (e.g. the outer ranks)."""
 
     docs: Documents
     causal: bool
     layout: Any = None  # the batch's documents layout (a TokenLayout: positions of the outer ranks)
+    window: Window | None = None  # (left, right), -1 unbounded (`check_window`)
+    tile: int = DEFAULT_TILE      # query rows per tile of a windowed mask
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def whole(cls, seq_len: int, causal: bool, window: Window, tile: int = DEFAULT_TILE) -> "DocMask":
+        """A window over one document of `seq_len` tokens (no packed documents)."""
+        return cls(Documents(seq_len, ((0, 1, (0, seq_len)),)), causal, None, window, tile)
 
     def pairs(self, q_pos: Tensor, kv_pos: Tensor, key: Hashable = None) -> list[BPair]:
         """q_pos [nq], kv_pos [nk]: sorted global positions of the block's query and key rows."""
@@ -195,8 +286,9 @@ class DocMask:
         out: list[BPair] = []
         for first, end, cu in self.docs.groups:
             rows = self.docs.batch_slice(first, end)
-            lo, hi = _intervals(q_pos, kv_pos, cu, self.causal)
-            out += [(rows, slice(r0, r1), slice(c0, c1), causal) for r0, r1, c0, c1, causal in split_intervals(lo, hi)]
+            lo, hi = _intervals(q_pos, kv_pos, cu, self.causal, self.window)
+            tiles = split_intervals(lo, hi) if self.window is None else tile_intervals(lo, hi, q_pos, self.tile)
+            out += [(rows, slice(r0, r1), slice(c0, c1), causal) for r0, r1, c0, c1, causal in tiles]
         if key is not None:
             self._cache[key] = out
         return out

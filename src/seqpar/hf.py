@@ -12,8 +12,16 @@ sets the model's `attn_implementation` to it and passes its context with every f
 keyword argument ``seqpar_context`` (and the packed-document boundaries as
 ``seqpar_cu_seqlens``); transformers hands a model's forward kwargs through every decoder
 layer to the attention function, which calls `ctx.attention(q, k, v, causal=True,
-scale=scaling, cu_seqlens=...)`. So each model carries its own context and no process group
-is global; calling `.hf_model` directly without ``seqpar_context`` raises. ``"seqpar"`` has no
+scale=scaling, cu_seqlens=..., window=..., sinks=..., softcap=...)`: a layer's
+`sliding_window` W (transformers: key j visible from query i iff i - W < j <= i) becomes the
+window (W - 1, 0), so per-layer windows (Gemma 2/3, gpt-oss, Cohere2 layer types, Mistral) work
+at any sequence length; `s_aux` (gpt-oss's attention sinks, a parameter of the attention
+module, [heads]) becomes `sinks` (its gradient flows like every parameter's) and `softcap`
+(Gemma 2's attention logit soft-capping) `softcap`. So each model carries its own context and no process group
+is global; calling `.hf_model` directly without ``seqpar_context`` raises. Models whose decoder
+layers do not hand the kwargs on to attention (StableLM) still get them: for the duration of
+its forward `HFCausalLM` also holds the context and boundaries on the model's modules
+(`_CALL_ATTR`), where the attention function finds them on the module it is called for. ``"seqpar"`` has no
 entry in transformers' `AttentionMaskInterface`, which is transformers' sanctioned way for
 custom attention to get no mask at all (`create_causal_mask` returns None) rather than one
 built for the local shard only; the causal and document masks are applied by seqpar, over the
@@ -43,7 +51,6 @@ from .checkpoint import read_model_state, resolve_checkpoint
 from .context import SeqParallel
 from .corpus import TOKENIZER_FILES
 from .data import find_documents, open_tokens, write_document_index, write_token_file
-from .documents import check_cu_seqlens
 from .io import atomic_write
 
 try:
@@ -58,9 +65,9 @@ IMPLEMENTATION = "seqpar"              # the attn_implementation name registered
 CONTEXT_KWARG = "seqpar_context"       # forward kwarg carrying the SeqParallel context to attention
 CU_SEQLENS_KWARG = "seqpar_cu_seqlens"  # forward kwarg carrying the global document boundaries
 PREFIX = "hf_model."                   # HFCausalLM state-dict key = PREFIX + HF model key
+_CALL_ATTR = "_seqpar_call"            # (context, cu_seqlens) on every module during HFCausalLM.forward
 IGNORE_INDEX = -100
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")  # logit soft-capping, attention sinks
 
 
 # -- the attention function ----------------------------------------------------------------------
@@ -70,24 +77,27 @@ def seqpar_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     """transformers attention function: query [batch, heads, seq_local, head_dim], key/value
     [batch, kv_heads, seq_local, head_dim] -> (out [batch, seq_local, heads, head_dim], None), exact
     causal self-attention over the whole (sharded) sequence of `kwargs["seqpar_context"]`."""
-    ctx = kwargs.get(CONTEXT_KWARG)
+    held = module.__dict__.get(_CALL_ATTR)  # layers that drop the kwargs (StableLM)
+    ctx = kwargs.get(CONTEXT_KWARG, held[0] if held else None)
     if not isinstance(ctx, SeqParallel):
         raise ValueError(f"attn_implementation {IMPLEMENTATION!r} needs the sequence-parallel context: call the "
                          f"model through seqpar.hf.HFCausalLM, or pass {CONTEXT_KWARG}=ctx to its forward")
-    cu_seqlens = kwargs.get(CU_SEQLENS_KWARG)
-    _check_supported(module, query, key, attention_mask, dropout, sliding_window, kwargs, ctx, cu_seqlens)
+    cu_seqlens = kwargs.get(CU_SEQLENS_KWARG, held[1] if held else None)
+    _check_supported(module, query, key, attention_mask, dropout)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    window = (int(sliding_window) - 1, 0) if sliding_window else None
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
     device = q.device.type
     if torch.is_autocast_enabled(device):  # as autocast runs F.scaled_dot_product_attention: its dtype;
         # HF's fp32 RoPE tables leave q, k in fp32 while v is bf16
         q, k, v = (t.to(torch.get_autocast_dtype(device)) for t in (q, k, v))
     with torch.autocast(device, enabled=False):
-        out = ctx.attention(q, k, v, causal=True, scale=scaling, cu_seqlens=cu_seqlens)
+        out = ctx.attention(q, k, v, causal=True, scale=scaling, cu_seqlens=cu_seqlens, window=window,
+                            sinks=sinks, softcap=kwargs.get("softcap"))
     return out, None
 
 
-def _check_supported(module: nn.Module, query: Tensor, key: Tensor, attention_mask, dropout: float,
-                     sliding_window: int | None, kwargs: dict[str, Any], ctx: SeqParallel, cu_seqlens) -> None:
+def _check_supported(module: nn.Module, query: Tensor, key: Tensor, attention_mask, dropout: float) -> None:
     """ValueError for what sequence-parallel causal self-attention cannot compute exactly."""
     name = type(module).__name__
     if not getattr(module, "is_causal", True):
@@ -102,19 +112,6 @@ def _check_supported(module: nn.Module, query: Tensor, key: Tensor, attention_ma
     if dropout and dropout > 0:
         raise ValueError(f"{name}: attention dropout {dropout} is not supported by seqpar; set the config's "
                          "attention_dropout to 0 (or evaluate with model.eval())")
-    for extra in _UNSUPPORTED_KWARGS:
-        if kwargs.get(extra) is not None:
-            raise ValueError(f"{name}: attention with {extra!r} is not supported by seqpar")
-    if sliding_window is not None:
-        seq_len = query.shape[2] * ctx.size
-        span = seq_len
-        if cu_seqlens is not None:  # a token sees only its own document
-            batch = len(cu_seqlens) if isinstance(cu_seqlens, (list, tuple)) else 1
-            span = max(b - a for row in check_cu_seqlens(cu_seqlens, seq_len, batch) for a, b in zip(row, row[1:]))
-        if sliding_window < span:
-            raise ValueError(f"{name}: sliding window {sliding_window} is smaller than the {span} tokens a query can "
-                             f"see (global sequence {seq_len}); seqpar computes full causal attention only — use "
-                             f"seq_len <= {sliding_window} or a model without a sliding window")
 
 
 AttentionInterface.register(IMPLEMENTATION, seqpar_attention_forward)
@@ -135,6 +132,20 @@ class HFCausalLM(nn.Module):
         hf_model.config.use_cache = False
         if activation_checkpointing:
             hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    @contextlib.contextmanager
+    def _held(self, cu_seqlens):
+        """The context and boundaries held on every module of the model for one forward (and its
+        activation-checkpointing recomputation, which runs inside backward: kept until then)."""
+        modules = list(self.hf_model.modules())
+        for m in modules:
+            m.__dict__[_CALL_ATTR] = (self.ctx, cu_seqlens)
+        try:
+            yield
+        finally:
+            if not (torch.is_grad_enabled() and self.hf_model.is_gradient_checkpointing):
+                for m in modules:
+                    m.__dict__.pop(_CALL_ATTR, None)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -162,8 +173,9 @@ class HFCausalLM(nn.Module):
             raise ValueError("this HFCausalLM has no sequence-parallel context (built with ctx=None)")
         if positions.dim() == 1:
             positions = positions.unsqueeze(0).expand(tokens.shape[0], -1)
-        logits = self.hf_model(input_ids=tokens, position_ids=positions, use_cache=False,
-                               **{CONTEXT_KWARG: self.ctx, CU_SEQLENS_KWARG: cu_seqlens}).logits
+        with self._held(cu_seqlens):
+            logits = self.hf_model(input_ids=tokens, position_ids=positions, use_cache=False,
+                                   **{CONTEXT_KWARG: self.ctx, CU_SEQLENS_KWARG: cu_seqlens}).logits
         if labels is None:
             return logits
         work = torch.float64 if logits.dtype == torch.float64 else torch.float32

@@ -8,6 +8,7 @@ the collective runs once per new signature (a new `cu_seqlens` is a new signatur
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,16 +36,30 @@ def _shape_code(t: Tensor) -> tuple[int, ...]:
     return (t.dim(), *sizes, *[-1] * (4 - len(sizes)))
 
 
+def local_code(window: tuple[int, int] | None, softcap: float | None, sinks: bool) -> tuple[int, int, int, int]:
+    """The local-attention arguments of a call as 4 integers: window left / right (-1 unbounded),
+    the soft-cap's float64 bits (0: none) and whether sinks are given."""
+    left, right = window if window is not None else (-1, -1)
+    cap = struct.unpack("<q", struct.pack("<d", float(softcap)))[0] if softcap is not None else 0
+    return left, right, cap, int(sinks)
+
+
+def _softcap_of(bits: int) -> float | None:
+    return struct.unpack("<d", struct.pack("<q", bits))[0] if bits else None
+
+
 @dataclass(frozen=True)
 class _Signature:
-    """What every rank's attention call must agree on, as 21 integers (`code`)."""
+    """What every rank's attention call must agree on, as 25 integers (`code`)."""
 
-    code: tuple[int, ...]  # q, k, v shape codes (5 each), q/k/v dtype codes, causal, cu_seqlens code + hash
+    code: tuple[int, ...]  # q, k, v shape codes (5 each), q/k/v dtype codes, causal, cu_seqlens code + hash,
+    #                        window left / right, softcap bits, sinks
 
     @classmethod
-    def of(cls, q: Tensor, k: Tensor, v: Tensor, causal: bool, docs: tuple[int, int] = (0, -1)) -> "_Signature":
+    def of(cls, q: Tensor, k: Tensor, v: Tensor, causal: bool, docs: tuple[int, int] = (0, -1),
+           local: tuple[int, int, int, int] = (-1, -1, 0, 0)) -> "_Signature":
         dtypes = tuple(_DTYPES.index(t.dtype) for t in (q, k, v))
-        return cls((*_shape_code(q), *_shape_code(k), *_shape_code(v), *dtypes, int(causal), *docs))
+        return cls((*_shape_code(q), *_shape_code(k), *_shape_code(v), *dtypes, int(causal), *docs, *local))
 
     def shape(self, i: int) -> tuple[int, ...]:
         """Shape of tensor i (0: q, 1: k, 2: v), its first 4 sizes when it has more dims."""
@@ -57,8 +72,10 @@ class _Signature:
     def fields(self) -> dict[str, Any]:
         """Named values for error messages (sizes -1 where a tensor has fewer dims)."""
         q, k = self.code[1:5], self.code[6:10]
+        left, right, cap, sinks = self.code[21:25]
         return {"batch": q[0], "seq_local": q[1], "heads": q[2], "head_dim": q[3], "kv_heads": k[2],
-                "dtype": "/".join(dict.fromkeys(self.dtypes())), "causal": bool(self.code[18])}
+                "dtype": "/".join(dict.fromkeys(self.dtypes())), "causal": bool(self.code[18]),
+                "window": (left, right), "softcap": _softcap_of(cap), "sinks": bool(sinks)}
 
     def error(self, layout: TokenLayout, size: int) -> str | None:
         """Why this call is invalid on `size` ranks holding `layout` shards, or None."""
@@ -85,7 +102,8 @@ def _verdict(rows: list[_Signature], layout: TokenLayout) -> str | None:
     """The error every rank raises for the signatures of all ranks (rank order), or None."""
     if all(r == rows[0] for r in rows):
         return rows[0].error(layout, len(rows))
-    if all(r.code[:19] == rows[0].code[:19] for r in rows):  # only the document boundaries differ
+    same = lambda r: r.code[:19] == rows[0].code[:19] and r.code[21:] == rows[0].code[21:]  # noqa: E731
+    if all(same(r) for r in rows):  # only the document boundaries differ
         code = max(r.code[19] for r in rows) or len(CU_ERRORS) - 1
         return rows[0].error(layout, len(rows)) or cu_message(code, rows[0].shape(0)[1] * len(rows))
     fields = [r.fields() for r in rows]
@@ -108,7 +126,8 @@ class InputChecker:
         self._validated: set[_Signature] = set()
 
     def validate(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, layout: TokenLayout,
-                 cu_seqlens=None) -> tuple[tuple[int, ...], ...] | None:
+                 cu_seqlens=None, local: tuple[int, int, int, int] = (-1, -1, 0, 0)
+                 ) -> tuple[tuple[int, ...], ...] | None:
         """Raise the same ValueError on every rank unless all ranks pass valid, matching inputs;
         returns the document boundaries per batch row (None without cu_seqlens).
 
@@ -119,7 +138,7 @@ class InputChecker:
         if cu_seqlens is not None and q.dim() == 4:
             code, rows = cu_seqlens_error(cu_seqlens, q.shape[1] * self.size, q.shape[0])
             docs = (code, -1 if rows is None else hash(rows) & (2 ** 62 - 1))
-        sig = _Signature.of(q, k, v, causal, docs)
+        sig = _Signature.of(q, k, v, causal, docs, local)
         if sig in self._validated:
             return rows
         cross_rank = self.cross_rank and self.size > 1

@@ -9,7 +9,11 @@ P is normalised by the global LSE), so partial gradients of all blocks add up ex
 Tensor layout everywhere: q [batch, seq_q, heads, head_dim], k/v [batch, seq_k,
 kv_heads, head_dim] (heads % kv_heads == 0: GQA/MQA), out like q, lse [batch, heads,
 seq_q] in `accum_dtype(q.dtype)`. ``causal`` is top-left aligned and needs
-seq_q == seq_k (strategies slice blocks so this always holds).
+seq_q == seq_k (strategies slice blocks so this always holds). Instead of a bool, a block's mask
+may be a `Band`: per query row the visible key rows [lo, hi) (sliding windows and the edges of
+document masks); banded blocks and any block under logit soft-capping (`softcap` c: scores
+become c * tanh(scores / c) before masking, Gemma 2) are computed by the masked math path
+(`masked_forward` / `masked_backward`), every other block by the kernel's own fast path.
 
 Inputs may be any strided views (slices, transposes, stride-0 expands): `BlockKernel.forward`
 / `backward` validate them and copy only a tensor whose last stride a kernel cannot use,
@@ -24,23 +28,21 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .masked import Band, accum_dtype, expand_kv, fold_kv_grad, masked_backward, masked_forward
+
 __all__ = [
     "BlockKernel", "MathKernel", "CpuFlashKernel", "SdpaFlashKernel", "SdpaEfficientKernel",
     "FlashAttnKernel", "get_kernel", "available_kernels", "accum_dtype", "LseAccumulator",
-    "merge_lse", "default_scale", "check_kernel_name", "FlopStats", "CountingKernel",
+    "merge_lse", "default_scale", "check_kernel_name", "FlopStats", "CountingKernel", "Band", "SoftcapKernel",
+    "masked_forward", "masked_backward", "with_sinks",
 ]
-
-
-def accum_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype for outputs/LSE accumulation: fp64 stays fp64, everything else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
-def _check_block(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
+def _check_block(q: Tensor, k: Tensor, v: Tensor, causal) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"expected [batch, seq, heads, head_dim] tensors, got q{tuple(q.shape)} "
                          f"k{tuple(k.shape)} v{tuple(v.shape)}")
@@ -50,20 +52,10 @@ def _check_block(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
         raise ValueError(f"batch/head_dim mismatch: q{tuple(q.shape)} vs k{tuple(k.shape)}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"heads ({q.shape[2]}) must be a multiple of kv_heads ({k.shape[2]})")
-    if causal and q.shape[1] != k.shape[1]:
+    if causal is True and q.shape[1] != k.shape[1]:
         raise ValueError(f"causal block needs seq_q == seq_k, got {q.shape[1]} and {k.shape[1]}")
-
-
-def _expand_kv(x: Tensor, heads: int) -> Tensor:
-    """[b, s, hkv, d] -> [b, s, heads, d] by repeating each kv head for its query group."""
-    rep = heads // x.shape[2]
-    return x if rep == 1 else x.repeat_interleave(rep, dim=2)
-
-
-def _fold_kv_grad(dx: Tensor, kv_heads: int) -> Tensor:
-    """Inverse of _expand_kv for gradients: sum each query group back onto its kv head."""
-    b, s, h, d = dx.shape
-    return dx if h == kv_heads else dx.reshape(b, s, kv_heads, h // kv_heads, d).sum(3)
+    if isinstance(causal, Band) and causal.lo.numel() != q.shape[1]:
+        raise ValueError(f"band mask of {causal.lo.numel()} rows for a block of {q.shape[1]} query rows")
 
 
 def _unit_last_stride(x: Tensor) -> Tensor:
@@ -85,15 +77,21 @@ class BlockKernel:
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:  # pragma: no cover
         raise NotImplementedError
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-        """-> out [b, sq, h, d] in q.dtype, lse [b, h, sq] in accum_dtype(q.dtype)."""
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal, scale: float,
+                softcap: float | None = None) -> tuple[Tensor, Tensor]:
+        """-> out [b, sq, h, d] in q.dtype, lse [b, h, sq] in accum_dtype(q.dtype).
+        causal: bool or a `Band`; softcap: c > 0 (scores c * tanh(scores / c)) or None."""
         _check_block(q, k, v, causal)
+        if isinstance(causal, Band) or softcap:
+            return masked_forward(q, k, v, causal, scale, softcap)
         return self.block_forward(*self._usable(q, k, v), causal, scale)
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                 causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                 causal, scale: float, softcap: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """-> dq, dk, dv shaped like q, k, v (dtype: accum_dtype). out/lse are the global ones."""
         _check_block(q, k, v, causal)
+        if isinstance(causal, Band) or softcap:
+            return masked_backward(dout, q, k, v, out, lse, causal, scale, softcap)
         dout, q, k, v, out = self._usable(dout, q, k, v, out)
         return self.block_backward(dout, q, k, v, out, lse, causal, scale)
 
@@ -121,36 +119,11 @@ class MathKernel(BlockKernel):
     def supports(self, device, dtype):
         return True
 
-    def _probs(self, q, k, causal, scale, lse=None):
-        acc = accum_dtype(q.dtype)
-        s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), _expand_kv(k, q.shape[2]).to(acc)) * scale
-        if causal:
-            mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()
-            s = s.masked_fill(~mask, float("-inf"))
-        if lse is None:
-            lse = torch.logsumexp(s, dim=-1)
-        finite = torch.isfinite(lse)
-        p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
-        p = torch.where(finite.unsqueeze(-1), p, torch.zeros_like(p))
-        return p, lse
-
     def block_forward(self, q, k, v, causal, scale):
-        p, lse = self._probs(q, k, causal, scale)
-        out = torch.einsum("bhqk,bkhd->bqhd", p, _expand_kv(v, q.shape[2]).to(p.dtype))
-        return out.to(q.dtype), lse
+        return masked_forward(q, k, v, causal, scale, None)
 
     def block_backward(self, dout, q, k, v, out, lse, causal, scale):
-        acc = accum_dtype(q.dtype)
-        p, _ = self._probs(q, k, causal, scale, lse=lse.to(acc))
-        do = dout.to(acc)
-        ve = _expand_kv(v, q.shape[2]).to(acc)
-        dv = torch.einsum("bhqk,bqhd->bkhd", p, do)
-        dp = torch.einsum("bqhd,bkhd->bhqk", do, ve)
-        delta = (do * out.to(acc)).sum(-1).transpose(1, 2).unsqueeze(-1)  # [b, h, q, 1]
-        ds = p * (dp - delta) * scale
-        dq = torch.einsum("bhqk,bkhd->bqhd", ds, _expand_kv(k, q.shape[2]).to(acc))
-        dk = torch.einsum("bhqk,bqhd->bkhd", ds, q.to(acc))
-        return dq, _fold_kv_grad(dk, k.shape[2]), _fold_kv_grad(dv, k.shape[2])
+        return masked_backward(dout, q, k, v, out, lse, causal, scale, None)
 
 
 def _bhsd(x: Tensor) -> Tensor:
@@ -203,19 +176,19 @@ class SdpaFlashKernel(BlockKernel):
     def block_forward(self, q, k, v, causal, scale):
         h = q.shape[2]
         res = torch.ops.aten._scaled_dot_product_flash_attention(
-            _bhsd(q), _bhsd(_expand_kv(k, h)), _bhsd(_expand_kv(v, h)), 0.0, causal, False, scale=scale)
+            _bhsd(q), _bhsd(expand_kv(k, h)), _bhsd(expand_kv(v, h)), 0.0, causal, False, scale=scale)
         return _bhsd(res[0]), res[1].float()
 
     def block_backward(self, dout, q, k, v, out, lse, causal, scale):
         h = q.shape[2]
-        ke, ve = _expand_kv(k, h), _expand_kv(v, h)
+        ke, ve = expand_kv(k, h), expand_kv(v, h)
         sq, sk = q.shape[1], k.shape[1]
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             _bhsd(dout.to(q.dtype)), _bhsd(q), _bhsd(ke), _bhsd(ve), _bhsd(out.to(q.dtype)),
             lse.float().contiguous(), None, None, sq, sk, 0.0, causal, seed, seed, scale=scale)
-        return (_bhsd(dq).float(), _fold_kv_grad(_bhsd(dk).float(), k.shape[2]),
-                _fold_kv_grad(_bhsd(dv).float(), k.shape[2]))
+        return (_bhsd(dq).float(), fold_kv_grad(_bhsd(dk).float(), k.shape[2]),
+                fold_kv_grad(_bhsd(dv).float(), k.shape[2]))
 
 
 class SdpaEfficientKernel(BlockKernel):
@@ -232,18 +205,18 @@ class SdpaEfficientKernel(BlockKernel):
     def block_forward(self, q, k, v, causal, scale):
         h, sq = q.shape[2], q.shape[1]
         out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-            _bhsd(q), _bhsd(_expand_kv(k, h)), _bhsd(_expand_kv(v, h)), None, True, 0.0, causal, scale=scale)
+            _bhsd(q), _bhsd(expand_kv(k, h)), _bhsd(expand_kv(v, h)), None, True, 0.0, causal, scale=scale)
         return _bhsd(out), lse[..., :sq].float()
 
     def block_backward(self, dout, q, k, v, out, lse, causal, scale):
         h = q.shape[2]
-        ke, ve = _expand_kv(k, h), _expand_kv(v, h)
+        ke, ve = expand_kv(k, h), expand_kv(v, h)
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
             _bhsd(dout.to(q.dtype)), _bhsd(q), _bhsd(ke), _bhsd(ve), None, _bhsd(out.to(q.dtype)),
             lse.float().contiguous(), seed, seed, 0.0, [True, True, True, False], causal, scale=scale)
-        return (_bhsd(dq).float(), _fold_kv_grad(_bhsd(dk).float(), k.shape[2]),
-                _fold_kv_grad(_bhsd(dv).float(), k.shape[2]))
+        return (_bhsd(dq).float(), fold_kv_grad(_bhsd(dk).float(), k.shape[2]),
+                fold_kv_grad(_bhsd(dv).float(), k.shape[2]))
 
 
 class FlashAttnKernel(BlockKernel):
@@ -325,18 +298,36 @@ def merge_lse(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tup
     return w_a * out_a + w_b * out_b, lse
 
 
+def _sink_lse(sinks: Tensor, like_lse: Tensor) -> Tensor:
+    """sinks [h] -> lse of the sink "block" [b, h, s] (its logit; it carries no value)."""
+    return sinks.detach().to(like_lse.dtype).to(like_lse.device).view(1, -1, 1).expand_as(like_lse)
+
+
+def with_sinks(out: Tensor, lse: Tensor, sinks: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Merge the attention sinks (one logit per head, sinks [h], no value) into a final result:
+    out [b, s, h, d], lse [b, h, s] -> out in out.dtype, lse including the sinks (gpt-oss)."""
+    if sinks is None:
+        return out, lse
+    acc = lse.dtype
+    merged, lse = merge_lse(out.to(acc), lse, torch.zeros((), dtype=acc, device=out.device), _sink_lse(sinks, lse))
+    return merged.to(out.dtype), lse
+
+
 class LseAccumulator:
     """Online-softmax accumulator of block results for a fixed set of query rows.
 
     Holds out [b, s, h, d] and lse [b, h, s] in accum dtype; `add` merges a block that
-    covers rows `rows` (a slice of the local queries).
+    covers rows `rows` (a slice of the local queries). sinks [h]: attention-sink logits merged
+    once from the start (an extra block of lse = sink and zero output).
     """
 
-    def __init__(self, q: Tensor):
+    def __init__(self, q: Tensor, sinks: Tensor | None = None):
         b, s, h, d = q.shape
         acc = accum_dtype(q.dtype)
         self.out = torch.zeros(b, s, h, d, dtype=acc, device=q.device)
         self.lse = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
+        if sinks is not None:
+            self.lse.copy_(_sink_lse(sinks, self.lse))
 
     def add(self, out: Tensor, lse: Tensor, rows: slice = slice(None), batch: slice = slice(None)) -> None:
         o, l_ = merge_lse(self.out[batch, rows], self.lse[batch, :, rows], out.to(self.out.dtype),
@@ -363,9 +354,10 @@ class FlopStats:
     backward_flops: int = 0
     blocks: int = 0
 
-    def record(self, q: Tensor, k: Tensor, causal: bool, backward: bool) -> None:
+    def record(self, q: Tensor, k: Tensor, causal, backward: bool) -> None:
+        """A banded block counts its whole rectangle (what the masked path computes)."""
         b, sq, h, d = q.shape
-        pairs = b * h * (sq * (sq + 1) // 2 if causal else sq * k.shape[1])
+        pairs = b * h * (sq * (sq + 1) // 2 if causal is True else sq * k.shape[1])
         if backward:
             self.backward_pairs += pairs
             self.backward_flops += 8 * d * pairs
@@ -392,13 +384,34 @@ class CountingKernel(BlockKernel):
     def supports(self, device, dtype):
         return self.inner.supports(device, dtype)
 
-    def forward(self, q, k, v, causal, scale):
+    def forward(self, q, k, v, causal, scale, softcap=None):
         self.stats.record(q, k, causal, backward=False)
-        return self.inner.forward(q, k, v, causal, scale)
+        return self.inner.forward(q, k, v, causal, scale, softcap)
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, causal, scale, softcap=None):
         self.stats.record(q, k, causal, backward=True)
-        return self.inner.backward(dout, q, k, v, out, lse, causal, scale)
+        return self.inner.backward(dout, q, k, v, out, lse, causal, scale, softcap)
 
     def __repr__(self) -> str:
         return repr(self.inner)
+
+
+class SoftcapKernel(BlockKernel):
+    """Any kernel with logit soft-capping c on every block (scores c * tanh(scores / c), Gemma 2):
+    the strategies call it like any kernel; every block goes the masked path."""
+
+    def __init__(self, inner: BlockKernel, softcap: float):
+        self.inner, self.softcap = inner, float(softcap)
+        self.name = inner.name
+
+    def supports(self, device, dtype):
+        return self.inner.supports(device, dtype)
+
+    def forward(self, q, k, v, causal, scale, softcap=None):
+        return self.inner.forward(q, k, v, causal, scale, self.softcap)
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale, softcap=None):
+        return self.inner.backward(dout, q, k, v, out, lse, causal, scale, self.softcap)
+
+    def __repr__(self) -> str:
+        return f"SoftcapKernel({self.inner!r}, {self.softcap})"

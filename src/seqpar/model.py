@@ -49,6 +49,8 @@ class ModelConfig:
     offload_activations: bool = False  # checkpoint every block, its saved input in host memory (FPDT/ALST)
     chunked_blocks: bool = False  # FPDT's per-chunk block pipeline (ctx.chunked_block; strategy fpdt);
     #                               with offload_activations it keeps only block inputs (host) and recomputes
+    window: int = 0              # causal sliding window of W tokens (each token sees itself and W-1 before); 0: none
+    local_global: int = 0        # with a window: K local (windowed) layers per global one (Gemma 3); 0: all local
 
     def __post_init__(self):
         self.validate()
@@ -73,6 +75,21 @@ class ModelConfig:
             raise ValueError(f"head_dim = dim / n_heads = {self.head_dim} must be even for RoPE")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.window < 0 or self.local_global < 0:
+            raise ValueError(f"model window and local_global must be >= 0, got {self.window}, {self.local_global}")
+        if self.local_global and not self.window:
+            raise ValueError(f"local_global={self.local_global} interleaves windowed and global layers: give the "
+                             "window too (--window W)")
+        if self.window and self.chunked_blocks:
+            raise ValueError("--window is not supported with --chunked-blocks (FPDT's block pipeline attends "
+                             "full causal chunks); drop one of them")
+
+    def layer_window(self, layer: int) -> int:
+        """The causal window of decoder block `layer` (0: global attention): with local_global K,
+        every (K+1)-th block is global (Gemma 3's 5 local : 1 global is K = 5)."""
+        if not self.window or (self.local_global and (layer + 1) % (self.local_global + 1) == 0):
+            return 0
+        return self.window
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,7 +112,11 @@ class ModelConfig:
         skipped blocks are not computed), so min(doc_len, seq_len) replaces seq_len."""
         width = self.n_heads * self.head_dim
         keys = seq_len if doc_len is None else min(float(doc_len), seq_len)
-        return ATTENTION_FLOPS_PER_PAIR * keys * width * self.n_layers * (0.5 if causal else 1.0)
+        full = keys * (0.5 if causal else 1.0)
+        windows = [self.layer_window(i) for i in range(self.n_layers)]
+        # a causal window of W over `keys` tokens: W - W(W-1)/(2 keys) keys per token on average
+        seen = [full if not w or w >= keys else w - w * (w - 1) / (2 * keys) for w in windows]
+        return ATTENTION_FLOPS_PER_PAIR * width * sum(seen)
 
     def flops_per_token(self, seq_len: int, causal: bool = True, doc_len: float | None = None) -> float:
         """Model FLOPs of one training token: forward + backward = 3x forward (recompute not counted)."""
@@ -138,9 +159,10 @@ class Attention(nn.Module):
     """Multi-head (GQA) self-attention whose core is `ctx.attention` over the sharded sequence."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, ctx: SeqParallel, causal: bool,
-                 bias: bool = False):
+                 bias: bool = False, window: int = 0):
         super().__init__()
         self.ctx, self.causal = ctx, causal
+        self.window = (window - 1, 0) if window else None  # W tokens: itself and W-1 before it
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=bias)
         self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
@@ -163,7 +185,8 @@ class Attention(nn.Module):
         b, s = x.shape[:2]
         q, k, v = self.project(x, rope)
         with torch.autocast(x.device.type, enabled=False):  # q/k/v keep their (autocast) dtype
-            out = self.ctx.attention(q, k, v, causal=self.causal, cu_seqlens=cu_seqlens)
+            local = {"window": self.window} if self.window else {}  # DiT's (duck-typed) contexts: unchanged call
+            out = self.ctx.attention(q, k, v, causal=self.causal, cu_seqlens=cu_seqlens, **local)
         return self.wo(out.reshape(b, s, -1))
 
 
@@ -181,12 +204,12 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """x + attn(norm(x)); x + mlp(norm(x)) on [batch, seq_local, dim]."""
 
-    def __init__(self, cfg: ModelConfig, ctx: SeqParallel):
+    def __init__(self, cfg: ModelConfig, ctx: SeqParallel, window: int = 0):
         super().__init__()
         self.mlp_chunks, self.chunked = cfg.mlp_chunks, cfg.chunked_blocks
         self.recompute_chunks = cfg.chunked_blocks and cfg.offload_activations
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, ctx, causal=True)
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, ctx, causal=True, window=window)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
@@ -224,7 +247,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg, self.ctx = cfg, ctx
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, ctx) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, ctx, cfg.layer_window(i)) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.reset_parameters()

@@ -48,11 +48,13 @@ def shard_roundtrip(strategy: str, init_kwargs: dict[str, Any] | None = None, se
 def expect_error(strategy: str, init_kwargs: dict[str, Any] | None = None, *, seq: int | None = None,
                  batch: int = 1, heads: int = 4, kv_heads: int | None = None, head_dim: int = 8,
                  causal: bool = False, per_rank_seq: dict[int, int] | None = None, dtype: str = "float32",
-                 per_rank_dtype: dict[int, str] | None = None, group_timeout: float | None = None) -> str:
+                 per_rank_dtype: dict[int, str] | None = None, group_timeout: float | None = None,
+                 attention_kwargs: dict[str, Any] | None = None) -> str:
     """Run init (and attention when seq is given); return the error message raised ('' if none).
 
     dtype / per_rank_dtype: torch dtype names of q/k/v (e.g. "int64"); group_timeout: run on a
-    fresh group over all ranks whose collectives time out after that many seconds."""
+    fresh group over all ranks whose collectives time out after that many seconds; attention_kwargs:
+    more keyword arguments of ctx.attention (window, sinks, softcap)."""
     try:
         group = None
         if group_timeout is not None:
@@ -65,7 +67,7 @@ def expect_error(strategy: str, init_kwargs: dict[str, Any] | None = None, *, se
             dt = getattr(torch, (per_rank_dtype or {}).get(rank, dtype))
             q = torch.randn(batch, n, heads, head_dim).to(dt)
             kv = torch.randn(batch, n, kv_heads or heads, head_dim).to(dt)
-            ctx.attention(q, kv, kv.clone(), causal=causal)
+            ctx.attention(q, kv, kv.clone(), causal=causal, **(attention_kwargs or {}))
     except (ValueError, RuntimeError) as e:
         return f"{type(e).__name__}: {e}"
     return ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from ..comm import Comm
 from ..documents import DocMask
@@ -26,6 +27,7 @@ class AllGatherCall:
     scale: float
     kernel: BlockKernel
     mask: DocMask | None = None
+    sinks: Tensor | None = None
 
     def blocks(self, src: int, n_local: int):
         return self.layout.block_pairs(self.causal, self.comm.rank, src, n_local, self.mask)
@@ -36,7 +38,7 @@ class AllGatherAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, call: AllGatherCall):
         comm = call.comm
         kv_all = comm.all_gather(torch.stack([k, v]).unsqueeze(0), dim=0)  # [P, 2, b, n, hkv, d]
-        acc = LseAccumulator(q)
+        acc = LseAccumulator(q, call.sinks)
         for src in range(comm.size):
             forward_blocks(acc, q, kv_all[src, 0], kv_all[src, 1], call.blocks(src, q.shape[1]), call.kernel,
                            call.scale)
@@ -68,5 +70,6 @@ class AllGatherStrategy(Strategy):
     def _resolve(cls, options, size, kind):
         return cls._settings(options, size, TokenLayout(kind, outer=size))
 
-    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
-        return AllGatherAttention.apply(q, k, v, AllGatherCall(self.comm, self.layout, causal, scale, kernel, mask))
+    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None, sinks=None):
+        call = AllGatherCall(self.comm, self.layout, causal, scale, kernel, mask, sinks)
+        return AllGatherAttention.apply(q, k, v, call)

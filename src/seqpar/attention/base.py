@@ -26,7 +26,7 @@ from ..documents import BPair, DocMask
 from ..kernels import BlockKernel, LseAccumulator, accum_dtype
 from ..layout import DOCUMENTS, LAYOUTS, Pair, TokenLayout
 from ..mesh import DEFAULT_PLACEMENT, Mesh, check_placement
-from .options import Settings, StrategyOptions, positive_int
+from .options import COMMON, Settings, StrategyOptions, positive_int
 
 __all__ = ["Strategy", "forward_blocks", "backward_blocks", "grad_buffers", "divisors", "positive_int"]
 
@@ -64,6 +64,8 @@ class Strategy:
         options.check_types()
         cls._reject_unused(options)
         kind = options.layout if options.layout is not None else cls.default_layout
+        if options.layout is None and options.local_window is not None and "contiguous" in cls.layouts:
+            kind = "contiguous"  # a window's work is balanced over contiguous shards: zigzag buys nothing
         if kind not in cls.layouts:
             wanted = f"={cls.layouts[0]!r}" if len(cls.layouts) == 1 else f" in {list(cls.layouts)}"
             raise ValueError(f"strategy {cls.name!r} needs layout{wanted} ({cls.layout_reason}), got {kind!r}")
@@ -72,14 +74,15 @@ class Strategy:
             topology["placement"] = check_placement(cls.name, options.placement or DEFAULT_PLACEMENT)
         if "ranks_per_node" in cls.uses:
             topology["ranks_per_node"] = options.ranks_per_node
-        return replace(cls._resolve(options, size, kind), **topology)
+        common = {name: getattr(options, name) for name in COMMON}
+        return replace(cls._resolve(options, size, kind), **topology, **common)
 
     @classmethod
     def _reject_unused(cls, options: StrategyOptions) -> None:
         for name, value in options.given().items():
             if name in options.extras:
                 continue
-            if name != "layout" and name not in cls.uses:
+            if name != "layout" and name not in cls.uses + COMMON:
                 raise ValueError(f"strategy {cls.name!r} does not use {name}={value!r}")
         unknown = set(options.extras) - set(cls.accepted_options)
         if unknown:
@@ -113,10 +116,14 @@ class Strategy:
         self.layout = settings.layout
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, need_lse: bool,
-                  kernel: BlockKernel, mask: DocMask | None = None) -> tuple[Tensor, Tensor | None]:
+                  kernel: BlockKernel, mask: DocMask | None = None,
+                  sinks: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """q [b, s_local, h, d], k/v [b, s_local, hkv, d] -> out [b, s_local, h, d],
-        lse [b, h, s_local] (fp32/fp64) or None when not needed. `mask`: packed documents
-        (the blocks come from `mask.pairs` instead of the layout's causal rule)."""
+        lse [b, h, s_local] (fp32/fp64) or None when not needed. `mask`: packed documents and/or
+        a sliding window (the blocks come from `mask.pairs` instead of the layout's causal rule);
+        `sinks` [h]: attention-sink logits merged once into each row's final softmax (the
+        strategy saves the merged out / lse for backward; their gradient is the context's).
+        Strategies defined outside seqpar get `sinks` only when a call passes them."""
         raise NotImplementedError
 
     def layout_ranks(self) -> list[int]:

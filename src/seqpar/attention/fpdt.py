@@ -28,7 +28,7 @@ from .fpdt_block import FpdtBlock
 from .fpdt_chunks import ChunkCall, ChunkPlan, backward_chunks, forward_chunks, heads_to_seq, seq_to_heads
 from .options import StrategyOptions
 from .registry import register
-from .ulysses import kv_replication
+from .ulysses import head_part, kv_replication
 
 __all__ = ["FpdtAttention", "FpdtStrategy"]
 
@@ -134,13 +134,14 @@ class FpdtStrategy(Strategy):
         call = ChunkCall(self.comm, plan, scale, kernel, store, kv_rep, False, keep, mask)
         return FpdtBlock.apply(x, call, fns, recompute, *fns.params)
 
-    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
+    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None, sinks=None):
         s = self.settings
         kv_rep = kv_replication(q.shape[2], k.shape[2], s.size)
         store = ChunkStore(q.device, s.offload)
         self.last_offload_stats = store.stats
         keep = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         plan = ChunkPlan(s.chunks, q.shape[1] // s.chunks, causal)
-        call = ChunkCall(self.comm, plan, scale, kernel, store, kv_rep, need_lse, keep, mask)
+        call = ChunkCall(self.comm, plan, scale, kernel, store, kv_rep, need_lse, keep, mask,
+                         head_part(sinks, self.comm))
         out, lse = FpdtAttention.apply(q, k, v, call)
         return out, (lse if need_lse else None)

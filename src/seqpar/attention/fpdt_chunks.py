@@ -92,6 +92,21 @@ class ChunkCall:
     need_lse: bool
     keep: bool         # keep the chunks for backward
     mask: DocMask | None = None
+    sinks: Tensor | None = None  # [h/P] attention-sink logits of this rank's heads
+
+    def kv_chunks(self, i: int) -> list[int]:
+        """K/V chunks query chunk i attends; under a window only those with visible keys."""
+        seen = self.plan.kv_for(i)
+        if self.mask is None or self.mask.window is None:
+            return list(seen)
+        return [j for j in seen if self.plan.blocks(i, j, self.mask)]
+
+    def q_chunks(self, j: int) -> list[int]:
+        """Query chunks that attend K/V chunk j; under a window only those that see some of it."""
+        seen = self.plan.q_for(j)
+        if self.mask is None or self.mask.window is None:
+            return list(seen)
+        return [i for i in seen if self.plan.blocks(i, j, self.mask)]
 
 
 # -- forward ---------------------------------------------------------------------------------
@@ -107,8 +122,8 @@ def attend_chunk(i: int, call: ChunkCall, dtype: torch.dtype) -> tuple[Tensor, T
     """Online softmax of q chunk i over its visible K/V chunks -> o_i [b, C, h/P, d], lse_i [b, h/P, C]."""
     plan, store = call.plan, call.store
     qi = store.get(("q", i))
-    acc = LseAccumulator(qi)
-    kv_chunks = plan.kv_for(i)
+    acc = LseAccumulator(qi, call.sinks)
+    kv_chunks = call.kv_chunks(i)
     for j, (kv,) in zip(kv_chunks, streamed(store, [(("kv", j),) for j in kv_chunks])):
         forward_blocks(acc, qi, kv[0], kv[1], plan.blocks(i, j, call.mask), call.kernel, call.scale)
     return acc.result(dtype)
@@ -167,7 +182,7 @@ def backward_chunks(call: ChunkCall, dtype: torch.dtype) -> Iterator[tuple[int, 
     kv_groups = [(("kv", j),) for j in range(plan.chunks)]
     for j, (kv,) in zip(range(plan.chunks), streamed(store, kv_groups)):
         dkv = torch.zeros(kv.shape, dtype=accum_dtype(kv.dtype), device=kv.device)
-        q_chunks = plan.q_for(j)
+        q_chunks = call.q_chunks(j)
         groups = [(("q", i), ("o", i), ("lse", i), ("do", i), ("dq", i)) for i in q_chunks]
         for i, (qi, oi, lse_i, do_i, dq_i) in zip(q_chunks, streamed(store, groups)):
             if dq_i is None:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..documents import DocMask
-from ..kernels import BlockKernel, LseAccumulator
+from ..kernels import BlockKernel, LseAccumulator, with_sinks
 from ..layout import TokenLayout
 from .base import Strategy, backward_blocks, forward_blocks, grad_buffers
 from .registry import register
@@ -19,6 +19,7 @@ class LocalCall:
     scale: float
     kernel: BlockKernel
     mask: DocMask | None = None
+    sinks: Tensor | None = None  # [h] attention-sink logits (no gradient here: the context's)
 
     def blocks(self, n: int) -> list:
         """Sub-blocks of the whole sequence (positions 0..n-1) under the document mask."""
@@ -33,9 +34,9 @@ class LocalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, call: LocalCall):
         if call.mask is None:
-            out, lse = call.kernel.forward(q, k, v, call.causal, call.scale)
+            out, lse = with_sinks(*call.kernel.forward(q, k, v, call.causal, call.scale), call.sinks)
         else:
-            acc = LseAccumulator(q)
+            acc = LseAccumulator(q, call.sinks)
             forward_blocks(acc, q, k, v, call.blocks(q.shape[1]), call.kernel, call.scale)
             out, lse = acc.result(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -56,9 +57,11 @@ class LocalAttention(torch.autograd.Function):
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                    kernel: BlockKernel, mask: DocMask | None = None) -> tuple[Tensor, Tensor]:
-    """Differentiable attention of whole local tensors -> out [b, s, h, d], lse [b, h, s]."""
-    return LocalAttention.apply(q, k, v, LocalCall(causal, scale, kernel, mask))
+                    kernel: BlockKernel, mask: DocMask | None = None,
+                    sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Differentiable attention of whole local tensors -> out [b, s, h, d], lse [b, h, s]
+    (sinks [h]: merged into the final softmax)."""
+    return LocalAttention.apply(q, k, v, LocalCall(causal, scale, kernel, mask, sinks))
 
 
 @register("local")
@@ -78,5 +81,5 @@ class LocalStrategy(Strategy):
     def candidates(cls, size, causal, chunks=(1,)):
         return []  # no sequence parallelism: nothing for the planner to compare
 
-    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
-        return local_attention(q, k, v, causal, scale, kernel, mask)
+    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None, sinks=None):
+        return local_attention(q, k, v, causal, scale, kernel, mask, sinks)

@@ -17,7 +17,10 @@ from ..layout import DOCUMENTS, LAYOUTS, TokenLayout
 from ..mesh import DEFAULT_PLACEMENT, PLACEMENTS
 
 __all__ = ["StrategyOptions", "Settings", "option_fields", "add_option_arguments", "options_from_args",
-           "NEUTRAL", "positive_int"]
+           "NEUTRAL", "positive_int", "COMMON"]
+
+#: options every strategy takes (they shape the attention call, not the strategy's degrees)
+COMMON = ("local_window", "tile")
 
 
 def _opt(kind: type, help_text: str, choices: tuple = (), neutral: Any = None):
@@ -45,6 +48,11 @@ class StrategyOptions:
                                       f"(default {DEFAULT_PLACEMENT})", PLACEMENTS)
     ranks_per_node: int | None = _opt(int, "wallfacer: ranks per node for its topology report (default: "
                                       "LOCAL_WORLD_SIZE, else the hostnames)")
+    local_window: int | None = _opt(int, "every strategy: the sliding window (tokens) the model's attention uses; "
+                                         "then the default layout is contiguous (balanced for windowed work, where "
+                                         "zigzag buys nothing)")
+    tile: int | None = _opt(int, "every strategy: query rows per kernel tile of windowed attention (tiles no "
+                                 "query sees are skipped; default 128)")
     #: options of strategies defined outside seqpar (their `accepted_options`), by name
     extras: Mapping[str, Any] = field(default_factory=dict, metadata={"help": None})
 
@@ -113,6 +121,8 @@ class Settings:
     offload: bool = False
     placement: str | None = None       # usp / wallfacer (resolved to DEFAULT_PLACEMENT)
     ranks_per_node: int | None = None  # wallfacer's topology report (None: detected)
+    local_window: int | None = None    # the model's sliding window (layout default, planner)
+    tile: int | None = None            # windowed kernel tile (None: documents.DEFAULT_TILE)
     extras: tuple[tuple[str, Any], ...] = ()
 
     def extra(self, name: str, default: Any = None) -> Any:

@@ -7,6 +7,13 @@ Backward: K/V rotate again; the dK/dV accumulator of each block travels with it 
 second ring (its own tag) and arrives back at the owner after P sends. Every buffer
 (K/V double buffer, dK/dV accumulators and their receive buffers) is allocated once
 per call, not per step.
+
+Under a sliding window most rotations would carry K/V nobody sees: `RingCall.steps` lists
+the ring distances s at which some rank has visible keys, and when that is not every
+distance the K/V go straight to the ranks that need them (one exchange per distance s:
+to ring rank r + s, from r - s), each dK/dV straight back to its owner: per rank
+|S| K/V blocks forward, |S| K/V and |S| dK/dV blocks backward instead of P-1, P-1 and P
+(`seqpar.plan.schedules.windowed_ring_blocks`).
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from .local import local_attention
 from .registry import register
 
 PairsAt = Callable[[int], list[Pair]]
+PairsOf = Callable[[int, int], list[Pair]]  # (ring position, step) -> that position's blocks
 
 
 @dataclass(frozen=True)
@@ -33,7 +41,9 @@ class RingCall:
 
     pairs_at(step) gives the blocks to compute against the K/V held after `step`
     rotations (None: the layout's block rule with ring positions as outer ranks, or the
-    document mask's sub-blocks when `mask` is given)."""
+    document mask's sub-blocks when `mask` is given); pairs_of(position, step) the same for
+    any ring position (to find the steps no rank needs). sinks [h]: attention-sink logits
+    merged into this rank's result."""
 
     ring: RingComm
     grad_ring: RingComm
@@ -43,17 +53,37 @@ class RingCall:
     kernel: BlockKernel
     pairs_at: PairsAt | None = None
     mask: DocMask | None = None
+    sinks: Tensor | None = None
+    pairs_of: PairsOf | None = None
 
     def blocks(self, step: int, n_local: int) -> list[Pair]:
         if self.pairs_at is not None:
             return self.pairs_at(step)
-        return self.layout.block_pairs(self.causal, self.ring.rank, self.ring.source(step), n_local, self.mask)
+        return self._pairs_of(self.ring.rank, step, n_local)
+
+    def _pairs_of(self, position: int, step: int, n_local: int) -> list[Pair]:
+        if self.pairs_of is not None:
+            return self.pairs_of(position, step)
+        size = self.ring.size
+        return self.layout.block_pairs(self.causal, position, (position - step) % size, n_local, self.mask)
+
+    def steps(self, n_local: int) -> list[int] | None:
+        """Ring distances (> 0) at which some rank sees keys, when a window leaves some out;
+        None: every rotation is needed (the plain ring)."""
+        if self.mask is None or self.mask.window is None:
+            return None
+        size = self.ring.size
+        needed = [s for s in range(1, size) if any(self._pairs_of(p, s, n_local) for p in range(size))]
+        return None if len(needed) == size - 1 else needed
 
 
 def ring_forward(q: Tensor, k: Tensor, v: Tensor, call: RingCall) -> tuple[Tensor, Tensor]:
     """q [b, n, h, d], k/v [b, n, hkv, d] of this ring rank -> out [b, n, h, d], lse [b, h, n]."""
-    acc = LseAccumulator(q)
+    acc = LseAccumulator(q, call.sinks)
     kv = torch.stack([k, v])
+    steps = call.steps(q.shape[1])
+    if steps is not None:
+        return _direct_forward(acc, q, kv, call, steps)
     spare = torch.empty_like(kv) if call.ring.size > 1 else None
     for step in range(call.ring.size):
         pending = call.ring.send_recv(kv, out=spare) if step + 1 < call.ring.size else None
@@ -69,6 +99,9 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     ring, size = call.ring, call.ring.size
     dq = grad_buffers(q)
     kv = torch.stack([k, v])
+    steps = call.steps(q.shape[1])
+    if steps is not None:
+        return _direct_backward(dq, dout, q, kv, out, lse, call, steps)
     spare = torch.empty_like(kv) if size > 1 else None
     dkv_slots = grad_buffers(k, 2, 2)            # [slot, k|v, b, n, hkv, d]: one being sent, one filled
     recv_slots = torch.empty_like(dkv_slots)     # where the travelling accumulators arrive
@@ -87,6 +120,40 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     if incoming is not None:
         dkv = incoming.wait()  # our own block, back home with every rank's contribution
     return dq, dkv[0], dkv[1]
+
+
+def _direct_forward(acc: LseAccumulator, q: Tensor, kv: Tensor, call: RingCall,
+                    steps: list[int]) -> tuple[Tensor, Tensor]:
+    """ring_forward when only the distances `steps` carry visible K/V: one exchange per distance
+    (the next one in flight while a block is computed)."""
+    n = q.shape[1]
+    pending = call.ring.shift(kv, steps[0]) if steps else None
+    forward_blocks(acc, q, kv[0], kv[1], call.blocks(0, n), call.kernel, call.scale)
+    for i, step in enumerate(steps):
+        held = pending.wait()
+        pending = call.ring.shift(kv, steps[i + 1]) if i + 1 < len(steps) else None
+        forward_blocks(acc, q, held[0], held[1], call.blocks(step, n), call.kernel, call.scale)
+    return acc.result(q.dtype)
+
+
+def _direct_backward(dq: Tensor, dout: Tensor, q: Tensor, kv: Tensor, out: Tensor, lse: Tensor, call: RingCall,
+                     steps: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """ring_backward for `_direct_forward`: the K/V of each distance again, its dK/dV straight back."""
+    n = q.shape[1]
+    own = grad_buffers(kv[0], 2)
+    backward_blocks(dq, own[0], own[1], dout, q, kv[0], kv[1], out, lse, call.blocks(0, n), call.kernel, call.scale)
+    pending = call.ring.shift(kv, steps[0]) if steps else None
+    returning = []
+    for i, step in enumerate(steps):
+        held = pending.wait()
+        pending = call.ring.shift(kv, steps[i + 1]) if i + 1 < len(steps) else None
+        dkv = grad_buffers(kv[0], 2)
+        backward_blocks(dq, dkv[0], dkv[1], dout, q, held[0], held[1], out, lse, call.blocks(step, n),
+                        call.kernel, call.scale)
+        returning.append(call.grad_ring.shift(dkv, -step))  # to its owner; ours from rank r + step
+    for handle in returning:
+        own += handle.wait()
+    return dq, own[0], own[1]
 
 
 class RingAttention(torch.autograd.Function):
@@ -108,7 +175,7 @@ class RingAttention(torch.autograd.Function):
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, call: RingCall) -> tuple[Tensor, Tensor]:
     """Differentiable ring attention over `call.ring` (falls back to local attention on 1 rank)."""
     if call.ring.size == 1:
-        return local_attention(q, k, v, call.causal, call.scale, call.kernel, call.mask)
+        return local_attention(q, k, v, call.causal, call.scale, call.kernel, call.mask, call.sinks)
     return RingAttention.apply(q, k, v, call)
 
 
@@ -129,6 +196,6 @@ class RingStrategy(Strategy):
         super().__init__(settings, mesh, comm, stats)
         self.kv_ring, self.grad_ring = comm.ring(tag=0), comm.ring(tag=1)
 
-    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
-        call = RingCall(self.kv_ring, self.grad_ring, self.layout, causal, scale, kernel, mask=mask)
+    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None, sinks=None):
+        call = RingCall(self.kv_ring, self.grad_ring, self.layout, causal, scale, kernel, mask=mask, sinks=sinks)
         return ring_attention(q, k, v, call)

@@ -48,6 +48,11 @@ def scatter_heads(q: Tensor, k: Tensor, v: Tensor, comm: Comm) -> tuple[Tensor, 
     return packed.split([hq, hk, hk], dim=2)
 
 
+def head_part(x: Tensor | None, comm: Comm) -> Tensor | None:
+    """The heads [h/P] of a per-head tensor [h] (e.g. sinks) this rank holds after `scatter_heads`."""
+    return x if x is None or comm.size == 1 else x.view(comm.size, -1)[comm.rank]
+
+
 def gather_heads(x: Tensor, comm: Comm) -> Tensor:
     """[b, s*P, h/P, d] -> [b, s, h, d] (inverse all-to-all, differentiable)."""
     return all_to_all_autograd(x, comm, scatter_dim=1, gather_dim=2)
@@ -86,6 +91,7 @@ class UlyssesStrategy(Strategy):
     def candidates(cls, size, causal, chunks=(1,)):
         return [StrategyOptions()]  # heads, not tokens, are split: the layout changes nothing
 
-    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
-        inner = lambda q_, k_, v_: local_attention(q_, k_, v_, causal, scale, kernel, mask)  # noqa: E731
+    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None, sinks=None):
+        sinks = head_part(sinks, self.comm)
+        inner = lambda q_, k_, v_: local_attention(q_, k_, v_, causal, scale, kernel, mask, sinks)  # noqa: E731
         return ulysses_attention(q, k, v, self.comm, inner, need_lse)

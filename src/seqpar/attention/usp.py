@@ -16,7 +16,7 @@ from .base import Strategy, divisors
 from .options import StrategyOptions
 from .registry import register
 from .ring import RingCall, ring_attention
-from .ulysses import ulysses_attention
+from .ulysses import head_part, ulysses_attention
 
 
 @register("usp")
@@ -72,7 +72,8 @@ class UspStrategy(Strategy):
         return {**super().describe(), "ulysses": self.settings.ulysses, "ring": self.settings.ring,
                 "placement": self.settings.placement}
 
-    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
-        call = RingCall(self.kv_ring, self.grad_ring, self.layout, causal, scale, kernel, mask=mask)
+    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None, sinks=None):
+        call = RingCall(self.kv_ring, self.grad_ring, self.layout, causal, scale, kernel, mask=mask,
+                        sinks=head_part(sinks, self.ulysses_comm))
         return ulysses_attention(q, k, v, self.ulysses_comm, lambda q_, k_, v_: ring_attention(q_, k_, v_, call),
                                  need_lse)

@@ -158,12 +158,19 @@ class WallFacerPlan:
         self.team, self.member = grid.coords(world.rank)
 
     def ring_call(self, layout: TokenLayout, causal: bool, scale: float, kernel: BlockKernel,
-                  team_tokens: int, mask: DocMask | None = None) -> RingCall:
-        """Sub-ring attention whose step-s blocks are the team's queries vs the K/V held then."""
-        def pairs(step: int) -> list[Pair]:
-            kv_team = self.grid.kv_team(self.team, self.member, step)
-            return layout.block_pairs(causal, self.team, kv_team, team_tokens, mask)
-        return RingCall(self.kv_ring, self.grad_ring, layout, causal, scale, kernel, pairs, mask)
+                  team_tokens: int, mask: DocMask | None = None, sinks: Tensor | None = None) -> RingCall:
+        """Sub-ring attention whose step-s blocks are the team's queries vs the K/V held then
+        (`pairs_of`: those of every sub-ring position, to skip the steps no rank needs). The
+        sinks join member 0's partial result only: the team merge counts them once."""
+        first = self.team - self.team % self.grid.ring_len
+
+        def pairs_of(position: int, step: int) -> list[Pair]:
+            team = first + position
+            kv_team = self.grid.kv_team(team, self.member, step)
+            return layout.block_pairs(causal, team, kv_team, team_tokens, mask)
+        return RingCall(self.kv_ring, self.grad_ring, layout, causal, scale, kernel,
+                        lambda step: pairs_of(self.team - first, step), mask,
+                        sinks if self.member == 0 else None, pairs_of)
 
     def place(self, kv_team: Tensor) -> Tensor:
         """Skewed placement: send this team's K/V [2, b, C*n, hkv, d], receive the K/V to rotate."""
@@ -206,9 +213,11 @@ class WallFacerCall:
     scale: float
     kernel: BlockKernel
     mask: DocMask | None = None
+    sinks: Tensor | None = None
 
     def ring(self, team_tokens: int) -> RingCall:
-        return self.plan.ring_call(self.layout, self.causal, self.scale, self.kernel, team_tokens, self.mask)
+        return self.plan.ring_call(self.layout, self.causal, self.scale, self.kernel, team_tokens, self.mask,
+                                   self.sinks)
 
 
 class WallFacerAttention(torch.autograd.Function):
@@ -294,6 +303,6 @@ class WallFacerStrategy(Strategy):
         return {**super().describe(), "team_size": g.team_size, "team_count": g.team_count, "subring": g.ring_len,
                 "placement": g.placement, **self._topology}
 
-    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None):
-        call = WallFacerCall(self.plan, self.layout, causal, scale, kernel, mask)
+    def attention(self, q, k, v, causal, scale, need_lse, kernel, mask=None, sinks=None):
+        call = WallFacerCall(self.plan, self.layout, causal, scale, kernel, mask, sinks)
         return WallFacerAttention.apply(q, k, v, call)

@@ -28,7 +28,7 @@ from .costs import CostModel, planned_strategies
 from .hardware import Calibration, KernelTable, LinkFit, calibrated_peak_flops
 from .inputs import MODEL_PRESETS, Cluster, Config, GiB, ModelShape, PlanInput
 from .profiling import attention_iteration, profile, profile_rank
-from .schedules import fpdt_host_bytes
+from .schedules import fpdt_host_bytes, windowed_ring_bytes
 from .search import attention_bytes, candidate_configs, evaluate, paper_block_volume, plan
 from .tables import all_pairs_busiest, pair_count, ring_step_pairs, wallfacer_step_pairs
 
@@ -38,7 +38,7 @@ __all__ = [
     "GiB", "MODEL_PRESETS", "ModelShape", "Cluster", "PlanInput", "Config",
     "Calibration", "LinkFit", "KernelTable", "calibrated_peak_flops", "measure",
     "CostModel", "planned_strategies", "candidate_configs", "evaluate", "plan", "attention_bytes",
-    "paper_block_volume", "fpdt_host_bytes", "pair_count", "ring_step_pairs", "all_pairs_busiest",
-    "wallfacer_step_pairs", "fit_suggestions", "format_suggestions",
+    "paper_block_volume", "fpdt_host_bytes", "windowed_ring_bytes", "pair_count", "ring_step_pairs",
+    "all_pairs_busiest", "wallfacer_step_pairs", "fit_suggestions", "format_suggestions",
     "add_arguments", "main", "plan_input_from_args", "profile", "profile_rank", "attention_iteration",
 ]

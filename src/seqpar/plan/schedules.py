@@ -13,13 +13,15 @@ from functools import lru_cache
 
 from ..attention.ulysses import kv_replication
 from ..attention.wallfacer import WallFacerGrid
+from ..documents import visible_pairs
+from ..layout import TokenLayout
 from .inputs import Config, PlanInput
 from .stages import Collective, Compute, RingLoop, Send, Stage, Step, Steps, loop_steps
 from .tables import all_pairs_load, chunked_load, local_load, ring_step_loads, wallfacer_step_loads
 
 __all__ = ["ring_schedule", "ulysses_schedule", "usp_schedule", "allgather_schedule",
            "wallfacer_schedule", "fpdt_schedule", "usp_groups", "fpdt_host_bytes", "fpdt_chunk_sizes",
-           "wallfacer_grid"]
+           "wallfacer_grid", "windowed_ring_steps", "windowed_ring_bytes"]
 
 
 # -- shared geometry ---------------------------------------------------------------------------
@@ -59,6 +61,31 @@ def fpdt_chunk_sizes(inp: PlanInput, cfg: Config) -> dict[str, int]:
     q = b * piece * m.hidden * inp.itemsize
     return {"q": q, "kv": 2 * b * piece * kv_heads * m.head_dim * inp.itemsize, "o": q, "do": q,
             "lse": b * piece * m.heads * inp.acc_itemsize, "dq": b * piece * m.hidden * inp.acc_itemsize}
+
+
+# -- sliding windows on a ring -------------------------------------------------------------------
+@lru_cache(maxsize=64)
+def windowed_ring_steps(kind: str, ring: int, seq_len: int, window: tuple[int, int], causal: bool) -> tuple[int, ...]:
+    """Ring distances s > 0 at which some ring rank r has a query that sees a key of rank r - s
+    under `window` (left, right; -1 unbounded) with the `kind` layout over `ring` ranks."""
+    layout = TokenLayout(kind, outer=ring)
+    pos = [layout.outer_indices(seq_len, r) for r in range(ring)]
+    cu = (0, seq_len)
+    return tuple(s for s in range(1, ring)
+                 if any(visible_pairs(cu, causal, pos[r], pos[(r - s) % ring], window) for r in range(ring)))
+
+
+def windowed_ring_bytes(kind: str, ring: int, seq_len: int, window: tuple[int, int], causal: bool,
+                        kv_block: int, dkv_block: int) -> dict[str, int]:
+    """Bytes one ring rank sends per attention call (attention/ring.py): the plain ring when every
+    distance is needed (P-1 K/V blocks forward; P-1 K/V and P travelling dK/dV blocks backward),
+    else one exchange per needed distance S: |S| K/V blocks forward, |S| K/V and |S| dK/dV
+    blocks backward. kv_block: bytes of one rank's stacked K and V; dkv_block: the same in the
+    accumulation dtype."""
+    steps = len(windowed_ring_steps(kind, ring, seq_len, window, causal))
+    if steps == ring - 1:
+        return {"fwd": steps * kv_block, "bwd": steps * kv_block + ring * dkv_block, "steps": steps}
+    return {"fwd": steps * kv_block, "bwd": steps * (kv_block + dkv_block), "steps": steps}
 
 
 # -- building blocks ---------------------------------------------------------------------------

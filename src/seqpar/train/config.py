@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -186,7 +186,12 @@ class TrainConfig:
         return sampling / (3 * self.optim.steps * rows * image + evals * o.eval_batches * rows * image + sampling)
 
     def strategy_settings(self, world: int) -> Settings:
-        return self.parallel.strategy_settings(world)
+        """The strategy's settings; a model whose every layer is windowed tells the strategy its
+        window (`local_window`: the default layout becomes contiguous) unless the options do."""
+        par, m = self.parallel, self.model
+        if m.builtin_lm() and m.window and not m.local_global and par.options.local_window is None:
+            par = replace(par, options=replace(par.options, local_window=m.window))
+        return par.strategy_settings(world)
 
     def calibration_path(self) -> Path:
         """--calibration, else <out_dir>/calibration.json (what --strategy auto writes)."""
@@ -264,7 +269,7 @@ class TrainConfig:
             self._validate_tensor_parallel(sp)
         if par.strategy == AUTO:
             return  # the planner picks a strategy that passes the checks below (train/auto.py)
-        layout = par.strategy_settings(world).layout
+        layout = self.strategy_settings(world).layout
         if layout.kind == "documents" and self.data.pack_documents and self.data.batch > 1 and self.model.kind != "dit":
             raise ValueError(f"layout 'documents' places tokens by one batch's documents, but --pack-documents "
                              f"gives each of the {self.data.batch} rows its own: use --batch 1 (more rows: --dp) or "

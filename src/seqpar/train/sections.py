@@ -87,6 +87,10 @@ class ModelSection:
                                        "q/k/v or attention output exists on the device; with --offload-activations "
                                        "only the block inputs wait in host memory and the backward runs each "
                                        "block's chunk loop again")
+    window: int = _opt(0, "built-in model: causal sliding-window attention of W tokens (each token sees itself and "
+                          "the W-1 before it; tiles outside the window are skipped); 0: full causal attention")
+    local_global: int = _opt(0, "built-in model with --window: K windowed layers per global one (Gemma 3 style, "
+                                "every (K+1)-th layer global); 0: every layer windowed")
     hf_model: str = _opt("", "a Hugging Face causal LM directory (config.json, optional safetensors weights and "
                              "tokenizer) to train instead of the built-in model; its shape replaces the model flags")
 
@@ -115,6 +119,9 @@ class ModelSection:
             raise ValueError("--hf-model needs transformers: pip install -e '.[hf]'") from None
         if self.mlp_chunks > 1 or self.loss_chunks > 1:
             raise ValueError("--mlp-chunks / --loss-chunks apply to the built-in model only, not --hf-model")
+        if self.window or self.local_global:
+            raise ValueError("--window / --local-global apply to the built-in model only, not --hf-model (its "
+                             "config decides its layers' windows)")
 
     def builtin_lm(self) -> bool:
         """The built-in language model (not --hf-model, not the DiT)."""
