@@ -7,26 +7,15 @@ the trainer counts equals the planner's formula byte for byte.
 """
 import pytest
 
+import test_train
 from checks.hybrid import init_error, layout_groups
 from checks.train import run_training
 from seqpar.data import stdlib_corpus
 from seqpar.plan.tensor import tensor_parallel_traffic
 from seqpar.train import TrainConfig
-from test_train import BASE, assert_gradients_match, assert_losses_match
+from test_train import assert_gradients_match, assert_losses_match, config
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return str(stdlib_corpus(tmp_path_factory.mktemp("corpus"), max_bytes=60_000))
-
-
-def config(corpus, out_dir, **overrides):
-    return {**BASE, "data": corpus, "out_dir": str(out_dir), **overrides}
-
-
-@pytest.fixture(scope="module")
-def reference(worlds, corpus, tmp_path_factory):
-    return worlds.run(1, run_training, config(corpus, tmp_path_factory.mktemp("ref")), gradients=True)[0]
+corpus, reference = test_train.corpus, test_train.reference  # the same module fixtures (corpus, 1-process run)
 
 
 def test_mesh_order_tp_innermost(worlds):
