@@ -38,6 +38,7 @@ from ..metrics import (
     read_jsonl,
 )
 from ..parallel import ParallelDims, average_gradients, reduce_partial_gradients
+from ..pipeline import Pipeline
 from ..plan import Calibration
 from . import control
 from .config import TrainConfig
@@ -109,14 +110,17 @@ class Trainer:
         self.cfg, self.group = cfg, group
         self.rank = dist.get_rank(group)
         self.device = _device_for(group)
-        self.mesh = ParallelDims(cfg.sp_size(world), group, tp=cfg.parallel.tp, device_type=self.device.type)
+        self.mesh = ParallelDims(cfg.sp_size(world), group, tp=cfg.parallel.tp, device_type=self.device.type,
+                                 pp=cfg.parallel.pp)
         self.settings = cfg.strategy_settings(world)
         self.ctx = seqpar.init(cfg.parallel.strategy, group=self.mesh.sp_group, stats=self.mesh.stats,
                                kernel=cfg.parallel.kernel, **self.settings.init_kwargs())
         self.task = build_task(cfg, self.ctx, self.mesh.dp, self.mesh.dp_rank, self.device)
         self.model = self.task.model
-        self.num_params = sum(p.numel() for p in self.model.parameters())
-        self.ddp = uses_ddp(self.mesh, cfg.parallel.fsdp, self.ctx.strategy.double_grad_averaging)
+        self.num_params = sum(p.numel() for p in self.model.parameters())  # the whole model (before a split)
+        self.pipeline = self._pipeline()
+        self.ddp = uses_ddp(self.mesh, cfg.parallel.fsdp, self.ctx.strategy.double_grad_averaging) and \
+            self.pipeline is None
         parallelize(self.model, self.mesh, cfg.parallel.fsdp,
                     cfg.parallel.compile_backend if cfg.parallel.compile else None, ddp=self.ddp)
         self.optimizer = _optimizer(self.model, cfg)
@@ -130,6 +134,14 @@ class Trainer:
             if self.rank == 0 else None
         self.board = TensorBoardLog(self.out_dir / "tensorboard", purge_step=self.step + 1 if cfg.output.resume
                                     else None) if self.rank == 0 and cfg.output.tensorboard else None
+
+    def _pipeline(self) -> Pipeline | None:
+        """With --pp > 1: this rank's stage (the model pruned in place to its blocks) and schedule."""
+        par = self.cfg.parallel
+        if par.pp == 1:
+            return None
+        return Pipeline(self.model, self.mesh.pp_rank, par.pp, self.mesh.pp_group, par.pp_schedule,
+                        par.microbatches, self.mesh.stats, self.device)
 
     def _peak_tflops(self) -> tuple[float, str]:
         """Peak TFLOP/s of the machines this run occupies, MFU's denominator: per machine
@@ -180,12 +192,15 @@ class Trainer:
         batch = self.task.batch("train", self.task.step)  # prefetched: waits only when the loader fell behind
         data_wait = time.perf_counter() - t0
         self.task.advance()
-        with tensor_parallel_context(self.mesh):
-            with self._autocast():
-                loss_sum, count = self.task.loss_terms(batch)
-            loss = backward_global_mean(loss_sum, count, self.mesh.batch_comm)
+        if self.pipeline is not None:
+            loss = self.pipeline.train_step(*batch, self.mesh.batch_comm, next(self.model.parameters()).dtype)
+        else:
+            with tensor_parallel_context(self.mesh):
+                with self._autocast():
+                    loss_sum, count = self.task.loss_terms(batch)
+                loss = backward_global_mean(loss_sum, count, self.mesh.batch_comm)
         self._sync_gradients()
-        grad_norm = clip_gradients(self.model.parameters(), self.cfg.optim.grad_clip)
+        grad_norm = clip_gradients(self.model.parameters(), self.cfg.optim.grad_clip, self.mesh.pp_group)
         # the loss is all-reduced and the norm is of the averaged (or FSDP-global) gradient, so every
         # rank sees the same values and takes the same decision without another collective
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -244,11 +259,17 @@ class Trainer:
         """Mean token loss over `eval_batches` fixed validation batches (same on every rank)."""
         totals = torch.zeros(2, dtype=torch.float64)
         for i in range(self.cfg.output.eval_batches):
-            with tensor_parallel_context(self.mesh), self._autocast():
-                loss_sum, count = self.task.loss_terms(self.task.batch("val", i))
+            batch = self.task.batch("val", i)
+            if self.pipeline is not None:  # (sum, count) on the last stage, zeros on the others
+                loss_sum, count = self.pipeline.loss_terms(*batch)
+            else:
+                with tensor_parallel_context(self.mesh), self._autocast():
+                    loss_sum, count = self.task.loss_terms(batch)
             totals += torch.stack([loss_sum.double().cpu(), count.double().cpu()])
         totals = totals.to(self.device)
         self.mesh.batch_comm.all_reduce(totals, kind="loss_all_reduce")
+        if self.pipeline is not None:
+            dist.all_reduce(totals, group=self.mesh.pp_group)
         return (totals[0] / totals[1]).item()
 
     # -- checkpoints -----------------------------------------------------------------------------
