@@ -46,6 +46,9 @@ def check_pipeline(pp: int, n_layers: int, batch: int, microbatches: int, schedu
     if PP_SCHEDULES[schedule] is None:
         raise ValueError(f"--pp-schedule {schedule} sends and receives in one batched P2P call, which hangs on "
                          "gloo: use gpipe or 1f1b")
+    if schedule == "1f1b" and microbatches < pp:
+        raise ValueError(f"--pp-schedule 1f1b needs --microbatches >= --pp ({pp}), got {microbatches}: raise "
+                         "--microbatches or use gpipe")
     if n_layers % pp:
         raise ValueError(f"n_layers ({n_layers}) must be divisible by --pp ({pp}): each stage owns as many blocks")
     if batch % microbatches:

@@ -239,8 +239,8 @@ class ParallelSection:
                       "sharded; innermost in the mesh)")
     pp: int = _opt(1, "pipeline-parallel stages (torch.distributed.pipelining: the decoder's blocks split evenly; "
                       "outermost in the mesh)")
-    pp_schedule: str = _opt("1f1b", "pipeline schedule with --pp > 1: gpipe | 1f1b (interleaved-1f1b is refused: "
-                                    "its batched P2P hangs on gloo)")
+    pp_schedule: str = _opt("gpipe", "pipeline schedule with --pp > 1: gpipe | 1f1b (--microbatches >= --pp) "
+                                     "(interleaved-1f1b is refused: its batched P2P hangs on gloo)")
     microbatches: int = _opt(1, "pipeline microbatches per step (--batch must be divisible by it)")
     strategy: str = _opt("wallfacer", "attention strategy (a registered name: local ring ulysses usp allgather "
                                       "wallfacer lss fpdt), or auto (the calibrated planner picks strategy, degrees, "
