@@ -29,6 +29,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from .comm import CommStats
 from .model import IGNORE_INDEX, Transformer
+from .parallel import ParallelDims
 
 __all__ = ["PP_SCHEDULES", "stage_layers", "split_transformer", "StageModule", "CountingStage", "Pipeline",
            "check_pipeline", "pipeline_p2p_bytes"]
@@ -157,16 +158,18 @@ def _split_rows(value: Any, parts: int) -> list[Any]:
 class Pipeline:
     """One rank's pipeline stage of a Transformer and its torch schedule.
 
-    model: the full Transformer (pruned in place by `split_transformer`); group: the pipeline
-    group (rank i = stage i); stats: where the P2P bytes are counted."""
+    model: the full Transformer (pruned in place by `split_transformer` to the stage of this
+    rank, `dims.pp_rank`); the P2P runs over `dims.pp_group` (rank i = stage i), its bytes are
+    counted in `dims.stats`; loss sums are reduced over `dims.batch_comm` (the stage's dp x sp)."""
 
-    def __init__(self, model: Transformer, stage: int, stages: int, group: dist.ProcessGroup, schedule: str,
-                 microbatches: int, stats: CommStats, device: torch.device):
+    def __init__(self, model: Transformer, dims: ParallelDims, schedule: str, microbatches: int,
+                 device: torch.device):
+        stage, stages = dims.pp_rank, dims.pp
         self.model = split_transformer(model, stage, stages)
-        self.stage, self.stages, self.group, self.microbatches = stage, stages, group, microbatches
+        self.stage, self.stages, self.group, self.microbatches = stage, stages, dims.pp_group, microbatches
         self.first, self.last = stage == 0, stage == stages - 1
         self.module = StageModule(model)
-        self.stats, self.device = stats, device
+        self.stats, self.device, self.batch_comm = dims.stats, device, dims.batch_comm
         self.schedule_cls = PP_SCHEDULES[schedule]
         self.scale = torch.ones((), dtype=torch.float64)
         self._shape: tuple | None = None
@@ -195,14 +198,14 @@ class Pipeline:
         self.module.extras = list(zip(_split_rows(positions, self.microbatches),
                                       _split_rows(cu_seqlens, self.microbatches)))
 
-    def train_step(self, tokens: Tensor, labels: Tensor, positions: Tensor, cu_seqlens: Any,
-                   batch_comm, dtype: torch.dtype) -> float:
+    def train_step(self, tokens: Tensor, labels: Tensor, positions: Tensor, cu_seqlens: Any) -> float:
         """Forward and backward of every microbatch; returns the global mean token loss (every rank).
 
         The last stage counts the global labels first (one all-reduce over its batch group),
         so its loss function back-propagates sum x (dp x sp) / count; the mean is then reduced
         over the batch group and handed to the other stages over the pipeline group."""
-        self._build(tokens, dtype)
+        batch_comm = self.batch_comm
+        self._build(tokens, next(self.model.parameters()).dtype)
         self._set_extras(positions, cu_seqlens)
         totals = torch.zeros(2, dtype=torch.float64, device=labels.device)
         if self.last:
@@ -222,18 +225,21 @@ class Pipeline:
             totals[0] = torch.stack([x.detach().double() for x in losses]).sum() / batch_comm.size
             batch_comm.all_reduce(totals, kind="loss_all_reduce")
             totals[1] = 1.0
-        return self._share(totals)
+        return self.share(totals)
 
-    def _share(self, totals: Tensor) -> float:
-        """The last stage's (value, 1) to every stage: a sum over the pipeline group."""
+    def share(self, totals: Tensor) -> float:
+        """totals[0] / totals[1] of the last stage's (sum, count), zeros elsewhere, on every stage:
+        a sum over the pipeline group."""
         dist.all_reduce(totals, group=self.group)
         self.stats.record("loss_all_reduce", totals.numel() * 8, totals.numel() * 8)
         return (totals[0] / totals[1]).item()
 
     @torch.no_grad()
-    def loss_terms(self, tokens: Tensor, labels: Tensor, positions: Tensor, cu_seqlens: Any) -> tuple[Tensor, Tensor]:
-        """(loss sum, label count) of this rank's tokens by a plain forward through the stages
-        (blocking send/recv, whole batch): the values on the last stage, zeros elsewhere."""
+    def loss_terms(self, batch: tuple) -> tuple[Tensor, Tensor]:
+        """(loss sum, label count) of this rank's tokens (tokens, labels, positions, cu_seqlens) by a
+        plain forward through the stages (blocking send/recv, whole batch): the values on the last
+        stage, zeros elsewhere (a Task's loss_terms, for evaluation)."""
+        tokens, labels, positions, cu_seqlens = batch
         self.module.extras, self.module.chunk = [(positions, cu_seqlens)], 0
         dtype = next(self.model.parameters()).dtype
         peer = lambda s: dist.get_global_rank(self.group, s)  # noqa: E731

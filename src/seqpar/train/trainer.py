@@ -6,7 +6,10 @@ sp rank hold the same tokens and the same, tensor-parallel, loss) gives the glob
 count C, and each rank back-propagates sum_local * (dp x sp) / C. Gradient averaging over
 the batch group (or sp then dp, or FSDP's reduce-scatter) then yields exactly the
 gradient of the mean token loss of the global batch, i.e. what one process computes on
-the whole batch.
+the whole batch. With --pp > 1 the step runs the rank's pipeline stage (seqpar.pipeline), which
+applies the same normalisation inside torch's schedule.
+
+Size: one rank's whole run (steps plain or pipelined, evaluation, checkpoints, signals, outputs).
 """
 from __future__ import annotations
 
@@ -118,9 +121,10 @@ class Trainer:
         self.task = build_task(cfg, self.ctx, self.mesh.dp, self.mesh.dp_rank, self.device)
         self.model = self.task.model
         self.num_params = sum(p.numel() for p in self.model.parameters())  # the whole model (before a split)
-        self.pipeline = self._pipeline()
-        self.ddp = uses_ddp(self.mesh, cfg.parallel.fsdp, self.ctx.strategy.double_grad_averaging) and \
-            self.pipeline is None
+        par = cfg.parallel  # with --pp > 1: this rank's stage (the model pruned in place) and schedule
+        self.pipeline = Pipeline(self.model, self.mesh, par.pp_schedule, par.microbatches, self.device) \
+            if par.pp > 1 else None
+        self.ddp = uses_ddp(self.mesh, par.fsdp, self.ctx.strategy.double_grad_averaging) and self.pipeline is None
         parallelize(self.model, self.mesh, cfg.parallel.fsdp,
                     cfg.parallel.compile_backend if cfg.parallel.compile else None, ddp=self.ddp)
         self.optimizer = _optimizer(self.model, cfg)
@@ -134,14 +138,6 @@ class Trainer:
             if self.rank == 0 else None
         self.board = TensorBoardLog(self.out_dir / "tensorboard", purge_step=self.step + 1 if cfg.output.resume
                                     else None) if self.rank == 0 and cfg.output.tensorboard else None
-
-    def _pipeline(self) -> Pipeline | None:
-        """With --pp > 1: this rank's stage (the model pruned in place to its blocks) and schedule."""
-        par = self.cfg.parallel
-        if par.pp == 1:
-            return None
-        return Pipeline(self.model, self.mesh.pp_rank, par.pp, self.mesh.pp_group, par.pp_schedule,
-                        par.microbatches, self.mesh.stats, self.device)
 
     def _peak_tflops(self) -> tuple[float, str]:
         """Peak TFLOP/s of the machines this run occupies, MFU's denominator: per machine
@@ -193,7 +189,7 @@ class Trainer:
         data_wait = time.perf_counter() - t0
         self.task.advance()
         if self.pipeline is not None:
-            loss = self.pipeline.train_step(*batch, self.mesh.batch_comm, next(self.model.parameters()).dtype)
+            loss = self.pipeline.train_step(*batch)
         else:
             with tensor_parallel_context(self.mesh):
                 with self._autocast():
@@ -259,18 +255,12 @@ class Trainer:
         """Mean token loss over `eval_batches` fixed validation batches (same on every rank)."""
         totals = torch.zeros(2, dtype=torch.float64)
         for i in range(self.cfg.output.eval_batches):
-            batch = self.task.batch("val", i)
-            if self.pipeline is not None:  # (sum, count) on the last stage, zeros on the others
-                loss_sum, count = self.pipeline.loss_terms(*batch)
-            else:
-                with tensor_parallel_context(self.mesh), self._autocast():
-                    loss_sum, count = self.task.loss_terms(batch)
+            with tensor_parallel_context(self.mesh), self._autocast():  # pipeline: zeros but on the last stage
+                loss_sum, count = (self.pipeline or self.task).loss_terms(self.task.batch("val", i))
             totals += torch.stack([loss_sum.double().cpu(), count.double().cpu()])
         totals = totals.to(self.device)
         self.mesh.batch_comm.all_reduce(totals, kind="loss_all_reduce")
-        if self.pipeline is not None:
-            dist.all_reduce(totals, group=self.mesh.pp_group)
-        return (totals[0] / totals[1]).item()
+        return self.pipeline.share(totals) if self.pipeline is not None else (totals[0] / totals[1]).item()
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self) -> Path:
