@@ -274,18 +274,25 @@ class Transformer(nn.Module):
         labels != IGNORE_INDEX; the caller normalises by the global count (see train.py).
         """
         x = self.tok_embeddings(tokens)
+        h = self.norm(self.run_layers(x, positions, cu_seqlens))
+        if labels is None:
+            return self.output(h)
+        return self._loss_sum(h, labels), (labels != IGNORE_INDEX).sum()
+
+    def run_layers(self, x: Tensor, positions: Tensor, cu_seqlens=None) -> Tensor:
+        """x [batch, seq_local, dim] through every block this module holds (a pipeline stage's
+        pruned model holds None for the blocks of other stages: seqpar.pipeline)."""
         rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.layers:
+            if layer is None:
+                continue
             if self.cfg.offload_activations and torch.is_grad_enabled() and not self.cfg.chunked_blocks:
                 x = offloaded_checkpoint(layer, x, rope, cu_seqlens)
             elif self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, rope, cu_seqlens, use_reentrant=False)
             else:
                 x = layer(x, rope, cu_seqlens)
-        h = self.norm(x)
-        if labels is None:
-            return self.output(h)
-        return self._loss_sum(h, labels), (labels != IGNORE_INDEX).sum()
+        return x
 
     def _loss_sum(self, h: Tensor, labels: Tensor) -> Tensor:
         """Sum of token cross-entropies (fp32, fp64 for fp64), chunked when loss_chunks > 1; with tensor

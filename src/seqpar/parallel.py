@@ -1,9 +1,10 @@
-"""The parallel layout: data x sequence x tensor parallelism on one mesh, and gradient averaging.
+"""The parallel layout: pipeline x data x sequence x tensor parallelism on one mesh, and gradient averaging.
 
-`ParallelDims(sp, group, tp=...)` lays the ranks of a group (default WORLD) out as a grid in
-USP's order, tensor parallelism innermost (consecutive ranks, so inside a node):
+`ParallelDims(sp, group, tp=..., pp=...)` lays the ranks of a group (default WORLD) out as a
+grid in USP's order, tensor parallelism innermost (consecutive ranks, so inside a node),
+pipeline stages outermost:
 
-    rank = (dp_rank * sp + sp_rank) * tp + tp_rank
+    rank = ((pp_rank * dp + dp_rank) * sp + sp_rank) * tp + tp_rank
 
 and holds, for this rank, every group the run needs: the sequence-parallel group (what the
 strategy's context shards the sequence over), the data-parallel group, the tensor-parallel
@@ -26,38 +27,45 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 from .comm import Comm, CommStats
 from .mesh import Mesh
 
-__all__ = ["ParallelDims", "average_gradients", "reduce_partial_gradients", "replicate_gradients", "MESH_ORDER"]
+__all__ = ["ParallelDims", "average_gradients", "reduce_partial_gradients", "replicate_gradients", "MESH_ORDER",
+           "PP_MESH_ORDER"]
 
 #: mesh dimensions from the outermost (slowest varying over consecutive ranks) to the innermost
+#: (with pp > 1 the DeviceMesh has a "pp" dimension in front: PP_MESH_ORDER)
 MESH_ORDER = ("dp", "sp", "tp")
+PP_MESH_ORDER = ("pp", *MESH_ORDER)
 
 
 class ParallelDims:
-    """dp x sp x tp process groups of one rank (tp innermost, then sp, then dp).
+    """pp x dp x sp x tp process groups of one rank (tp innermost, then sp, then dp, then pp).
 
-    Attributes: `dp`, `sp`, `tp` (degrees), `dp_rank`, `sp_rank`, `tp_rank`; `sp_group`,
-    `dp_group`, `tp_group`, `batch_group` (dp x sp ranks of this tp rank); `sp_comm`,
-    `dp_comm`, `batch_comm` (byte-counted); `device_mesh` (a torch DeviceMesh over
-    ("dp", "sp", "tp")) and `tp_mesh` / `batch_mesh` (its tensor-parallel and flattened
-    dp x sp dimensions, for parallelize_module and fully_shard).
+    Attributes: `pp`, `dp`, `sp`, `tp` (degrees), `pp_rank`, `dp_rank`, `sp_rank`, `tp_rank`;
+    `sp_group`, `dp_group`, `tp_group`, `batch_group` (dp x sp ranks of this stage and tp rank),
+    `pp_group` (the stages of this (dp, sp, tp) point; built only when pp > 1, else None);
+    `sp_comm`, `dp_comm`, `batch_comm` (byte-counted); `device_mesh` (a torch DeviceMesh over
+    ("dp", "sp", "tp"), with "pp" in front when pp > 1) and `tp_mesh` / `batch_mesh` (its
+    tensor-parallel and flattened dp x sp dimensions, for parallelize_module and fully_shard).
     """
 
     def __init__(self, sp: int, group: dist.ProcessGroup | None = None, stats: CommStats | None = None,
-                 tp: int = 1, device_type: str = "cpu"):
+                 tp: int = 1, device_type: str = "cpu", pp: int = 1):
         self.mesh = Mesh(group)
         size = self.mesh.size
-        if tp < 1 or sp < 1 or size % (sp * tp):
-            raise ValueError(f"sp ({sp}) x tp ({tp}) must divide the number of ranks ({size}): set --sp/--tp so "
-                             f"that dp x sp x tp = {size}")
-        self.sp, self.tp, self.dp = sp, tp, size // (sp * tp)
+        if tp < 1 or sp < 1 or pp < 1 or size % (sp * tp * pp):
+            raise ValueError(f"pp ({pp}) x sp ({sp}) x tp ({tp}) must divide the number of ranks ({size}): set "
+                             f"--pp/--sp/--tp so that pp x dp x sp x tp = {size}")
+        self.pp, self.sp, self.tp, self.dp = pp, sp, tp, size // (sp * tp * pp)
         self.stats = stats if stats is not None else CommStats()
-        self.dp_rank, rest = divmod(self.mesh.rank, sp * tp)
+        self.pp_rank, rest = divmod(self.mesh.rank, self.dp * sp * tp)
+        self.dp_rank, rest = divmod(rest, sp * tp)
         self.sp_rank, self.tp_rank = divmod(rest, tp)
-        coords = [(d, s, t) for d in range(self.dp) for s in range(sp) for t in range(tp)]  # index = group rank
-        self.tp_group = self._partition(coords, lambda c: (c[0], c[1]))
-        self.sp_group = self._partition(coords, lambda c: (c[0], c[2]))
-        self.dp_group = self._partition(coords, lambda c: (c[1], c[2]))
-        self.batch_group = self._partition(coords, lambda c: c[2])
+        coords = [(p, d, s, t) for p in range(pp) for d in range(self.dp) for s in range(sp)
+                  for t in range(tp)]  # index = group rank
+        self.tp_group = self._partition(coords, lambda c: (c[0], c[1], c[2]))
+        self.sp_group = self._partition(coords, lambda c: (c[0], c[1], c[3]))
+        self.dp_group = self._partition(coords, lambda c: (c[0], c[2], c[3]))
+        self.batch_group = self._partition(coords, lambda c: (c[0], c[3]))
+        self.pp_group = self._partition(coords, lambda c: c[1:]) if pp > 1 else None
         self.sp_comm = Comm(self.sp_group, self.stats)
         self.dp_comm = Comm(self.dp_group, self.stats)
         self.batch_comm = Comm(self.batch_group, self.stats)
@@ -65,7 +73,7 @@ class ParallelDims:
         self._device_mesh: DeviceMesh | None = None
         self._batch_mesh: DeviceMesh | None = None
 
-    def _partition(self, coords: list[tuple[int, int, int]], key) -> dist.ProcessGroup:
+    def _partition(self, coords: list[tuple[int, ...]], key) -> dist.ProcessGroup:
         """The group of ranks sharing key(coords) with this rank (collective: every rank, same order)."""
         blocks: dict = {}
         for rank, c in enumerate(coords):
@@ -82,16 +90,19 @@ class ParallelDims:
 
     @property
     def batch_size(self) -> int:
-        """Ranks holding different tokens: dp x sp."""
+        """Ranks holding different tokens (of one stage): dp x sp."""
         return self.dp * self.sp
 
     @property
     def device_mesh(self) -> DeviceMesh:
-        """torch DeviceMesh over ("dp", "sp", "tp") built from this layout's groups (made on first use)."""
+        """torch DeviceMesh over ("dp", "sp", "tp"), ("pp", "dp", "sp", "tp") when pp > 1, built
+        from this layout's groups (made on first use)."""
         if self._device_mesh is None:
-            ranks = torch.tensor(self.mesh.global_ranks).view(self.dp, self.sp, self.tp)  # [dp, sp, tp]
-            self._device_mesh = DeviceMesh.from_group([self.dp_group, self.sp_group, self.tp_group],
-                                                      self.device_type, mesh=ranks, mesh_dim_names=MESH_ORDER)
+            groups, names = [self.dp_group, self.sp_group, self.tp_group], MESH_ORDER
+            if self.pp > 1:
+                groups, names = [self.pp_group, *groups], PP_MESH_ORDER
+            ranks = torch.tensor(self.mesh.global_ranks).view(*(getattr(self, n) for n in names))  # [(pp,) dp, sp, tp]
+            self._device_mesh = DeviceMesh.from_group(groups, self.device_type, mesh=ranks, mesh_dim_names=names)
         return self._device_mesh
 
     @property
@@ -108,8 +119,8 @@ class ParallelDims:
         return self._batch_mesh
 
     def __repr__(self) -> str:
-        return (f"ParallelDims(dp={self.dp}, sp={self.sp}, tp={self.tp}, dp_rank={self.dp_rank}, "
-                f"sp_rank={self.sp_rank}, tp_rank={self.tp_rank})")
+        return (f"ParallelDims(pp={self.pp}, dp={self.dp}, sp={self.sp}, tp={self.tp}, pp_rank={self.pp_rank}, "
+                f"dp_rank={self.dp_rank}, sp_rank={self.sp_rank}, tp_rank={self.tp_rank})")
 
 
 def _local_grad(p: nn.Parameter) -> torch.Tensor:

@@ -158,6 +158,10 @@ def first_step_gradients(cfg: dict[str, Any]) -> dict[str, torch.Tensor] | None:
             trainer.log.close()
     if not captured:  # the trainer skipped the optimizer step (non-finite loss or gradient norm)
         raise RuntimeError("first_step_gradients: the first step took no optimizer step")
+    if trainer.mesh.pp > 1:  # each stage holds its own parameters: gather every stage's names
+        stages = [None] * trainer.mesh.pp
+        dist.all_gather_object(stages, captured, group=trainer.mesh.pp_group)
+        captured = {name: g for stage in stages for name, g in stage.items()}
     return captured if trainer.rank == 0 else None
 
 

@@ -22,6 +22,7 @@ from ..attention import Settings, StrategyOptions
 from ..attention.options import option_fields
 from ..dit import DiTConfig
 from ..model import ModelConfig
+from ..pipeline import check_pipeline
 from ..tensor_parallel import check_tensor_parallel
 from .sections import (
     AUTO,
@@ -259,12 +260,31 @@ class TrainConfig:
         except ImportError:
             raise ValueError("--model dit needs scikit-image: pip install -e '.[dit]'") from None
 
+    def _validate_pipeline(self) -> None:
+        """--pp > 1: the built-in language model alone (no FSDP, TP, --compile yet), layers divisible
+        by the stages, the batch by the microbatches, a schedule that runs on gloo."""
+        par, m = self.parallel, self.model
+        if par.pp == 1:
+            raise ValueError(f"--microbatches {par.microbatches} splits the batch of a pipeline: it needs --pp > 1")
+        unsupported = [name for name, on in (("--model dit", m.kind == "dit"), ("--hf-model", bool(m.hf_model)),
+                                             ("--fsdp", par.fsdp), ("--tp > 1", par.tp > 1),
+                                             ("--compile", par.compile), ("--strategy auto", par.strategy == AUTO),
+                                             ("--dtype bfloat16",
+                                                                          self.optim.dtype == "bfloat16"))
+                       if on]
+        if unsupported:
+            raise ValueError(f"--pp {par.pp} runs the built-in decoder in fp32/fp64 only: not with "
+                             f"{', '.join(unsupported)} yet")
+        check_pipeline(par.pp, m.n_layers, self.data.batch, par.microbatches, par.pp_schedule)
+
     def _validate_mesh(self, world: int) -> None:
         par = self.parallel
         sp = par.sp_size(world)
-        if sp < 1 or par.dp * sp * par.tp != world:
-            raise ValueError(f"dp ({par.dp}) x sp ({par.sp or 'auto'}) x tp ({par.tp}) must equal the number of "
-                             f"processes ({world})")
+        if sp < 1 or par.pp * par.dp * sp * par.tp != world:
+            raise ValueError(f"pp ({par.pp}) x dp ({par.dp}) x sp ({par.sp or 'auto'}) x tp ({par.tp}) must equal "
+                             f"the number of processes ({world})")
+        if par.pp > 1 or par.microbatches > 1:
+            self._validate_pipeline()
         if par.tp > 1:
             self._validate_tensor_parallel(sp)
         if par.strategy == AUTO:

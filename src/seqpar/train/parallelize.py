@@ -9,6 +9,7 @@ import contextlib
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
@@ -65,11 +66,14 @@ def tensor_parallel_context(dims: ParallelDims):
     return stack
 
 
-def clip_gradients(parameters: Iterable[torch.nn.Parameter], clip: float) -> float:
+def clip_gradients(parameters: Iterable[torch.nn.Parameter], clip: float, pp_group=None) -> float:
     """Global gradient norm, clipped to `clip` unless it is 0 (always computed, so non-finite
-    gradients are seen even without clipping)."""
+    gradients are seen even without clipping). pp_group: each pipeline stage holds only its
+    parameters, so the squared norms of the stages are summed over it first."""
     params = list(parameters)
     grads = [p.grad for p in params if p.grad is not None]
+    if pp_group is not None:
+        return _clip_pipeline(params, grads, clip, pp_group)
     sharded = [g for g in grads if isinstance(g, DTensor)]
     if sharded and len(sharded) < len(grads):
         return _clip_mixed(sharded, [g for g in grads if not isinstance(g, DTensor)], clip)
@@ -78,6 +82,17 @@ def clip_gradients(parameters: Iterable[torch.nn.Parameter], clip: float) -> flo
     else:
         norm = torch.nn.utils.get_total_norm(grads)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def _clip_pipeline(params: list, grads: list, clip: float, pp_group) -> float:
+    """The norm over every stage's (plain) gradients: one all-reduce of the squared stage norms."""
+    local = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    squared = (local.double() ** 2).reshape(1)
+    dist.all_reduce(squared, group=pp_group)
+    total = squared.sqrt()[0]
+    if clip:
+        torch.nn.utils.clip_grads_with_norm_(params, clip, total.to(local.dtype))
+    return float(total)
 
 
 def _clip_mixed(sharded: list, plain: list, clip: float) -> float:

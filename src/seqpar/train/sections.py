@@ -27,6 +27,7 @@ from ..corpus import check_tokenizer_dir, corpus_kind
 from ..dit import DiTConfig
 from ..kernels import check_kernel_name
 from ..model import ModelConfig
+from ..pipeline import PP_SCHEDULES
 
 __all__ = ["ModelSection", "DitSection", "DataSection", "OptimSection", "ParallelSection", "OutputSection",
            "FaultsSection", "SECTIONS", "DTYPES", "AUTO", "SHAPE_KEYS"]
@@ -243,6 +244,11 @@ class ParallelSection:
     sp: int | None = _opt(None, "sequence-parallel degree (default: world size / (dp x tp))")
     tp: int = _opt(1, "tensor-parallel degree (torch DTensor: heads, MLP, vocabulary and the norms' tokens "
                       "sharded; innermost in the mesh)")
+    pp: int = _opt(1, "pipeline-parallel stages (torch.distributed.pipelining: the decoder's blocks split evenly; "
+                      "outermost in the mesh)")
+    pp_schedule: str = _opt("gpipe", "pipeline schedule with --pp > 1: gpipe | 1f1b (--microbatches >= --pp) "
+                                     "(interleaved-1f1b is refused: its batched P2P hangs on gloo)")
+    microbatches: int = _opt(1, "pipeline microbatches per step (--batch must be divisible by it)")
     strategy: str = _opt("wallfacer", "attention strategy (a registered name: local ring ulysses usp allgather "
                                       "wallfacer lss fpdt), or auto (the calibrated planner picks strategy, degrees, "
                                       "layout, chunks)")
@@ -260,11 +266,12 @@ class ParallelSection:
                                             "GPU) | aot_eager (no code generation: the tests) | eager")
 
     def sp_size(self, world: int) -> int:
-        return self.sp or world // (self.dp * self.tp)
+        return self.sp or world // (self.dp * self.tp * self.pp)
 
     def mesh_description(self, world: int) -> str:
         """The process mesh in USP's order, outermost first (what seqpar.parallel.ParallelDims builds)."""
-        return f"mesh dp{self.dp} x sp{self.sp_size(world)} x tp{self.tp} (tp innermost" + \
+        pipeline = f"pp{self.pp} ({self.pp_schedule}, {self.microbatches} microbatches) x " if self.pp > 1 else ""
+        return f"mesh {pipeline}dp{self.dp} x sp{self.sp_size(world)} x tp{self.tp} (tp innermost" + \
             (", FSDP over dp x sp)" if self.fsdp else ")")
 
     def strategy_settings(self, world: int) -> Settings:
@@ -276,7 +283,8 @@ class ParallelSection:
         _check_choice("strategy", self.strategy, (*STRATEGIES, AUTO))
         _check_choice("compile_backend", self.compile_backend, COMPILE_BACKENDS)
         check_kernel_name(self.kernel)
-        _at_least(self, 1, "nproc", "dp", "tp")
+        _at_least(self, 1, "nproc", "dp", "tp", "pp", "microbatches")
+        _check_choice("pp_schedule", self.pp_schedule, PP_SCHEDULES)
         if self.sp is not None:
             _at_least(self, 1, "sp")
         self.options.check_types()

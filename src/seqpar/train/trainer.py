@@ -6,7 +6,10 @@ sp rank hold the same tokens and the same, tensor-parallel, loss) gives the glob
 count C, and each rank back-propagates sum_local * (dp x sp) / C. Gradient averaging over
 the batch group (or sp then dp, or FSDP's reduce-scatter) then yields exactly the
 gradient of the mean token loss of the global batch, i.e. what one process computes on
-the whole batch.
+the whole batch. With --pp > 1 the step runs the rank's pipeline stage (seqpar.pipeline), which
+applies the same normalisation inside torch's schedule.
+
+Size: one rank's whole run (steps plain or pipelined, evaluation, checkpoints, signals, outputs).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from ..metrics import (
     read_jsonl,
 )
 from ..parallel import ParallelDims, average_gradients, reduce_partial_gradients
+from ..pipeline import Pipeline
 from ..plan import Calibration
 from . import control
 from .config import TrainConfig
@@ -109,14 +113,18 @@ class Trainer:
         self.cfg, self.group = cfg, group
         self.rank = dist.get_rank(group)
         self.device = _device_for(group)
-        self.mesh = ParallelDims(cfg.sp_size(world), group, tp=cfg.parallel.tp, device_type=self.device.type)
+        self.mesh = ParallelDims(cfg.sp_size(world), group, tp=cfg.parallel.tp, device_type=self.device.type,
+                                 pp=cfg.parallel.pp)
         self.settings = cfg.strategy_settings(world)
         self.ctx = seqpar.init(cfg.parallel.strategy, group=self.mesh.sp_group, stats=self.mesh.stats,
                                kernel=cfg.parallel.kernel, **self.settings.init_kwargs())
         self.task = build_task(cfg, self.ctx, self.mesh.dp, self.mesh.dp_rank, self.device)
         self.model = self.task.model
-        self.num_params = sum(p.numel() for p in self.model.parameters())
-        self.ddp = uses_ddp(self.mesh, cfg.parallel.fsdp, self.ctx.strategy.double_grad_averaging)
+        self.num_params = sum(p.numel() for p in self.model.parameters())  # the whole model (before a split)
+        par = cfg.parallel  # with --pp > 1: this rank's stage (the model pruned in place) and schedule
+        self.pipeline = Pipeline(self.model, self.mesh, par.pp_schedule, par.microbatches, self.device) \
+            if par.pp > 1 else None
+        self.ddp = uses_ddp(self.mesh, par.fsdp, self.ctx.strategy.double_grad_averaging) and self.pipeline is None
         parallelize(self.model, self.mesh, cfg.parallel.fsdp,
                     cfg.parallel.compile_backend if cfg.parallel.compile else None, ddp=self.ddp)
         self.optimizer = _optimizer(self.model, cfg)
@@ -180,12 +188,15 @@ class Trainer:
         batch = self.task.batch("train", self.task.step)  # prefetched: waits only when the loader fell behind
         data_wait = time.perf_counter() - t0
         self.task.advance()
-        with tensor_parallel_context(self.mesh):
-            with self._autocast():
-                loss_sum, count = self.task.loss_terms(batch)
-            loss = backward_global_mean(loss_sum, count, self.mesh.batch_comm)
+        if self.pipeline is not None:
+            loss = self.pipeline.train_step(*batch)
+        else:
+            with tensor_parallel_context(self.mesh):
+                with self._autocast():
+                    loss_sum, count = self.task.loss_terms(batch)
+                loss = backward_global_mean(loss_sum, count, self.mesh.batch_comm)
         self._sync_gradients()
-        grad_norm = clip_gradients(self.model.parameters(), self.cfg.optim.grad_clip)
+        grad_norm = clip_gradients(self.model.parameters(), self.cfg.optim.grad_clip, self.mesh.pp_group)
         # the loss is all-reduced and the norm is of the averaged (or FSDP-global) gradient, so every
         # rank sees the same values and takes the same decision without another collective
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -244,12 +255,12 @@ class Trainer:
         """Mean token loss over `eval_batches` fixed validation batches (same on every rank)."""
         totals = torch.zeros(2, dtype=torch.float64)
         for i in range(self.cfg.output.eval_batches):
-            with tensor_parallel_context(self.mesh), self._autocast():
-                loss_sum, count = self.task.loss_terms(self.task.batch("val", i))
+            with tensor_parallel_context(self.mesh), self._autocast():  # pipeline: zeros but on the last stage
+                loss_sum, count = (self.pipeline or self.task).loss_terms(self.task.batch("val", i))
             totals += torch.stack([loss_sum.double().cpu(), count.double().cpu()])
         totals = totals.to(self.device)
         self.mesh.batch_comm.all_reduce(totals, kind="loss_all_reduce")
-        return (totals[0] / totals[1]).item()
+        return self.pipeline.share(totals) if self.pipeline is not None else (totals[0] / totals[1]).item()
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self) -> Path:

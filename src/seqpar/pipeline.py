@@ -1,0 +1,255 @@
+"""Pipeline parallelism of the built-in decoder on torch's own API (`torch.distributed.pipelining`).
+
+The model is built whole on every rank (same seed: the same weights as one process), then
+`split_transformer` deletes what a stage does not own, torchtitan's manual split: the blocks of
+other stages become None (`model.layers[i] = None`, so the remaining parameters keep their full
+names, `layers.3.attention.wq.weight`: DCP checkpoints are layout-free), the embedding stays on
+the first stage only, the final norm and LM head on the last.
+
+`Pipeline` runs one stage with a torch schedule (`ScheduleGPipe`, `Schedule1F1B`) over the
+pipeline group; inside a stage the blocks' attention runs the sequence-parallel strategy on
+the stage's own sp group, unchanged. Stage inputs are [microbatch, seq_local] tokens (first
+stage) or [microbatch, seq_local, dim] activations; the rope positions and packed-document
+boundaries of each microbatch reach every stage by attribute (set per step, indexed by the
+schedule's microbatch id), never through the pipeline. The last stage's loss function returns
+each microbatch's loss SUM times (dp x sp) / global label count, so the gradients are those of
+the global token mean whatever the microbatching (see train/trainer.py).
+
+Interleaved schedules (several stages per rank) are refused: they send and receive in one
+batched P2P call (`batch_isend_irecv`), which is known to hang on gloo.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from .comm import CommStats
+from .model import IGNORE_INDEX, Transformer
+from .parallel import ParallelDims
+
+__all__ = ["PP_SCHEDULES", "stage_layers", "split_transformer", "StageModule", "CountingStage", "Pipeline",
+           "check_pipeline", "pipeline_p2p_bytes"]
+
+#: --pp-schedule names -> torch schedule classes (None: refused, see the module docstring)
+PP_SCHEDULES: dict[str, Any] = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": None}
+
+
+def check_pipeline(pp: int, n_layers: int, batch: int, microbatches: int, schedule: str) -> None:
+    """Every pipeline constraint, one-line ValueErrors naming the flag to change."""
+    if pp < 1 or microbatches < 1:
+        raise ValueError(f"--pp ({pp}) and --microbatches ({microbatches}) must be >= 1")
+    if schedule not in PP_SCHEDULES:
+        raise ValueError(f"unknown --pp-schedule {schedule!r}; choose from {sorted(PP_SCHEDULES)}")
+    if PP_SCHEDULES[schedule] is None:
+        raise ValueError(f"--pp-schedule {schedule} sends and receives in one batched P2P call, which hangs on "
+                         "gloo: use gpipe or 1f1b")
+    if schedule == "1f1b" and microbatches < pp:
+        raise ValueError(f"--pp-schedule 1f1b needs --microbatches >= --pp ({pp}), got {microbatches}: raise "
+                         "--microbatches or use gpipe")
+    if n_layers % pp:
+        raise ValueError(f"n_layers ({n_layers}) must be divisible by --pp ({pp}): each stage owns as many blocks")
+    if batch % microbatches:
+        raise ValueError(f"--batch ({batch}) must be divisible by --microbatches ({microbatches})")
+
+
+def stage_layers(n_layers: int, stage: int, stages: int) -> range:
+    """The block indices stage `stage` of `stages` owns (contiguous, equal counts)."""
+    per = n_layers // stages
+    return range(stage * per, (stage + 1) * per)
+
+
+def split_transformer(model: Transformer, stage: int, stages: int) -> Transformer:
+    """Delete, in place, what stage `stage` does not own: other stages' blocks (set to None, so
+    names stay global), the embedding unless first, the final norm and LM head unless last."""
+    own = stage_layers(len(model.layers), stage, stages)
+    for i in range(len(model.layers)):
+        if i not in own:
+            model.layers[i] = None
+    if stage > 0:
+        model.tok_embeddings = None
+    if stage < stages - 1:
+        model.norm = None
+        model.output = None
+    return model
+
+
+class StageModule(nn.Module):
+    """What `PipelineStage` runs: the pruned model's part, one microbatch at a time.
+
+    forward(x): x tokens [microbatch, seq_local] (first stage) or activations [microbatch,
+    seq_local, dim] -> activations [microbatch, seq_local, dim] (normed on the last stage).
+    `extras[chunk]` = (positions, cu_seqlens) of microbatch `chunk` (set per step);
+    `chunk` is set by `CountingStage` before each forward."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+        self.extras: list[tuple[Tensor, Any]] = []
+        self.chunk = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        positions, cu_seqlens = self.extras[self.chunk]
+        m = self.model
+        if m.tok_embeddings is not None:
+            x = m.tok_embeddings(x)
+        x = m.run_layers(x, positions, cu_seqlens)
+        return m.norm(x) if m.norm is not None else x
+
+
+def _nbytes(ops: list[dist.P2POp]) -> int:
+    return sum(op.tensor.numel() * op.tensor.element_size() for op in ops)
+
+
+class CountingStage(PipelineStage):
+    """torch's PipelineStage that tells its module the microbatch id and counts its P2P bytes
+    (activations forward, their gradients backward) into `stats` as kind "pp_p2p"."""
+
+    def __init__(self, *args, stats: CommStats, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stats = stats
+
+    def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
+        self.submod.chunk = fwd_chunk_id
+        return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+
+    def _count(self, ops: list[dist.P2POp], sent: bool) -> list[dist.P2POp]:
+        if ops:
+            n = _nbytes(ops)
+            self.stats.record("pp_p2p", n if sent else 0, 0 if sent else n)
+        return ops
+
+    def get_fwd_send_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
+        return self._count(super().get_fwd_send_ops(fwd_chunk_id), True)
+
+    def get_bwd_send_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
+        return self._count(super().get_bwd_send_ops(bwd_chunk_id), True)
+
+    def get_fwd_recv_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
+        return self._count(super().get_fwd_recv_ops(fwd_chunk_id), False)
+
+    def get_bwd_recv_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
+        return self._count(super().get_bwd_recv_ops(bwd_chunk_id), False)
+
+
+def pipeline_p2p_bytes(stage: int, stages: int, microbatch: int, seq_local: int, dim: int, element_size: int,
+                       microbatches: int) -> tuple[int, int]:
+    """(sent, received) P2P bytes of one training step on a rank of stage `stage`: one activation
+    [microbatch, seq_local, dim] per microbatch forward to the next stage and its gradient back."""
+    act = microbatch * seq_local * dim * element_size * microbatches
+    to_next, from_prev = stage < stages - 1, stage > 0
+    return act * (to_next + from_prev), act * (to_next + from_prev)
+
+
+def _split_rows(value: Any, parts: int) -> list[Any]:
+    """A batch-major value cut into `parts` row blocks as torch's schedules cut tensors
+    (tensor_split over dim 0); a shared value ([seq_local] positions, one cu_seqlens) repeated."""
+    if isinstance(value, (list, tuple)):
+        per = len(value) // parts
+        return [list(value[i * per:(i + 1) * per]) for i in range(parts)]
+    if isinstance(value, Tensor) and value.dim() == 2:
+        return list(value.tensor_split(parts, dim=0))
+    return [value] * parts
+
+
+class Pipeline:
+    """One rank's pipeline stage of a Transformer and its torch schedule.
+
+    model: the full Transformer (pruned in place by `split_transformer` to the stage of this
+    rank, `dims.pp_rank`); the P2P runs over `dims.pp_group` (rank i = stage i), its bytes are
+    counted in `dims.stats`; loss sums are reduced over `dims.batch_comm` (the stage's dp x sp)."""
+
+    def __init__(self, model: Transformer, dims: ParallelDims, schedule: str, microbatches: int,
+                 device: torch.device):
+        stage, stages = dims.pp_rank, dims.pp
+        self.model = split_transformer(model, stage, stages)
+        self.stage, self.stages, self.group, self.microbatches = stage, stages, dims.pp_group, microbatches
+        self.first, self.last = stage == 0, stage == stages - 1
+        self.module = StageModule(model)
+        self.stats, self.device, self.batch_comm = dims.stats, device, dims.batch_comm
+        self.schedule_cls = PP_SCHEDULES[schedule]
+        self.scale = torch.ones((), dtype=torch.float64)
+        self._shape: tuple | None = None
+        self._schedule = None
+
+    def _build(self, tokens: Tensor, dtype: torch.dtype) -> None:
+        """The stage and schedule for microbatches of this shape (static metadata: no shape
+        handshake over the group); rebuilt when the shape changes."""
+        mb = tokens.shape[0] // self.microbatches
+        shape = (mb, tokens.shape[1], self.model.cfg.dim)
+        if self._shape == (shape, dtype):
+            return
+        act = torch.empty(shape, dtype=dtype, device="meta", requires_grad=True)  # gradients flow back
+        inp = torch.empty(shape[:2], dtype=torch.long, device="meta") if self.first else act
+        stage = CountingStage(self.module, self.stage, self.stages, self.device, input_args=(inp,),
+                              output_args=(act,), group=self.group, stats=self.stats)
+        self._schedule = self.schedule_cls(stage, self.microbatches, loss_fn=self._loss, scale_grads=False)
+        self._shape = (shape, dtype)
+
+    def _loss(self, h: Tensor, labels: Tensor) -> Tensor:
+        """A microbatch's loss sum x (dp x sp) / global label count (set per step)."""
+        loss_sum = self.model._loss_sum(h, labels)
+        return loss_sum * self.scale.to(loss_sum.dtype)
+
+    def _set_extras(self, positions: Tensor, cu_seqlens: Any) -> None:
+        self.module.extras = list(zip(_split_rows(positions, self.microbatches),
+                                      _split_rows(cu_seqlens, self.microbatches)))
+
+    def train_step(self, tokens: Tensor, labels: Tensor, positions: Tensor, cu_seqlens: Any) -> float:
+        """Forward and backward of every microbatch; returns the global mean token loss (every rank).
+
+        The last stage counts the global labels first (one all-reduce over its batch group),
+        so its loss function back-propagates sum x (dp x sp) / count; the mean is then reduced
+        over the batch group and handed to the other stages over the pipeline group."""
+        batch_comm = self.batch_comm
+        self._build(tokens, next(self.model.parameters()).dtype)
+        self._set_extras(positions, cu_seqlens)
+        totals = torch.zeros(2, dtype=torch.float64, device=labels.device)
+        if self.last:
+            count = (labels != IGNORE_INDEX).sum().double().reshape(1)
+            batch_comm.all_reduce(count, kind="loss_all_reduce")
+            if count.item() <= 0:
+                raise ValueError("the batch has no labelled tokens (all labels are ignore_index)")
+            self.scale = batch_comm.size / count[0]
+        losses: list[Tensor] = []
+        if self.first:
+            self._schedule.step(tokens)
+        elif self.last:
+            self._schedule.step(target=labels, losses=losses)
+        else:
+            self._schedule.step()
+        if self.last:
+            totals[0] = torch.stack([x.detach().double() for x in losses]).sum() / batch_comm.size
+            batch_comm.all_reduce(totals, kind="loss_all_reduce")
+            totals[1] = 1.0
+        return self.share(totals)
+
+    def share(self, totals: Tensor) -> float:
+        """totals[0] / totals[1] of the last stage's (sum, count), zeros elsewhere, on every stage:
+        a sum over the pipeline group."""
+        dist.all_reduce(totals, group=self.group)
+        self.stats.record("loss_all_reduce", totals.numel() * 8, totals.numel() * 8)
+        return (totals[0] / totals[1]).item()
+
+    @torch.no_grad()
+    def loss_terms(self, batch: tuple) -> tuple[Tensor, Tensor]:
+        """(loss sum, label count) of this rank's tokens (tokens, labels, positions, cu_seqlens) by a
+        plain forward through the stages (blocking send/recv, whole batch): the values on the last
+        stage, zeros elsewhere (a Task's loss_terms, for evaluation)."""
+        tokens, labels, positions, cu_seqlens = batch
+        self.module.extras, self.module.chunk = [(positions, cu_seqlens)], 0
+        dtype = next(self.model.parameters()).dtype
+        peer = lambda s: dist.get_global_rank(self.group, s)  # noqa: E731
+        x = tokens
+        if not self.first:
+            x = torch.empty(*tokens.shape, self.model.cfg.dim, dtype=dtype, device=tokens.device)
+            dist.recv(x, src=peer(self.stage - 1), group=self.group)
+        h = self.module(x)
+        if not self.last:
+            dist.send(h.contiguous(), dst=peer(self.stage + 1), group=self.group)
+            zero = torch.zeros((), dtype=torch.float64, device=tokens.device)
+            return zero, zero
+        return self.model._loss_sum(h, labels), (labels != IGNORE_INDEX).sum()
