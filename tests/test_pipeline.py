@@ -36,11 +36,12 @@ CASES = [
     (2, dict(pp_schedule="1f1b", microbatches=2)),
     (4, dict(pp_schedule="1f1b", microbatches=2, strategy="ring", layout="zigzag")),
     (4, dict(pp_schedule="gpipe", microbatches=1, strategy="ulysses")),
+    (4, dict(pp_schedule="1f1b", microbatches=2, strategy="lss", activation_checkpointing=True)),
 ]
 
 
 @pytest.mark.parametrize("world,overrides", CASES, ids=["pp2-gpipe-mb2", "pp2-1f1b-mb2", "pp2-ring2-1f1b-mb2",
-                                                          "pp2-ulysses2-gpipe-mb1"])
+                                                          "pp2-ulysses2-gpipe-mb1", "pp2-lss2-1f1b-checkpointing"])
 def test_pipeline_parity_with_one_process(worlds, corpus, tmp_path, reference, world, overrides):
     cfg = config(corpus, tmp_path, **PP, **overrides)
     results = worlds.run(world, run_training, cfg, gradients=True)
@@ -121,6 +122,8 @@ def test_a_pp2_checkpoint_resumes_at_pp1(worlds, corpus, tmp_path):
     (dict(pp=2, tp=2), "not with --tp > 1 yet"),
     (dict(pp=2, model="dit"), "not with --model dit yet"),
     (dict(pp=2, dtype="bfloat16"), "not with --dtype bfloat16 yet"),
+    (dict(pp=2, loss_chunks=2), "not with --mlp-chunks / --loss-chunks yet"),
+    (dict(pp=2, strategy="fpdt", chunked_blocks=True), "not with --chunked-blocks yet"),
 ])
 def test_unsupported_pipelines_are_one_line_errors(corpus, tmp_path, overrides, message):
     data = "" if overrides.get("model") == "dit" else corpus  # the DiT trains on its own photos

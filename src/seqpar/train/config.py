@@ -269,8 +269,10 @@ class TrainConfig:
         unsupported = [name for name, on in (("--model dit", m.kind == "dit"), ("--hf-model", bool(m.hf_model)),
                                              ("--fsdp", par.fsdp), ("--tp > 1", par.tp > 1),
                                              ("--compile", par.compile), ("--strategy auto", par.strategy == AUTO),
-                                             ("--dtype bfloat16",
-                                                                          self.optim.dtype == "bfloat16"))
+                                             ("--dtype bfloat16", self.optim.dtype == "bfloat16"),
+                                             ("--chunked-blocks", m.chunked_blocks),
+                                             ("--offload-activations", m.offload_activations),
+                                             ("--mlp-chunks / --loss-chunks", m.mlp_chunks > 1 or m.loss_chunks > 1))
                        if on]
         if unsupported:
             raise ValueError(f"--pp {par.pp} runs the built-in decoder in fp32/fp64 only: not with "
