@@ -1,12 +1,10 @@
 """Training configuration: `TrainConfig`, one section per config-file table (train/sections.py:
-model, dit, data, optim, parallel, output, faults), each validating itself.
-
-Every field is also a `--flag` (the field name with dashes; `ModelSection.kind` is `--model`),
-so the command line stays flat while config files are tables. The strategy options of
-`[parallel]` are the option schema of `seqpar.StrategyOptions` itself (their flags, types and
-help text come from it; None = the strategy's default). Defaults < config file < flags.
-`TrainConfig.of(**flags)` builds a config from flag names (scripts and tests), `cfg.replace(**flags)`
-changes some; `validate(world)` runs each section's checks and the checks between sections.
+model, dit, data, optim, parallel, output, faults), each validating itself. Every field is also a
+`--flag` (the field name with dashes; `ModelSection.kind` is `--model`): flat command line, tables
+in files. `[parallel]`'s strategy options are `seqpar.StrategyOptions` itself (flags, types, help;
+None = the strategy's default). Defaults < config file < flags. `TrainConfig.of(**flags)` builds a
+config from flag names, `cfg.replace(**flags)` changes some; `validate(world)` runs each section's
+checks and the checks between sections.
 """
 from __future__ import annotations
 
@@ -266,14 +264,11 @@ class TrainConfig:
         par, m = self.parallel, self.model
         if par.pp == 1:
             raise ValueError(f"--microbatches {par.microbatches} splits the batch of a pipeline: it needs --pp > 1")
-        unsupported = [name for name, on in (("--model dit", m.kind == "dit"), ("--hf-model", bool(m.hf_model)),
-                                             ("--fsdp", par.fsdp), ("--tp > 1", par.tp > 1),
-                                             ("--compile", par.compile), ("--strategy auto", par.strategy == AUTO),
-                                             ("--dtype bfloat16", self.optim.dtype == "bfloat16"),
-                                             ("--chunked-blocks", m.chunked_blocks),
-                                             ("--offload-activations", m.offload_activations),
-                                             ("--mlp-chunks / --loss-chunks", m.mlp_chunks > 1 or m.loss_chunks > 1))
-                       if on]
+        unsupported = [name for name, on in {
+            "--model dit": m.kind == "dit", "--hf-model": bool(m.hf_model), "--fsdp": par.fsdp, "--tp > 1": par.tp > 1,
+            "--compile": par.compile, "--strategy auto": par.strategy == AUTO, "--chunked-blocks": m.chunked_blocks,
+            "--dtype bfloat16": self.optim.dtype == "bfloat16", "--offload-activations": m.offload_activations,
+            "--mlp-chunks / --loss-chunks": m.mlp_chunks > 1 or m.loss_chunks > 1}.items() if on]
         if unsupported:
             raise ValueError(f"--pp {par.pp} runs the built-in decoder in fp32/fp64 only: not with "
                              f"{', '.join(unsupported)} yet")
