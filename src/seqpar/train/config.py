@@ -3,8 +3,7 @@ model, dit, data, optim, parallel, output, faults), each validating itself. Ever
 `--flag` (the field name with dashes; `ModelSection.kind` is `--model`): flat command line, tables
 in files. `[parallel]`'s strategy options are `seqpar.StrategyOptions` itself (flags, types, help;
 None = the strategy's default). Defaults < config file < flags. `TrainConfig.of(**flags)` builds a
-config from flag names, `cfg.replace(**flags)` changes some; `validate(world)` runs each section's
-checks and the checks between sections.
+config from flag names, `cfg.replace(**flags)` changes some; `validate(world)` checks all.
 """
 from __future__ import annotations
 
