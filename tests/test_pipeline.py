@@ -7,28 +7,15 @@ stages count equal the activation formula.
 """
 import pytest
 
+import test_train
 from checks.pipeline import pipeline_layout, pipeline_step
 from checks.train import run_training
-from seqpar.data import stdlib_corpus
 from seqpar.pipeline import pipeline_p2p_bytes
 from seqpar.train import TrainConfig
-from test_train import BASE, assert_gradients_match, assert_losses_match
+from test_train import BASE, assert_gradients_match, assert_losses_match, config
 
+corpus, reference = test_train.corpus, test_train.reference  # the same module fixtures (corpus, 1-process run)
 PP = dict(pp=2, eval_every=0)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return str(stdlib_corpus(tmp_path_factory.mktemp("corpus"), max_bytes=60_000))
-
-
-def config(corpus, out_dir, **overrides):
-    return {**BASE, "data": corpus, "out_dir": str(out_dir), **overrides}
-
-
-@pytest.fixture(scope="module")
-def reference(worlds, corpus, tmp_path_factory):
-    return worlds.run(1, run_training, config(corpus, tmp_path_factory.mktemp("ref")), gradients=True)[0]
 
 
 CASES = [
