@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .comm import CommStats
 
 __all__ = ["parallelize_decoder", "parallelize_dit", "parallelize_hf", "TensorParallelTraffic",
-           "check_tensor_parallel", "HF_STYLES"]
+           "check_tensor_parallel", "check_decoder_chunkings", "HF_STYLES"]
 
 
 def check_tensor_parallel(tp: int, n_heads: int, n_kv_heads: int, tokens_per_rank: int | None = None) -> None:
@@ -50,6 +50,14 @@ def check_tensor_parallel(tp: int, n_heads: int, n_kv_heads: int, tokens_per_ran
     if tokens_per_rank is not None and tokens_per_rank % tp:
         raise ValueError(f"--tp {tp} must divide each sequence-parallel rank's {tokens_per_rank} tokens (the norms "
                          f"and residual stream are sharded over tp ranks by tokens): change --seq-len or --tp")
+
+
+def check_decoder_chunkings(model) -> None:
+    """The FPDT chunkings TP's sharding replaces are refused with tp > 1 (`model`: a ModelConfig or
+    the trainer's [model] section, both carry these fields)."""
+    if model.mlp_chunks > 1 or model.loss_chunks > 1 or model.chunked_blocks or model.offload_activations:
+        raise ValueError("tensor parallelism shards the MLP and the LM head already: drop --mlp-chunks, "
+                         "--loss-chunks, --chunked-blocks and --offload-activations with --tp > 1")
 
 
 def _block_plan() -> dict:
@@ -75,9 +83,7 @@ def parallelize_decoder(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     the tp ranks of one sp rank) and returns the same (loss_sum, count) on every tp rank."""
     cfg = model.cfg
     check_tensor_parallel(tp_mesh.size(), cfg.n_heads, cfg.n_kv_heads)
-    if cfg.mlp_chunks > 1 or cfg.loss_chunks > 1 or cfg.chunked_blocks or cfg.offload_activations:
-        raise ValueError("tensor parallelism shards the MLP and the LM head already: drop --mlp-chunks, "
-                         "--loss-chunks, --chunked-blocks and --offload-activations with --tp > 1")
+    check_decoder_chunkings(cfg)
     parallelize_module(model, tp_mesh, {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),

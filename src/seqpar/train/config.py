@@ -20,7 +20,7 @@ from ..attention.options import option_fields
 from ..dit import DiTConfig
 from ..model import ModelConfig
 from ..pipeline import check_pipeline
-from ..tensor_parallel import check_tensor_parallel
+from ..tensor_parallel import check_decoder_chunkings, check_tensor_parallel
 from .sections import (
     AUTO,
     DTYPES,
@@ -242,9 +242,7 @@ class TrainConfig:
             return
         if m.hf_model:
             return  # heads and the model's own TP plan are checked where the model is read (launch.check_strategy)
-        if m.mlp_chunks > 1 or m.loss_chunks > 1 or m.chunked_blocks or m.offload_activations:
-            raise ValueError("tensor parallelism shards the MLP and the LM head already: drop --mlp-chunks, "
-                             "--loss-chunks, --chunked-blocks and --offload-activations with --tp > 1")
+        check_decoder_chunkings(m)
         check_tensor_parallel(tp, m.n_heads, m.n_kv_heads, self.data.seq_len // sp)
 
     def _validate_dit(self) -> None:
