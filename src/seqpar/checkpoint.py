@@ -137,7 +137,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
         torch.save(_rng_state(), buffer)  # not the zip writer's "unexpected pos" RuntimeError
         (tmp / f"rng_rank{rank}.pt").write_bytes(buffer.getvalue())
 
-    _raise_agreed(_attempt(write_shards, tmp, _state_bytes(model_sd, optim_sd)), root, tmp, step, group)
+    _raise_agreed(_attempt(write_shards, tmp, lambda: _state_bytes(model_sd, optim_sd)), root, tmp, step, group)
     digests = _all_gather(_digest_own_files(tmp, rank, world), group)  # also the barrier: all files written
 
     def finish() -> None:
@@ -152,16 +152,16 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
     return final
 
 
-def _attempt(write, directory: Path | None = None, needed: int = 0) -> str:
+def _attempt(write, directory: Path | None = None, needed=lambda: 0) -> str:
     """Run `write`; '' on success, else the root cause in one line (DCP wraps every rank's failure
     in a CheckpointException, a BaseException). torch's zip writer reports a full disk as a
-    RuntimeError without errno: when `directory` has less free space than the `needed` bytes,
-    that is the cause named."""
+    RuntimeError without errno: when `directory` has less free space than `needed()` bytes (asked
+    only after a failure), that is the cause named."""
     try:
         write()
     except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - any write failure: one line
         cause = _root_cause(e)
-        if directory is not None and "No space" not in cause and _free_bytes(directory) < needed:
+        if directory is not None and "No space" not in cause and _free_bytes(directory) < needed():
             return os.strerror(28)  # ENOSPC: "No space left on device"
         return cause
     return ""
@@ -190,10 +190,7 @@ def _root_cause(error: BaseException) -> str:
 def _raise_agreed(error: str, root: Path, tmp: Path, step: int, group: dist.ProcessGroup | None) -> None:
     """Every rank learns whether any rank failed (a MAX all-reduce of a flag, the first message
     gathered); on failure rank 0 removes the partial directory and every rank raises."""
-    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-    flag = torch.tensor([float(bool(error))], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)  # control flag, not data
-    if not flag.item():
+    if not _any_rank(bool(error), group):
         return
     cause = next(m for m in _all_gather(error, group) if m)
     if dist.get_rank(group) == 0:
@@ -203,6 +200,14 @@ def _raise_agreed(error: str, root: Path, tmp: Path, step: int, group: dist.Proc
     previous = f"the previous checkpoint {str(kept)!r} is kept" if kept else "no earlier checkpoint"
     raise CheckpointWriteError(f"checkpoint step {step} not written: {cause} in {str(root)!r} "
                                f"({_free_space(root)}); nothing partial left, {previous}")
+
+
+def _any_rank(flag: bool, group: dist.ProcessGroup | None) -> bool:
+    """Whether `flag` is set on any rank of `group` (a MAX all-reduce of a control flag, not data)."""
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item())
 
 
 def _free_bytes(directory: Path) -> int:
@@ -393,10 +398,7 @@ def _load_rng(path: Path, group: dist.ProcessGroup | None) -> None:
         state = torch.load(path, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is a corrupt checkpoint
         error = f"checkpoint RNG file {str(path)!r} is missing or corrupt: {e}"
-    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-    failed = torch.tensor([float(bool(error))], device=device)
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)  # control flag, not data
-    if failed.item():
+    if _any_rank(bool(error), group):
         raise ValueError(error or f"checkpoint {str(path.parent)!r}: another rank's RNG file is missing or corrupt")
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
