@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 
 import seqpar
-from checks.arch import init_validity, module_exactness, ulysses_module_exactness, usp_placement
+from checks.arch import (
+    create_subgroups,
+    gloo_threads_and_groups,
+    init_validity,
+    module_exactness,
+    ulysses_module_exactness,
+    usp_placement,
+)
 from seqpar.attention import STRATEGIES, get_strategy, registry
 from seqpar.testing.checks import attention_exactness
 from seqpar.train import TrainConfig
@@ -258,3 +265,13 @@ def test_plan_and_init_agree_on_every_candidate(worlds, seq, heads, kv_heads):
         if not cand.valid:
             assert cand.reason == got, cand.config.label
     assert any(c.valid for c in planned)
+
+
+def test_a_reused_world_drops_the_groups_each_task_made(worlds):
+    """Every gloo group holds an event-loop thread and two workers: a world reused by hundreds of
+    tasks must not keep them (they woke idle workers and slowed every later test)."""
+    before = worlds.run(2, gloo_threads_and_groups)
+    during = worlds.run(2, create_subgroups, 5)
+    after = worlds.run(2, gloo_threads_and_groups)
+    assert [groups for _, groups in before] == [n - 5 for n in during]
+    assert after == before

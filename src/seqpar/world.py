@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed import distributed_c10d
 
 __all__ = ["ProcessWorld", "WorldPool", "WorkerError", "start_ranks", "init_local_gloo"]
 
@@ -68,11 +69,27 @@ def _worker(rank: int, size: int, init_file: str, tasks, results, threads: int, 
         if item is None:
             break
         task_id, fn, args, kwargs = item
+        groups_before = _live_groups()
         try:
             results.put((task_id, rank, ("ok", fn(*args, **kwargs))))
         except BaseException:  # noqa: BLE001 - report everything to the parent
             results.put((task_id, rank, ("err", traceback.format_exc())))
+        finally:
+            _destroy_groups_except(groups_before)
     dist.destroy_process_group()
+
+
+def _live_groups() -> set:
+    """The process groups this process holds now (the default one and every subgroup)."""
+    return set(distributed_c10d._world.pg_map)  # no public listing of subgroups in torch 2.13
+
+
+def _destroy_groups_except(keep: set) -> None:
+    """Destroy the subgroups a task created: each gloo group keeps a TCP event-loop thread and two
+    worker threads, so a reused world would otherwise accumulate hundreds of them (and their
+    wake-ups) over a test session."""
+    for group in _live_groups() - keep:
+        dist.destroy_process_group(group)
 
 
 class ProcessWorld:

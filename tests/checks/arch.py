@@ -89,3 +89,25 @@ def init_validity(configs: list[tuple[str, dict]], *, seq: int, heads: int, kv_h
         except ValueError as e:
             out.append(str(e) or "ValueError")
     return out
+
+
+def _groups_held() -> int:
+    from torch.distributed import distributed_c10d
+    return len(distributed_c10d._world.pg_map)
+
+
+def create_subgroups(count: int) -> int:
+    """Create `count` subgroups of the whole world (the way meshes do) and use each once;
+    returns how many process groups this rank holds while the task runs."""
+    import torch.distributed as dist
+    for _ in range(count):
+        group = dist.new_group(list(range(dist.get_world_size())))
+        dist.barrier(group=group)
+    return _groups_held()
+
+
+def gloo_threads_and_groups() -> tuple[int, int]:
+    """(gloo threads alive in this process, process groups held) between tasks."""
+    from pathlib import Path
+    names = [p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")]
+    return sum(name.startswith(("gloo", "pt_gloo")) for name in names), _groups_held()
