@@ -87,9 +87,27 @@ def _live_groups() -> set:
 def _destroy_groups_except(keep: set) -> None:
     """Destroy the subgroups a task created: each gloo group keeps a TCP event-loop thread and two
     worker threads, so a reused world would otherwise accumulate hundreds of them (and their
-    wake-ups) over a test session."""
-    for group in _live_groups() - keep:
+    wake-ups) over a test session. DTensor caches sharding decisions under meshes that compare
+    equal whatever their groups, so those caches go too, or the next task's DTensors would carry
+    a mesh of destroyed groups."""
+    stale = _live_groups() - keep
+    for group in stale:
         dist.destroy_process_group(group)
+    if stale:
+        _clear_dtensor_caches()
+
+
+def _clear_dtensor_caches() -> None:
+    """Forget DTensor's cached sharding propagation and redistribution plans (torch 2.13 names;
+    each is skipped where a torch release lacks it)."""
+    from torch.distributed.tensor import DTensor, _redistribute
+    getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", lambda: None)()
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    for cached in (propagator.propagate_op_sharding, propagator._propagate_tensor_meta_cached,
+                   getattr(_redistribute, "_gen_transform_infos", None)):
+        if hasattr(cached, "cache_clear"):
+            cached.cache_clear()
+    getattr(_redistribute, "clear_redistribute_planner_cache", lambda: None)()
 
 
 class ProcessWorld:
