@@ -248,7 +248,7 @@ def test_plan_and_init_agree_on_every_candidate(worlds, seq, heads, kv_heads):
 
     inp = PlanInput(Cluster(4, ranks_per_node=2), ModelShape(2, heads * 8, heads, kv_heads, 64, 256), seq, 1,
                     "float32", True)
-    candidates = candidate_configs(inp)
+    candidates = candidate_configs(inp, tp=(1,), pp=(1,))  # sequence parallelism over the whole world
     planned = [evaluate(inp, c) for c in candidates]
     actual = worlds.run(4, init_validity, [(c.strategy, c.init_kwargs()) for c in candidates], seq=seq,
                         heads=heads, kv_heads=kv_heads)

@@ -124,7 +124,7 @@ def test_busiest_rank_tables_match_brute_force(kind, causal):
 # -- ranking --------------------------------------------------------------------------------------
 def test_fewer_heads_than_ranks_excludes_ulysses_with_reason():
     model = ModelShape(2, 256, 4, 4, 512, 1000)
-    ranked = plan(PlanInput(Cluster(8, 8), model, 4096))
+    ranked = plan(PlanInput(Cluster(8, 8), model, 4096), tp=(1,), pp=(1,))
     ulysses = next(c for c in ranked if c.config.strategy == "ulysses")
     assert not ulysses.valid and "must divide the number of attention heads (4)" in ulysses.reason
     assert not any(c.valid for c in ranked if c.config.strategy == "fpdt")
@@ -152,7 +152,7 @@ def test_ranked_by_time_with_memory_misfits_last():
 def best_wallfacer_teams(inter_lat):
     inp = PlanInput(Cluster(64, 8, intra_bw=300, inter_bw=100, intra_lat=2, inter_lat=inter_lat),
                     MODEL_PRESETS["llama-7b"], 32768, zero=3)
-    return next(c for c in plan(inp, ["wallfacer"]) if c.valid).config.team_size
+    return next(c for c in plan(inp, ["wallfacer"], tp=(1,), pp=(1,)) if c.valid).config.team_size
 
 
 def test_high_inter_node_latency_favours_larger_teams():
@@ -187,7 +187,7 @@ def test_mean_document_length_scales_attention_compute_not_bytes():
 # -- errors ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("build,match", [
     (lambda: PlanInput(Cluster(8), TINY, 64, mean_doc_len=0.5), "mean document length must be"),
-    (lambda: Cluster(1), "world size must be >= 2"),
+    (lambda: Cluster(0), "world size must be >= 1"),
     (lambda: Cluster(12, 8), "not a multiple of ranks per node"),
     (lambda: Cluster(8, inter_bw=0), "inter_bw must be > 0"),
     (lambda: Cluster(8, efficiency=1.5), "efficiency"),
@@ -218,7 +218,9 @@ def test_cli_json(capsys):
     assert cands[0]["valid"] and cands[0]["step_time_s"] > 0
     times = [c["step_time_s"] for c in cands if c["valid"] and c["fits"]]
     assert times == sorted(times)
-    assert {c["strategy"] for c in cands} == {"ring", "ulysses", "usp", "allgather", "lss", "wallfacer", "fpdt"}
+    # sp = 1 (the world taken by tp x pp): local attention
+    assert {c["strategy"] for c in cands} == {"ring", "ulysses", "usp", "allgather", "lss", "wallfacer", "fpdt",
+                                              "local"}
 
 
 def test_cli_table_and_errors(capsys):

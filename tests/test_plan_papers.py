@@ -18,7 +18,7 @@ def predicted(name: str) -> float:
     inp = PlanInput(p.cluster, MODEL_PRESETS[p.model], p.seq_len, zero=p.zero, checkpointing=p.checkpointing,
                     optimizer_offload=p.optimizer_offload)
     strategies = ["ring", "wallfacer"] if p.metric == "ratio" else [p.strategy]
-    ranked = [c for c in plan(inp, strategies, FPDT_CHUNKS) if c.valid]
+    ranked = [c for c in plan(inp, strategies, FPDT_CHUNKS, tp=(1,), pp=(1,)) if c.valid]  # the papers' SP runs
     best = {s: min((c for c in ranked if c.config.strategy == s), key=lambda c: (not c.fits, c.step_time))
             for s in strategies}
     if p.metric == "ratio":

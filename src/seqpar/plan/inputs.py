@@ -9,7 +9,7 @@ the cost model reads hardware numbers from: the cluster's flags, or its calibrat
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 from ..attention import Settings, get_strategy
@@ -121,8 +121,8 @@ class Cluster:
     node_inter_bw: float | None = None
 
     def __post_init__(self):
-        if self.world < 2:
-            raise ValueError(f"world size must be >= 2 to plan sequence parallelism, got {self.world}")
+        if self.world < 1:
+            raise ValueError(f"world size must be >= 1, got {self.world}")
         if self.ranks_per_node < 1:
             raise ValueError(f"ranks per node must be >= 1, got {self.ranks_per_node}")
         if self.world > self.ranks_per_node and self.world % self.ranks_per_node:
@@ -322,6 +322,33 @@ class PlanInput:
         the cost model's attention work per (query, key) block pair."""
         return self.batch * heads * self.attention_fraction
 
+    def group_view(self, sp: int, tp: int = 1, batch: int | None = None) -> "PlanInput":
+        """What one sequence-parallel group of `sp` ranks sees while `tp` tensor-parallel ranks
+        share each of its positions (seqpar.parallel.ParallelDims: tp innermost, so sp rank r is
+        global rank r x tp): a node holds ranks_per_node / tp of its ranks (1 when tp spans
+        nodes) and shares its NICs with all its ranks; each rank attends with heads / tp query
+        and kv_heads / tp K/V heads (hidden = heads x head_dim), `batch` rows at a time. The
+        strategies' cost models run on it unchanged. Cached per (sp, tp, batch); the tp check
+        (seqpar.tensor_parallel.check_tensor_parallel) comes first."""
+        key = (sp, tp, self.batch if batch is None else batch)
+        if key not in self._views:
+            self._views[key] = self._group_view(*key)
+        return self._views[key]
+
+    @cached_property
+    def _views(self) -> dict:
+        return {}
+
+    def _group_view(self, sp: int, tp: int, batch: int) -> "PlanInput":
+        if (sp, tp, batch) == (self.world, 1, self.batch):
+            return self
+        cl, m = self.cluster, self.model
+        per_node = max(1, cl.ranks_per_node // tp)
+        nics = None if cl.node_inter_bw is None else cl.node_inter_bw * per_node / cl.ranks_per_node
+        cluster = replace(cl, world=sp, ranks_per_node=per_node, node_inter_bw=nics)
+        shape = replace(m, hidden=m.hidden // tp, heads=m.heads // tp, kv_heads=m.kv_heads // tp)
+        return replace(self, cluster=cluster, model=shape, seq_len=self.seq_len, batch=batch)
+
     @property
     def attention_fraction(self) -> float:
         """Fraction of the (causal or full) attention pairs that packed documents of mean length L
@@ -337,16 +364,47 @@ class PlanInput:
 
 @dataclass(frozen=True)
 class Config:
-    """One candidate: a strategy's resolved settings (what `seqpar.init` builds), plus FPDT's
-    per-chunk block pipeline (a model option: --chunked-blocks)."""
+    """One candidate: a strategy's resolved settings (what `seqpar.init` builds on the sp
+    ranks), plus FPDT's per-chunk block pipeline (a model option: --chunked-blocks), plus the
+    mesh around the sequence-parallel group (seqpar.parallel.ParallelDims: pp x dp x sp x tp,
+    tp innermost): tensor-parallel degree `tp`, `pp` pipeline stages run with `pp_schedule`
+    over `microbatches` microbatches, `dp` data-parallel replicas (each its share of the batch).
+    sp = world / (dp x tp x pp) = `settings.size`."""
 
     settings: Settings
     chunked_blocks: bool = False
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    pp_schedule: str = "gpipe"
+    microbatches: int = 1
 
     @classmethod
     def of(cls, strategy: str, world: int, chunked_blocks: bool = False, **options) -> "Config":
         """The candidate `seqpar.init(strategy, **options)` builds on `world` ranks (its errors too)."""
         return cls(resolve(strategy, world, **options), chunked_blocks)
+
+    @property
+    def sp(self) -> int:
+        return self.settings.size
+
+    @property
+    def hybrid(self) -> bool:
+        """Whether anything but sequence parallelism shares the world (tp, pp or dp > 1)."""
+        return self.tp * self.pp * self.dp > 1
+
+    @property
+    def mesh_label(self) -> str:
+        """'dp2 tp4 pp2 1f1b m8' (the degrees above 1; '' for sequence parallelism alone)."""
+        parts = [f"dp{self.dp}"] if self.dp > 1 else []
+        parts += [f"tp{self.tp}"] if self.tp > 1 else []
+        parts += [f"pp{self.pp} {self.pp_schedule} m{self.microbatches}"] if self.pp > 1 else []
+        return " ".join(parts)
+
+    def mesh_kwargs(self) -> dict:
+        """The trainer's [parallel] fields of this candidate (TrainConfig flags)."""
+        return {"dp": self.dp, "sp": self.sp, "tp": self.tp, "pp": self.pp, "pp_schedule": self.pp_schedule,
+                "microbatches": self.microbatches}
 
     @property
     def strategy(self) -> str:
@@ -383,4 +441,6 @@ class Config:
             parts.append(f"chunks={s.chunks}" + (" offload" if s.offload else "")
                          + (" blocks" if self.chunked_blocks else ""))
         parts.append(self.layout)
+        if self.mesh_label:
+            parts.append(f"[{self.mesh_label}]")
         return " ".join(parts)
