@@ -5,7 +5,7 @@ seqpar.parallel.ParallelDims lays them out (rank = ((pp_rank x dp + dp_rank) x s
 tp + tp_rank: tp innermost, inside a node while tp <= ranks per node). What that changes for
 one rank, per microbatch of batch / (dp x microbatches) rows, on the busiest pipeline stage:
 
-- the strategy sees heads / tp and kv_heads / tp (`PlanInput.group_view`);
+- the strategy sees heads / tp and kv_heads / tp (`group_view`);
 - compute: the matmuls of layers / pp blocks (plus the LM head on the last stage) / tp;
 - Megatron-SP traffic (`tensor_collectives`): per block and pass two all-gathers and two
   reduce-scatters of the [rows, tokens / tp, hidden] shard on the tp group (plan/tensor.py's
@@ -22,14 +22,16 @@ seqpar.pipeline.check_pipeline (what `seqpar train --tp / --pp` checks).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..pipeline import check_pipeline, pipeline_p2p_bytes
 from ..tensor_parallel import check_tensor_parallel
 from .inputs import Config, PlanInput
 from .stages import Collective, Send, Stage
 from .tensor import tensor_parallel_collectives, tensor_parallel_traffic
 
-__all__ = ["PP_SCHEDULES", "divisors", "meshes", "check", "sp_input", "microbatch_rows", "in_flight", "bubble",
-           "stage_layers", "stage_params", "tensor_collectives", "tensor_step_bytes", "pipeline_sends",
+__all__ = ["PP_SCHEDULES", "divisors", "meshes", "check", "sp_input", "group_view", "microbatch_rows", "in_flight",
+           "bubble", "stage_layers", "stage_params", "tensor_collectives", "tensor_step_bytes", "pipeline_sends",
            "pipeline_step_bytes", "norm_params", "norm_grad_collective"]
 
 #: the pipeline schedules the planner models (the ones seqpar.pipeline runs)
@@ -83,7 +85,29 @@ def microbatch_rows(inp: PlanInput, cfg: Config) -> int:
 
 def sp_input(inp: PlanInput, cfg: Config) -> PlanInput:
     """The plan input the candidate's strategy sees (its group, heads / tp, one microbatch)."""
-    return inp.group_view(cfg.sp, cfg.tp, microbatch_rows(inp, cfg))
+    return group_view(inp, cfg.sp, cfg.tp, microbatch_rows(inp, cfg))
+
+
+def group_view(inp: PlanInput, sp: int, tp: int = 1, batch: int | None = None) -> PlanInput:
+    """What one sequence-parallel group of `sp` ranks sees while `tp` tensor-parallel ranks share
+    each of its positions (sp rank r is global rank r x tp): a node holds ranks_per_node / tp of
+    its ranks (1 when tp spans nodes) and shares its NICs with all its ranks; each rank attends
+    with heads / tp query and kv_heads / tp K/V heads (hidden = heads x head_dim), `batch` rows at
+    a time. The strategies' cost models run on it unchanged. Memoised per input (`views`); the tp
+    check (check_tensor_parallel) comes first."""
+    key = (sp, tp, inp.batch if batch is None else batch)
+    if key not in inp.views:
+        inp.views[key] = inp if key == (inp.world, 1, inp.batch) else _group_view(inp, *key)
+    return inp.views[key]
+
+
+def _group_view(inp: PlanInput, sp: int, tp: int, batch: int) -> PlanInput:
+    cl, m = inp.cluster, inp.model
+    per_node = max(1, cl.ranks_per_node // tp)
+    nics = None if cl.node_inter_bw is None else cl.node_inter_bw * per_node / cl.ranks_per_node
+    cluster = replace(cl, world=sp, ranks_per_node=per_node, node_inter_bw=nics)
+    shape = replace(m, hidden=m.hidden // tp, heads=m.heads // tp, kv_heads=m.kv_heads // tp)
+    return replace(inp, cluster=cluster, model=shape, batch=batch)
 
 
 def in_flight(cfg: Config, stage: int) -> int:

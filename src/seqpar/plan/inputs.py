@@ -9,7 +9,7 @@ the cost model reads hardware numbers from: the cluster's flags, or its calibrat
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 
 from ..attention import Settings, get_strategy
@@ -322,32 +322,10 @@ class PlanInput:
         the cost model's attention work per (query, key) block pair."""
         return self.batch * heads * self.attention_fraction
 
-    def group_view(self, sp: int, tp: int = 1, batch: int | None = None) -> "PlanInput":
-        """What one sequence-parallel group of `sp` ranks sees while `tp` tensor-parallel ranks
-        share each of its positions (seqpar.parallel.ParallelDims: tp innermost, so sp rank r is
-        global rank r x tp): a node holds ranks_per_node / tp of its ranks (1 when tp spans
-        nodes) and shares its NICs with all its ranks; each rank attends with heads / tp query
-        and kv_heads / tp K/V heads (hidden = heads x head_dim), `batch` rows at a time. The
-        strategies' cost models run on it unchanged. Cached per (sp, tp, batch); the tp check
-        (seqpar.tensor_parallel.check_tensor_parallel) comes first."""
-        key = (sp, tp, self.batch if batch is None else batch)
-        if key not in self._views:
-            self._views[key] = self._group_view(*key)
-        return self._views[key]
-
     @cached_property
-    def _views(self) -> dict:
+    def views(self) -> dict:
+        """Memo of seqpar.plan.hybrid.group_view: (sp, tp, batch) -> what that group sees."""
         return {}
-
-    def _group_view(self, sp: int, tp: int, batch: int) -> "PlanInput":
-        if (sp, tp, batch) == (self.world, 1, self.batch):
-            return self
-        cl, m = self.cluster, self.model
-        per_node = max(1, cl.ranks_per_node // tp)
-        nics = None if cl.node_inter_bw is None else cl.node_inter_bw * per_node / cl.ranks_per_node
-        cluster = replace(cl, world=sp, ranks_per_node=per_node, node_inter_bw=nics)
-        shape = replace(m, hidden=m.hidden // tp, heads=m.heads // tp, kv_heads=m.kv_heads // tp)
-        return replace(self, cluster=cluster, model=shape, seq_len=self.seq_len, batch=batch)
 
     @property
     def attention_fraction(self) -> float:
@@ -364,12 +342,10 @@ class PlanInput:
 
 @dataclass(frozen=True)
 class Config:
-    """One candidate: a strategy's resolved settings (what `seqpar.init` builds on the sp
-    ranks), plus FPDT's per-chunk block pipeline (a model option: --chunked-blocks), plus the
-    mesh around the sequence-parallel group (seqpar.parallel.ParallelDims: pp x dp x sp x tp,
-    tp innermost): tensor-parallel degree `tp`, `pp` pipeline stages run with `pp_schedule`
-    over `microbatches` microbatches, `dp` data-parallel replicas (each its share of the batch).
-    sp = world / (dp x tp x pp) = `settings.size`."""
+    """One candidate: a strategy's resolved settings (what `seqpar.init` builds on the sp ranks),
+    FPDT's per-chunk block pipeline (--chunked-blocks), and the mesh around the sp group
+    (seqpar.parallel.ParallelDims, tp innermost; seqpar.plan.hybrid): tp, pp stages run with
+    `pp_schedule` over `microbatches`, dp replicas. sp = world / (dp x tp x pp) = settings.size."""
 
     settings: Settings
     chunked_blocks: bool = False
@@ -384,9 +360,7 @@ class Config:
         """The candidate `seqpar.init(strategy, **options)` builds on `world` ranks (its errors too)."""
         return cls(resolve(strategy, world, **options), chunked_blocks)
 
-    @property
-    def sp(self) -> int:
-        return self.settings.size
+    sp = property(lambda self: self.settings.size)
 
     @property
     def hybrid(self) -> bool:
