@@ -95,7 +95,7 @@ def test_a_strategy_registered_outside_the_package_runs_everywhere(worlds, gathe
         assert max(r[f] for f in ("out", "lse", "dq", "dk", "dv")) < 1e-10, r
         assert r["describe"]["strategy"] == "gather_all" and r["describe"]["label"] == "mine"
     inp = PlanInput(Cluster(4, ranks_per_node=4), ModelShape(1, 32, 4, 2, 64, 256), 32, 1, "float32", causal)
-    (cfg,) = candidate_configs(inp, ["gather_all"])
+    (cfg,) = candidate_configs(inp, ["gather_all"], tp=(1,), pp=(1,))
     assert [attention_bytes(inp, cfg, rank) for rank in range(4)] == [r["sent"] for r in results]
 
 
