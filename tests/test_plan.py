@@ -356,3 +356,22 @@ def test_cli_prints_tp_and_pp_columns(capsys):
     assert any("pp_p2p" in line and "bubble 50%" in line for line in lines)
     assert cli.main(["plan", "--world", "8", "--seq-len", "1024", "--tp", "x"]) == 2
     assert "--tp must be comma-separated integers" in capsys.readouterr().err
+
+
+def test_calibrated_all_gather_and_reduce_scatter_time_the_tp_collectives():
+    """With a calibration, tp collectives take its measured all-gather / reduce-scatter fits (the
+    link class of the tp group): doubling their per-byte cost adds exactly their bytes once more."""
+    from dataclasses import replace
+
+    from seqpar.plan import LinkFit
+    from test_plan_calibration import hand_calibration
+    cal = hand_calibration()
+    slow = replace(cal, links={"intra": {**cal.links["intra"], "all_gather": LinkFit(1e-5, 2e-9),
+                                         "reduce_scatter": LinkFit(1e-5, 2e-9)}})
+    model = ModelShape(2, 256, 8, 4, 512, 1024)
+    got = {}
+    for name, c in (("fast", cal), ("slow", slow)):
+        inp = PlanInput(Cluster(4, 4, calibration=c), model, 1024, dtype="float32")
+        got[name] = evaluate(inp, mesh_candidate(inp, "ring", 2, tp=2))
+    moved = got["fast"].mesh_bytes["tp_all_gather"] + got["fast"].mesh_bytes["tp_reduce_scatter"]
+    assert got["slow"].mesh_time - got["fast"].mesh_time == pytest.approx(moved * 1e-9, rel=1e-9)
