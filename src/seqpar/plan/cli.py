@@ -322,7 +322,7 @@ def main(args: argparse.Namespace) -> int:
         candidates = plan(inp, _strategies(args), chunks, **_mesh(args))
     if _is_secondary_rank():
         return 0
-    advice = fit_suggestions(inp, candidates, _strategies(args), chunks)
+    advice = fit_suggestions(inp, candidates, _strategies(args), chunks, **_mesh(args))
     shown = candidates[: args.top] if args.top else candidates
     if args.json:
         out = {"input": _describe(inp), "candidates": [c.to_dict() for c in shown], "notes": notes}

@@ -98,7 +98,7 @@ def choose(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None
     fitting = [c for c in candidates if c.valid and c.fits]
     if not fitting:
         try:
-            hint = format_suggestions(inp, fit_suggestions(inp, candidates))
+            hint = format_suggestions(inp, fit_suggestions(inp, candidates, **mesh))
         except ValueError:  # e.g. more ranks than the calibration's node measured
             hint = ("try --offload-activations, --strategy fpdt with --chunks and --offload, --fsdp, a shorter "
                     "--seq-len or more ranks")
