@@ -70,7 +70,7 @@ def study(args) -> tuple[list[dict], list[str]]:
             cal = cals[key]
             model = ModelShape(1, heads * args.head_dim, heads, kv_heads, 4 * heads * args.head_dim, 256)
             inp = PlanInput(Cluster(args.world, args.world, calibration=cal), model, seq, 1, args.dtype, True)
-            candidates = plan(inp, args.strategies)
+            candidates = plan(inp, args.strategies, tp=(1,), pp=(1,))  # one attention layer on the world
             opts = argparse.Namespace(profile_top=args.top, profile_iters=args.iters, profile_warmup=1,
                                       profile_confirm=args.confirm,
                                       profile_seq=None, profile_heads=None, profile_kv_heads=None,

@@ -102,7 +102,7 @@ def test_a_strategy_registered_outside_the_package_runs_everywhere(worlds, gathe
         assert max(r[f] for f in ("out", "lse", "dq", "dk", "dv")) < 1e-10, r
         assert r["describe"]["strategy"] == "gather_all" and r["describe"]["label"] == "mine"
     inp = PlanInput(Cluster(4, ranks_per_node=4), ModelShape(1, 32, 4, 2, 64, 256), 32, 1, "float32", causal)
-    (cfg,) = candidate_configs(inp, ["gather_all"])
+    (cfg,) = candidate_configs(inp, ["gather_all"], tp=(1,), pp=(1,))
     assert [attention_bytes(inp, cfg, rank) for rank in range(4)] == [r["sent"] for r in results]
 
 
@@ -255,7 +255,7 @@ def test_plan_and_init_agree_on_every_candidate(worlds, seq, heads, kv_heads):
 
     inp = PlanInput(Cluster(4, ranks_per_node=2), ModelShape(2, heads * 8, heads, kv_heads, 64, 256), seq, 1,
                     "float32", True)
-    candidates = candidate_configs(inp)
+    candidates = candidate_configs(inp, tp=(1,), pp=(1,))  # sequence parallelism over the whole world
     planned = [evaluate(inp, c) for c in candidates]
     actual = worlds.run(4, init_validity, [(c.strategy, c.init_kwargs()) for c in candidates], seq=seq,
                         heads=heads, kv_heads=kv_heads)

@@ -67,3 +67,39 @@ def test_cli_auto_trains_with_its_choice_and_mfu_from_the_calibration(tmp_path):
     assert len(picked) == 1 and strategy in picked[0] and strategy != "auto"
     # the machine's peak: the together rate of one rank x the calibration's 4 ranks per node
     assert info["peak_source"] == f"calibration {path}" and info["peak_tflops"] == pytest.approx(4 * 5e10 / 1e12)
+
+
+def _mesh_run(kv_heads):
+    return TrainConfig.of(**{**TINY, "dim": 512, "n_layers": 4, "n_kv_heads": kv_heads, "seq_len": 256})
+
+
+def test_auto_chooses_tensor_parallelism_and_the_trainer_takes_it():
+    """4 ranks, heads 4 / kv 2: tp2 x sp2 predicted fastest (half the matmuls per rank); the chosen
+    run carries --tp 2 and passes the trainer's checks."""
+    cfg, cal = _mesh_run(2), hand_calibration()
+    chosen, line = choose(cfg, 4, cal, memory_gib=8.0)
+    chosen.validate(4)
+    best = next(c for c in plan(plan_input(cfg, 4, cal, memory_gib=8.0)) if c.valid and c.fits)
+    assert (chosen.parallel.tp, chosen.parallel.pp, chosen.sp_size(4)) == (best.config.tp, 1, 2) == (2, 1, 2), line
+    assert chosen.parallel.strategy == best.config.strategy and "[tp2]" in line
+    fixed, _ = choose(cfg.replace(sp=4), 4, cal, memory_gib=8.0)  # --sp given: the mesh is the run's
+    assert (fixed.parallel.tp, fixed.parallel.pp) == (1, 1)
+
+
+def test_auto_chooses_pipeline_stages_when_only_they_fit():
+    """kv_heads 1 (no tp): in 0.12 GiB per rank only pipeline stages fit (the fp32 states of half
+    the blocks); the chosen run is the planner's pp2 gpipe with one microbatch."""
+    chosen, line = choose(_mesh_run(1), 4, hand_calibration(), memory_gib=0.12)
+    chosen.validate(4)
+    par = chosen.parallel
+    assert (par.tp, par.pp, par.pp_schedule, par.microbatches) == (1, 2, "gpipe", 1), line
+
+
+def test_auto_skips_what_the_trainer_refuses():
+    """In 0.08 GiB only tp2 x pp2 and pp4 fit; tp2 x pp2 is faster but the trainer runs no tp with
+    pp (TrainConfig.validate, the one check): pp4 is chosen."""
+    cfg, cal = _mesh_run(2), hand_calibration()
+    fitting = [c for c in plan(plan_input(cfg, 4, cal, memory_gib=0.08)) if c.valid and c.fits]
+    assert (fitting[0].config.tp, fitting[0].config.pp) == (2, 2)
+    chosen, line = choose(cfg, 4, cal, memory_gib=0.08)
+    assert (chosen.parallel.tp, chosen.parallel.pp, chosen.sp_size(4)) == (1, 4, 1), line

@@ -124,7 +124,7 @@ def test_busiest_rank_tables_match_brute_force(kind, causal):
 # -- ranking --------------------------------------------------------------------------------------
 def test_fewer_heads_than_ranks_excludes_ulysses_with_reason():
     model = ModelShape(2, 256, 4, 4, 512, 1000)
-    ranked = plan(PlanInput(Cluster(8, 8), model, 4096))
+    ranked = plan(PlanInput(Cluster(8, 8), model, 4096), tp=(1,), pp=(1,))
     ulysses = next(c for c in ranked if c.config.strategy == "ulysses")
     assert not ulysses.valid and "must divide the number of attention heads (4)" in ulysses.reason
     assert not any(c.valid for c in ranked if c.config.strategy == "fpdt")
@@ -152,7 +152,7 @@ def test_ranked_by_time_with_memory_misfits_last():
 def best_wallfacer_teams(inter_lat):
     inp = PlanInput(Cluster(64, 8, intra_bw=300, inter_bw=100, intra_lat=2, inter_lat=inter_lat),
                     MODEL_PRESETS["llama-7b"], 32768, zero=3)
-    return next(c for c in plan(inp, ["wallfacer"]) if c.valid).config.team_size
+    return next(c for c in plan(inp, ["wallfacer"], tp=(1,), pp=(1,)) if c.valid).config.team_size
 
 
 def test_high_inter_node_latency_favours_larger_teams():
@@ -187,7 +187,7 @@ def test_mean_document_length_scales_attention_compute_not_bytes():
 # -- errors ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("build,match", [
     (lambda: PlanInput(Cluster(8), TINY, 64, mean_doc_len=0.5), "mean document length must be"),
-    (lambda: Cluster(1), "world size must be >= 2"),
+    (lambda: Cluster(0), "world size must be >= 1"),
     (lambda: Cluster(12, 8), "not a multiple of ranks per node"),
     (lambda: Cluster(8, inter_bw=0), "inter_bw must be > 0"),
     (lambda: Cluster(8, efficiency=1.5), "efficiency"),
@@ -218,7 +218,9 @@ def test_cli_json(capsys):
     assert cands[0]["valid"] and cands[0]["step_time_s"] > 0
     times = [c["step_time_s"] for c in cands if c["valid"] and c["fits"]]
     assert times == sorted(times)
-    assert {c["strategy"] for c in cands} == {"ring", "ulysses", "usp", "allgather", "lss", "wallfacer", "fpdt"}
+    # sp = 1 (the world taken by tp x pp): local attention
+    assert {c["strategy"] for c in cands} == {"ring", "ulysses", "usp", "allgather", "lss", "wallfacer", "fpdt",
+                                              "local"}
 
 
 def test_cli_table_and_errors(capsys):
@@ -252,3 +254,124 @@ def test_profile_ranks_by_measured_time(worlds):
     for c in ranked:
         assert c.measured["bytes"] == c.measured["predicted_bytes"] != {}
         assert c.measured["predicted_seconds"] > 0
+
+
+# -- tensor and pipeline parallelism around the sequence-parallel group ---------------------------
+def mesh_candidate(inp, strategy, sp, **mesh):
+    """The planner's candidate of `strategy` on sp ranks inside the mesh (tp, pp, dp, ...)."""
+    return Config(Config.of(strategy, sp, layout="contiguous").settings, **mesh)
+
+
+def test_tensor_collectives_equal_the_runtime_formula():
+    """The planner's timed tp collectives send what plan/tensor.py's formula says (which
+    tests/test_hybrid.py checks against the runtime's counted traffic), and a candidate reports
+    the formula's bytes per step."""
+    from seqpar.plan.stages import bytes_by_kind
+    from seqpar.plan.tensor import tensor_parallel_collectives, tensor_parallel_traffic
+    for recompute in (False, True):
+        args = dict(n_layers=3, dim=64, tokens=256, act_bytes=2, loss_bytes=4, recompute=recompute)
+        formula = tensor_parallel_traffic(tp=4, **args, norm_params=7 * 64, param_bytes=2)
+        counted = bytes_by_kind(tensor_parallel_collectives(group=(0, 1, 2, 3), **args))
+        assert {f"tp_{k}": v for k, v in counted.items()} == {k: v for k, v in formula.items()
+                                                             if k != "tp_grad_all_reduce"}
+    model = ModelShape(4, 256, 8, 4, 512, 1024)
+    inp = PlanInput(Cluster(8, 8), model, 4096, batch=2, checkpointing=True)
+    cand = evaluate(inp, mesh_candidate(inp, "ring", 2, tp=4))
+    assert cand.valid and cand.mesh_bytes == tensor_parallel_traffic(
+        tp=4, n_layers=4, dim=256, tokens=2 * 4096 // 2, act_bytes=2, loss_bytes=4, norm_params=9 * 256,
+        param_bytes=2, recompute=True)
+
+
+def test_pipeline_bytes_bubble_and_in_flight_activations():
+    """pp2 x sp4 with 4 microbatches: the busiest stage sends seqpar.pipeline_p2p_bytes; the step
+    is (m + p - 1) microbatch slots of 1/(p m) of the work (links free: exactly); gpipe holds all
+    m microbatches' activations on a stage, 1f1b p of them."""
+    from seqpar.pipeline import pipeline_p2p_bytes
+    model = ModelShape(4, 256, 8, 4, 512, 1024)
+    free = Cluster(8, 8, intra_bw=1e12, inter_bw=1e12, intra_lat=0, inter_lat=0)
+    inp = PlanInput(free, model, 4096, batch=4, dtype="float32")
+    gpipe = evaluate(inp, mesh_candidate(inp, "ring", 4, pp=2, microbatches=4))
+    ofob = evaluate(inp, mesh_candidate(inp, "ring", 4, pp=2, pp_schedule="1f1b", microbatches=4))
+    assert gpipe.mesh_bytes["pp_p2p"] == pipeline_p2p_bytes(0, 2, 1, 4096 // 4, 256, 4, 4)[0] == 4 * 1024 * 256 * 4
+    assert gpipe.bubble == ofob.bubble == pytest.approx(1 / 5)
+    flat = PlanInput(Cluster(4, 8, intra_bw=1e12, inter_bw=1e12, intra_lat=0, inter_lat=0), model, 4096, 4,
+                     "float32")
+    whole = evaluate(flat, candidate("ring", 4)).step_time  # the same sp group, no pipeline
+    head = 2.0 * 3 * 4 * 4096 / 4 * model.hidden * model.vocab / free.flops_per_s  # LM head: on the last stage only
+    assert gpipe.step_time == pytest.approx((4 + 2 - 1) / 4 * ((whole - head) / 2 + head), rel=1e-6)
+    assert gpipe.memory["activations"] == pytest.approx(2 * ofob.memory["activations"])
+    assert gpipe.memory["total"] > ofob.memory["total"]
+
+
+def test_tensor_parallel_memory_and_crossing_nodes():
+    """tp2 x sp2 holds half the model states of sp4 (ZeRO-0) and the same activations (tokens / sp
+    / tp either way); its collectives run on the intra-node link, tp8 on 4-rank nodes crosses
+    nodes (inter bandwidth)."""
+    model = ModelShape(4, 256, 8, 8, 512, 1024)
+    inp = PlanInput(Cluster(4, 4), model, 4096)
+    sp4, tp2 = (evaluate(inp, c) for c in (candidate("ring", 4), mesh_candidate(inp, "ring", 2, tp=2)))
+    assert tp2.memory["model_states"] == pytest.approx(sp4.memory["model_states"] / 2, rel=0.01)
+    assert tp2.memory["activations"] == sp4.memory["activations"]
+    assert tp2.memory["logits"] == sp4.memory["logits"]
+    times = {}
+    for per_node in (8, 4):
+        wide = PlanInput(Cluster(8, per_node, intra_bw=100, inter_bw=10, intra_lat=0, inter_lat=0), model, 4096)
+        times[per_node] = evaluate(wide, Config(Config.of("local", 1).settings, tp=8)).mesh_time
+    assert times[4] == pytest.approx(10 * times[8])
+
+
+def test_sp_group_inside_the_mesh():
+    """tp innermost: with tp2 an sp group of 4 fits in one 8-rank node, with tp4 it spans two;
+    each rank's strategy sees heads / tp."""
+    from seqpar.plan.hybrid import group_view
+    inp = PlanInput(Cluster(16, 8), ModelShape(2, 256, 8, 4, 512, 1024), 4096)
+    inner = group_view(inp, 4, 2)
+    assert inner.cluster.link_class(inner.cluster.ranks) == "intra" and inner.model.heads == 4
+    wide = group_view(inp, 4, 4)
+    assert wide.cluster.link_class(wide.cluster.ranks) == "inter" and wide.model.kv_heads == 1
+
+
+def test_mesh_validity_is_the_runtimes():
+    """Reasons from seqpar.tensor_parallel / seqpar.pipeline / the strategy on heads / tp."""
+    inp = PlanInput(Cluster(8, 8), ModelShape(6, 256, 8, 2, 512, 1024), 4096, batch=2)
+    bad_tp = evaluate(inp, mesh_candidate(inp, "ring", 2, tp=4))
+    assert not bad_tp.valid and "--tp 4 must divide n_heads (8) and n_kv_heads (2)" in bad_tp.reason
+    ulysses = evaluate(inp, Config(Config.of("ulysses", 4).settings, tp=2))  # 4 heads per tp rank, 1 K/V head
+    assert ulysses.valid and ulysses.comm_bytes["all_to_all"] > 0
+    too_few = evaluate(inp, mesh_candidate(inp, "ring", 2, pp=2, dp=2, pp_schedule="1f1b", microbatches=1))
+    assert not too_few.valid and "1f1b needs --microbatches >= --pp" in too_few.reason
+    layers = evaluate(inp, mesh_candidate(inp, "ring", 2, pp=4))
+    assert not layers.valid and "n_layers (6) must be divisible by --pp (4)" in layers.reason
+    labels = {(c.config.tp, c.config.pp, c.config.dp) for c in plan(inp, ["ring"]) if c.valid}
+    assert {(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2)} <= labels and not any(t in (4, 8) for t, _, _ in labels)
+
+
+def test_cli_prints_tp_and_pp_columns(capsys):
+    assert cli.main(["plan", "--world", "8", "--model", "tiny", "--seq-len", "1024", "--tp", "1,2", "--pp", "1,2",
+                     "--strategies", "ring"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:5] == ["#", "tp", "pp", "dp", "candidate"]
+    rows = [line.split() for line in lines[3:]]
+    assert {(r[1], r[2]) for r in rows} == {("1", "1"), ("2", "1"), ("1", "2"), ("2", "2")}
+    assert any("pp_p2p" in line and "bubble 50%" in line for line in lines)
+    assert cli.main(["plan", "--world", "8", "--seq-len", "1024", "--tp", "x"]) == 2
+    assert "--tp must be comma-separated integers" in capsys.readouterr().err
+
+
+def test_calibrated_all_gather_and_reduce_scatter_time_the_tp_collectives():
+    """With a calibration, tp collectives take its measured all-gather / reduce-scatter fits (the
+    link class of the tp group): doubling their per-byte cost adds exactly their bytes once more."""
+    from dataclasses import replace
+
+    from seqpar.plan import LinkFit
+    from test_plan_calibration import hand_calibration
+    cal = hand_calibration()
+    slow = replace(cal, links={"intra": {**cal.links["intra"], "all_gather": LinkFit(1e-5, 2e-9),
+                                         "reduce_scatter": LinkFit(1e-5, 2e-9)}})
+    model = ModelShape(2, 256, 8, 4, 512, 1024)
+    got = {}
+    for name, c in (("fast", cal), ("slow", slow)):
+        inp = PlanInput(Cluster(4, 4, calibration=c), model, 1024, dtype="float32")
+        got[name] = evaluate(inp, mesh_candidate(inp, "ring", 2, tp=2))
+    moved = got["fast"].mesh_bytes["tp_all_gather"] + got["fast"].mesh_bytes["tp_reduce_scatter"]
+    assert got["slow"].mesh_time - got["fast"].mesh_time == pytest.approx(moved * 1e-9, rel=1e-9)

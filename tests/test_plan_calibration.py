@@ -192,6 +192,9 @@ def test_profile_reports_every_valid_candidate(worlds):
 # -- what makes it fit ---------------------------------------------------------------------------------
 def test_fit_suggestion_for_llama7b_on_32_ranks_really_fits(capsys):
     base = ["plan", "--model", "llama-7b", "--world", "32", "--seq-len", "32768", "--json"]
+    assert cli.main(base) == 0  # tensor parallelism shards the ZeRO-0 states: some mesh fits
+    assert any(c["fits"] and c["mesh"]["tp"] > 1 for c in json.loads(capsys.readouterr().out)["candidates"])
+    base += ["--tp", "1", "--pp", "1"]  # sequence parallelism alone: nothing fits
     assert cli.main(base) == 0
     out = json.loads(capsys.readouterr().out)
     assert not any(c["fits"] for c in out["candidates"] if c["valid"])

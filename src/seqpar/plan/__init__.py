@@ -11,6 +11,9 @@ equations are written out in docs/planner.md.
 - `stages`: the stage/step algebra of a schedule, attention work as per-step `Load`s;
 - `tables`: busiest-rank tables and per-step loads from the layouts' block rules;
 - `schedules`: per-strategy schedules (bytes equal to what CommStats counts);
+- `hybrid`: the mesh around the sequence-parallel group (tp, pp, dp): what the strategy sees,
+  tensor-parallel collectives, pipeline bubble and sends, per-stage parameters;
+- `tensor`: the tensor-parallel traffic formula (equal to the runtime's count) and its calls;
 - `validity`: which candidates can run, and why not;
 - `memory`: memory per rank;
 - `costs`: each strategy's cost model (schedule + memory), named by the strategy itself;

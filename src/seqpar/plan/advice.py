@@ -34,12 +34,15 @@ class Suggestion:
                 "step_time_s": self.best.step_time if self.best else None}
 
 
-def _outcome(inp: PlanInput, strategies, chunks, smallest: bool = True) -> tuple[Candidate | None, bool]:
+def _outcome(inp: PlanInput, strategies, chunks, smallest: bool = True, mesh: dict | None = None
+             ) -> tuple[Candidate | None, bool]:
     """The best fitting candidate under a change (planned in full only when one fits by the
-    memory model), else the smallest valid one (None when not `smallest`: skip the planning)."""
-    if not any(memory_fits(inp, cfg) for cfg in candidate_configs(inp, strategies, chunks)) and not smallest:
+    memory model), else the smallest valid one (None when not `smallest`: skip the planning).
+    `mesh`: the tp / pp degrees searched (plan's keywords)."""
+    mesh = mesh or {}
+    if not any(memory_fits(inp, cfg) for cfg in candidate_configs(inp, strategies, chunks, **mesh)) and not smallest:
         return None, False
-    valid = [c for c in plan(inp, strategies, chunks) if c.valid]
+    valid = [c for c in plan(inp, strategies, chunks, **mesh) if c.valid]
     fitting = [c for c in valid if c.fits]
     if fitting:
         return fitting[0], True
@@ -47,34 +50,37 @@ def _outcome(inp: PlanInput, strategies, chunks, smallest: bool = True) -> tuple
 
 
 def fit_suggestions(inp: PlanInput, candidates: list[Candidate], strategies: list[str] | None = None,
-                    fpdt_chunks: tuple[int, ...] = FPDT_CHUNKS) -> list[Suggestion] | None:
-    """None when a valid candidate fits (or none is valid); else one Suggestion per kind of change."""
+                    fpdt_chunks: tuple[int, ...] = FPDT_CHUNKS, tp: tuple[int, ...] | None = None,
+                    pp: tuple[int, ...] | None = None) -> list[Suggestion] | None:
+    """None when a valid candidate fits (or none is valid); else one Suggestion per kind of change
+    (searching the same `tp` / `pp` degrees as the plan)."""
+    mesh = {"tp": tp, "pp": pp}
     if any(c.valid and c.fits for c in candidates) or not any(c.valid for c in candidates):
         return None
     out: list[Suggestion] = []
     tried = None
     for zero in range(inp.zero + 1, 4):
         tried = Suggestion(f"--zero {zero}", f"ZeRO stage {zero} over {inp.world} ranks", *_outcome(
-            replace(inp, zero=zero), strategies, fpdt_chunks))
+            replace(inp, zero=zero), strategies, fpdt_chunks, mesh=mesh))
         if tried.fits:
             break
     if tried is not None:
         out.append(tried)
     if strategies is None or "fpdt" in strategies:
-        out.append(_fpdt(inp, fpdt_chunks))
+        out.append(_fpdt(inp, fpdt_chunks, mesh))
     if not inp.checkpointing:
         out.append(Suggestion("--activation-checkpointing", "recompute every block in backward",
-                              *_outcome(replace(inp, checkpointing=True), strategies, fpdt_chunks)))
-    out.append(_more_ranks(inp, strategies, fpdt_chunks))
+                              *_outcome(replace(inp, checkpointing=True), strategies, fpdt_chunks, mesh=mesh)))
+    out.append(_more_ranks(inp, strategies, fpdt_chunks, mesh))
     return [s for s in out if s is not None]
 
 
-def _fpdt(inp: PlanInput, fpdt_chunks: tuple[int, ...]) -> Suggestion | None:
+def _fpdt(inp: PlanInput, fpdt_chunks: tuple[int, ...], mesh: dict) -> Suggestion | None:
     """FPDT with offload: the fewest chunks (powers of 2 beyond those searched) that fit."""
     best, chunks = None, max(fpdt_chunks)
     while chunks * 2 <= inp.tokens_per_rank and chunks < 1024:
         chunks *= 2
-        best, fits = _outcome(inp, ["fpdt"], (chunks,), smallest=chunks * 2 > inp.tokens_per_rank or chunks >= 1024)
+        best, fits = _outcome(inp, ["fpdt"], (chunks,), chunks * 2 > inp.tokens_per_rank or chunks >= 1024, mesh)
         if fits:
             return Suggestion(f"--strategies fpdt --fpdt-chunks {chunks}", f"FPDT with host offload in {chunks} chunks",
                               best, True)
@@ -82,14 +88,14 @@ def _fpdt(inp: PlanInput, fpdt_chunks: tuple[int, ...]) -> Suggestion | None:
         if best is not None else None
 
 
-def _more_ranks(inp: PlanInput, strategies, chunks) -> Suggestion | None:
+def _more_ranks(inp: PlanInput, strategies, chunks, mesh: dict) -> Suggestion | None:
     cl, best = inp.cluster, None
     for k in range(1, MAX_DOUBLINGS + 1):
         world = cl.world * 2 ** k
         if inp.seq_len % world:
             break
         bigger = replace(inp, cluster=replace(cl, world=world))
-        best, fits = _outcome(bigger, strategies, chunks, smallest=k == MAX_DOUBLINGS)
+        best, fits = _outcome(bigger, strategies, chunks, k == MAX_DOUBLINGS, mesh)
         if fits:
             return Suggestion(f"--world {world}", f"{world} ranks ({world // cl.ranks_per_node or 1} nodes of "
                               f"{min(cl.ranks_per_node, world)})", best, True)

@@ -93,6 +93,10 @@ def _model_arguments(model) -> None:
                        help="AdamW states and fp32 master weights in host memory (ZeRO-Offload): device memory "
                             "only (the optimizer's host step is not timed)")
     model.add_argument("--fpdt-chunks", default="1,2,4,8", help="FPDT chunk counts to consider (comma-separated)")
+    model.add_argument("--tp", help="tensor-parallel degrees to consider, comma-separated (default: every divisor "
+                       "of the world and the heads; 1: sequence parallelism alone)")
+    model.add_argument("--pp", help="pipeline stage counts to consider, comma-separated (default: every divisor of "
+                       "the world and the layers; each with gpipe and 1f1b, one sequence per microbatch)")
 
 
 def _profile_arguments(prof) -> None:
@@ -154,6 +158,24 @@ def fpdt_chunks_from_args(args: argparse.Namespace) -> tuple[int, ...]:
     return chunks
 
 
+def degrees_from_args(args: argparse.Namespace, name: str) -> tuple[int, ...] | None:
+    """--tp / --pp: the degrees to consider (None: every divisor)."""
+    text = getattr(args, name, None)
+    if text is None:
+        return None
+    try:
+        degrees = tuple(int(c) for c in str(text).split(",") if c.strip())
+    except ValueError:
+        raise ValueError(f"--{name} must be comma-separated integers, got {text!r}") from None
+    if not degrees or min(degrees) < 1:
+        raise ValueError(f"--{name} must list degrees >= 1, got {text!r}")
+    return degrees
+
+
+def _mesh(args) -> dict:
+    return {"tp": degrees_from_args(args, "tp"), "pp": degrees_from_args(args, "pp")}
+
+
 def _strategies(args) -> list[str] | None:
     return [s.strip() for s in args.strategies.split(",") if s.strip()] if args.strategies else None
 
@@ -175,6 +197,10 @@ def _fmt_seconds(t: float) -> str:
 
 def _fmt_kinds(c: Candidate) -> str:
     parts = [f"{k} {_fmt_bytes(v)}" for k, v in c.comm_bytes.items()]
+    if c.mesh_bytes:
+        parts.append("per step: " + " ".join(f"{k} {_fmt_bytes(v)}" for k, v in c.mesh_bytes.items()))
+    if c.bubble:
+        parts.append(f"bubble {100 * c.bubble:.0f}%")
     if c.host_bytes:
         parts.append(f"host copies {_fmt_bytes(c.host_bytes)}")
     if c.memory.get("host"):
@@ -183,17 +209,25 @@ def _fmt_kinds(c: Candidate) -> str:
 
 
 def format_table(candidates: list[Candidate]) -> str:
-    header = (f"{'#':>3}  {'candidate':<44} {'step':>10} {'vs ring':>7} {'attn/layer':>10} {'exposed':>10} "
-              f"{'mem/rank':>10} {'fits':>4}  comm per layer per rank (fwd+bwd)")
+    header = (f"{'#':>3}  {'tp':>2} {'pp':>11} {'dp':>2}  {'candidate':<44} {'step':>10} {'vs ring':>7} "
+              f"{'attn/layer':>10} {'exposed':>10} {'mem/rank':>10} {'fits':>4}  comm per layer per rank (fwd+bwd)")
     return "\n".join([header, "-" * len(header)] + [_table_row(i, c) for i, c in enumerate(candidates, 1)])
 
 
+def _mesh_columns(c: Candidate) -> str:
+    """tp, pp (with its schedule and microbatches) and dp of a candidate."""
+    cfg = c.config
+    pp = f"{cfg.pp} {cfg.pp_schedule} m{cfg.microbatches}" if cfg.pp > 1 else "1"
+    return f"{cfg.tp:>2} {pp:>11} {cfg.dp:>2}"
+
+
 def _table_row(i: int, c: Candidate) -> str:
+    label = c.label.split(" [")[0]  # the mesh is in its columns
     if not c.valid:
-        return (f"{i:>3}  {c.label:<44} {'-':>10} {'-':>7} {'-':>10} {'-':>10} {'-':>10} {'-':>4}  "
+        return (f"{i:>3}  {_mesh_columns(c)}  {label:<44} {'-':>10} {'-':>7} {'-':>10} {'-':>10} {'-':>10} {'-':>4}  "
                 f"invalid: {c.reason}")
     speedup = f"{c.speedup_vs_ring:.2f}x" if c.speedup_vs_ring else "-"
-    return (f"{i:>3}  {c.label:<44} {_fmt_seconds(c.step_time):>10} {speedup:>7} "
+    return (f"{i:>3}  {_mesh_columns(c)}  {label:<44} {_fmt_seconds(c.step_time):>10} {speedup:>7} "
             f"{_fmt_seconds(c.attention_time):>10} {_fmt_seconds(c.exposed_comm_time):>10} "
             f"{_fmt_bytes(c.memory['total']):>10} {'yes' if c.fits else 'NO':>4}  {_fmt_kinds(c)}")
 
@@ -275,7 +309,7 @@ def main(args: argparse.Namespace) -> int:
                 elif not args.calibrate:
                     notes.append("calibration measured on this world for the profile (not saved; --calibrate saves it)")
             inp = replace(inp, cluster=replace(inp.cluster, calibration=calibration))
-            candidates = plan(inp, _strategies(args), chunks)
+            candidates = plan(inp, _strategies(args), chunks, **_mesh(args))
             if args.profile and calibration.world != inp.world:
                 notes.append(f"note: the calibration was measured on {calibration.world} ranks, this world has "
                              f"{inp.world}: predictions extrapolate")
@@ -285,10 +319,10 @@ def main(args: argparse.Namespace) -> int:
     else:
         if calibration is not None:
             inp = replace(inp, cluster=replace(inp.cluster, calibration=calibration))
-        candidates = plan(inp, _strategies(args), chunks)
+        candidates = plan(inp, _strategies(args), chunks, **_mesh(args))
     if _is_secondary_rank():
         return 0
-    advice = fit_suggestions(inp, candidates, _strategies(args), chunks)
+    advice = fit_suggestions(inp, candidates, _strategies(args), chunks, **_mesh(args))
     shown = candidates[: args.top] if args.top else candidates
     if args.json:
         out = {"input": _describe(inp), "candidates": [c.to_dict() for c in shown], "notes": notes}

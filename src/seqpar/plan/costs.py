@@ -18,8 +18,8 @@ from . import schedules as sched
 from .inputs import Config, PlanInput
 from .stages import Stage
 
-__all__ = ["CostModel", "cost_model", "planned_strategies", "RING", "ULYSSES", "USP", "ALLGATHER", "WALLFACER",
-           "FPDT"]
+__all__ = ["CostModel", "cost_model", "config_cost_model", "planned_strategies", "LOCAL", "RING", "ULYSSES", "USP",
+           "ALLGATHER", "WALLFACER", "FPDT"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,9 @@ class CostModel:
     memory: Callable[[PlanInput, Config], tuple[float, float]]
 
 
+#: attention without sequence parallelism: what the candidates whose sp is 1 (the world taken by tp,
+#: pp and dp) run; not a strategy to compare ('local' names no cost model, so it is not planned alone)
+LOCAL = CostModel(sched.local_schedule, mem.local_memory)
 RING = CostModel(sched.ring_schedule, mem.ring_memory)
 ULYSSES = CostModel(sched.ulysses_schedule, mem.ulysses_memory)
 USP = CostModel(sched.usp_schedule, mem.usp_memory)
@@ -58,3 +61,8 @@ def cost_model(strategy: str) -> CostModel:
 def planned_strategies() -> list[str]:
     """Registered strategies with a cost model, in registration order."""
     return [name for name, cls in STRATEGIES.items() if cls.cost_model is not None]
+
+
+def config_cost_model(cfg: Config) -> CostModel:
+    """The cost model of a candidate: its strategy's, LOCAL for sp = 1."""
+    return LOCAL if cfg.strategy == "local" else cost_model(cfg.strategy)

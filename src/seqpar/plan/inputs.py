@@ -121,8 +121,8 @@ class Cluster:
     node_inter_bw: float | None = None
 
     def __post_init__(self):
-        if self.world < 2:
-            raise ValueError(f"world size must be >= 2 to plan sequence parallelism, got {self.world}")
+        if self.world < 1:
+            raise ValueError(f"world size must be >= 1, got {self.world}")
         if self.ranks_per_node < 1:
             raise ValueError(f"ranks per node must be >= 1, got {self.ranks_per_node}")
         if self.world > self.ranks_per_node and self.world % self.ranks_per_node:
@@ -322,6 +322,11 @@ class PlanInput:
         the cost model's attention work per (query, key) block pair."""
         return self.batch * heads * self.attention_fraction
 
+    @cached_property
+    def views(self) -> dict:
+        """Memo of seqpar.plan.hybrid.group_view: (sp, tp, batch) -> what that group sees."""
+        return {}
+
     @property
     def attention_fraction(self) -> float:
         """Fraction of the (causal or full) attention pairs that packed documents of mean length L
@@ -337,16 +342,43 @@ class PlanInput:
 
 @dataclass(frozen=True)
 class Config:
-    """One candidate: a strategy's resolved settings (what `seqpar.init` builds), plus FPDT's
-    per-chunk block pipeline (a model option: --chunked-blocks)."""
+    """One candidate: a strategy's resolved settings (what `seqpar.init` builds on the sp ranks),
+    FPDT's per-chunk block pipeline (--chunked-blocks), and the mesh around the sp group
+    (seqpar.parallel.ParallelDims, tp innermost; seqpar.plan.hybrid): tp, pp stages run with
+    `pp_schedule` over `microbatches`, dp replicas. sp = world / (dp x tp x pp) = settings.size."""
 
     settings: Settings
     chunked_blocks: bool = False
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    pp_schedule: str = "gpipe"
+    microbatches: int = 1
 
     @classmethod
     def of(cls, strategy: str, world: int, chunked_blocks: bool = False, **options) -> "Config":
         """The candidate `seqpar.init(strategy, **options)` builds on `world` ranks (its errors too)."""
         return cls(resolve(strategy, world, **options), chunked_blocks)
+
+    sp = property(lambda self: self.settings.size)
+
+    @property
+    def hybrid(self) -> bool:
+        """Whether anything but sequence parallelism shares the world (tp, pp or dp > 1)."""
+        return self.tp * self.pp * self.dp > 1
+
+    @property
+    def mesh_label(self) -> str:
+        """'dp2 tp4 pp2 1f1b m8' (the degrees above 1; '' for sequence parallelism alone)."""
+        parts = [f"dp{self.dp}"] if self.dp > 1 else []
+        parts += [f"tp{self.tp}"] if self.tp > 1 else []
+        parts += [f"pp{self.pp} {self.pp_schedule} m{self.microbatches}"] if self.pp > 1 else []
+        return " ".join(parts)
+
+    def mesh_kwargs(self) -> dict:
+        """The trainer's [parallel] fields of this candidate (TrainConfig flags)."""
+        return {"dp": self.dp, "sp": self.sp, "tp": self.tp, "pp": self.pp, "pp_schedule": self.pp_schedule,
+                "microbatches": self.microbatches}
 
     @property
     def strategy(self) -> str:
@@ -383,4 +415,6 @@ class Config:
             parts.append(f"chunks={s.chunks}" + (" offload" if s.offload else "")
                          + (" blocks" if self.chunked_blocks else ""))
         parts.append(self.layout)
+        if self.mesh_label:
+            parts.append(f"[{self.mesh_label}]")
         return " ".join(parts)

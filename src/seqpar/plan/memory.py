@@ -7,11 +7,12 @@ allocates; `memory_estimate` adds the rest of the model (docs/planner.md).
 from __future__ import annotations
 
 from ..attention.ulysses import kv_replication
+from . import hybrid
 from .inputs import Config, PlanInput
 from .schedules import fpdt_chunk_sizes
 
-__all__ = ["ring_memory", "ulysses_memory", "usp_memory", "allgather_memory", "wallfacer_memory", "fpdt_memory",
-           "model_state_bytes", "memory_estimate"]
+__all__ = ["local_memory", "ring_memory", "ulysses_memory", "usp_memory", "allgather_memory", "wallfacer_memory",
+           "fpdt_memory", "model_state_bytes", "memory_estimate"]
 
 
 def _lse_bytes(inp: PlanInput, heads: int, seq: int) -> float:
@@ -35,6 +36,11 @@ def _ulysses_parts(inp: PlanInput, ud: int) -> tuple[float, float]:
     packed = tokens * (m.heads + 2 * m.kv_heads * rep) * m.head_dim * inp.itemsize
     saved = packed + tokens * m.heads * m.head_dim * inp.itemsize
     return saved, 2 * packed
+
+
+def local_memory(inp: PlanInput, cfg: Config) -> tuple[float, float]:
+    """sp = 1: the LSE of the whole sequence saved; no buffers beyond q/k/v/out."""
+    return _lse_bytes(inp, inp.model.heads, inp.seq_len), 0.0
 
 
 def ring_memory(inp: PlanInput, cfg: Config) -> tuple[float, float]:
@@ -84,43 +90,62 @@ def fpdt_memory(inp: PlanInput, cfg: Config) -> tuple[float, float]:
     return u * (s["q"] + s["kv"] + s["o"] + s["lse"]), u * (s["do"] + s["dq"]) + dkv
 
 
-def model_state_bytes(inp: PlanInput) -> float:
+def model_state_bytes(inp: PlanInput, cfg: Config | None = None, stage: int = 0) -> float:
     """Weights and grads in the dtype, Adam m/v (fp32 at least) and an fp32 master copy for
-    16-bit dtypes; ZeRO stage s shards the first s of (optimizer, grads, weights) over the world;
-    with `optimizer_offload` the optimizer's part lives in host memory (ZeRO-Offload)."""
-    e, p, world = inp.itemsize, inp.model.params(), inp.world
+    16-bit dtypes, of the parameters one rank of pipeline stage `stage` holds (its share of the
+    tensor-parallel shards: seqpar.plan.hybrid.stage_params); ZeRO stage s shards the first s of
+    (optimizer, grads, weights) over the dp x sp ranks (the world without tp and pp); with
+    `optimizer_offload` the optimizer's part lives in host memory (ZeRO-Offload)."""
+    e = inp.itemsize
+    p = inp.model.params() if cfg is None else hybrid.stage_params(inp, cfg, stage)
+    shards = inp.world if cfg is None else cfg.dp * cfg.sp
     optimizer = 0 if inp.optimizer_offload else 2 * max(4, e) + (4 if e < 4 else 0)
     parts = [(optimizer, 1), (e, 2), (e, 3)]  # (bytes per parameter, first ZeRO stage sharding it)
-    return sum(p * b / (world if inp.zero >= stage else 1) for b, stage in parts)
+    return sum(p * b / (shards if inp.zero >= stage_ else 1) for b, stage_ in parts)
 
 
 def memory_estimate(inp: PlanInput, attention: tuple[float, float], cfg: Config | None = None) -> dict[str, float]:
     """Bytes per rank: model states, saved activations of all layers (with activation
     checkpointing: every block's input plus one block being recomputed), the logits, and the
-    attention working set; `attention` = a strategy's (saved per layer, peak) from above.
-    FPDT's chunked blocks (`cfg.chunked_blocks`) are `_chunked_block_memory`. `host` is
-    resident host memory (offloaded chunks and block inputs), not part of `total`."""
-    m, e, t = inp.model, inp.itemsize, inp.batch * inp.tokens_per_rank
-    states = model_state_bytes(inp)
+    attention working set; `attention` = a strategy's (saved per layer, peak) from above, on
+    what its sp group sees (seqpar.plan.hybrid.sp_input: one microbatch, heads / tp).
+    With tp every activation is / tp (the norms' and the residual's sequence-sharded), with pp
+    a stage holds layers / pp blocks for the microbatches in flight (hybrid.in_flight) and the
+    busier of the first stage (most in flight, the embedding) and the last (the LM head and
+    logits) is reported. FPDT's chunked blocks (`cfg.chunked_blocks`) are `_chunked_block_memory`.
+    `host` is resident host memory (offloaded chunks and block inputs), not part of `total`."""
+    if cfg is None:
+        return _stage_memory(inp, attention, None, 0)
+    return max((_stage_memory(inp, attention, cfg, s) for s in sorted({0, cfg.pp - 1})), key=lambda m: m["total"])
+
+
+def _stage_memory(inp: PlanInput, attention: tuple[float, float], cfg: Config | None, stage: int) -> dict[str, float]:
+    m, e = inp.model, inp.itemsize
+    group = inp if cfg is None else hybrid.sp_input(inp, cfg)
+    tp, pp = (1, 1) if cfg is None else (cfg.tp, cfg.pp)
+    t, layers = group.batch * group.tokens_per_rank, m.layers // pp  # tokens of one microbatch on this sp rank
+    flight = 1 if cfg is None else hybrid.in_flight(cfg, stage)
+    states = model_state_bytes(inp, cfg, stage)
     saved, peak = attention
     if cfg is not None and cfg.chunked_blocks:
-        activations, attention_saved, logits, host = _chunked_block_memory(inp, cfg)
+        activations, attention_saved, logits, host = _chunked_block_memory(group, cfg)
     else:
-        per_layer = _block_activations(inp)
-        logits, host = t * m.vocab * (e + 4), 0.0
+        per_layer = _block_activations(inp, t) / tp
+        logits, host = (t * m.vocab * (e + 4) / tp if stage == pp - 1 else 0.0), 0.0
         if inp.checkpointing:  # block inputs kept; one block's activations live again while it recomputes
-            activations, attention_saved = m.layers * t * m.hidden * e + per_layer, saved
+            activations, attention_saved = flight * layers * t * m.hidden * e / tp + per_layer, saved
         else:
-            activations, attention_saved = m.layers * per_layer, m.layers * saved
+            activations, attention_saved = flight * layers * per_layer, flight * layers * saved
     total = states + activations + attention_saved + logits + peak
     return {"model_states": states, "activations": activations, "attention_saved": attention_saved,
             "attention_peak": peak, "logits": logits, "total": total, "host": host}
 
 
-def _block_activations(inp: PlanInput) -> float:
-    """What one block saves for backward over the rank's tokens: norms, q/k/v, RoPE copies,
-    attention output, projections and the MLP's hidden layers."""
-    m, t = inp.model, inp.batch * inp.tokens_per_rank
+def _block_activations(inp: PlanInput, tokens: int | None = None) -> float:
+    """What one block saves for backward over `tokens` (default: the rank's): norms, q/k/v, RoPE
+    copies, attention output, projections and the MLP's hidden layers."""
+    m = inp.model
+    t = inp.batch * inp.tokens_per_rank if tokens is None else tokens
     return t * (6 * m.hidden + 2 * m.kv_dim + 3 * m.ffn_hidden) * inp.itemsize
 
 

@@ -22,7 +22,8 @@ class ClusterPreset:
     zero: int
     checkpointing: bool
     figure: str       # what was published
-    metric: str       # "ratio": best WallFacer / best ring step time; "mfu": of the best `strategy`
+    metric: str       # "ratio": best WallFacer / best ring step time; "mfu": of the best `strategy`;
+    # "hybrid": best tp8 (TP-sp alone) / best tp4 x `strategy` step time; "max_seq": the longest fitting sequence
     published: float
     strategy: str
     optimizer_offload: bool = False
@@ -30,6 +31,10 @@ class ClusterPreset:
 
 _H100 = dict(intra_bw=450.0, inter_bw=50.0, intra_lat=5.0, inter_lat=20.0, tflops=989.0, memory_gib=80.0)
 _A100 = dict(intra_bw=300.0, inter_bw=25.0, intra_lat=5.0, inter_lat=20.0, tflops=312.0)
+# A800: an A100 with NVLink cut to 400 GB/s bidirectional (200 per direction); both USP presets share
+# these numbers (one node, or two with 4 x 200 Gb/s NICs each), efficiencies included
+_A800 = dict(_A100, intra_bw=200.0, memory_gib=80.0, efficiency=0.6, attn_efficiency=0.7, zero_traffic=True,
+             node_inter_bw=100.0)
 
 CLUSTER_PRESETS: dict[str, ClusterPreset] = {
     # 4 nodes x 8 H100 (NVLink 450 GB/s per direction); 400 Gb/s per GPU port, 4 NDR NICs per
@@ -46,9 +51,20 @@ CLUSTER_PRESETS: dict[str, ClusterPreset] = {
         "ratio", 1.6287, "wallfacer"),
     # 2 nodes x 8 A800 (NVLink 400 GB/s bidirectional: 200 per direction); 4 x 200 Gb/s NICs per node.
     "usp-a800-16": ClusterPreset(
-        Cluster(16, 8, **dict(_A100, intra_bw=200.0), memory_gib=80.0, efficiency=0.6, attn_efficiency=0.7,
-                zero_traffic=True, node_inter_bw=100.0),
+        Cluster(16, 8, **_A800),
         "llama3-8b", 212992, 3, True, "USP: 47% MFU, LLaMA3-8B, 208K tokens, 2 x 8 A800", "mfu", 0.47, "usp"),
+    # the same nodes, ZeRO-1 without activation checkpointing: model states (1/16 of the optimizer,
+    # whole weights and grads per tp shard) decide what fits; sequence parallelism alone does not at
+    # 208K, the longest sequence that fits needs tp8 x ring2
+    "usp-a800-16-longest": ClusterPreset(
+        Cluster(16, 8, **_A800),
+        "llama3-8b", 212992, 1, False, "USP: the longest LLaMA3-8B sequence on 2 x 8 A800, 208K, needs tp8 x ring2",
+        "max_seq", 212992, "ring"),
+    # one node of 8 A800: tensor parallelism inside the node with Ulysses (tp4 x ulysses2) against TP-sp alone
+    "usp-a800-8": ClusterPreset(
+        Cluster(8, 8, **_A800),
+        "llama-7b", 65536, 1, False, "USP: Llama2-7B at 64K on 8 A800, tp4 x ulysses2 ~10% faster than TP-sp (tp8)",
+        "hybrid", 1.10, "ulysses"),
     # 1 node x 4 A100-40GB (NVLink); FPDT's per-chunk block pipeline (its own recompute of the
     # projections and MLP, attention not recomputed: no block checkpointing) with chunks, K/V and
     # AdamW states in host memory: ZeRO-3's 30 GiB of states per GPU leave no room otherwise.

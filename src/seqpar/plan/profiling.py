@@ -198,7 +198,7 @@ def profile(inp: PlanInput, candidates: list[Candidate], args, runner: Runner | 
                          f"{args.profile_top}, {args.profile_iters}, {args.profile_warmup}")
     small = profile_input(inp, seq=args.profile_seq, heads=args.profile_heads, kv_heads=args.profile_kv_heads,
                           head_dim=args.profile_head_dim, dtype=args.profile_dtype, calibration=calibration)
-    chosen = [c for c in candidates if c.valid]
+    chosen = [c for c in candidates if c.valid and not c.config.hybrid]  # one attention layer on the whole world
     chosen = chosen[: args.profile_top] if args.profile_top else chosen
     shape = _shape(small)
     kwargs = {"iters": args.profile_iters, "warmup": args.profile_warmup, **shape}

@@ -19,7 +19,7 @@ from .inputs import Config, PlanInput
 from .stages import Collective, Compute, RingLoop, Send, Stage, Step, Steps, loop_steps
 from .tables import all_pairs_load, chunked_load, local_load, ring_step_loads, wallfacer_step_loads
 
-__all__ = ["ring_schedule", "ulysses_schedule", "usp_schedule", "allgather_schedule",
+__all__ = ["local_schedule", "ring_schedule", "ulysses_schedule", "usp_schedule", "allgather_schedule",
            "wallfacer_schedule", "fpdt_schedule", "usp_groups", "fpdt_host_bytes", "fpdt_chunk_sizes",
            "wallfacer_grid", "windowed_ring_steps", "windowed_ring_bytes"]
 
@@ -122,6 +122,11 @@ def _split_phase(stages: list[Stage]) -> tuple[list[Stage], list[Stage]]:
 
 
 # -- schedules ---------------------------------------------------------------------------------
+def local_schedule(inp: PlanInput, cfg: Config, rank: int) -> list[Stage]:
+    """sp = 1 (tensor / pipeline / data parallelism around local attention): the whole sequence."""
+    return _local_compute(inp, inp.model.heads, inp.seq_len)
+
+
 def ring_schedule(inp: PlanInput, cfg: Config, rank: int) -> list[Stage]:
     group = inp.cluster.ranks
     return _ring_loops(inp, group, cfg.layout, inp.tokens_per_rank, inp.model.heads, inp.model.kv_heads)

@@ -9,13 +9,14 @@ WallFacer paper does.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from ..attention import get_strategy
+from ..attention import StrategyOptions, get_strategy
+from . import hybrid
 from . import memory as mem
 from . import validity as val
-from .costs import cost_model, planned_strategies
+from .costs import config_cost_model, cost_model, planned_strategies
 from .inputs import Config, GiB, Hardware, PlanInput
 from .stages import Collective, Compute, RingLoop, Stage, bytes_by_kind, max_bytes_by_kind
 
@@ -26,10 +27,11 @@ DENSE_BWD_FACTOR = 2.0  # backward of a linear layer: grad input + grad weight
 
 
 def attention_schedule(inp: PlanInput, cfg: Config, rank: int = 0) -> list[Stage]:
-    """The stages of one attention layer (fwd + bwd) on `rank`; raises ValueError if invalid."""
-    model = cost_model(cfg.strategy)
+    """The stages of one attention layer (fwd + bwd) on `rank` of its sp group (one microbatch);
+    raises ValueError if invalid."""
+    model = config_cost_model(cfg)
     val.check(inp, cfg)
-    return model.schedule(inp, cfg, rank)
+    return model.schedule(hybrid.sp_input(inp, cfg), cfg, rank)
 
 
 def attention_bytes(inp: PlanInput, cfg: Config, rank: int = 0, phase: str | None = None) -> dict[str, int]:
@@ -67,10 +69,14 @@ class Candidate:
     config: Config
     valid: bool = True
     reason: str = ""
-    step_time: float = math.inf            # seconds per training step (one micro-batch)
-    attention_time: float = 0.0            # seconds per layer, fwd + bwd, incl. its communication
-    exposed_comm_time: float = 0.0         # seconds per layer of attention time not hidden by compute
-    comm_bytes: dict[str, int] = field(default_factory=dict)  # per kind, max over ranks, per layer fwd + bwd
+    step_time: float = math.inf            # seconds per training step (the batch)
+    attention_time: float = 0.0            # seconds per layer and microbatch, fwd + bwd, incl. its communication
+    exposed_comm_time: float = 0.0         # seconds per layer and microbatch of attention time not hidden by compute
+    comm_bytes: dict[str, int] = field(default_factory=dict)  # attention: per kind, max over ranks, per layer
+    # and microbatch fwd + bwd
+    mesh_bytes: dict[str, int] = field(default_factory=dict)  # tp_* and pp_p2p bytes per rank per step (busiest)
+    mesh_time: float = 0.0                 # seconds per step of exposed tp collectives and pipeline sends
+    bubble: float = 0.0                    # idle fraction of a pipeline step
     host_bytes: int = 0                    # host<->device copies per layer (offload), max over ranks
     memory: dict[str, float] = field(default_factory=dict)    # bytes per rank
     fits: bool = False
@@ -91,6 +97,8 @@ class Candidate:
                 "reason": self.reason, "step_time_s": self.step_time if self.valid else None,
                 "attention_time_per_layer_s": self.attention_time, "exposed_comm_per_layer_s": self.exposed_comm_time,
                 "comm_bytes_per_layer": self.comm_bytes, "host_bytes_per_layer": self.host_bytes,
+                "mesh": c.mesh_kwargs(), "mesh_bytes_per_step": self.mesh_bytes,
+                "mesh_seconds_per_step": self.mesh_time, "pipeline_bubble": self.bubble,
                 "memory_bytes": self.memory, "fits": self.fits,
                 "speedup_vs_ring": self.speedup_vs_ring, "measured": self.measured}
 
@@ -99,54 +107,88 @@ FPDT_CHUNKS = (1, 2, 4, 8)
 
 
 def candidate_configs(inp: PlanInput, strategies: list[str] | None = None,
-                      chunks: tuple[int, ...] = FPDT_CHUNKS) -> list[Config]:
-    """Every strategy x degree x layout worth considering (invalid ones included, to be reported):
-    each strategy's own `candidates`, resolved on the world; a strategy with a per-chunk block
-    pipeline (FPDT) also as that pipeline where it chunks and offloads. `chunks`: the chunk
-    counts to consider."""
+                      chunks: tuple[int, ...] = FPDT_CHUNKS, tp: tuple[int, ...] | None = None,
+                      pp: tuple[int, ...] | None = None) -> list[Config]:
+    """Every mesh (seqpar.plan.hybrid.meshes: tp x pp x dp, sp the rest of the world) x strategy x
+    degree x layout worth considering (invalid ones included, to be reported): each strategy's
+    own `candidates` on sp ranks, resolved; where sp = 1, local attention; a strategy with a
+    per-chunk block pipeline (FPDT) also as that pipeline where it chunks and offloads (without
+    tp and pp). `chunks`: the FPDT chunk counts to consider; `tp` / `pp`: the degrees (None: all)."""
     names = planned_strategies() if strategies is None else strategies
-    out = []
     for name in names:
         cost_model(name)  # a clear error for a strategy the planner cannot model
-        cls = get_strategy(name)
-        configs = [Config(cls.resolve(options, inp.world)) for options in cls.candidates(inp.world, inp.causal, chunks)]
-        out += configs
-        if cls.block_pipeline:
-            out += [Config(c.settings, chunked_blocks=True) for c in configs if c.chunks > 1 and c.offload]
+    out = []
+    for dp, t, p, schedule, microbatches in hybrid.meshes(inp, tp, pp):
+        sp = inp.world // (dp * t * p)
+        mesh = dict(tp=t, pp=p, dp=dp, pp_schedule=schedule, microbatches=microbatches)
+        if sp == 1:
+            out.append(Config(get_strategy("local").resolve(StrategyOptions(), 1), **mesh))
+            continue
+        for name in names:
+            cls = get_strategy(name)
+            configs = [Config(cls.resolve(options, sp), **mesh) for options in cls.candidates(sp, inp.causal, chunks)]
+            out += configs
+            if cls.block_pipeline and t == p == 1:
+                out += [replace(c, chunked_blocks=True) for c in configs if c.chunks > 1 and c.offload]
     return out
 
 
 # -- evaluation and ranking --------------------------------------------------------------------
-def _dense_seconds(inp: PlanInput) -> float:
-    """Projections, MLP and LM head of one rank's tokens, forward + backward
-    (seqpar.model.ModelConfig.matmul_flops_per_token), every rank computing at once."""
-    tokens = inp.batch * inp.tokens_per_rank
-    flops = (1 + DENSE_BWD_FACTOR) * tokens * inp.model.config.matmul_flops_per_token()
-    return flops / inp.hardware.matmul_flops_per_s
+def _dense_seconds(inp: PlanInput, cfg: Config) -> float:
+    """Projections, MLP and LM head of one microbatch on one rank of the busiest (last) stage,
+    forward + backward (seqpar.model.ModelConfig's matmul FLOPs: layers / pp blocks and the head,
+    / tp), every rank computing at once."""
+    m, group = inp.model.config, hybrid.sp_input(inp, cfg)
+    tokens = group.batch * group.tokens_per_rank
+    per_token = 2.0 * (hybrid.stage_layers(inp, cfg) * m.layer_matmul_params() + m.dim * m.vocab_size) / cfg.tp
+    return (1 + DENSE_BWD_FACTOR) * tokens * per_token / inp.hardware.matmul_flops_per_s
 
 
 def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
-    """Predict step time, bytes and memory of one configuration (invalid -> valid=False + reason)."""
-    model = cost_model(cfg.strategy)
+    """Predict step time, bytes and memory of one configuration (invalid -> valid=False + reason).
+
+    One microbatch on the busiest pipeline stage takes layers / pp x (attention layer) + dense
+    matmuls + recompute + exposed tp collectives + the stage's activation sends; a step runs
+    m + p - 1 such slots (the bubble: p - 1 of them), then the exposed gradient / ZeRO traffic."""
+    model = config_cost_model(cfg)
     try:
         val.check(inp, cfg)
-        schedules = [model.schedule(inp, cfg, r) for r in range(inp.world)]
-        memory = mem.memory_estimate(inp, model.memory(inp, cfg), cfg)
+        group = hybrid.sp_input(inp, cfg)
+        schedules = [model.schedule(group, cfg, r) for r in range(group.world)]
+        memory = mem.memory_estimate(inp, model.memory(group, cfg), cfg)
     except ValueError as e:
         return Candidate(cfg, valid=False, reason=str(e))
-    hw, cl = inp.hardware, inp.cluster
+    hw, cl = group.hardware, inp.cluster
     attn = max(sum(_stage_seconds(s, hw) for s in stages) for stages in schedules)
     compute = max(sum(_compute_seconds(s, hw) for s in stages) for stages in schedules)
-    dense = _dense_seconds(inp)
-    step = inp.model.layers * attn + dense + _state_sync_seconds(inp, dense)
-    step += _recompute_seconds(inp, cfg, schedules, dense)
+    dense = _dense_seconds(inp, cfg)
+    mesh, mesh_bytes = _mesh_seconds(inp, cfg)
+    slot = hybrid.stage_layers(inp, cfg) * attn + dense + mesh + _recompute_seconds(inp, cfg, schedules, dense, hw)
+    slots = cfg.microbatches + cfg.pp - 1
+    step = slots * slot + _state_sync_seconds(inp, cfg, cfg.microbatches * dense)
     host = max(sum(s.host_bytes for s in stages if isinstance(s, Compute)) for stages in schedules)
     return Candidate(cfg, step_time=step, attention_time=attn, exposed_comm_time=attn - compute,
                      comm_bytes=max_bytes_by_kind(schedules), host_bytes=host, memory=memory,
-                     fits=memory["total"] <= cl.memory_gib * GiB)
+                     fits=memory["total"] <= cl.memory_gib * GiB, mesh_bytes=mesh_bytes, mesh_time=slots * mesh,
+                     bubble=hybrid.bubble(cfg))
 
 
-def _recompute_seconds(inp: PlanInput, cfg: Config, schedules, dense: float) -> float:
+def _mesh_seconds(inp: PlanInput, cfg: Config) -> tuple[float, dict[str, int]]:
+    """(seconds per microbatch of the exposed tp collectives and the stage's activation send
+    and gradient receive, bytes per rank per step by kind). The norms' once-per-step gradient
+    all-reduce is spread over the microbatches."""
+    hw = inp.hardware
+    seconds = sum(_stage_seconds(c, hw) for c in hybrid.tensor_collectives(inp, cfg))
+    seconds += sum(_stage_seconds(c, hw) for c in hybrid.norm_grad_collective(inp, cfg)) / cfg.microbatches
+    out = dict(hybrid.tensor_step_bytes(inp, cfg))
+    if cfg.pp > 1:
+        pair, send = hybrid.pipeline_sends(inp, cfg)
+        seconds += 2 * hw.p2p_link(pair).seconds("p2p", 2, send.nbytes)  # activation out, its gradient back
+        out["pp_p2p"] = max(hybrid.pipeline_step_bytes(inp, cfg, s) for s in range(cfg.pp))
+    return seconds, out
+
+
+def _recompute_seconds(inp: PlanInput, cfg: Config, schedules, dense: float, hw: Hardware) -> float:
     """Forward work done again in backward. Activation checkpointing: every block's forward
     (attention and matmuls). FPDT's chunked blocks: the matmuls of every block (projections
     and MLP, per chunk), not the attention, whose outputs wait in host memory; checkpointed
@@ -155,26 +197,31 @@ def _recompute_seconds(inp: PlanInput, cfg: Config, schedules, dense: float) -> 
     dense_fwd = dense / (1 + DENSE_BWD_FACTOR)
     seconds = dense_fwd if cfg.chunked_blocks else 0.0
     if inp.checkpointing:
-        seconds += dense_fwd + inp.model.layers * max(
-            sum(_stage_seconds(s, inp.hardware) for s in stages if s.phase == "fwd") for stages in schedules)
+        seconds += dense_fwd + hybrid.stage_layers(inp, cfg) * max(
+            sum(_stage_seconds(s, hw) for s in stages if s.phase == "fwd") for stages in schedules)
     return seconds
 
 
-def _state_sync_seconds(inp: PlanInput, dense: float) -> float:
-    """Exposed data-parallel traffic of one step over the world. Default: one all-reduce of
-    the gradients, hidden under the dense backward. With `Cluster.zero_traffic`: ZeRO-3
-    all-gathers the weights in forward and again in backward and reduce-scatters the
-    gradients (other stages: the all-reduce), prefetched under all the dense compute."""
-    hw, cl, params = inp.hardware, inp.cluster, inp.model.params()
+def _state_sync_seconds(inp: PlanInput, cfg: Config, dense: float) -> float:
+    """Exposed data-parallel traffic of one step over the dp x sp ranks of one tp rank and stage
+    (seqpar.parallel's batch group), of that rank's parameters. Default: one all-reduce of the
+    gradients, hidden under the dense backward (`dense`: the step's dense seconds). With
+    `Cluster.zero_traffic`: ZeRO-3 all-gathers the weights in forward and again in backward and
+    reduce-scatters the gradients (other stages: the all-reduce), prefetched under all the
+    dense compute."""
+    hw, cl = inp.hardware, inp.cluster
+    params = int(max(hybrid.stage_params(inp, cfg, s) for s in {0, cfg.pp - 1}))
+    shards = cfg.dp * cfg.sp
+    group = tuple(range(0, shards * cfg.tp, cfg.tp))
     if not cl.zero_traffic:
-        grads = Collective("all_reduce", params, inp.itemsize, cl.ranks, "bwd", "grads")
+        grads = Collective("all_reduce", params, inp.itemsize, group, "bwd", "grads")
         return max(0.0, grads.seconds(hw) - DENSE_BWD_FACTOR / (1 + DENSE_BWD_FACTOR) * dense)
     if inp.zero >= 3:
-        calls = [Collective("all_gather", params // inp.world, inp.itemsize, cl.ranks, "fwd", "weights"),
-                 Collective("all_gather", params // inp.world, inp.itemsize, cl.ranks, "bwd", "weights"),
-                 Collective("reduce_scatter", params // inp.world, inp.itemsize, cl.ranks, "bwd", "grads")]
+        calls = [Collective("all_gather", params // shards, inp.itemsize, group, "fwd", "weights"),
+                 Collective("all_gather", params // shards, inp.itemsize, group, "bwd", "weights"),
+                 Collective("reduce_scatter", params // shards, inp.itemsize, group, "bwd", "grads")]
     else:
-        calls = [Collective("all_reduce", params, inp.itemsize, cl.ranks, "bwd", "grads")]
+        calls = [Collective("all_reduce", params, inp.itemsize, group, "bwd", "grads")]
     return max(0.0, sum(c.seconds(hw) for c in calls) - dense)
 
 
@@ -192,7 +239,7 @@ def memory_fits(inp: PlanInput, cfg: Config) -> bool:
     """Whether a valid candidate fits device memory (the memory model only, no timing)."""
     try:
         val.check(inp, cfg)
-        total = mem.memory_estimate(inp, cost_model(cfg.strategy).memory(inp, cfg), cfg)["total"]
+        total = mem.memory_estimate(inp, config_cost_model(cfg).memory(hybrid.sp_input(inp, cfg), cfg), cfg)["total"]
     except ValueError:
         return False
     return total <= inp.cluster.memory_gib * GiB
@@ -203,10 +250,12 @@ def _rank_key(c: Candidate):
 
 
 def plan(inp: PlanInput, strategies: list[str] | None = None,
-         chunks: tuple[int, ...] = FPDT_CHUNKS) -> list[Candidate]:
+         chunks: tuple[int, ...] = FPDT_CHUNKS, tp: tuple[int, ...] | None = None,
+         pp: tuple[int, ...] | None = None) -> list[Candidate]:
     """All candidates ranked: valid and fitting by predicted step time, then valid but too
-    large for device memory, then invalid ones (each with its reason)."""
-    candidates = [evaluate(inp, cfg) for cfg in candidate_configs(inp, strategies, chunks)]
+    large for device memory, then invalid ones (each with its reason). `tp` / `pp`: the
+    tensor-parallel degrees and pipeline stage counts to consider (None: every divisor)."""
+    candidates = [evaluate(inp, cfg) for cfg in candidate_configs(inp, strategies, chunks, tp, pp)]
     rings = [c.step_time for c in candidates if c.valid and c.config.strategy == "ring"]
     if rings:
         for c in candidates:

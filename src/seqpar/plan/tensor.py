@@ -14,7 +14,9 @@ gradient sync (kind tp_grad_all_reduce), or, with FSDP2, inside backward (tp_all
 """
 from __future__ import annotations
 
-__all__ = ["tensor_parallel_traffic"]
+from .stages import Collective
+
+__all__ = ["tensor_parallel_traffic", "tensor_parallel_collectives"]
 
 
 def tensor_parallel_traffic(*, tp: int, n_layers: int, dim: int, tokens: int, act_bytes: int, loss_bytes: int,
@@ -40,4 +42,27 @@ def tensor_parallel_traffic(*, tp: int, n_layers: int, dim: int, tokens: int, ac
         out["tp_all_reduce"] += norms
     else:     # the trainer's gradient sync does (seqpar.parallel.reduce_partial_gradients)
         out["tp_grad_all_reduce"] = norms
+    return out
+
+
+def tensor_parallel_collectives(*, group: tuple[int, ...], n_layers: int, dim: int, tokens: int, act_bytes: int,
+                                loss_bytes: int, recompute: bool = False, embedding: bool = True,
+                                head: bool = True) -> list[Collective]:
+    """The calls behind `tensor_parallel_traffic` for one pass of `tokens` (forward, backward and
+    recompute; not the norms' once-per-step gradient all-reduce) on the tp `group`, as timed
+    stages: each all-gather / reduce-scatter moves one [tokens / tp, dim] shard (comm.py's
+    convention); `embedding` / `head`: this pipeline stage holds the embedding / the LM head
+    (its loss all-reduces 3 values per token). With both their bytes are the formula's (tested)."""
+    tp = len(group)
+    shard = tokens // tp * dim
+
+    def calls(kind: str, count: int, phase: str) -> list[Collective]:
+        return [Collective(kind, shard, act_bytes, group, phase, "tp_activations")] * count
+
+    out = calls("all_gather", 2 * n_layers + head, "fwd") + calls("reduce_scatter", 2 * n_layers + embedding, "fwd")
+    if head:
+        out.append(Collective("all_reduce", 3 * tokens, loss_bytes, group, "fwd", "tp_loss"))
+    out += calls("all_gather", 2 * n_layers + embedding, "bwd") + calls("reduce_scatter", 2 * n_layers + head, "bwd")
+    if recompute:  # the blocks' forward again, up to the attention's reduce-scatter
+        out += calls("all_gather", 2 * n_layers, "bwd") + calls("reduce_scatter", n_layers, "bwd")
     return out

@@ -1,13 +1,16 @@
-"""`seqpar train --strategy auto`: the calibrated planner picks the strategy of the run.
+"""`seqpar train --strategy auto`: the calibrated planner picks the strategy (and the mesh) of the run.
 
-The run's model, sequence, batch, dtype and memory become a `seqpar.plan.PlanInput` on its
-sequence-parallel group; the hardware numbers come from a calibration of this world
-(`--calibration FILE`, written by `seqpar plan --calibrate`; without one the launcher
-measures the local world once and keeps it in `<out_dir>/calibration.json`). The fastest
-candidate that fits memory is chosen (ties broken by the planner's order, so the same
-calibration always gives the same choice), and its `seqpar.init` arguments replace the
-strategy flags. `choose` returns the new config and a line saying what was picked, the
-runner-up and why.
+The run's model, sequence, batch, dtype and memory become a `seqpar.plan.PlanInput` on the
+world / dp ranks of one data-parallel replica; the hardware numbers come from a calibration of
+this world (`--calibration FILE`, written by `seqpar plan --calibrate`; without one the
+launcher measures the local world once and keeps it in `<out_dir>/calibration.json`). Unless
+the run fixes them (--tp, --sp, or --pp > 1), the planner also chooses the tensor-parallel
+degree and the pipeline stages (with schedule and microbatches) around the sequence-parallel
+group. The fastest candidate that fits memory and that the trainer accepts (`TrainConfig.validate`:
+the one check of every option, e.g. --pp runs fp32/fp64 without --tp) is chosen (ties broken by
+the planner's order, so the same calibration always gives the same choice); its `seqpar.init`
+arguments replace the strategy flags and its tp / pp / pp_schedule / microbatches the mesh
+flags. `choose` returns the new config and a line saying what was picked, the runner-up and why.
 """
 from __future__ import annotations
 
@@ -41,14 +44,28 @@ def _model_shape(cfg: TrainConfig):
     return ModelShape(m.n_layers, m.dim, m.n_heads, m.n_kv_heads, m.ffn_hidden, m.vocab_size)
 
 
+def planned_ranks(cfg: TrainConfig, world: int) -> int:
+    """The ranks the planner arranges: one data-parallel replica's (sp x tp x pp)."""
+    return world // cfg.parallel.dp
+
+
+def mesh_choices(cfg: TrainConfig) -> dict:
+    """The tp and pp degrees the planner may choose: the run's own when it fixes the mesh
+    (--tp, --sp or --pp > 1 given), else every one (None)."""
+    par = cfg.parallel
+    if par.tp > 1 or par.pp > 1 or par.sp is not None:
+        return {"tp": (par.tp,), "pp": (par.pp,)}
+    return {"tp": None, "pp": None}
+
+
 def plan_input(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None = None,
                memory_gib: float | None = None):
-    """The planner's view of this run on its sp group (needs sp >= 2); memory per rank: this
-    machine's (`local_memory_gib`) unless given."""
-    sp = cfg.sp_size(world)
-    rpn = min(sp, ranks_per_node or sp)
+    """The planner's view of this run on the ranks of one data-parallel replica (needs >= 2);
+    memory per rank: this machine's (`local_memory_gib`) unless given."""
+    ranks = planned_ranks(cfg, world)
+    rpn = min(ranks, ranks_per_node or ranks)
     memory_gib = memory_gib or local_memory_gib(rpn * cfg.parallel.dp)
-    cluster = Cluster(sp, rpn, memory_gib=memory_gib, calibration=calibration)
+    cluster = Cluster(ranks, rpn, memory_gib=memory_gib, calibration=calibration)
     return PlanInput(cluster, _model_shape(cfg), cfg.sequence_length(), cfg.data.batch, cfg.optim.dtype,
                      causal=cfg.model.kind != "dit", zero=3 if cfg.parallel.fsdp else 0,
                      checkpointing=cfg.model.activation_checkpointing or cfg.model.offload_activations)
@@ -72,25 +89,27 @@ def _why(best, other) -> str:
 
 def choose(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None = None,
            memory_gib: float | None = None) -> tuple[TrainConfig, str]:
-    """(cfg with the planner's best fitting strategy, a one-line explanation)."""
-    if cfg.sp_size(world) < 2:
+    """(cfg with the planner's best fitting strategy and mesh, a one-line explanation)."""
+    mesh = mesh_choices(cfg)
+    if planned_ranks(cfg, world) < 2 or (mesh["tp"] is not None and cfg.sp_size(world) < 2):
         return cfg.with_strategy("local", StrategyOptions()), "--strategy auto: sp = 1, no sequence parallelism (local)"
     inp = plan_input(cfg, world, calibration, ranks_per_node, memory_gib)
-    candidates = [c for c in plan(inp) if not c.config.chunked_blocks or cfg.chunked_blocks_apply()]
+    candidates = [c for c in plan(inp, **mesh) if not c.config.chunked_blocks or cfg.chunked_blocks_apply()]
     fitting = [c for c in candidates if c.valid and c.fits]
     if not fitting:
         try:
-            hint = format_suggestions(inp, fit_suggestions(inp, candidates))
+            hint = format_suggestions(inp, fit_suggestions(inp, candidates, **mesh))
         except ValueError:  # e.g. more ranks than the calibration's node measured
             hint = ("try --offload-activations, --strategy fpdt with --chunks and --offload, --fsdp, a shorter "
                     "--seq-len or more ranks")
         raise ValueError(f"--strategy auto: no strategy fits this run in {inp.cluster.memory_gib:.1f} GiB per rank: "
                          + " ".join(hint.split()))
-    best = fitting[0]
-    options = StrategyOptions.from_kwargs(**best.config.init_kwargs(ranks_per_node))
-    chosen = cfg.with_strategy(best.config.strategy, options)
-    if best.config.chunked_blocks:
-        chosen = _with_chunked_blocks(chosen, inp, best.config)
+    runnable = [(c, _run_config(cfg, world, inp, c, ranks_per_node)) for c in fitting]
+    runnable = [(c, chosen) for c, chosen in runnable if chosen is not None]
+    if not runnable:
+        raise ValueError(f"--strategy auto: the trainer refuses every candidate that fits (first: {fitting[0].label}: "
+                         f"{_refusal(cfg, world, inp, fitting[0], ranks_per_node)})")
+    (best, chosen), fitting = runnable[0], [c for c, _ in runnable]
     line = (f"--strategy auto picked {best.label} (predicted {best.step_time:.3g} s/step, "
             f"{best.memory.get('total', 0) / 2 ** 30:.2f} GiB/rank)")
     if len(fitting) > 1:
@@ -98,6 +117,36 @@ def choose(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None
         line += (f"; runner-up {runner.label} ({runner.step_time:.3g} s/step, "
                  f"+{100 * (runner.step_time / best.step_time - 1):.1f}%): {_why(best, runner)}")
     return chosen, line + f" [{calibration.summary() if calibration else 'flag hardware'}]"
+
+
+def _chosen_config(cfg: TrainConfig, inp, best, ranks_per_node: int | None) -> TrainConfig:
+    """The run with the candidate's strategy options and mesh (dp stays the run's)."""
+    options = StrategyOptions.from_kwargs(**best.config.init_kwargs(ranks_per_node))
+    chosen = cfg.with_strategy(best.config.strategy, options)
+    c = best.config
+    if mesh_choices(cfg)["tp"] is None:
+        chosen = chosen.replace(tp=c.tp, pp=c.pp, pp_schedule=c.pp_schedule, microbatches=c.microbatches)
+    if c.chunked_blocks:
+        chosen = _with_chunked_blocks(chosen, inp, c)
+    return chosen
+
+
+def _run_config(cfg: TrainConfig, world: int, inp, best, ranks_per_node: int | None) -> TrainConfig | None:
+    """The chosen run, or None when the trainer refuses it (TrainConfig.validate)."""
+    try:
+        chosen = _chosen_config(cfg, inp, best, ranks_per_node)
+        chosen.validate(world)
+    except ValueError:
+        return None
+    return chosen
+
+
+def _refusal(cfg: TrainConfig, world: int, inp, best, ranks_per_node: int | None) -> str:
+    try:
+        _chosen_config(cfg, inp, best, ranks_per_node).validate(world)
+    except ValueError as e:
+        return str(e)
+    return "accepted"
 
 
 def _with_chunked_blocks(cfg: TrainConfig, inp, config) -> TrainConfig:
@@ -119,9 +168,9 @@ def ensure_calibration(cfg: TrainConfig, world: int):
         raise FileNotFoundError(f"--calibration {cfg.parallel.calibration!r} does not exist (write one with "
                                 "seqpar plan --calibrate)")
     shape = _model_shape(cfg)
-    sp = cfg.sp_size(world)
-    with open_world(sp) as run:
-        cal = measure(run, sp, dtypes=(cfg.optim.dtype,), heads=max(1, shape.heads // shape.kv_heads), kv_heads=1,
+    ranks = planned_ranks(cfg, world)
+    with open_world(ranks) as run:
+        cal = measure(run, ranks, dtypes=(cfg.optim.dtype,), heads=max(1, shape.heads // shape.kv_heads), kv_heads=1,
                       head_dim=shape.hidden // shape.heads, repeats=3)
     path.parent.mkdir(parents=True, exist_ok=True)
     cal.save(path)
