@@ -178,7 +178,7 @@ def test_profile_reports_every_valid_candidate(worlds):
     candidates = plan(inp)
     report = profile(inp, candidates, args, calibration=cal,
                      runner=lambda world, configs, kw: worlds.run(world, profile_rank, configs, **kw)[0])
-    valid = {c.label for c in candidates if c.valid}
+    valid = {c.label for c in candidates if c.valid and not c.config.hybrid}  # --profile runs one attention layer
     assert {c.label for c in report.candidates} == valid and len(valid) > 10
     for c in report.candidates:
         m = c.measured

@@ -63,19 +63,21 @@ def init_local_gloo(rank: int, size: int, init_file: str, timeout_s: float, thre
 def _worker(rank: int, size: int, init_file: str, tasks, results, threads: int, pg_timeout: float) -> None:
 
     init_local_gloo(rank, size, init_file, pg_timeout, threads)
+    world_groups = _live_groups()
     results.put(("ready", rank, None))
     while True:
         item = tasks.get()
+        # The parent sends a task once every rank has answered the previous one, so the groups that
+        # task made are finished on every rank and can go (destroying them at the end of the task
+        # could close a connection a slower peer is still opening).
+        _destroy_groups_except(world_groups)
         if item is None:
             break
         task_id, fn, args, kwargs = item
-        groups_before = _live_groups()
         try:
             results.put((task_id, rank, ("ok", fn(*args, **kwargs))))
         except BaseException:  # noqa: BLE001 - report everything to the parent
             results.put((task_id, rank, ("err", traceback.format_exc())))
-        finally:
-            _destroy_groups_except(groups_before)
     dist.destroy_process_group()
 
 
