@@ -245,30 +245,37 @@ def _char_tokenizer(model_dir):
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(model_dir)
 
 
-def test_cli_hf_model_trains_the_same_on_1_and_4_processes_and_exports(tmp_path):
-    """`seqpar train --hf-model DIR` (config + tokenizer, random init): 1 process and 4 (USP 2x2) give
-    the same losses over 3 steps (fp64); `seqpar export` of both loads back with the same weights."""
+def test_cli_hf_model_trains_the_same_on_1_and_4_processes_and_exports(worlds, tmp_path):
+    """`seqpar train --hf-model DIR` (config + tokenizer, random init) on 4 processes (USP 2x2) gives
+    the losses of the same configuration trained on 1 process (fp64, 3 steps), and `seqpar export`
+    of it loads back with the 1-process run's weights (exported through the same function)."""
     import subprocess
     import sys
+
+    from checks.train import run_training
+    from seqpar.export import export_run
     model_dir = tmp_path / "llama"
     LlamaConfig(**SHAPE).save_pretrained(model_dir)
     _char_tokenizer(model_dir)
     common = ["--hf-model", str(model_dir), "--seq-len", "64", "--batch", "2", "--steps", "3", "--warmup", "1",
               "--eval-every", "0", "--eval-batches", "1", "--checkpoint-every", "3", "--corpus-bytes", "40000",
               "--no-plot", "--no-progress", "--lr", "1e-2", "--dtype", "float64"]
-    runs = {"one": ["--nproc", "1", "--strategy", "local"], "usp": ["--nproc", "4", "--strategy", "usp",
-                                                                    "--ulysses", "2"]}
-    losses, exported = {}, {}
-    for name, extra in runs.items():
-        out = tmp_path / name
-        for cmd in (["train", *common, *extra, "--out-dir", str(out)],
-                    ["export", str(out), str(tmp_path / f"x{name}")]):
-            proc = subprocess.run([sys.executable, "-m", "seqpar", *cmd], capture_output=True, text=True, timeout=300)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        losses[name] = [r["loss"] for r in records if r["type"] == "train"]
-        assert list((out / "data").glob("*.tokens.bin")), "the corpus was not tokenized with the model's tokenizer"
-        exported[name] = AutoModelForCausalLM.from_pretrained(tmp_path / f"x{name}").state_dict()
+    usp = tmp_path / "usp"
+    for cmd in (["train", *common, "--nproc", "4", "--strategy", "usp", "--ulysses", "2", "--out-dir", str(usp)],
+                ["export", str(usp), str(tmp_path / "xusp")]):
+        proc = subprocess.run([sys.executable, "-m", "seqpar", *cmd], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one = tmp_path / "one"
+    cfg = dict(hf_model=str(model_dir), seq_len=64, batch=2, steps=3, warmup=1, eval_every=0, eval_batches=1,
+               checkpoint_every=3, corpus_bytes=40000, plot=False, progress=False, lr=1e-2, dtype="float64",
+               strategy="local", out_dir=str(one))
+    losses = {"one": worlds.run(1, run_training, cfg)[0]["losses"]}
+    export_run(one, tmp_path / "xone")
+    records = [json.loads(line) for line in (usp / "metrics.jsonl").read_text().splitlines()]
+    losses["usp"] = [r["loss"] for r in records if r["type"] == "train"]
+    for out in (one, usp):
+        assert list((out / "data").glob("*.tokens.bin")), f"{out.name}: not tokenized with the model's tokenizer"
+    exported = {name: AutoModelForCausalLM.from_pretrained(tmp_path / f"x{name}").state_dict() for name in losses}
     assert len(losses["one"]) == 3 and losses["usp"] == pytest.approx(losses["one"], rel=1e-9)
     for key, value in exported["one"].items():
         assert value.dtype == torch.float64 and torch.allclose(exported["usp"][key], value, rtol=0, atol=1e-9), key
