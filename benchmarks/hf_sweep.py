@@ -41,7 +41,8 @@ def main() -> None:
     window, ignored = batch()
     start = time.perf_counter()
     with ProcessWorld(4, timeout=7200.0, pg_timeout=600.0) as world:
-        results = world.run(sweep_rank, entries([t for t, reason in found.items() if not reason]), window, ignored)[0]
+        results = world.run(sweep_rank, entries([t for t, reason in found.items() if not reason]), window, ignored,
+                            progress=True)[0]
     seconds = time.perf_counter() - start
     counts = {v: sum(verdict(r) == v for r in results) for v in ("exact", "mismatch", "error")}
     print(f"Command: `python3 {' '.join(sys.argv)}`  \nMachine: {platform.machine()} CPU, gloo, "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import sys
 import traceback
 from typing import Any
 
@@ -106,9 +107,16 @@ def tiny_config(model_type: str, dtype: torch.dtype = torch.float64):
     return config
 
 
+MAX_PARAMS = 4_000_000  # a bigger "tiny" model means the tiny sizes did not reach its config
+
+
 def _build(model_type: str, dtype: torch.dtype, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
+    with torch.device("meta"):
+        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(tiny_config(model_type)).parameters())
+    if n > MAX_PARAMS:
+        raise ValueError(f"the tiny sizes do not reach this config: {n / 1e6:.0f}M parameters")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=dtype)
@@ -186,7 +194,8 @@ def _one(model_type, strategy, kwargs, window, ignored, mesh) -> dict[str, Any]:
     return {"error": errors[-1], "fp64_error": errors[0]}
 
 
-def sweep_rank(entries: list[tuple[str, str, dict]], window: torch.Tensor, ignored: torch.Tensor) -> list[dict]:
+def sweep_rank(entries: list[tuple[str, str, dict]], window: torch.Tensor, ignored: torch.Tensor,
+               progress: bool = False) -> list[dict]:
     """For each (model type, strategy, init kwargs): the result of `_one` (rank 0's is the full one)."""
     import warnings
 
@@ -197,6 +206,8 @@ def sweep_rank(entries: list[tuple[str, str, dict]], window: torch.Tensor, ignor
     mesh = ParallelDims(dist.get_world_size())
     results = []
     for model_type, strategy, kwargs in entries:
+        if progress and mesh.rank == 0:
+            print(f"hf_sweep: {model_type} ({strategy})", file=sys.stderr, flush=True)
         results.append({"arch": model_type, "strategy": strategy, "kwargs": kwargs,
                         **_one(model_type, strategy, kwargs, window, ignored, mesh)})
     return results

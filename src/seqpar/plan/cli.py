@@ -264,9 +264,9 @@ def window_note(inp: PlanInput, candidates: list[Candidate], without: list[Candi
     if ring > 1:
         steps = len(windowed_ring_steps(cfg.layout, ring, inp.seq_len, inp.window_pair, inp.causal))
         if steps < ring - 1:
-            return (f"{choice}: its ring sends K/V over {steps} of {ring - 1} ring distances (a query's window "
-                    f"reaches only the {steps} ring rank(s) before it), so ring traffic is local ({steps}/{ring - 1} "
-                    f"of the plain ring's K/V bytes); attention work x{inp.window_fraction:.3g}")
+            return (f"{choice}: its ring sends K/V over {steps} of {ring - 1} ring distances (the keys in a "
+                    f"query's window live on {steps} other ring rank(s) at most), so ring traffic is local "
+                    f"({steps}/{ring - 1} of the plain ring's K/V bytes); attention work x{inp.window_fraction:.3g}")
     return (f"{choice}: attention work x{inp.window_fraction:.3g} for every strategy, its communication "
             f"unchanged")
 
