@@ -8,7 +8,7 @@ strategies in turn) against stock transformers in one process (sdpa, else eager;
 model runs in fp64), loss and every gradient. The per-rank code is tests/checks/hf_sweep.py;
 tests/test_hf_sweep.py runs a subset in the suite and all of it with SEQPAR_HF_SWEEP=1.
 
-    python3 benchmarks/hf_sweep.py > docs/hf_sweep.md   # about ... on a 2-core machine
+    python3 benchmarks/hf_sweep.py        # the table in docs/models.md; about 3.5 min on 2 shared cores
     python3 benchmarks/hf_sweep.py --only llama,gemma2
 """
 from __future__ import annotations
