@@ -67,3 +67,11 @@ def test_cli_auto_trains_with_its_choice_and_mfu_from_the_calibration(tmp_path):
     assert len(picked) == 1 and strategy in picked[0] and strategy != "auto"
     # the machine's peak: the together rate of one rank x the calibration's 4 ranks per node
     assert info["peak_source"] == f"calibration {path}" and info["peak_tflops"] == pytest.approx(4 * 5e10 / 1e12)
+
+
+def test_auto_plans_the_models_window():
+    """A model windowed in every layer is planned with its window (interleaved global layers: none)."""
+    cal = hand_calibration()
+    assert plan_input(TrainConfig.of(**TINY, window=256), 4, cal, memory_gib=8.0).window == 256
+    assert plan_input(TrainConfig.of(**TINY, window=256, local_global=1), 4, cal, memory_gib=8.0).window is None
+    assert plan_input(TrainConfig.of(**TINY), 4, cal, memory_gib=8.0).window is None
