@@ -103,3 +103,11 @@ def test_auto_skips_what_the_trainer_refuses():
     assert (fitting[0].config.tp, fitting[0].config.pp) == (2, 2)
     chosen, line = choose(cfg, 4, cal, memory_gib=0.08)
     assert (chosen.parallel.tp, chosen.parallel.pp, chosen.sp_size(4)) == (1, 4, 1), line
+
+
+def test_auto_plans_the_models_window():
+    """A model windowed in every layer is planned with its window (interleaved global layers: none)."""
+    cal = hand_calibration()
+    assert plan_input(TrainConfig.of(**TINY, window=256), 4, cal, memory_gib=8.0).window == 256
+    assert plan_input(TrainConfig.of(**TINY, window=256, local_global=1), 4, cal, memory_gib=8.0).window is None
+    assert plan_input(TrainConfig.of(**TINY), 4, cal, memory_gib=8.0).window is None

@@ -375,3 +375,43 @@ def test_calibrated_all_gather_and_reduce_scatter_time_the_tp_collectives():
         got[name] = evaluate(inp, mesh_candidate(inp, "ring", 2, tp=2))
     moved = got["fast"].mesh_bytes["tp_all_gather"] + got["fast"].mesh_bytes["tp_reduce_scatter"]
     assert got["slow"].mesh_time - got["fast"].mesh_time == pytest.approx(moved * 1e-9, rel=1e-9)
+
+# -- sliding windows (issue #19 item 6) ------------------------------------------------------------
+def test_window_scales_attention_work_and_localizes_ring_bytes():
+    """A causal window W: about (W + 2T) x N pairs per head (T = 128-row tiles) instead of N(N+1)/2,
+    for every strategy; a contiguous ring sends K/V only over the distances the window reaches,
+    exactly `windowed_ring_bytes` (which test_local_attention checks against CommStats)."""
+    from seqpar.plan import windowed_ring_bytes
+    fast = dict(intra_bw=1e9, inter_bw=1e9, intra_lat=0, inter_lat=0)
+    whole, windowed = (PlanInput(Cluster(8, **fast), TINY, 4096, window=w) for w in (None, 100))
+    assert windowed.window_fraction == (100 + 256) * 4096 / (4096 * 4097 / 2)
+    assert PlanInput(Cluster(8), TINY, 512, window=400).window_fraction == 1.0  # (W + 2T) N >= N(N+1)/2
+    ulysses = candidate("ulysses", 8)
+    a, b = evaluate(whole, ulysses), evaluate(windowed, ulysses)
+    assert a.comm_bytes == b.comm_bytes
+    assert b.attention_time / a.attention_time == pytest.approx(windowed.window_fraction, rel=1e-6)
+    block = 2 * 512 * TINY.kv_heads * 8  # one rank's K and V: 512 tokens, 2 KV heads of 8
+    for layout, steps in (("contiguous", 1), ("zigzag", 2)):
+        want = windowed_ring_bytes(layout, 8, 4096, (99, 0), True, block * 2, block * 4)
+        got = evaluate(windowed, candidate("ring", 8, layout)).comm_bytes["p2p"]
+        assert want["steps"] == steps and got == want["fwd"] + want["bwd"]
+    # a window of 4096 tokens spans ring ranks: zigzag needs every distance, the plain ring's bytes
+    wide = PlanInput(Cluster(8, **fast), TINY, 4096, window=4096)
+    zigzag = candidate("ring", 8, "zigzag")
+    assert evaluate(wide, zigzag).comm_bytes == evaluate(whole, zigzag).comm_bytes
+    contiguous = evaluate(windowed, candidate("ring", 8, "contiguous")).comm_bytes["p2p"]
+    assert contiguous == block * 2 + block * (2 + 4)  # 1 K/V block forward, K/V + dK/dV backward
+
+
+def test_window_changes_the_chosen_strategy_and_says_why(capsys):
+    """8 ranks on 2 nodes, 32K tokens of llama-7b: USP is best; with a 1024-token window every
+    query's keys are on its own or the previous rank, so the contiguous ring's traffic is local
+    (1 of 7 distances) and the planner picks it, and says so."""
+    assert cli.main(["plan", "--world", "8", "--ranks-per-node", "4", "--seq-len", "32768", "--zero", "3",
+                     "--window", "1024", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "sliding window 1024" in out and out.splitlines()[3].split()[1:3] == ["ring", "contiguous"]
+    assert "window 1024 changes the best candidate from usp u4xr2 zigzag to ring contiguous" in out
+    assert "1 of 7 ring distances" in out and "ring traffic is local" in out
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        PlanInput(Cluster(8), TINY, 64, causal=False, window=8)

@@ -151,7 +151,7 @@ class SeqParallel:
 
     def chunked_block(self, x: Tensor, project, finish, params, *, heads: int, kv_heads: int, head_dim: int,
                       causal: bool = True, scale: float | None = None, cu_seqlens=None,
-                      recompute: bool = False) -> Tensor:
+                      recompute: bool = False, window=None) -> Tensor:
         """A whole transformer block by FPDT's per-chunk pipeline (strategy 'fpdt' only): the
         projections, attention and MLP of one sequence chunk at a time, forward and backward.
 
@@ -161,6 +161,7 @@ class SeqParallel:
         the local sequence; params: the parameters they use. Returns the block output like x.
         recompute: keep only x (host memory with offload) for backward, which runs the chunk loop
         again, attention included (checkpointing inside the pipeline; exact either way).
+        window: (left, right) sliding window as in `attention` (chunks it leaves out are skipped).
         The inputs are checked across ranks as for `attention` (q/k/v as projected)."""
         if not hasattr(self.strategy, "chunked_block"):
             raise ValueError(f"chunked blocks are FPDT's pipeline: they need strategy 'fpdt', this context "
@@ -172,8 +173,9 @@ class SeqParallel:
         b, s = x.shape[:2]
         q = x.new_zeros((), dtype=dtype).expand(b, s, heads, head_dim)  # shapes for the checks, no memory
         kv = x.new_zeros((), dtype=dtype).expand(b, s, kv_heads, head_dim)
-        rows = self._inputs.validate(q, kv, kv, causal, self.layout, cu_seqlens)
-        mask = None if rows is None else self._mask(rows, causal)
+        window = check_window(window)
+        rows = self._inputs.validate(q, kv, kv, causal, self.layout, cu_seqlens, local_code(window, None, False))
+        mask = self._mask(rows, causal, window, s * self.size)
         fns = BlockFunctions(project, finish, tuple(params), heads, kv_heads, head_dim)
         return self.strategy.chunked_block(x, fns, causal, default_scale(head_dim, scale),
                                            self.kernel_for(x.device, dtype), mask, recompute)

@@ -80,9 +80,6 @@ class ModelConfig:
         if self.local_global and not self.window:
             raise ValueError(f"local_global={self.local_global} interleaves windowed and global layers: give the "
                              "window too (--window W)")
-        if self.window and self.chunked_blocks:
-            raise ValueError("--window is not supported with --chunked-blocks (FPDT's block pipeline attends "
-                             "full causal chunks); drop one of them")
 
     def layer_window(self, layer: int) -> int:
         """The causal window of decoder block `layer` (0: global attention): with local_global K,
@@ -232,7 +229,7 @@ class Block(nn.Module):
 
         return attn.ctx.chunked_block(x, project, finish, tuple(self.parameters()), heads=attn.n_heads,
                                       kv_heads=attn.n_kv_heads, head_dim=attn.head_dim, causal=attn.causal,
-                                      cu_seqlens=cu_seqlens, recompute=self.recompute_chunks)
+                                      cu_seqlens=cu_seqlens, recompute=self.recompute_chunks, window=attn.window)
 
 
 def _rope_rows(rope: tuple[Tensor, Tensor], rows: slice) -> tuple[Tensor, Tensor]:

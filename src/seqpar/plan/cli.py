@@ -20,6 +20,7 @@ from .hardware import Calibration
 from .inputs import DTYPE_BYTES, MODEL_PRESETS, Cluster, GiB, PlanInput
 from .presets import CLUSTER_PRESETS
 from .profiling import ProfileReport, profile, profile_input, profile_rank
+from .schedules import windowed_ring_steps
 from .search import Candidate, plan
 from .worlds import open_world
 
@@ -86,6 +87,9 @@ def _model_arguments(model) -> None:
     model.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage (memory; time with --zero-traffic)")
     model.add_argument("--mean-doc-len", type=float, help="packed documents of this mean length: attention skips "
                        "the blocks where documents do not meet (default: one document per sequence)")
+    model.add_argument("--window", type=int, help="causal sliding window of W tokens in every layer: attention "
+                       "computes about (W + 2x128) x N pairs per head, and a contiguous ring sends K/V only to the "
+                       "ranks whose keys the window reaches")
     model.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                        help="recompute every block in backward (memory: one block's activations; time: one more "
                             "forward)")
@@ -145,7 +149,7 @@ def plan_input_from_args(args: argparse.Namespace) -> PlanInput:
         checkpointing = preset.checkpointing if preset else False
     return PlanInput(cluster, replace(shape, **overrides), seq_len, args.batch, args.dtype, args.causal,
                      run("zero", 0), checkpointing, getattr(args, "mean_doc_len", None),
-                     run("optimizer_offload", False))
+                     run("optimizer_offload", False), window=getattr(args, "window", None))
 
 
 def fpdt_chunks_from_args(args: argparse.Namespace) -> tuple[int, ...]:
@@ -276,7 +280,29 @@ def _describe(inp: PlanInput) -> str:
             + (" activation checkpointing" if inp.checkpointing else "")
             + (" optimizer offload" if inp.optimizer_offload else "")
             + (f"; documents of mean length {inp.mean_doc_len:g} (attention x{inp.attention_fraction:.3g})"
-               if inp.mean_doc_len else ""))
+               if inp.mean_doc_len else "")
+            + (f"; sliding window {inp.window} (attention x{inp.window_fraction:.3g})" if inp.window else ""))
+
+
+def window_note(inp: PlanInput, candidates: list[Candidate], without: list[Candidate]) -> str | None:
+    """One line on what the window did to the choice: the best candidate with and `without` the
+    window, and its ring traffic (None without a window)."""
+    best = next((c for c in candidates if c.valid), None)
+    if inp.window is None or best is None:
+        return None
+    before = next((c.label for c in without if c.valid), "none")
+    choice = (f"window {inp.window} changes the best candidate from {before} to {best.label}" if before != best.label
+              else f"window {inp.window} leaves the best candidate at {best.label}")
+    cfg = best.config
+    ring = {"ring": inp.world, "usp": cfg.ring}.get(cfg.strategy, 1)
+    if ring > 1:
+        steps = len(windowed_ring_steps(cfg.layout, ring, inp.seq_len, inp.window_pair, inp.causal))
+        if steps < ring - 1:
+            return (f"{choice}: its ring sends K/V over {steps} of {ring - 1} ring distances (the keys in a "
+                    f"query's window live on {steps} other ring rank(s) at most), so ring traffic is local "
+                    f"({steps}/{ring - 1} of the plain ring's K/V bytes); attention work x{inp.window_fraction:.3g}")
+    return (f"{choice}: attention work x{inp.window_fraction:.3g} for every strategy, its communication "
+            f"unchanged")
 
 
 def _measure(run, inp: PlanInput, args) -> Calibration:
@@ -323,6 +349,9 @@ def main(args: argparse.Namespace) -> int:
     if _is_secondary_rank():
         return 0
     advice = fit_suggestions(inp, candidates, _strategies(args), chunks, **_mesh(args))
+    without = plan(replace(inp, window=None), _strategies(args), chunks, **_mesh(args)) if inp.window else []
+    note = window_note(inp, candidates, without)
+    notes = notes + ([note] if note else [])
     shown = candidates[: args.top] if args.top else candidates
     if args.json:
         out = {"input": _describe(inp), "candidates": [c.to_dict() for c in shown], "notes": notes}

@@ -14,6 +14,7 @@ from functools import cached_property
 
 from ..attention import Settings, get_strategy
 from ..context import resolve
+from ..documents import DEFAULT_TILE
 from ..model import ModelConfig
 from .hardware import Calibration, KernelTable, Link
 
@@ -282,8 +283,12 @@ class PlanInput:
     checkpointing: bool = False  # activation checkpointing: every block recomputed in backward
     mean_doc_len: float | None = None  # packed documents of this mean length (None: one document)
     optimizer_offload: bool = False  # AdamW states (and fp32 master weights) in host memory (ZeRO-Offload)
+    window: int | None = None  # causal sliding window of W tokens in every layer (each sees itself and W-1 before)
 
     def __post_init__(self):
+        if self.window is not None and (self.window < 1 or not self.causal):
+            raise ValueError(f"window must be >= 1 tokens and the attention causal, got window={self.window}, "
+                             f"causal={self.causal}")
         if self.mean_doc_len is not None and not (math.isfinite(self.mean_doc_len) and self.mean_doc_len >= 1):
             raise ValueError(f"mean document length must be a finite number >= 1, got {self.mean_doc_len}")
         if self.zero not in (0, 1, 2, 3):
@@ -318,9 +323,23 @@ class PlanInput:
         return self.seq_len // self.world
 
     def attention_rows(self, heads: int) -> float:
-        """Kernel rows (batch x query heads) of attention work, scaled by `attention_fraction`:
-        the cost model's attention work per (query, key) block pair."""
-        return self.batch * heads * self.attention_fraction
+        """Kernel rows (batch x query heads) of attention work, scaled by `attention_fraction` and
+        `window_fraction`: the cost model's attention work per (query, key) block pair."""
+        return self.batch * heads * min(self.attention_fraction, self.window_fraction)
+
+    @property
+    def window_fraction(self) -> float:
+        """Fraction of the causal pairs a sliding window of W tokens leaves to compute: tiles of T =
+        DEFAULT_TILE query rows skip the key tiles outside the window, so about (W + 2T) x N pairs
+        per head are computed instead of N(N+1)/2 (1.0 without a window)."""
+        if self.window is None:
+            return 1.0
+        return min(1.0, (self.window + 2 * DEFAULT_TILE) * self.seq_len / (self.seq_len * (self.seq_len + 1) / 2))
+
+    @property
+    def window_pair(self) -> tuple[int, int] | None:
+        """The window as seqpar's (left, right) mask bounds: (W - 1, 0)."""
+        return None if self.window is None else (self.window - 1, 0)
 
     @cached_property
     def views(self) -> dict:

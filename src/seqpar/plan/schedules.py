@@ -13,10 +13,10 @@ from functools import lru_cache
 
 from ..attention.ulysses import kv_replication
 from ..attention.wallfacer import WallFacerGrid
-from ..documents import visible_pairs
+from ..documents import DEFAULT_TILE, visible_pairs
 from ..layout import TokenLayout
 from .inputs import Config, PlanInput
-from .stages import Collective, Compute, RingLoop, Send, Stage, Step, Steps, loop_steps
+from .stages import Collective, Compute, RingLoop, Send, Stage, Step, Steps, balanced_loads, loop_steps
 from .tables import all_pairs_load, chunked_load, local_load, ring_step_loads, wallfacer_step_loads
 
 __all__ = ["local_schedule", "ring_schedule", "ulysses_schedule", "usp_schedule", "allgather_schedule",
@@ -92,11 +92,41 @@ def windowed_ring_bytes(kind: str, ring: int, seq_len: int, window: tuple[int, i
 def _ring_loops(inp: PlanInput, group: tuple[int, ...], kind: str, seq_local: int, heads: int,
                 kv_heads: int) -> list[RingLoop]:
     """attention/ring.py on `group`: forward P-1 K/V sends; backward P-1 K/V sends plus P sends
-    of the travelling dK/dV accumulator (accum dtype). seq_local = tokens per ring rank."""
-    loads = ring_step_loads(kind, inp.causal, len(group), seq_local, inp.attention_rows(heads), inp.model.head_dim)
+    of the travelling dK/dV accumulator (accum dtype). seq_local = tokens per ring rank. Under
+    a window that leaves ring distances out: the windowed ring (`_direct_steps`)."""
     block = 2 * inp.batch * seq_local * kv_heads * inp.model.head_dim
-    fwd, bwd = loop_steps(inp, loads, block, True)
+    needed = _window_steps(inp, kind, len(group), seq_local * len(group))
+    if needed is not None:
+        fwd, bwd = _direct_steps(inp, heads, seq_local, block, needed)
+    else:
+        loads = ring_step_loads(kind, inp.causal, len(group), seq_local, inp.attention_rows(heads),
+                                inp.model.head_dim)
+        fwd, bwd = loop_steps(inp, loads, block, True)
     return [RingLoop(group, "fwd", fwd), RingLoop(group, "bwd", bwd)]
+
+
+def _window_steps(inp: PlanInput, kind: str, ring: int, seq_len: int) -> int | None:
+    """How many ring distances carry visible K/V under the input's window, when not all of them
+    (attention/ring.py then sends straight to those ranks); None: the plain ring."""
+    if inp.window is None or ring == 1:
+        return None
+    needed = len(windowed_ring_steps(kind, ring, seq_len, inp.window_pair, inp.causal))
+    return None if needed == ring - 1 else needed
+
+
+def _direct_steps(inp: PlanInput, heads: int, seq_local: int, block_elems: int, needed: int) -> tuple[Steps, Steps]:
+    """The windowed ring (bytes: `windowed_ring_bytes`): the own block and one block per needed
+    distance, one K/V send per distance forward and one K/V plus one dK/dV send backward, in
+    flight under the blocks before. Every rank computes about (W + 2T) x seq_local pairs per
+    head (`PlanInput.window_fraction`), spread evenly over those blocks: a window balances any
+    layout."""
+    per_block = -(-min(inp.window + 2 * DEFAULT_TILE, seq_local * (needed + 1)) // (needed + 1))
+    rows = inp.batch * heads * inp.attention_fraction
+    fwd_load, bwd_load = balanced_loads(((seq_local, per_block, False),), rows, inp.model.head_dim)
+    kv, dkv = Send(block_elems, inp.itemsize, "kv"), Send(block_elems, inp.acc_itemsize, "dkv")
+    fwd = tuple(Step(fwd_load, (kv,) if s < needed else ()) for s in range(needed + 1))
+    bwd = tuple(Step(bwd_load, (kv, dkv) if s < needed else ()) for s in range(needed + 1))
+    return Steps(fwd), Steps(bwd)
 
 
 def _local_compute(inp: PlanInput, heads: int, seq: int) -> list[Compute]:

@@ -66,9 +66,12 @@ def plan_input(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | 
     rpn = min(ranks, ranks_per_node or ranks)
     memory_gib = memory_gib or local_memory_gib(rpn * cfg.parallel.dp)
     cluster = Cluster(ranks, rpn, memory_gib=memory_gib, calibration=calibration)
+    causal = cfg.model.kind != "dit"
+    every_layer = causal and cfg.model.window and not cfg.model.local_global  # windows in every layer
     return PlanInput(cluster, _model_shape(cfg), cfg.sequence_length(), cfg.data.batch, cfg.optim.dtype,
-                     causal=cfg.model.kind != "dit", zero=3 if cfg.parallel.fsdp else 0,
-                     checkpointing=cfg.model.activation_checkpointing or cfg.model.offload_activations)
+                     causal=causal, zero=3 if cfg.parallel.fsdp else 0,
+                     checkpointing=cfg.model.activation_checkpointing or cfg.model.offload_activations,
+                     window=cfg.model.window if every_layer else None)
 
 
 def _why(best, other) -> str:
