@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.tensor import DTensor
 
 from .comm import CommStats
 from .model import IGNORE_INDEX, Transformer
@@ -83,7 +84,15 @@ class StageModule(nn.Module):
     forward(x): x tokens [microbatch, seq_local] (first stage) or activations [microbatch,
     seq_local, dim] -> activations [microbatch, seq_local, dim] (normed on the last stage).
     `extras[chunk]` = (positions, cu_seqlens) of microbatch `chunk` (set per step);
-    `chunk` is set by `CountingStage` before each forward."""
+    `chunk` is set by `CountingStage` before each forward.
+
+    With tensor parallelism (the model parallelized by `parallelize_decoder`) the residual stream
+    between blocks is already this tp rank's plain token shard [microbatch, seq_local / tp, dim]
+    (Megatron-SP: the blocks' row-parallel outputs are reduce-scattered over tokens and returned
+    as local tensors): a stage sends it as it is to the same tp rank of the next stage (the
+    pipeline group pairs ranks of equal (dp, sp, tp) coordinates). The last stage's final norm
+    returns a DTensor: its local shard is what the loss function gets (the LM head's
+    ColwiseParallel takes it back as Shard(1))."""
 
     def __init__(self, model: Transformer):
         super().__init__()
@@ -97,7 +106,8 @@ class StageModule(nn.Module):
         if m.tok_embeddings is not None:
             x = m.tok_embeddings(x)
         x = m.run_layers(x, positions, cu_seqlens)
-        return m.norm(x) if m.norm is not None else x
+        x = m.norm(x) if m.norm is not None else x
+        return x.to_local() if isinstance(x, DTensor) else x
 
 
 def _nbytes(ops: list[dist.P2POp]) -> int:
@@ -168,6 +178,7 @@ class Pipeline:
         self.model = split_transformer(model, stage, stages)
         self.stage, self.stages, self.group, self.microbatches = stage, stages, dims.pp_group, microbatches
         self.first, self.last = stage == 0, stage == stages - 1
+        self.tp = dims.tp
         self.module = StageModule(model)
         self.stats, self.device, self.batch_comm = dims.stats, device, dims.batch_comm
         self.schedule_cls = PP_SCHEDULES[schedule]
@@ -179,7 +190,7 @@ class Pipeline:
         """The stage and schedule for microbatches of this shape (static metadata: no shape
         handshake over the group); rebuilt when the shape changes."""
         mb = tokens.shape[0] // self.microbatches
-        shape = (mb, tokens.shape[1], self.model.cfg.dim)
+        shape = (mb, tokens.shape[1] // self.tp, self.model.cfg.dim)  # this tp rank's token shard
         if self._shape == (shape, dtype):
             return
         act = torch.empty(shape, dtype=dtype, device="meta", requires_grad=True)  # gradients flow back
@@ -245,7 +256,8 @@ class Pipeline:
         peer = lambda s: dist.get_global_rank(self.group, s)  # noqa: E731
         x = tokens
         if not self.first:
-            x = torch.empty(*tokens.shape, self.model.cfg.dim, dtype=dtype, device=tokens.device)
+            x = torch.empty(tokens.shape[0], tokens.shape[1] // self.tp, self.model.cfg.dim, dtype=dtype,
+                            device=tokens.device)
             dist.recv(x, src=peer(self.stage - 1), group=self.group)
         h = self.module(x)
         if not self.last:

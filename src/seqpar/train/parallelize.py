@@ -85,12 +85,19 @@ def clip_gradients(parameters: Iterable[torch.nn.Parameter], clip: float, pp_gro
 
 
 def _clip_pipeline(params: list, grads: list, clip: float, pp_group) -> float:
-    """The norm over every stage's (plain) gradients: one all-reduce of the squared stage norms."""
+    """The norm over every stage's gradients (plain, or DTensors with tp): one all-reduce of the
+    squared stage norms."""
     local = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    if isinstance(local, DTensor):  # tensor-parallel stage: every gradient a DTensor, the norm over tp
+        local = local.full_tensor()
     squared = (local.double() ** 2).reshape(1)
     dist.all_reduce(squared, group=pp_group)
     total = squared.sqrt()[0]
-    if clip:
+    if clip and any(isinstance(g, DTensor) for g in grads):
+        coef = min(1.0, clip / (float(total) + 1e-6))  # clip_grads_with_norm_'s coefficient
+        for g in grads:
+            g.mul_(coef)
+    elif clip:
         torch.nn.utils.clip_grads_with_norm_(params, clip, total.to(local.dtype))
     return float(total)
 

@@ -188,10 +188,10 @@ class Trainer:
         batch = self.task.batch("train", self.task.step)  # prefetched: waits only when the loader fell behind
         data_wait = time.perf_counter() - t0
         self.task.advance()
-        if self.pipeline is not None:
-            loss = self.pipeline.train_step(*batch)
-        else:
-            with tensor_parallel_context(self.mesh):
+        with tensor_parallel_context(self.mesh):
+            if self.pipeline is not None:
+                loss = self.pipeline.train_step(*batch)
+            else:
                 with self._autocast():
                     loss_sum, count = self.task.loss_terms(batch)
                 loss = backward_global_mean(loss_sum, count, self.mesh.batch_comm)
