@@ -26,12 +26,15 @@ CASES = [
     (4, dict(pp_schedule="1f1b", microbatches=2, strategy="lss", activation_checkpointing=True)),
     (4, dict(pp_schedule="1f1b", microbatches=2, tp=2)),
     (8, dict(pp_schedule="gpipe", microbatches=2, tp=2, strategy="ring", layout="zigzag")),
+    (4, dict(pp_schedule="gpipe", microbatches=1, dp=2, batch=1, fsdp=True)),
+    (4, dict(pp_schedule="1f1b", microbatches=2, strategy="ulysses", fsdp=True)),
 ]
 
 
 @pytest.mark.parametrize("world,overrides", CASES, ids=["pp2-gpipe-mb2", "pp2-1f1b-mb2", "pp2-ring2-1f1b-mb2",
                                                           "pp2-ulysses2-gpipe-mb1", "pp2-lss2-1f1b-checkpointing",
-                                                          "pp2-tp2-1f1b-mb2", "pp2-tp2-ring2-gpipe-mb2"])
+                                                          "pp2-tp2-1f1b-mb2", "pp2-tp2-ring2-gpipe-mb2",
+                                                          "dp2-pp2-fsdp-gpipe", "pp2-ulysses2-fsdp-1f1b-mb2"])
 def test_pipeline_parity_with_one_process(worlds, corpus, tmp_path, reference, world, overrides):
     cfg = config(corpus, tmp_path, **PP, **overrides)
     results = worlds.run(world, run_training, cfg, gradients=True)
@@ -42,9 +45,10 @@ def test_pipeline_parity_with_one_process(worlds, corpus, tmp_path, reference, w
     assert abs(val - reference["val_losses"][0][1]) <= 1e-9 * val
     assert all(r["losses"] == got["losses"] for r in results)  # every stage reports the global mean
     # P2P bytes: rank 0 (stage 0) sends one activation [microbatch, seq_local / tp, dim] (fp64) per microbatch
-    seq_local = BASE["seq_len"] // TrainConfig.of(**cfg).sp_size(world) // overrides.get("tp", 1)
+    train = TrainConfig.of(**cfg)
+    seq_local = BASE["seq_len"] // train.sp_size(world) // train.parallel.tp
     for record in (r for r in got["records"] if r["type"] == "train"):
-        assert record["comm"]["pp_p2p"] == BASE["batch"] * seq_local * BASE["dim"] * 8, f"step {record['step']}"
+        assert record["comm"]["pp_p2p"] == train.data.batch * seq_local * BASE["dim"] * 8, f"step {record['step']}"
 
 
 def test_mesh_order_pp_outermost(worlds):
@@ -108,7 +112,6 @@ def test_a_pp2_checkpoint_resumes_at_pp1(worlds, corpus, tmp_path):
     (dict(pp=2, pp_schedule="zb"), "unknown pp_schedule 'zb'"),
     (dict(pp=2, pp_schedule="1f1b"), "--pp-schedule 1f1b needs --microbatches >= --pp (2), got 1"),
     (dict(microbatches=2), "--microbatches 2 splits the batch of a pipeline: it needs --pp > 1"),
-    (dict(pp=2, fsdp=True), "not with --fsdp yet"),
     (dict(pp=2, model="dit"), "not with --model dit yet"),
     (dict(pp=2, dtype="bfloat16"), "not with --dtype bfloat16 yet"),
     (dict(pp=2, loss_chunks=2), "not with --mlp-chunks / --loss-chunks yet"),

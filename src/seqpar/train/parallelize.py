@@ -31,27 +31,29 @@ def uses_ddp(dims: ParallelDims, fsdp: bool, double_averaging: bool) -> bool:
 
 
 def parallelize(model: torch.nn.Module, dims: ParallelDims, fsdp: bool, compile_backend: str | None = None,
-                ddp: bool = False) -> torch.nn.Module:
+                ddp: bool = False, root: torch.nn.Module | None = None) -> torch.nn.Module:
     """torchtitan's order: tensor parallelism first (DTensor shards over the tp mesh: the built-in
     decoder, the DiT or a Hugging Face decoder by its own plan), then each block compiled in place
     (`block.compile`: parameter names unchanged) when compile_backend is given, then FSDP2 over the
     dp x sp ranks (2-D with tp); activation checkpointing is the model's own option (around the
     compiled blocks). ddp: without FSDP, gradients averaged by torch's DDP inside backward
-    (`replicate_gradients`)."""
+    (`replicate_gradients`). root: the module whose forward runs the model, FSDP2's root (default the
+    model; a pipeline stage's `StageModule`, which calls the model's parts directly)."""
     if dims.tp > 1:
         how = parallelize_dit if isinstance(model, DiT) else parallelize_hf if isinstance(model, HFCausalLM) \
             else parallelize_decoder
         how(model, dims.tp_mesh)
+    blocks = [block for block in model.layers if block is not None]  # a pipeline stage holds its own only
     if compile_backend:
-        for block in model.layers:
+        for block in blocks:
             block.compile(backend=compile_backend)
     if not fsdp and ddp:
         replicate_gradients(model, dims)
     if fsdp:
         mesh = dims.batch_mesh
-        for block in model.layers:
+        for block in blocks:
             fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        fully_shard(model if root is None else root, mesh=mesh)
     return model
 
 

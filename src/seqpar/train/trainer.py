@@ -125,8 +125,8 @@ class Trainer:
         self.pipeline = Pipeline(self.model, self.mesh, par.pp_schedule, par.microbatches, self.device) \
             if par.pp > 1 else None
         self.ddp = uses_ddp(self.mesh, par.fsdp, self.ctx.strategy.double_grad_averaging) and self.pipeline is None
-        parallelize(self.model, self.mesh, cfg.parallel.fsdp,
-                    cfg.parallel.compile_backend if cfg.parallel.compile else None, ddp=self.ddp)
+        parallelize(self.model, self.mesh, cfg.parallel.fsdp, cfg.parallel.compile_backend if cfg.parallel.compile
+                    else None, ddp=self.ddp, root=self.pipeline.module if self.pipeline is not None else None)
         self.optimizer = _optimizer(self.model, cfg)
         self.out_dir = Path(cfg.output.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
