@@ -265,7 +265,8 @@ class TrainConfig:
             "--model dit": m.kind == "dit", "--hf-model": bool(m.hf_model),
             "--compile": par.compile, "--strategy auto": par.strategy == AUTO, "--chunked-blocks": m.chunked_blocks,
             "--dtype bfloat16": self.optim.dtype == "bfloat16", "--offload-activations": m.offload_activations,
-            "--mlp-chunks / --loss-chunks": m.mlp_chunks > 1 or m.loss_chunks > 1}.items() if on]
+            "--mlp-chunks / --loss-chunks": m.mlp_chunks > 1 or m.loss_chunks > 1,
+            "--fsdp and interleaved-1f1b": par.fsdp and par.pp_schedule == "interleaved-1f1b"}.items() if on]
         if unsupported:
             raise ValueError(f"--pp {par.pp} runs the built-in decoder in fp32/fp64 only: not with "
                              f"{', '.join(unsupported)} yet")
