@@ -264,11 +264,11 @@ class TrainConfig:
         unsupported = [name for name, on in {
             "--model dit": m.kind == "dit", "--hf-model": bool(m.hf_model),
             "--compile": par.compile, "--strategy auto": par.strategy == AUTO, "--chunked-blocks": m.chunked_blocks,
-            "--dtype bfloat16": self.optim.dtype == "bfloat16", "--offload-activations": m.offload_activations,
+            "--offload-activations": m.offload_activations,
             "--mlp-chunks / --loss-chunks": m.mlp_chunks > 1 or m.loss_chunks > 1,
             "--fsdp and interleaved-1f1b": par.fsdp and par.pp_schedule == "interleaved-1f1b"}.items() if on]
         if unsupported:
-            raise ValueError(f"--pp {par.pp} runs the built-in decoder in fp32/fp64 only: not with "
+            raise ValueError(f"--pp {par.pp} runs the built-in language model: not with "
                              f"{', '.join(unsupported)} yet")
         check_pipeline(par.pp, m.n_layers, self.data.batch, par.microbatches, par.pp_schedule)
 

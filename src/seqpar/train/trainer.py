@@ -189,8 +189,9 @@ class Trainer:
         data_wait = time.perf_counter() - t0
         self.task.advance()
         with tensor_parallel_context(self.mesh):
-            if self.pipeline is not None:
-                loss = self.pipeline.train_step(*batch)
+            if self.pipeline is not None:  # the schedule runs forward and backward: both under autocast
+                with self._autocast():
+                    loss = self.pipeline.train_step(*batch)
             else:
                 with self._autocast():
                     loss_sum, count = self.task.loss_terms(batch)
