@@ -36,6 +36,8 @@ CASES = [
     (4, dict(pp_schedule="1f1b", microbatches=2, strategy="ulysses", fsdp=True)),
     (2, dict(pp_schedule="interleaved-1f1b", microbatches=2, n_layers=4)),
     (4, dict(pp_schedule="interleaved-1f1b", microbatches=2, n_layers=4, tp=2)),
+    (4, dict(pp_schedule="1f1b", microbatches=2, strategy="ring", layout="zigzag", compile=True,
+             compile_backend="aot_eager")),
 ]
 
 
@@ -43,7 +45,8 @@ CASES = [
                                                           "pp2-ulysses2-gpipe-mb1", "pp2-lss2-1f1b-checkpointing",
                                                           "pp2-tp2-1f1b-mb2", "pp2-tp2-ring2-gpipe-mb2",
                                                           "dp2-pp2-fsdp-gpipe", "pp2-ulysses2-fsdp-1f1b-mb2",
-                                                          "pp2-interleaved-mb2", "pp2-tp2-interleaved-mb2"])
+                                                          "pp2-interleaved-mb2", "pp2-tp2-interleaved-mb2",
+                                                          "pp2-ring2-1f1b-compiled"])
 def test_pipeline_parity_with_one_process(worlds, corpus, tmp_path, reference, reference4, world, overrides):
     cfg = config(corpus, tmp_path, **PP, **overrides)
     ref = reference4 if overrides.get("n_layers") == 4 else reference
