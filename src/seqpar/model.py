@@ -276,12 +276,13 @@ class Transformer(nn.Module):
             return self.output(h)
         return self._loss_sum(h, labels), (labels != IGNORE_INDEX).sum()
 
-    def run_layers(self, x: Tensor, positions: Tensor, cu_seqlens=None) -> Tensor:
+    def run_layers(self, x: Tensor, positions: Tensor, cu_seqlens=None, only: range | None = None) -> Tensor:
         """x [batch, seq_local, dim] through every block this module holds (a pipeline stage's
-        pruned model holds None for the blocks of other stages: seqpar.pipeline)."""
+        pruned model holds None for the blocks of other stages: seqpar.pipeline), or the blocks
+        of indices `only` (one of a rank's interleaved stages)."""
         rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        for layer in self.layers:
-            if layer is None:
+        for i, layer in enumerate(self.layers):
+            if layer is None or (only is not None and i not in only):
                 continue
             if self.cfg.offload_activations and torch.is_grad_enabled() and not self.cfg.chunked_blocks:
                 x = offloaded_checkpoint(layer, x, rope, cu_seqlens)

@@ -15,8 +15,12 @@ schedule's microbatch id), never through the pipeline. The last stage's loss fun
 each microbatch's loss SUM times (dp x sp) / global label count, so the gradients are those of
 the global token mean whatever the microbatching (see train/trainer.py).
 
-Interleaved schedules (several stages per rank) are refused: they send and receive in one
-batched P2P call (`batch_isend_irecv`), which is known to hang on gloo.
+`ScheduleInterleaved1F1B` (--pp-schedule interleaved-1f1b) gives every rank 2 virtual stages,
+loop style (rank r runs stages r and r + pp, so the blocks go 0..pp-1 and back to rank 0): it runs
+on gloo in torch 2.13 (its batched P2P included), exact like the others.
+
+With tensor parallelism a stage sends its tp rank's token shard (see `StageModule`); with FSDP2
+the `StageModule` is the root FSDP module (its forward runs the model's parts).
 """
 from __future__ import annotations
 
@@ -25,17 +29,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.tensor import DTensor
 
 from .comm import CommStats
 from .model import IGNORE_INDEX, Transformer
 from .parallel import ParallelDims
 
-__all__ = ["PP_SCHEDULES", "stage_layers", "split_transformer", "StageModule", "CountingStage", "Pipeline",
-           "check_pipeline", "pipeline_p2p_bytes"]
+__all__ = ["PP_SCHEDULES", "VIRTUAL_STAGES", "rank_stages", "stage_layers", "split_transformer", "StageModule",
+           "CountingStage", "Pipeline", "check_pipeline", "pipeline_p2p_bytes"]
 
 #: --pp-schedule names -> torch schedule classes (None: refused, see the module docstring)
-PP_SCHEDULES: dict[str, Any] = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": None}
+PP_SCHEDULES: dict[str, Any] = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
+                                "interleaved-1f1b": ScheduleInterleaved1F1B}
+#: stages per rank of each schedule (interleaved: 2 virtual stages, loop style)
+VIRTUAL_STAGES = {"gpipe": 1, "1f1b": 1, "interleaved-1f1b": 2}
 
 
 def check_pipeline(pp: int, n_layers: int, batch: int, microbatches: int, schedule: str) -> None:
@@ -50,8 +58,15 @@ def check_pipeline(pp: int, n_layers: int, batch: int, microbatches: int, schedu
     if schedule == "1f1b" and microbatches < pp:
         raise ValueError(f"--pp-schedule 1f1b needs --microbatches >= --pp ({pp}), got {microbatches}: raise "
                          "--microbatches or use gpipe")
-    if n_layers % pp:
-        raise ValueError(f"n_layers ({n_layers}) must be divisible by --pp ({pp}): each stage owns as many blocks")
+    rounds = max(1, microbatches // pp)
+    if schedule == "interleaved-1f1b" and microbatches % rounds:
+        raise ValueError(f"--pp-schedule interleaved-1f1b runs --microbatches in rounds of --pp ({pp}): "
+                         f"{microbatches} is not a multiple of {rounds} rounds; use a multiple of --pp")
+    stages = pp * VIRTUAL_STAGES[schedule]
+    if n_layers % stages:
+        raise ValueError(f"n_layers ({n_layers}) must be divisible by the {stages} pipeline stages (--pp {pp}"
+                         f"{' x 2 virtual stages of interleaved-1f1b' if stages > pp else ''}): each stage owns as "
+                         f"many blocks")
     if batch % microbatches:
         raise ValueError(f"--batch ({batch}) must be divisible by --microbatches ({microbatches})")
 
@@ -62,16 +77,23 @@ def stage_layers(n_layers: int, stage: int, stages: int) -> range:
     return range(stage * per, (stage + 1) * per)
 
 
-def split_transformer(model: Transformer, stage: int, stages: int) -> Transformer:
-    """Delete, in place, what stage `stage` does not own: other stages' blocks (set to None, so
-    names stay global), the embedding unless first, the final norm and LM head unless last."""
-    own = stage_layers(len(model.layers), stage, stages)
+def rank_stages(pp_rank: int, pp: int, virtual: int) -> list[int]:
+    """The stage indices a pipeline rank runs, loop style: pp_rank, pp_rank + pp, ... (`virtual` of them)."""
+    return [pp_rank + k * pp for k in range(virtual)]
+
+
+def split_transformer(model: Transformer, stage: int | list[int], stages: int) -> Transformer:
+    """Delete, in place, what the stage(s) `stage` of `stages` do not own: other stages' blocks
+    (set to None, so names stay global), the embedding unless stage 0 is owned, the final norm
+    and LM head unless the last stage is."""
+    owned = [stage] if isinstance(stage, int) else list(stage)
+    own = {i for s in owned for i in stage_layers(len(model.layers), s, stages)}
     for i in range(len(model.layers)):
         if i not in own:
             model.layers[i] = None
-    if stage > 0:
+    if 0 not in owned:
         model.tok_embeddings = None
-    if stage < stages - 1:
+    if stages - 1 not in owned:
         model.norm = None
         model.output = None
     return model
@@ -83,21 +105,31 @@ class StageModule(nn.Module):
     forward(x): x tokens [microbatch, seq_local] (first stage) or activations [microbatch,
     seq_local, dim] -> activations [microbatch, seq_local, dim] (normed on the last stage).
     `extras[chunk]` = (positions, cu_seqlens) of microbatch `chunk` (set per step);
-    `chunk` is set by `CountingStage` before each forward."""
+    `chunk` is set by `CountingStage` before each forward.
 
-    def __init__(self, model: Transformer):
+    With tensor parallelism (the model parallelized by `parallelize_decoder`) the residual stream
+    between blocks is already this tp rank's plain token shard [microbatch, seq_local / tp, dim]
+    (Megatron-SP: the blocks' row-parallel outputs are reduce-scattered over tokens and returned
+    as local tensors): a stage sends it as it is to the same tp rank of the next stage (the
+    pipeline group pairs ranks of equal (dp, sp, tp) coordinates). The last stage's final norm
+    returns a DTensor: its local shard is what the loss function gets (the LM head's
+    ColwiseParallel takes it back as Shard(1))."""
+
+    def __init__(self, model: Transformer, layers: range | None = None, first: bool = True, last: bool = True):
         super().__init__()
-        self.model = model
+        self.model, self.layers, self.first, self.last = model, layers, first, last
         self.extras: list[tuple[Tensor, Any]] = []
         self.chunk = 0
 
     def forward(self, x: Tensor) -> Tensor:
         positions, cu_seqlens = self.extras[self.chunk]
         m = self.model
-        if m.tok_embeddings is not None:
+        if self.first and m.tok_embeddings is not None:
             x = m.tok_embeddings(x)
-        x = m.run_layers(x, positions, cu_seqlens)
-        return m.norm(x) if m.norm is not None else x
+        x = m.run_layers(x, positions, cu_seqlens, only=self.layers)
+        if self.last and m.norm is not None:
+            x = m.norm(x)
+        return x.to_local() if isinstance(x, DTensor) else x
 
 
 def _nbytes(ops: list[dist.P2POp]) -> int:
@@ -136,12 +168,14 @@ class CountingStage(PipelineStage):
 
 
 def pipeline_p2p_bytes(stage: int, stages: int, microbatch: int, seq_local: int, dim: int, element_size: int,
-                       microbatches: int) -> tuple[int, int]:
-    """(sent, received) P2P bytes of one training step on a rank of stage `stage`: one activation
-    [microbatch, seq_local, dim] per microbatch forward to the next stage and its gradient back."""
+                       microbatches: int, virtual: int = 1) -> tuple[int, int]:
+    """(sent, received) P2P bytes of one training step on pipeline rank `stage` of `stages` (with
+    `virtual` stages per rank: `rank_stages`): one activation [microbatch, seq_local, dim] per
+    microbatch forward to the next stage and its gradient back, for each stage the rank runs."""
     act = microbatch * seq_local * dim * element_size * microbatches
-    to_next, from_prev = stage < stages - 1, stage > 0
-    return act * (to_next + from_prev), act * (to_next + from_prev)
+    total = stages * virtual
+    links = sum((s < total - 1) + (s > 0) for s in rank_stages(stage, stages, virtual))
+    return act * links, act * links
 
 
 def _split_rows(value: Any, parts: int) -> list[Any]:
@@ -156,19 +190,26 @@ def _split_rows(value: Any, parts: int) -> list[Any]:
 
 
 class Pipeline:
-    """One rank's pipeline stage of a Transformer and its torch schedule.
+    """One rank's pipeline stage(s) of a Transformer and its torch schedule.
 
-    model: the full Transformer (pruned in place by `split_transformer` to the stage of this
-    rank, `dims.pp_rank`); the P2P runs over `dims.pp_group` (rank i = stage i), its bytes are
-    counted in `dims.stats`; loss sums are reduced over `dims.batch_comm` (the stage's dp x sp)."""
+    model: the full Transformer (pruned in place by `split_transformer` to the stages of this
+    rank: `rank_stages(dims.pp_rank, ...)`, one unless the schedule is interleaved); the P2P runs
+    over `dims.pp_group` (stage s on its rank s mod pp), its bytes are counted in `dims.stats`;
+    loss sums are reduced over `dims.batch_comm` (the stage's dp x sp). `module` is the first of
+    the rank's `StageModule`s (`modules`, one per stage)."""
 
     def __init__(self, model: Transformer, dims: ParallelDims, schedule: str, microbatches: int,
                  device: torch.device):
-        stage, stages = dims.pp_rank, dims.pp
-        self.model = split_transformer(model, stage, stages)
-        self.stage, self.stages, self.group, self.microbatches = stage, stages, dims.pp_group, microbatches
-        self.first, self.last = stage == 0, stage == stages - 1
-        self.module = StageModule(model)
+        rank, pp = dims.pp_rank, dims.pp
+        self.virtual = VIRTUAL_STAGES[schedule]
+        self.stage_ids, self.total = rank_stages(rank, pp, self.virtual), pp * self.virtual
+        self.model = split_transformer(model, self.stage_ids, self.total)
+        self.stage, self.stages, self.group, self.microbatches = rank, pp, dims.pp_group, microbatches
+        self.first, self.last = rank == 0, rank == pp - 1  # this rank feeds the tokens / computes the loss
+        self.tp = dims.tp
+        self.modules = [StageModule(model, stage_layers(len(model.layers), s, self.total), s == 0,
+                                    s == self.total - 1) for s in self.stage_ids]
+        self.module = self.modules[0]
         self.stats, self.device, self.batch_comm = dims.stats, device, dims.batch_comm
         self.schedule_cls = PP_SCHEDULES[schedule]
         self.scale = torch.ones((), dtype=torch.float64)
@@ -176,17 +217,20 @@ class Pipeline:
         self._schedule = None
 
     def _build(self, tokens: Tensor, dtype: torch.dtype) -> None:
-        """The stage and schedule for microbatches of this shape (static metadata: no shape
+        """The stage(s) and schedule for microbatches of this shape (static metadata: no shape
         handshake over the group); rebuilt when the shape changes."""
         mb = tokens.shape[0] // self.microbatches
-        shape = (mb, tokens.shape[1], self.model.cfg.dim)
+        shape = (mb, tokens.shape[1] // self.tp, self.model.cfg.dim)  # this tp rank's token shard
         if self._shape == (shape, dtype):
             return
         act = torch.empty(shape, dtype=dtype, device="meta", requires_grad=True)  # gradients flow back
-        inp = torch.empty(shape[:2], dtype=torch.long, device="meta") if self.first else act
-        stage = CountingStage(self.module, self.stage, self.stages, self.device, input_args=(inp,),
-                              output_args=(act,), group=self.group, stats=self.stats)
-        self._schedule = self.schedule_cls(stage, self.microbatches, loss_fn=self._loss, scale_grads=False)
+        stages = [CountingStage(module, s, self.total, self.device, output_args=(act,), group=self.group,
+                                stats=self.stats,
+                                input_args=(torch.empty(shape[:2], dtype=torch.long, device="meta") if s == 0
+                                            else act,))
+                  for module, s in zip(self.modules, self.stage_ids)]
+        self._schedule = self.schedule_cls(stages if self.virtual > 1 else stages[0], self.microbatches,
+                                           loss_fn=self._loss, scale_grads=False)
         self._shape = (shape, dtype)
 
     def _loss(self, h: Tensor, labels: Tensor) -> Tensor:
@@ -195,8 +239,9 @@ class Pipeline:
         return loss_sum * self.scale.to(loss_sum.dtype)
 
     def _set_extras(self, positions: Tensor, cu_seqlens: Any) -> None:
-        self.module.extras = list(zip(_split_rows(positions, self.microbatches),
-                                      _split_rows(cu_seqlens, self.microbatches)))
+        extras = list(zip(_split_rows(positions, self.microbatches), _split_rows(cu_seqlens, self.microbatches)))
+        for module in self.modules:
+            module.extras = extras
 
     def train_step(self, tokens: Tensor, labels: Tensor, positions: Tensor, cu_seqlens: Any) -> float:
         """Forward and backward of every microbatch; returns the global mean token loss (every rank).
@@ -240,16 +285,19 @@ class Pipeline:
         plain forward through the stages (blocking send/recv, whole batch): the values on the last
         stage, zeros elsewhere (a Task's loss_terms, for evaluation)."""
         tokens, labels, positions, cu_seqlens = batch
-        self.module.extras, self.module.chunk = [(positions, cu_seqlens)], 0
         dtype = next(self.model.parameters()).dtype
-        peer = lambda s: dist.get_global_rank(self.group, s)  # noqa: E731
-        x = tokens
-        if not self.first:
-            x = torch.empty(*tokens.shape, self.model.cfg.dim, dtype=dtype, device=tokens.device)
-            dist.recv(x, src=peer(self.stage - 1), group=self.group)
-        h = self.module(x)
+        peer = lambda s: dist.get_global_rank(self.group, s % self.stages)  # noqa: E731 - stage s's rank
+        for module, s in zip(self.modules, self.stage_ids):
+            module.extras, module.chunk = [(positions, cu_seqlens)], 0
+            x = tokens
+            if s > 0:
+                x = torch.empty(tokens.shape[0], tokens.shape[1] // self.tp, self.model.cfg.dim, dtype=dtype,
+                                device=tokens.device)
+                dist.recv(x, src=peer(s - 1), group=self.group)
+            h = module(x)
+            if s < self.total - 1:
+                dist.send(h.contiguous(), dst=peer(s + 1), group=self.group)
         if not self.last:
-            dist.send(h.contiguous(), dst=peer(self.stage + 1), group=self.group)
             zero = torch.zeros((), dtype=torch.float64, device=tokens.device)
             return zero, zero
         return self.model._loss_sum(h, labels), (labels != IGNORE_INDEX).sum()

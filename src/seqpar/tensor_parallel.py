@@ -84,13 +84,16 @@ def parallelize_decoder(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     cfg = model.cfg
     check_tensor_parallel(tp_mesh.size(), cfg.n_heads, cfg.n_kv_heads)
     check_decoder_chunkings(cfg)
-    parallelize_module(model, tp_mesh, {
+    plan = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
         "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
-    })
+    }  # a pipeline stage's pruned model (seqpar.pipeline) holds None for the parts of other stages
+    parallelize_module(model, tp_mesh, {name: style for name, style in plan.items()
+                                        if getattr(model, name) is not None})
     for block in model.layers:
-        parallelize_module(block, tp_mesh, _block_plan())
+        if block is not None:
+            parallelize_module(block, tp_mesh, _block_plan())
     model.tensor_parallel = True
     return model
 

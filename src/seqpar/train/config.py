@@ -256,18 +256,19 @@ class TrainConfig:
             raise ValueError("--model dit needs scikit-image: pip install -e '.[dit]'") from None
 
     def _validate_pipeline(self) -> None:
-        """--pp > 1: the built-in language model alone (no FSDP, TP, --compile yet), layers divisible
+        """--pp > 1: the built-in language model alone, layers divisible
         by the stages, the batch by the microbatches, a schedule that runs on gloo."""
         par, m = self.parallel, self.model
         if par.pp == 1:
             raise ValueError(f"--microbatches {par.microbatches} splits the batch of a pipeline: it needs --pp > 1")
         unsupported = [name for name, on in {
-            "--model dit": m.kind == "dit", "--hf-model": bool(m.hf_model), "--fsdp": par.fsdp, "--tp > 1": par.tp > 1,
-            "--compile": par.compile, "--strategy auto": par.strategy == AUTO, "--chunked-blocks": m.chunked_blocks,
-            "--dtype bfloat16": self.optim.dtype == "bfloat16", "--offload-activations": m.offload_activations,
-            "--mlp-chunks / --loss-chunks": m.mlp_chunks > 1 or m.loss_chunks > 1}.items() if on]
+            "--model dit": m.kind == "dit", "--hf-model": bool(m.hf_model),
+            "--strategy auto": par.strategy == AUTO, "--chunked-blocks": m.chunked_blocks,
+            "--offload-activations": m.offload_activations,
+            "--mlp-chunks / --loss-chunks": m.mlp_chunks > 1 or m.loss_chunks > 1,
+            "--fsdp and interleaved-1f1b": par.fsdp and par.pp_schedule == "interleaved-1f1b"}.items() if on]
         if unsupported:
-            raise ValueError(f"--pp {par.pp} runs the built-in decoder in fp32/fp64 only: not with "
+            raise ValueError(f"--pp {par.pp} runs the built-in language model: not with "
                              f"{', '.join(unsupported)} yet")
         check_pipeline(par.pp, m.n_layers, self.data.batch, par.microbatches, par.pp_schedule)
 

@@ -31,27 +31,29 @@ def uses_ddp(dims: ParallelDims, fsdp: bool, double_averaging: bool) -> bool:
 
 
 def parallelize(model: torch.nn.Module, dims: ParallelDims, fsdp: bool, compile_backend: str | None = None,
-                ddp: bool = False) -> torch.nn.Module:
+                ddp: bool = False, root: torch.nn.Module | None = None) -> torch.nn.Module:
     """torchtitan's order: tensor parallelism first (DTensor shards over the tp mesh: the built-in
     decoder, the DiT or a Hugging Face decoder by its own plan), then each block compiled in place
     (`block.compile`: parameter names unchanged) when compile_backend is given, then FSDP2 over the
     dp x sp ranks (2-D with tp); activation checkpointing is the model's own option (around the
     compiled blocks). ddp: without FSDP, gradients averaged by torch's DDP inside backward
-    (`replicate_gradients`)."""
+    (`replicate_gradients`). root: the module whose forward runs the model, FSDP2's root (default the
+    model; a pipeline stage's `StageModule`, which calls the model's parts directly)."""
     if dims.tp > 1:
         how = parallelize_dit if isinstance(model, DiT) else parallelize_hf if isinstance(model, HFCausalLM) \
             else parallelize_decoder
         how(model, dims.tp_mesh)
+    blocks = [block for block in model.layers if block is not None]  # a pipeline stage holds its own only
     if compile_backend:
-        for block in model.layers:
+        for block in blocks:
             block.compile(backend=compile_backend)
     if not fsdp and ddp:
         replicate_gradients(model, dims)
     if fsdp:
         mesh = dims.batch_mesh
-        for block in model.layers:
+        for block in blocks:
             fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        fully_shard(model if root is None else root, mesh=mesh)
     return model
 
 
@@ -85,12 +87,19 @@ def clip_gradients(parameters: Iterable[torch.nn.Parameter], clip: float, pp_gro
 
 
 def _clip_pipeline(params: list, grads: list, clip: float, pp_group) -> float:
-    """The norm over every stage's (plain) gradients: one all-reduce of the squared stage norms."""
+    """The norm over every stage's gradients (plain, or DTensors with tp): one all-reduce of the
+    squared stage norms."""
     local = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    if isinstance(local, DTensor):  # tensor-parallel stage: every gradient a DTensor, the norm over tp
+        local = local.full_tensor()
     squared = (local.double() ** 2).reshape(1)
     dist.all_reduce(squared, group=pp_group)
     total = squared.sqrt()[0]
-    if clip:
+    if clip and any(isinstance(g, DTensor) for g in grads):
+        coef = min(1.0, clip / (float(total) + 1e-6))  # clip_grads_with_norm_'s coefficient
+        for g in grads:
+            g.mul_(coef)
+    elif clip:
         torch.nn.utils.clip_grads_with_norm_(params, clip, total.to(local.dtype))
     return float(total)
 

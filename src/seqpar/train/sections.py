@@ -247,7 +247,7 @@ class ParallelSection:
     pp: int = _opt(1, "pipeline-parallel stages (torch.distributed.pipelining: the decoder's blocks split evenly; "
                       "outermost in the mesh)")
     pp_schedule: str = _opt("gpipe", "pipeline schedule with --pp > 1: gpipe | 1f1b (--microbatches >= --pp) "
-                                     "(interleaved-1f1b is refused: its batched P2P hangs on gloo)")
+                                     "| interleaved-1f1b (2 virtual stages per rank)")
     microbatches: int = _opt(1, "pipeline microbatches per step (--batch must be divisible by it)")
     strategy: str = _opt("wallfacer", "attention strategy (a registered name: local ring ulysses usp allgather "
                                       "wallfacer lss fpdt), or auto (the calibrated planner picks strategy, degrees, "

@@ -125,8 +125,8 @@ class Trainer:
         self.pipeline = Pipeline(self.model, self.mesh, par.pp_schedule, par.microbatches, self.device) \
             if par.pp > 1 else None
         self.ddp = uses_ddp(self.mesh, par.fsdp, self.ctx.strategy.double_grad_averaging) and self.pipeline is None
-        parallelize(self.model, self.mesh, cfg.parallel.fsdp,
-                    cfg.parallel.compile_backend if cfg.parallel.compile else None, ddp=self.ddp)
+        parallelize(self.model, self.mesh, cfg.parallel.fsdp, cfg.parallel.compile_backend if cfg.parallel.compile
+                    else None, ddp=self.ddp, root=self.pipeline.module if self.pipeline is not None else None)
         self.optimizer = _optimizer(self.model, cfg)
         self.out_dir = Path(cfg.output.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
@@ -188,10 +188,11 @@ class Trainer:
         batch = self.task.batch("train", self.task.step)  # prefetched: waits only when the loader fell behind
         data_wait = time.perf_counter() - t0
         self.task.advance()
-        if self.pipeline is not None:
-            loss = self.pipeline.train_step(*batch)
-        else:
-            with tensor_parallel_context(self.mesh):
+        with tensor_parallel_context(self.mesh):
+            if self.pipeline is not None:  # the schedule runs forward and backward: both under autocast
+                with self._autocast():
+                    loss = self.pipeline.train_step(*batch)
+            else:
                 with self._autocast():
                     loss_sum, count = self.task.loss_terms(batch)
                 loss = backward_global_mean(loss_sum, count, self.mesh.batch_comm)
