@@ -96,13 +96,18 @@ def test_auto_chooses_pipeline_stages_when_only_they_fit():
 
 
 def test_auto_skips_what_the_trainer_refuses():
-    """In 0.08 GiB only tp2 x pp2 and pp4 fit; tp2 x pp2 is faster but the trainer runs no tp with
-    pp (TrainConfig.validate, the one check): pp4 is chosen."""
-    cfg, cal = _mesh_run(2), hand_calibration()
-    fitting = [c for c in plan(plan_input(cfg, 4, cal, memory_gib=0.08)) if c.valid and c.fits]
-    assert (fitting[0].config.tp, fitting[0].config.pp) == (2, 2)
-    chosen, line = choose(cfg, 4, cal, memory_gib=0.08)
-    assert (chosen.parallel.tp, chosen.parallel.pp, chosen.sp_size(4)) == (1, 4, 1), line
+    """With FPDT's MLP chunks, which tensor and pipeline parallelism replace and the trainer refuses
+    beside them (TrainConfig.validate, the one check), the planner's fastest tp2 x sp2 is skipped
+    and auto runs the best candidate without tp or pp."""
+    cfg, cal = _mesh_run(2).replace(mlp_chunks=2), hand_calibration()
+    fitting = [c for c in plan(plan_input(cfg, 4, cal, memory_gib=8.0)) if c.valid and c.fits]
+    assert fitting[0].config.tp == 2
+    chosen, line = choose(cfg, 4, cal, memory_gib=8.0)
+    chosen.validate(4)
+    first_plain = next(c for c in fitting if c.config.tp == c.config.pp == 1)
+    assert (chosen.parallel.tp, chosen.parallel.pp) == (1, 1)
+    assert chosen.parallel.strategy == first_plain.config.strategy
+    assert chosen.sp_size(4) == 4, line
 
 
 def test_auto_plans_the_models_window():

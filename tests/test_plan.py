@@ -341,7 +341,7 @@ def test_mesh_validity_is_the_runtimes():
     too_few = evaluate(inp, mesh_candidate(inp, "ring", 2, pp=2, dp=2, pp_schedule="1f1b", microbatches=1))
     assert not too_few.valid and "1f1b needs --microbatches >= --pp" in too_few.reason
     layers = evaluate(inp, mesh_candidate(inp, "ring", 2, pp=4))
-    assert not layers.valid and "n_layers (6) must be divisible by --pp (4)" in layers.reason
+    assert not layers.valid and "n_layers (6) must be divisible by the 4 pipeline stages (--pp 4)" in layers.reason
     labels = {(c.config.tp, c.config.pp, c.config.dp) for c in plan(inp, ["ring"]) if c.valid}
     assert {(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2)} <= labels and not any(t in (4, 8) for t, _, _ in labels)
 
@@ -404,13 +404,14 @@ def test_window_scales_attention_work_and_localizes_ring_bytes():
 
 
 def test_window_changes_the_chosen_strategy_and_says_why(capsys):
-    """8 ranks on 2 nodes, 32K tokens of llama-7b: USP is best; with a 1024-token window every
+    """8 ranks on 2 nodes, 32K tokens of llama-7b, sequence parallelism alone (--tp 1 --pp 1): USP
+    is best; with a 1024-token window every
     query's keys are on its own or the previous rank, so the contiguous ring's traffic is local
     (1 of 7 distances) and the planner picks it, and says so."""
     assert cli.main(["plan", "--world", "8", "--ranks-per-node", "4", "--seq-len", "32768", "--zero", "3",
-                     "--window", "1024", "--top", "2"]) == 0
+                     "--window", "1024", "--top", "2", "--tp", "1", "--pp", "1"]) == 0
     out = capsys.readouterr().out
-    assert "sliding window 1024" in out and out.splitlines()[3].split()[1:3] == ["ring", "contiguous"]
+    assert "sliding window 1024" in out and out.splitlines()[3].split()[4:6] == ["ring", "contiguous"]
     assert "window 1024 changes the best candidate from usp u4xr2 zigzag to ring contiguous" in out
     assert "1 of 7 ring distances" in out and "ring traffic is local" in out
     with pytest.raises(ValueError, match="window must be >= 1"):

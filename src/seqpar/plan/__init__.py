@@ -26,10 +26,11 @@ equations are written out in docs/planner.md.
 """
 from .advice import fit_suggestions, format_suggestions
 from .calibrate import measure
+from .candidate import Config
 from .cli import add_arguments, main, plan_input_from_args
 from .costs import CostModel, planned_strategies
 from .hardware import Calibration, KernelTable, LinkFit, calibrated_peak_flops
-from .inputs import MODEL_PRESETS, Cluster, Config, GiB, ModelShape, PlanInput
+from .inputs import MODEL_PRESETS, Cluster, GiB, ModelShape, PlanInput
 from .profiling import attention_iteration, profile, profile_rank
 from .schedules import fpdt_host_bytes, windowed_ring_bytes
 from .search import attention_bytes, candidate_configs, evaluate, paper_block_volume, plan

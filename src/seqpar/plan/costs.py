@@ -15,7 +15,8 @@ from typing import Callable
 from ..attention import STRATEGIES, get_strategy
 from . import memory as mem
 from . import schedules as sched
-from .inputs import Config, PlanInput
+from .candidate import Config
+from .inputs import PlanInput
 from .stages import Stage
 
 __all__ = ["CostModel", "cost_model", "config_cost_model", "planned_strategies", "LOCAL", "RING", "ULYSSES", "USP",

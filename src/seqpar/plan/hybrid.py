@@ -26,7 +26,8 @@ from dataclasses import replace
 
 from ..pipeline import check_pipeline, pipeline_p2p_bytes
 from ..tensor_parallel import check_tensor_parallel
-from .inputs import Config, PlanInput
+from .candidate import Config
+from .inputs import PlanInput
 from .stages import Collective, Send, Stage
 from .tensor import tensor_parallel_collectives, tensor_parallel_traffic
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from ..attention.ulysses import kv_replication
 from . import hybrid
-from .inputs import Config, PlanInput
+from .candidate import Config
+from .inputs import PlanInput
 from .schedules import fpdt_chunk_sizes
 
 __all__ = ["local_memory", "ring_memory", "ulysses_memory", "usp_memory", "allgather_memory", "wallfacer_memory",

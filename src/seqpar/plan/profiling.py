@@ -26,8 +26,9 @@ import torch.distributed as dist
 
 from ..comm import Comm, CommStats
 from ..context import init
+from .candidate import Config
 from .hardware import Calibration
-from .inputs import Config, ModelShape, PlanInput
+from .inputs import ModelShape, PlanInput
 from .search import Candidate, attention_schedule, evaluate
 from .stages import max_bytes_by_kind
 from .worlds import open_world

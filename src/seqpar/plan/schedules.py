@@ -15,7 +15,8 @@ from ..attention.ulysses import kv_replication
 from ..attention.wallfacer import WallFacerGrid
 from ..documents import DEFAULT_TILE, visible_pairs
 from ..layout import TokenLayout
-from .inputs import Config, PlanInput
+from .candidate import Config
+from .inputs import PlanInput
 from .stages import Collective, Compute, RingLoop, Send, Stage, Step, Steps, balanced_loads, loop_steps
 from .tables import all_pairs_load, chunked_load, local_load, ring_step_loads, wallfacer_step_loads
 

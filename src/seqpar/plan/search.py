@@ -16,8 +16,9 @@ from ..attention import StrategyOptions, get_strategy
 from . import hybrid
 from . import memory as mem
 from . import validity as val
+from .candidate import Config
 from .costs import config_cost_model, cost_model, planned_strategies
-from .inputs import Config, GiB, Hardware, PlanInput
+from .inputs import GiB, Hardware, PlanInput
 from .stages import Collective, Compute, RingLoop, Stage, bytes_by_kind, max_bytes_by_kind
 
 __all__ = ["FPDT_CHUNKS", "Candidate", "attention_schedule", "attention_bytes", "paper_block_volume",

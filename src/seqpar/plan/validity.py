@@ -13,7 +13,8 @@ from __future__ import annotations
 from ..attention import Settings
 from ..attention.ulysses import kv_replication
 from . import hybrid
-from .inputs import Config, PlanInput
+from .candidate import Config
+from .inputs import PlanInput
 
 __all__ = ["check"]
 
