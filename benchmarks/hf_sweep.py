@@ -44,11 +44,12 @@ def main() -> None:
         results = world.run(sweep_rank, entries([t for t, reason in found.items() if not reason]), window, ignored,
                             progress=True)[0]
     seconds = time.perf_counter() - start
-    counts = {v: sum(verdict(r) == v for r in results) for v in ("exact", "mismatch", "error")}
+    counts = {v: sum(verdict(r) == v for r in results) for v in ("exact", "mismatch", "refused", "error")}
     print(f"Command: `python3 {' '.join(sys.argv)}`  \nMachine: {platform.machine()} CPU, gloo, "
           f"one thread, 4 processes; torch {torch.__version__}, transformers {transformers.__version__}; "
           f"{datetime.date.today()}; {seconds:.0f} s.  \n{len(found)} model types: {counts['exact']} exact, "
-          f"{counts['mismatch']} mismatch, {counts['error']} error, {len(skipped)} skipped.\n")
+          f"{counts['mismatch']} mismatch, {counts['refused']} refused, {counts['error']} error, "
+          f"{len(skipped)} skipped.\n")
     print(table(results, skipped))
 
 

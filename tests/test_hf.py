@@ -338,3 +338,21 @@ def test_trainer_hf_model_bf16_autocast_matches_one_process(worlds, tmp_path):
     got = worlds.run(4, run_training, {**base, "strategy": "usp", "ulysses": 2, "layout": "zigzag",
                                        "out_dir": str(tmp_path / "usp")})[0]["losses"]
     assert len(ref) == 3 and got == pytest.approx(ref, rel=2e-2)
+
+
+def test_models_mixing_tokens_outside_attention_are_refused_under_sequence_parallelism(worlds):
+    """Mamba / linear-attention / short-convolution hybrids would see one shard per rank (the sweep
+    measured losses off by 1e-3..1e-1): one clear error on 2 sequence-parallel ranks; a pure
+    attention model is accepted, and so is a hybrid on one rank."""
+    from checks.hf import hybrid_model_errors
+    from checks.hf_sweep import tiny_config
+    from seqpar.hf import sequence_mixers
+    types = ["jamba", "qwen3_next", "minimax", "lfm3", "llama"]
+    errors = worlds.run(2, hybrid_model_errors, types)[0]
+    for model_type, error in zip(types[:-1], errors):
+        assert f"{model_type}: " in error and "mixes tokens outside attention" in error, (model_type, error)
+        assert "train it with sp 1" in error
+    assert errors[-1] == ""
+    assert "MiniMaxLightningAttention" in " ".join(sequence_mixers(AutoModelForCausalLM.from_config(
+        tiny_config("minimax"))))
+    assert worlds.run(1, hybrid_model_errors, ["jamba"]) == [[""]]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,8 +59,9 @@ try:
 except ImportError as e:  # pragma: no cover - the "hf" extra is not installed
     raise ImportError("seqpar.hf needs transformers: pip install 'seqpar[hf]'") from e
 
-__all__ = ["HFCausalLM", "load_hf_model", "hf_vocab_size", "hf_model_shape", "tokenize_corpus", "export_checkpoint",
-           "seqpar_attention_forward", "IMPLEMENTATION", "CONTEXT_KWARG", "CU_SEQLENS_KWARG", "PREFIX"]
+__all__ = ["HFCausalLM", "load_hf_model", "sequence_mixers", "hf_vocab_size", "hf_model_shape", "tokenize_corpus",
+           "export_checkpoint", "seqpar_attention_forward", "IMPLEMENTATION", "CONTEXT_KWARG", "CU_SEQLENS_KWARG",
+           "PREFIX"]
 
 IMPLEMENTATION = "seqpar"              # the attn_implementation name registered with transformers
 CONTEXT_KWARG = "seqpar_context"       # forward kwarg carrying the SeqParallel context to attention
@@ -68,6 +70,10 @@ PREFIX = "hf_model."                   # HFCausalLM state-dict key = PREFIX + HF
 _CALL_ATTR = "_seqpar_call"            # (context, cu_seqlens) on every module during HFCausalLM.forward
 IGNORE_INDEX = -100
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+#: token mixers besides attention (state-space/Mamba, linear attention, recurrences, short convolutions):
+#: by layer type in the config, by class name, and any Conv1d (GPT-2's Conv1D is a linear layer, not one)
+_MIXER_LAYER_TYPES = {"linear_attention", "mamba", "conv", "recurrent"}
+_MIXER_CLASSES = re.compile(r"Mamba|DeltaNet|DeltaAttention|LightningAttention|Rglru|ShortConv", re.IGNORECASE)
 
 
 # -- the attention function ----------------------------------------------------------------------
@@ -127,6 +133,8 @@ class HFCausalLM(nn.Module):
 
     def __init__(self, hf_model: nn.Module, ctx: SeqParallel | None, activation_checkpointing: bool = False):
         super().__init__()
+        if ctx is not None and ctx.size > 1:
+            _refuse_sequence_mixers(hf_model, ctx.size)
         self.hf_model, self.ctx = hf_model, ctx
         hf_model.set_attn_implementation(IMPLEMENTATION)
         hf_model.config.use_cache = False
@@ -182,6 +190,25 @@ class HFCausalLM(nn.Module):
         loss_sum = F.cross_entropy(logits.flatten(0, 1).to(work), labels.flatten(), ignore_index=IGNORE_INDEX,
                                    reduction="sum")
         return loss_sum, (labels != IGNORE_INDEX).sum()
+
+
+def sequence_mixers(hf_model: nn.Module) -> list[str]:
+    """The modules of `hf_model` that mix tokens outside attention, as 'path (Class)' (or the
+    config's layer types naming such layers): under sequence parallelism each would see only
+    its rank's shard of the sequence, so the model would train as a different one."""
+    found = [f"{name} ({type(m).__name__})" for name, m in hf_model.named_modules()
+             if isinstance(m, nn.Conv1d) or _MIXER_CLASSES.search(type(m).__name__)]
+    types = set(getattr(hf_model.config.get_text_config(), "layer_types", None) or ()) & _MIXER_LAYER_TYPES
+    return found or ([f"config.layer_types {sorted(types)}"] if types else [])
+
+
+def _refuse_sequence_mixers(hf_model: nn.Module, sp: int) -> None:
+    mixers = sequence_mixers(hf_model)
+    if mixers:
+        more = f" and {len(mixers) - 1} more" if len(mixers) > 1 else ""
+        raise ValueError(f"{hf_model.config.model_type}: {mixers[0]}{more} mixes tokens outside attention; on "
+                         f"{sp} sequence-parallel ranks it would see only its rank's shard and train a different "
+                         "model: train it with sp 1 (--nproc 1, or the other ranks as --dp / --tp / --pp)")
 
 
 # -- model directories ---------------------------------------------------------------------------

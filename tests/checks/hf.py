@@ -119,3 +119,21 @@ def builtin_logits(run_dir: str, tokens: list[list[int]]) -> list:
     t = torch.tensor(tokens)
     with torch.no_grad():
         return model(t, torch.arange(t.shape[1])).tolist()
+
+
+def hybrid_model_errors(model_types: list[str]) -> list[str]:
+    """For each transformers model type: the ValueError text of wrapping a tiny instance for this
+    world's sequence-parallel group ('' when accepted)."""
+    from transformers import AutoModelForCausalLM
+
+    from checks.hf_sweep import tiny_config
+    from seqpar.hf import HFCausalLM
+    ctx, out = seqpar.init("ring"), []
+    for model_type in model_types:
+        hf = AutoModelForCausalLM.from_config(tiny_config(model_type))
+        try:
+            HFCausalLM(hf, ctx)
+            out.append("")
+        except ValueError as e:
+            out.append(str(e))
+    return out

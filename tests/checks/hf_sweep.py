@@ -276,7 +276,10 @@ def tolerance(result: dict) -> float:
 
 
 def verdict(result: dict) -> str:
-    """'exact', 'mismatch' or 'error'."""
+    """'exact', 'mismatch', 'refused' (seqpar.hf's one-line refusal of a model that mixes tokens
+    outside attention) or 'error'."""
+    if "mixes tokens outside attention" in result.get("error", ""):
+        return "refused"
     if "error" in result or "dgrad" not in result:
         return "error"
     tol = tolerance(result)
@@ -297,7 +300,9 @@ def table(results: list[dict], skipped: dict[str, str]) -> str:
     for r in results:
         v = verdict(r)
         note = KNOWN.get(r["arch"], "") if v != "exact" else ""
-        if v == "error":
+        if v == "refused":
+            note = f"{note}: refused with one line (ValueError: {r['error'].split(': ', 1)[-1]})"
+        elif v == "error":
             note = f"{note} ({r['error']})" if note else r["error"]
         elif v == "mismatch" and not note:
             note = f"largest difference: {r['worst']}"

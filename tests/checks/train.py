@@ -218,17 +218,23 @@ def step_overheads(cfg: dict[str, Any], steps: int = 6, warmup: int = 2) -> dict
                 timings.setdefault(name, []).append(time.perf_counter() - t0)
         return run
 
-    for name in ("_agreed_stop_signal", "_sync_gradients", "_clip", "_record"):
+    from seqpar.train import trainer as trainer_module
+    for name in ("_agreed_stop_signal", "_sync_gradients", "_record"):
         setattr(trainer, name, timed(name, getattr(trainer, name)))
+    clip = trainer_module.clip_gradients  # a module function the step calls (norm, its host sync, clip)
+    trainer_module.clip_gradients = timed("_clip", clip)
     step = timed("step", trainer.train_step)
     unsynced = timed("step_unsynced", trainer.train_step)
-    for _ in range(warmup + steps):
-        trainer._agreed_stop_signal()
-        step()
-        if trainer.ddp:  # interleaved: the same step with DDP's all-reduce off (its exposed cost)
+    try:
+        for _ in range(warmup + steps):
             trainer._agreed_stop_signal()
-            with _ddp_sync_off(trainer.model):
-                unsynced()
+            step()
+            if trainer.ddp:  # interleaved: the same step with DDP's all-reduce off (its exposed cost)
+                trainer._agreed_stop_signal()
+                with _ddp_sync_off(trainer.model):
+                    unsynced()
+    finally:
+        trainer_module.clip_gradients = clip
     if trainer.log is not None:
         trainer.log.close()
     out = {name: statistics.median(values[-steps:]) for name, values in timings.items()}
