@@ -70,8 +70,7 @@ PREFIX = "hf_model."                   # HFCausalLM state-dict key = PREFIX + HF
 _CALL_ATTR = "_seqpar_call"            # (context, cu_seqlens) on every module during HFCausalLM.forward
 IGNORE_INDEX = -100
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-#: token mixers besides attention (state-space/Mamba, linear attention, recurrences, short convolutions):
-#: by layer type in the config, by class name, and any Conv1d (GPT-2's Conv1D is a linear layer, not one)
+#: token mixers besides attention, by config layer type, class name or Conv1d (GPT-2's Conv1D is a Linear)
 _MIXER_LAYER_TYPES = {"linear_attention", "mamba", "conv", "recurrent"}
 _MIXER_CLASSES = re.compile(r"Mamba|DeltaNet|DeltaAttention|LightningAttention|Rglru|ShortConv", re.IGNORECASE)
 
