@@ -38,6 +38,10 @@ CASES = [
     (4, dict(pp_schedule="interleaved-1f1b", microbatches=2, n_layers=4, tp=2)),
     (4, dict(pp_schedule="1f1b", microbatches=2, strategy="ring", layout="zigzag", compile=True,
              compile_backend="aot_eager")),
+    (4, dict(pp_schedule="1f1b", microbatches=2, strategy="usp", ulysses=2)),
+    (4, dict(pp_schedule="gpipe", microbatches=2, strategy="wallfacer", team_size=1, layout="zigzag")),
+    (4, dict(pp_schedule="1f1b", microbatches=2, strategy="allgather")),
+    (4, dict(pp_schedule="gpipe", microbatches=2, strategy="fpdt", chunks=2)),
 ]
 
 
@@ -46,7 +50,9 @@ CASES = [
                                                           "pp2-tp2-1f1b-mb2", "pp2-tp2-ring2-gpipe-mb2",
                                                           "dp2-pp2-fsdp-gpipe", "pp2-ulysses2-fsdp-1f1b-mb2",
                                                           "pp2-interleaved-mb2", "pp2-tp2-interleaved-mb2",
-                                                          "pp2-ring2-1f1b-compiled"])
+                                                          "pp2-ring2-1f1b-compiled", "pp2-usp2-1f1b",
+                                                          "pp2-wallfacer2-gpipe", "pp2-allgather2-1f1b",
+                                                          "pp2-fpdt2-gpipe"])
 def test_pipeline_parity_with_one_process(worlds, corpus, tmp_path, reference, reference4, world, overrides):
     cfg = config(corpus, tmp_path, **PP, **overrides)
     ref = reference4 if overrides.get("n_layers") == 4 else reference
@@ -127,6 +133,18 @@ def test_a_pp2_checkpoint_resumes_at_pp1(worlds, corpus, tmp_path):
     worlds.run(2, run_training, config(corpus, tmp_path / "run", pp=2, **{**steps, "steps": 2}))
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
     resumed = worlds.run(1, run_training, config(corpus, tmp_path / "run", **steps, resume=str(ckpt)))[0]
+    assert len(resumed["losses"]) == 2
+    for a, b in zip(resumed["losses"], straight["losses"][2:]):
+        assert abs(a - b) <= 1e-9 * abs(b), (resumed["losses"], straight["losses"])
+
+
+def test_a_pp1_checkpoint_resumes_at_pp2(worlds, corpus, tmp_path):
+    """And back: a 1-process checkpoint resumes on two pipeline stages (each loads its blocks and
+    their AdamW state by name); the resumed steps equal the uninterrupted 1-process run."""
+    steps = dict(steps=4, checkpoint_every=2, eval_every=0)
+    straight = worlds.run(1, run_training, config(corpus, tmp_path / "run", **steps))[0]
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    resumed = worlds.run(2, run_training, config(corpus, tmp_path / "pp2", pp=2, **steps, resume=str(ckpt)))[0]
     assert len(resumed["losses"]) == 2
     for a, b in zip(resumed["losses"], straight["losses"][2:]):
         assert abs(a - b) <= 1e-9 * abs(b), (resumed["losses"], straight["losses"])

@@ -403,6 +403,27 @@ def test_window_scales_attention_work_and_localizes_ring_bytes():
     assert contiguous == block * 2 + block * (2 + 4)  # 1 K/V block forward, K/V + dK/dV backward
 
 
+def test_sinks_add_one_logit_column_per_query_and_their_parameters(capsys):
+    """Learned sinks (gpt-oss): each query row's softmax gets one more column, so the attention
+    work grows by 1 / (keys per query) -- causal: (N + 1) / 2 keys, windowed: the window's share --
+    with the same communication; the model gains heads x layers parameters (their gradients
+    join the gradient sync); `seqpar plan --sinks` says so."""
+    from dataclasses import replace
+    fast = dict(intra_bw=1e9, inter_bw=1e9, intra_lat=0, inter_lat=0)
+    with_sinks = replace(TINY, sinks=True)
+    assert with_sinks.params() - TINY.params() == TINY.layers * TINY.heads
+    for window in (None, 100):
+        plain, sunk = (PlanInput(Cluster(8, **fast), m, 4096, window=window) for m in (TINY, with_sinks))
+        keys = 4097 / 2 * plain.window_fraction
+        assert sunk.sink_factor == pytest.approx(1 + 1 / keys) and plain.sink_factor == 1.0
+        a, b = evaluate(plain, candidate("ring", 8)), evaluate(sunk, candidate("ring", 8))
+        assert b.attention_time / a.attention_time == pytest.approx(1 + 1 / keys, rel=1e-6)
+        assert a.comm_bytes == b.comm_bytes
+    assert cli.main(["plan", "--world", "4", "--model", "tiny", "--seq-len", "1024", "--sinks", "--top", "1",
+                     "--tp", "1", "--pp", "1"]) == 0
+    assert f"sinks (attention x{1 + 2 / 1025:.6g})" in capsys.readouterr().out
+
+
 def test_window_changes_the_chosen_strategy_and_says_why(capsys):
     """8 ranks on 2 nodes, 32K tokens of llama-7b, sequence parallelism alone (--tp 1 --pp 1): USP
     is best; with a 1024-token window every

@@ -90,6 +90,8 @@ def _model_arguments(model) -> None:
     model.add_argument("--window", type=int, help="causal sliding window of W tokens in every layer: attention "
                        "computes about (W + 2x128) x N pairs per head, and a contiguous ring sends K/V only to the "
                        "ranks whose keys the window reaches")
+    model.add_argument("--sinks", action="store_true", help="a learned sink logit per query head (gpt-oss): one "
+                       "more softmax column per query row, heads x layers more parameters")
     model.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                        help="recompute every block in backward (memory: one block's activations; time: one more "
                             "forward)")
@@ -147,6 +149,8 @@ def plan_input_from_args(args: argparse.Namespace) -> PlanInput:
     checkpointing = getattr(args, "activation_checkpointing", None)
     if checkpointing is None:
         checkpointing = preset.checkpointing if preset else False
+    if getattr(args, "sinks", False):
+        overrides["sinks"] = True
     return PlanInput(cluster, replace(shape, **overrides), seq_len, args.batch, args.dtype, args.causal,
                      run("zero", 0), checkpointing, getattr(args, "mean_doc_len", None),
                      run("optimizer_offload", False), window=getattr(args, "window", None))
@@ -281,7 +285,8 @@ def _describe(inp: PlanInput) -> str:
             + (" optimizer offload" if inp.optimizer_offload else "")
             + (f"; documents of mean length {inp.mean_doc_len:g} (attention x{inp.attention_fraction:.3g})"
                if inp.mean_doc_len else "")
-            + (f"; sliding window {inp.window} (attention x{inp.window_fraction:.3g})" if inp.window else ""))
+            + (f"; sliding window {inp.window} (attention x{inp.window_fraction:.3g})" if inp.window else "")
+            + (f"; sinks (attention x{inp.sink_factor:.6g})" if inp.model.sinks else ""))
 
 
 def window_note(inp: PlanInput, candidates: list[Candidate], without: list[Candidate]) -> str | None:

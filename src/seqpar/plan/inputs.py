@@ -35,6 +35,7 @@ class ModelShape:
     kv_heads: int
     ffn_hidden: int
     vocab: int
+    sinks: bool = False  # a learned sink logit per query head and layer (gpt-oss)
 
     def __post_init__(self):
         for name in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab"):
@@ -60,8 +61,8 @@ class ModelShape:
         return self.kv_heads * self.head_dim
 
     def layer_params(self) -> int:
-        """Matmul weights of one block plus its two RMSNorms."""
-        return self.config.layer_matmul_params() + 2 * self.hidden
+        """Matmul weights of one block plus its two RMSNorms (and its sink logits)."""
+        return self.config.layer_matmul_params() + 2 * self.hidden + (self.heads if self.sinks else 0)
 
     def params(self) -> int:
         """All blocks, embedding, LM head and the final norm."""
@@ -323,7 +324,18 @@ class PlanInput:
     def attention_rows(self, heads: int) -> float:
         """Kernel rows (batch x query heads) of attention work, scaled by `attention_fraction` and
         `window_fraction`: the cost model's attention work per (query, key) block pair."""
-        return self.batch * heads * min(self.attention_fraction, self.window_fraction)
+        return self.batch * heads * min(self.attention_fraction, self.window_fraction) * self.sink_factor
+
+    @property
+    def sink_factor(self) -> float:
+        """Learned sinks add one logit column (no value) to every query row's softmax: the work per
+        row grows by one of the keys it sees (1.0 without sinks). Their gradients, heads x layers
+        numbers, travel with the other parameters' (`ModelShape.params`)."""
+        if not self.model.sinks:
+            return 1.0
+        keys = ((self.seq_len + 1) / 2 if self.causal else self.seq_len) * min(self.attention_fraction,
+                                                                               self.window_fraction)
+        return 1.0 + 1.0 / max(keys, 1.0)
 
     @property
     def window_fraction(self) -> float:

@@ -122,7 +122,7 @@ def _direct_steps(inp: PlanInput, heads: int, seq_local: int, block_elems: int, 
     head (`PlanInput.window_fraction`), spread evenly over those blocks: a window balances any
     layout."""
     per_block = -(-min(inp.window + 2 * DEFAULT_TILE, seq_local * (needed + 1)) // (needed + 1))
-    rows = inp.batch * heads * inp.attention_fraction
+    rows = inp.batch * heads * inp.attention_fraction * inp.sink_factor
     fwd_load, bwd_load = balanced_loads(((seq_local, per_block, False),), rows, inp.model.head_dim)
     kv, dkv = Send(block_elems, inp.itemsize, "kv"), Send(block_elems, inp.acc_itemsize, "dkv")
     fwd = tuple(Step(fwd_load, (kv,) if s < needed else ()) for s in range(needed + 1))
