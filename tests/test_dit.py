@@ -280,19 +280,24 @@ def test_training_loop_matches_one_process(worlds, tmp_path, strategy, overrides
     assert norms(got) == pytest.approx(norms(ref), rel=1e-9)
 
 
-def test_cli_trains_resumes_and_writes_the_sample_grid(tmp_path):
+def test_cli_trains_resumes_and_writes_the_sample_grid(worlds, tmp_path):
+    """Two steps in the session's 2-process world, then `seqpar train --resume latest` continues to
+    step 3 and writes the sample grid (progress records, share of the run)."""
     import json
     import subprocess
     import sys
 
     from PIL import Image
+
+    from checks.train import run_training
     out = tmp_path / "run"
+    worlds.run(2, run_training, dict(model="dit", image_size=16, dim=32, n_heads=4, n_kv_heads=4, strategy="ring",
+                                     batch=2, checkpoint_every=2, eval_every=0, samples=3, sample_steps=2,
+                                     sample_batch=2, progress=False, out_dir=str(out), steps=2))
     args = [sys.executable, "-m", "seqpar", "train", "--model", "dit", "--image-size", "16", "--dim", "32",
             "--n-heads", "4", "--n-kv-heads", "4", "--nproc", "2", "--strategy", "ring", "--batch", "2",
             "--checkpoint-every", "2", "--eval-every", "0", "--samples", "3", "--sample-steps", "2",
             "--sample-batch", "2", "--no-progress", "--out-dir", str(out)]
-    proc = subprocess.run(args + ["--steps", "2"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run(args + ["--steps", "3", "--resume", "latest"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
