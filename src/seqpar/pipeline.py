@@ -39,7 +39,7 @@ from .parallel import ParallelDims
 __all__ = ["PP_SCHEDULES", "VIRTUAL_STAGES", "rank_stages", "stage_layers", "split_transformer", "StageModule",
            "CountingStage", "Pipeline", "check_pipeline", "pipeline_p2p_bytes"]
 
-#: --pp-schedule names -> torch schedule classes (None: refused, see the module docstring)
+#: --pp-schedule names -> torch schedule classes
 PP_SCHEDULES: dict[str, Any] = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
                                 "interleaved-1f1b": ScheduleInterleaved1F1B}
 #: stages per rank of each schedule (interleaved: 2 virtual stages, loop style)
@@ -52,9 +52,6 @@ def check_pipeline(pp: int, n_layers: int, batch: int, microbatches: int, schedu
         raise ValueError(f"--pp ({pp}) and --microbatches ({microbatches}) must be >= 1")
     if schedule not in PP_SCHEDULES:
         raise ValueError(f"unknown --pp-schedule {schedule!r}; choose from {sorted(PP_SCHEDULES)}")
-    if PP_SCHEDULES[schedule] is None:
-        raise ValueError(f"--pp-schedule {schedule} sends and receives in one batched P2P call, which hangs on "
-                         "gloo: use gpipe or 1f1b")
     if schedule == "1f1b" and microbatches < pp:
         raise ValueError(f"--pp-schedule 1f1b needs --microbatches >= --pp ({pp}), got {microbatches}: raise "
                          "--microbatches or use gpipe")

@@ -156,7 +156,7 @@ def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
         val.check(inp, cfg)
         group = hybrid.sp_input(inp, cfg)
         schedules = [model.schedule(group, cfg, r) for r in range(group.world)]
-        memory = mem.memory_estimate(inp, model.memory(group, cfg), cfg)
+        memory = _memory(inp, cfg)
     except ValueError as e:
         return Candidate(cfg, valid=False, reason=str(e))
     hw, cl = group.hardware, inp.cluster
@@ -240,10 +240,16 @@ def memory_fits(inp: PlanInput, cfg: Config) -> bool:
     """Whether a valid candidate fits device memory (the memory model only, no timing)."""
     try:
         val.check(inp, cfg)
-        total = mem.memory_estimate(inp, config_cost_model(cfg).memory(hybrid.sp_input(inp, cfg), cfg), cfg)["total"]
+        total = _memory(inp, cfg)["total"]
     except ValueError:
         return False
     return total <= inp.cluster.memory_gib * GiB
+
+
+def _memory(inp: PlanInput, cfg: Config) -> dict[str, float]:
+    """Bytes per rank by part: the strategy's attention memory on its sp group and the rest of the
+    model (seqpar.plan.memory)."""
+    return mem.memory_estimate(inp, config_cost_model(cfg).memory(hybrid.sp_input(inp, cfg), cfg), cfg)
 
 
 def _rank_key(c: Candidate):

@@ -107,11 +107,11 @@ def choose(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None
                     "--seq-len or more ranks")
         raise ValueError(f"--strategy auto: no strategy fits this run in {inp.cluster.memory_gib:.1f} GiB per rank: "
                          + " ".join(hint.split()))
-    runnable = [(c, _run_config(cfg, world, inp, c, ranks_per_node)) for c in fitting]
-    runnable = [(c, chosen) for c, chosen in runnable if chosen is not None]
+    tried = [(c, *_run_config(cfg, world, inp, c, ranks_per_node)) for c in fitting]
+    runnable = [(c, chosen) for c, chosen, _ in tried if chosen is not None]
     if not runnable:
         raise ValueError(f"--strategy auto: the trainer refuses every candidate that fits (first: {fitting[0].label}: "
-                         f"{_refusal(cfg, world, inp, fitting[0], ranks_per_node)})")
+                         f"{tried[0][2]})")
     (best, chosen), fitting = runnable[0], [c for c, _ in runnable]
     line = (f"--strategy auto picked {best.label} (predicted {best.step_time:.3g} s/step, "
             f"{best.memory.get('total', 0) / 2 ** 30:.2f} GiB/rank)")
@@ -134,22 +134,14 @@ def _chosen_config(cfg: TrainConfig, inp, best, ranks_per_node: int | None) -> T
     return chosen
 
 
-def _run_config(cfg: TrainConfig, world: int, inp, best, ranks_per_node: int | None) -> TrainConfig | None:
-    """The chosen run, or None when the trainer refuses it (TrainConfig.validate)."""
+def _run_config(cfg: TrainConfig, world: int, inp, best, ranks_per_node: int | None) -> tuple[TrainConfig | None, str]:
+    """(the chosen run, "") or (None, why the trainer refuses it: TrainConfig.validate's message)."""
     try:
         chosen = _chosen_config(cfg, inp, best, ranks_per_node)
         chosen.validate(world)
-    except ValueError:
-        return None
-    return chosen
-
-
-def _refusal(cfg: TrainConfig, world: int, inp, best, ranks_per_node: int | None) -> str:
-    try:
-        _chosen_config(cfg, inp, best, ranks_per_node).validate(world)
     except ValueError as e:
-        return str(e)
-    return "accepted"
+        return None, str(e)
+    return chosen, ""
 
 
 def _with_chunked_blocks(cfg: TrainConfig, inp, config) -> TrainConfig:

@@ -96,9 +96,7 @@ def _clip_pipeline(params: list, grads: list, clip: float, pp_group) -> float:
     dist.all_reduce(squared, group=pp_group)
     total = squared.sqrt()[0]
     if clip and any(isinstance(g, DTensor) for g in grads):
-        coef = min(1.0, clip / (float(total) + 1e-6))  # clip_grads_with_norm_'s coefficient
-        for g in grads:
-            g.mul_(coef)
+        _scale_to_clip(grads, clip, float(total))
     elif clip:
         torch.nn.utils.clip_grads_with_norm_(params, clip, total.to(local.dtype))
     return float(total)
@@ -112,7 +110,12 @@ def _clip_mixed(sharded: list, plain: list, clip: float) -> float:
     part = torch.nn.utils.get_total_norm(sharded).full_tensor()
     total = float(torch.stack([part, torch.nn.utils.get_total_norm(plain).to(part.dtype)]).norm())
     if clip:
-        coef = min(1.0, clip / (total + 1e-6))
-        for g in sharded + plain:
-            g.mul_(coef)
+        _scale_to_clip(sharded + plain, clip, total)
     return total
+
+
+def _scale_to_clip(grads: list, clip: float, total: float) -> None:
+    """Scale gradients of global norm `total` as clip_grads_with_norm_ does: by min(1, clip / (total + 1e-6))."""
+    coef = min(1.0, clip / (total + 1e-6))
+    for g in grads:
+        g.mul_(coef)
