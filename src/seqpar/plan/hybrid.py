@@ -31,12 +31,13 @@ from .inputs import PlanInput
 from .stages import Collective, Send, Stage
 from .tensor import tensor_parallel_collectives, tensor_parallel_traffic
 
-__all__ = ["PP_SCHEDULES", "divisors", "meshes", "check", "sp_input", "group_view", "microbatch_rows", "in_flight",
+__all__ = ["PLANNED_SCHEDULES", "divisors", "meshes", "check", "sp_input", "group_view", "microbatch_rows", "in_flight",
            "bubble", "stage_layers", "stage_params", "tensor_collectives", "tensor_step_bytes", "pipeline_sends",
            "pipeline_step_bytes", "norm_params", "norm_grad_collective"]
 
-#: the pipeline schedules the planner models (the ones seqpar.pipeline runs)
-PP_SCHEDULES = ("gpipe", "1f1b")
+#: the pipeline schedules the planner models (seqpar.pipeline.PP_SCHEDULES also runs interleaved-1f1b,
+#: whose virtual stages the cost model does not describe)
+PLANNED_SCHEDULES = ("gpipe", "1f1b")
 
 
 def divisors(n: int) -> list[int]:
@@ -61,7 +62,7 @@ def meshes(inp: PlanInput, tp: tuple[int, ...] | None = None,
                 if inp.batch % d:
                     continue
                 rows = inp.batch // d
-                out += [(d, t, p, s, rows) for s in PP_SCHEDULES] if p > 1 else [(d, t, 1, "gpipe", 1)]
+                out += [(d, t, p, s, rows) for s in PLANNED_SCHEDULES] if p > 1 else [(d, t, 1, "gpipe", 1)]
     return out
 
 
