@@ -134,6 +134,12 @@ def norm_params(inp: PlanInput) -> int:
     return (2 * inp.model.layers + 1) * inp.model.hidden
 
 
+def last_stage_norm_params(inp: PlanInput, cfg: Config) -> int:
+    """Norm weights of the last pipeline stage (its blocks' two each and the final norm): the
+    busiest stage's once-per-step gradient all-reduce over tp."""
+    return (2 * stage_layers(inp, cfg) + 1) * inp.model.hidden
+
+
 def stage_params(inp: PlanInput, cfg: Config, stage: int) -> float:
     """Parameters one rank of stage `stage` holds: its blocks' matmuls / tp and norms, the
     embedding (first stage) and the final norm and LM head (last stage), vocabulary-sharded."""
@@ -168,22 +174,24 @@ def tensor_collectives(inp: PlanInput, cfg: Config) -> list[Stage]:
 
 
 def norm_grad_collective(inp: PlanInput, cfg: Config) -> list[Stage]:
-    """The once-per-step all-reduce of the stage's norm weights' gradients over tp."""
+    """The once-per-step all-reduce of the busiest stage's norm weights' gradients over tp."""
     if cfg.tp == 1:
         return []
-    return [Collective("all_reduce", norm_params(inp) // cfg.pp, inp.itemsize, _tp_group(cfg), "bwd", "norm_grads")]
+    return [Collective("all_reduce", last_stage_norm_params(inp, cfg), inp.itemsize, _tp_group(cfg), "bwd",
+                       "norm_grads")]
 
 
 def tensor_step_bytes(inp: PlanInput, cfg: Config) -> dict[str, int]:
-    """Bytes one rank sends per training step over tp, by kind, as the runtime counts them
-    (seqpar.tensor_parallel.TensorParallelTraffic; plan/tensor.py's formula), one pipeline
-    stage's share (pp = 1: the whole model)."""
+    """Bytes one rank of the busiest pipeline stage (the last: LM head, loss, final norm) sends
+    per training step over tp, by kind, as the runtime counts them
+    (seqpar.tensor_parallel.TensorParallelTraffic; plan/tensor.py's formula; pp = 1: the whole model)."""
     if cfg.tp == 1:
         return {}
-    per = tensor_parallel_traffic(tp=cfg.tp, n_layers=stage_layers(inp, cfg), dim=inp.model.hidden,
+    layers = stage_layers(inp, cfg)  # the busiest stage: the last (LM head, loss, final norm)
+    per = tensor_parallel_traffic(tp=cfg.tp, n_layers=layers, dim=inp.model.hidden,
                                   tokens=_tp_tokens(inp, cfg), act_bytes=inp.itemsize, loss_bytes=4,
-                                  norm_params=norm_params(inp) // cfg.pp, param_bytes=inp.itemsize,
-                                  recompute=inp.checkpointing, fsdp=inp.zero >= 3)
+                                  norm_params=last_stage_norm_params(inp, cfg), param_bytes=inp.itemsize,
+                                  recompute=inp.checkpointing, fsdp=inp.zero >= 3, embedding=cfg.pp == 1)
     return {k: v * (1 if k == "tp_grad_all_reduce" else cfg.microbatches) for k, v in per.items()}
 
 

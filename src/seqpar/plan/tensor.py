@@ -21,25 +21,29 @@ __all__ = ["tensor_parallel_traffic", "tensor_parallel_collectives"]
 
 def tensor_parallel_traffic(*, tp: int, n_layers: int, dim: int, tokens: int, act_bytes: int, loss_bytes: int,
                             norm_params: int, param_bytes: int, recompute: bool = False,
-                            fsdp: bool = False) -> dict[str, int]:
+                            fsdp: bool = False, embedding: bool = True, head: bool = True) -> dict[str, int]:
     """Bytes sent per rank per training step, by kind (seqpar.comm's conventions: all-gather
     (n-1) x shard, reduce-scatter (n-1) x output shard, all-reduce 2 (n-1)/n x tensor).
 
     tokens: batch x tokens of this rank's sequence shard (before the tp split); act_bytes: the
-    activations' element size (2 under bf16 autocast); loss_bytes: 4 (8 in fp64).
+    activations' element size (2 under bf16 autocast); loss_bytes: 4 (8 in fp64); `embedding` /
+    `head`: this rank's pipeline stage holds the embedding / the LM head and loss (both without
+    a pipeline); norm_params: the norm weights this rank holds.
     """
     if tp == 1:
         return {}
     shard = tokens // tp * dim * act_bytes * (tp - 1)  # one token-shard collective
-    per_pass = 2 * n_layers + 1  # blocks forward (or backward) and the head / embedding
-    gathers = 2 * per_pass + (2 * n_layers if recompute else 0)
+    # forward: the blocks' 2 gathers each and the head's; the blocks' 2 scatters and the embedding's;
+    # backward swaps them (a gather's gradient is a scatter)
+    gathers = 4 * n_layers + head + embedding + (2 * n_layers if recompute else 0)
     # torch's checkpoint stops recomputing after the last saved tensor: w2's reduce-scatter is not rerun
-    scatters = 2 * per_pass + (n_layers if recompute else 0)
-    out = {"tp_all_gather": gathers * shard, "tp_reduce_scatter": scatters * shard,
-           "tp_all_reduce": 3 * 2 * (tp - 1) * tokens * loss_bytes // tp}
+    scatters = 4 * n_layers + head + embedding + (n_layers if recompute else 0)
+    out = {"tp_all_gather": gathers * shard, "tp_reduce_scatter": scatters * shard}
+    if head:
+        out["tp_all_reduce"] = 3 * 2 * (tp - 1) * tokens * loss_bytes // tp
     norms = 2 * (tp - 1) * norm_params * param_bytes // tp
     if fsdp:  # FSDP2 reduces the Partial gradients over tp inside backward, with the other tp traffic
-        out["tp_all_reduce"] += norms
+        out["tp_all_reduce"] = out.get("tp_all_reduce", 0) + norms
     else:     # the trainer's gradient sync does (seqpar.parallel.reduce_partial_gradients)
         out["tp_grad_all_reduce"] = norms
     return out
