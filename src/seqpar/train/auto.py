@@ -24,7 +24,8 @@ from ..plan.memory import loss_piece_tokens
 from ..plan.worlds import open_world
 from .config import TrainConfig
 
-__all__ = ["plan_input", "choose", "local_memory_gib", "ensure_calibration"]
+__all__ = ["plan_input", "choose", "runnable_candidates", "describe_choice", "needs_no_plan", "local_memory_gib",
+           "ensure_calibration"]
 
 
 def local_memory_gib(processes: int) -> float:
@@ -90,12 +91,12 @@ def _why(best, other) -> str:
     return "; ".join(reasons) or "lower predicted step time"
 
 
-def choose(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None = None,
-           memory_gib: float | None = None) -> tuple[TrainConfig, str]:
-    """(cfg with the planner's best fitting strategy and mesh, a one-line explanation)."""
+def runnable_candidates(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None = None,
+                        memory_gib: float | None = None) -> list[tuple]:
+    """(planner Candidate, the run with its strategy and mesh) for every candidate that fits
+    memory and that the trainer accepts (`TrainConfig.validate`), fastest predicted first;
+    a one-line ValueError when none does (what to change, from the planner's fit suggestions)."""
     mesh = mesh_choices(cfg)
-    if planned_ranks(cfg, world) < 2 or (mesh["tp"] is not None and cfg.sp_size(world) < 2):
-        return cfg.with_strategy("local", StrategyOptions()), "--strategy auto: sp = 1, no sequence parallelism (local)"
     inp = plan_input(cfg, world, calibration, ranks_per_node, memory_gib)
     candidates = [c for c in plan(inp, **mesh) if not c.config.chunked_blocks or cfg.chunked_blocks_apply()]
     fitting = [c for c in candidates if c.valid and c.fits]
@@ -112,20 +113,40 @@ def choose(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None
     if not runnable:
         raise ValueError(f"--strategy auto: the trainer refuses every candidate that fits (first: {fitting[0].label}: "
                          f"{tried[0][2]})")
-    (best, chosen), fitting = runnable[0], [c for c, _ in runnable]
+    return runnable
+
+
+def needs_no_plan(cfg: TrainConfig, world: int) -> bool:
+    """One rank per replica (or an sp of 1 fixed by the mesh flags): nothing to plan."""
+    return planned_ranks(cfg, world) < 2 or (mesh_choices(cfg)["tp"] is not None and cfg.sp_size(world) < 2)
+
+
+def choose(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None = None,
+           memory_gib: float | None = None) -> tuple[TrainConfig, str]:
+    """(cfg with the planner's best fitting strategy and mesh, a one-line explanation)."""
+    if needs_no_plan(cfg, world):
+        return cfg.with_strategy("local", StrategyOptions()), "--strategy auto: sp = 1, no sequence parallelism (local)"
+    runnable = runnable_candidates(cfg, world, calibration, ranks_per_node, memory_gib)
+    return runnable[0][1], describe_choice(runnable, calibration)
+
+
+def describe_choice(runnable: list[tuple], calibration) -> str:
+    """One line: the planner's pick (the first runnable candidate), the runner-up and why."""
+    fitting = [c for c, _ in runnable]
+    best = fitting[0]
     line = (f"--strategy auto picked {best.label} (predicted {best.step_time:.3g} s/step, "
             f"{best.memory.get('total', 0) / 2 ** 30:.2f} GiB/rank)")
     if len(fitting) > 1:
         runner = fitting[1]
         line += (f"; runner-up {runner.label} ({runner.step_time:.3g} s/step, "
-                 f"+{100 * (runner.step_time / best.step_time - 1):.1f}%): {_why(best, runner)}")
-    return chosen, line + f" [{calibration.summary() if calibration else 'flag hardware'}]"
+                 f"{100 * (runner.step_time / best.step_time - 1):+.1f}%): {_why(best, runner)}")
+    return line + f" [{calibration.summary() if calibration else 'flag hardware'}]"
 
 
 def _chosen_config(cfg: TrainConfig, inp, best, ranks_per_node: int | None) -> TrainConfig:
     """The run with the candidate's strategy options and mesh (dp stays the run's)."""
     options = StrategyOptions.from_kwargs(**best.config.init_kwargs(ranks_per_node))
-    chosen = cfg.with_strategy(best.config.strategy, options)
+    chosen = cfg.with_strategy(best.config.strategy, options).replace(auto_profile=0)  # resolved: nothing to measure
     c = best.config
     if mesh_choices(cfg)["tp"] is None:
         chosen = chosen.replace(tp=c.tp, pp=c.pp, pp_schedule=c.pp_schedule, microbatches=c.microbatches)

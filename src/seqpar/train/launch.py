@@ -36,7 +36,8 @@ from ..kernels import get_kernel
 from ..tensor_parallel import check_tensor_parallel
 from ..world import init_local_gloo, start_ranks
 from . import control
-from .auto import choose, ensure_calibration
+from .auto import choose, ensure_calibration, needs_no_plan
+from .auto_profile import choose_by_measurement, format_step_profile
 from .config import AUTO, DTYPES, TrainConfig, config_from_args, flat_values
 from .tasks import prepared_corpus, tokenized_corpus
 from .trainer import lr_at, train
@@ -286,10 +287,23 @@ def resolve_auto(cfg: TrainConfig, world: int, lead: bool = True, under_torchrun
         print(f"seqpar train: --strategy auto: calibrating this {cfg.sp_size(world)}-rank world once "
               f"(saved to {cfg.calibration_path()})", file=sys.stderr)
     calibration = ensure_calibration(cfg, world)
-    cfg, line = choose(cfg, world, calibration, int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)
+    ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None
+    if not cfg.parallel.auto_profile or needs_no_plan(cfg, world):
+        cfg, line = choose(cfg, world, calibration, ranks_per_node)
+        if lead:
+            print(f"seqpar train: {line}", file=sys.stderr)
+        return cfg
+    return _measured_choice(cfg, world, calibration, ranks_per_node, lead)
+
+
+def _measured_choice(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None, lead: bool) -> TrainConfig:
+    """--auto-profile K: the profile's trainers read the run's (prepared) data; rank 0 prints."""
+    data = resolve_inputs(cfg, lead).data.data
+    chosen, report, line = choose_by_measurement(cfg, world, calibration, data, ranks_per_node, write=lead)
     if lead:
+        print(format_step_profile(report), file=sys.stderr)
         print(f"seqpar train: {line}", file=sys.stderr)
-    return cfg
+    return chosen
 
 
 def main(args: argparse.Namespace) -> int:

@@ -258,6 +258,10 @@ class ParallelSection:
     calibration: str = _opt("", "a `seqpar plan --calibrate` JSON of this world: hardware for --strategy auto and "
                                 "the MFU peak; empty: <out_dir>/calibration.json when present (auto measures it "
                                 "once)")
+    auto_profile: int = _opt(0, "with --strategy auto: measure the planner's best K runnable candidates and the "
+                                "best of each other tp x pp mesh as training steps on this world, print predicted vs "
+                                "measured and the regret, and train the measured fastest; 0: trust the prediction")
+    auto_profile_steps: int = _opt(3, "timed steps per candidate of --auto-profile (after one warm-up step)")
     kernel: str = _opt("auto", "block attention kernel")
     fsdp: bool = _opt(False, "shard parameters with FSDP2 fully_shard over all ranks")
     compile: bool = _opt(False, "torch.compile every block (after tensor parallelism, before FSDP; seqpar's "
@@ -283,7 +287,11 @@ class ParallelSection:
         _check_choice("strategy", self.strategy, (*STRATEGIES, AUTO))
         _check_choice("compile_backend", self.compile_backend, COMPILE_BACKENDS)
         check_kernel_name(self.kernel)
-        _at_least(self, 1, "nproc", "dp", "tp", "pp", "microbatches")
+        _at_least(self, 1, "nproc", "dp", "tp", "pp", "microbatches", "auto_profile_steps")
+        _at_least(self, 0, "auto_profile")
+        if self.auto_profile and self.strategy != AUTO:
+            raise ValueError(f"--auto-profile {self.auto_profile} measures the candidates of --strategy auto; "
+                             f"this run fixes --strategy {self.strategy}")
         _check_choice("pp_schedule", self.pp_schedule, PP_SCHEDULES)
         if self.sp is not None:
             _at_least(self, 1, "sp")
