@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .inputs import Cluster
 
-__all__ = ["ClusterPreset", "CLUSTER_PRESETS", "GENERATIONS", "ASSUMPTIONS"]
+__all__ = ["ClusterPreset", "CLUSTER_PRESETS"]
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,11 @@ class ClusterPreset:
 # tables"): dense layers at `efficiency`; attention (FlashAttention-2) at `attn_efficiency` on long
 # calls and below it on short ones, a call of L tokens at attn_efficiency x L / (L + 512): each
 # query and key row costs a fixed 256 pairs' time (tile loads, O/lse or dK/dV writes, the
-# ring's merge of out/lse in fp32, the launch), about what the merge alone costs per row on
-# either generation (HBM bytes per row over the kernel's FLOP/s per key). FA2 reaches ~70% of
-# A100 peak on long calls but only ~35% of H100's: it is not Hopper-tuned (no wgmma/TMA).
+# ring's merge of out/lse in fp32, the launch). 512 is the order of the merge alone on either
+# generation: ~1.5-3 KB of HBM traffic per query row and head (0.75-1.5 ns on A100, 0.45-0.9 ns
+# on H100) against 4 x 128 flops per key (2.3 ps at 0.7 x 312 TFLOP/s, 1.5 ps at 0.35 x 989):
+# 300-650 keys. FA2 reaches ~70% of A100 peak on long calls but only ~35% of H100's: it is not
+# Hopper-tuned (no wgmma/TMA); the dense layers reach 0.6 on both.
 _A100_SET = dict(efficiency=0.6, attn_efficiency=0.7, attn_half_tokens=512)
 _H100_SET = dict(efficiency=0.6, attn_efficiency=0.35, attn_half_tokens=512)
 # hardware facts (links, peak, memory) per cluster, the generation's assumptions with them
@@ -45,12 +47,6 @@ _A100 = dict(intra_bw=300.0, inter_bw=25.0, intra_lat=5.0, inter_lat=20.0, tflop
 # A800: an A100 with NVLink cut to 400 GB/s bidirectional (200 per direction); the three USP presets
 # share these numbers (one node, or two with 4 x 200 Gb/s NICs each)
 _A800 = dict(_A100, intra_bw=200.0, memory_gib=80.0, zero_traffic=True, node_inter_bw=100.0)
-
-#: the presets of each hardware generation (they share its assumption set)
-GENERATIONS = {"a100": ("wallfacer-a100-32", "usp-a800-16", "usp-a800-16-longest", "usp-a800-8", "fpdt-a100-4"),
-               "h100": ("wallfacer-h100-32",)}
-#: the Cluster fields that are assumptions (not hardware facts): one value per generation
-ASSUMPTIONS = tuple(_A100_SET)
 
 CLUSTER_PRESETS: dict[str, ClusterPreset] = {
     # 4 nodes x 8 H100 (NVLink 450 GB/s per direction); 400 Gb/s per GPU port, 4 NDR NICs per
