@@ -1,6 +1,6 @@
-"""Named clusters of published results (`seqpar plan --cluster NAME`): each a `Cluster` with
-the assumptions that reproduce the paper's figure and the run it was measured on; see
-docs/planner.md "Against the papers' own tables" and tests/test_plan_papers.py."""
+"""Named clusters of published results (`seqpar plan --cluster NAME`): each a `Cluster` (its
+hardware, and the one assumption set of its GPU generation) and the run the paper's figure was
+measured on; see docs/planner.md "Against the papers' own tables" and tests/test_plan_papers.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,8 +12,8 @@ __all__ = ["ClusterPreset", "CLUSTER_PRESETS"]
 
 @dataclass(frozen=True)
 class ClusterPreset:
-    """A published setup: the cluster (with the assumptions that reproduce the paper's figure,
-    docs/planner.md "Against the papers' own tables") and the run the figure was measured on
+    """A published setup: the cluster (its generation's assumptions, docs/planner.md "Against the
+    papers' own tables") and the run the figure was measured on
     (`seqpar plan --cluster NAME` uses them where no flag is given)."""
 
     cluster: Cluster
