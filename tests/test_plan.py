@@ -32,6 +32,7 @@ from seqpar.plan import (
     ring_step_pairs,
     wallfacer_step_pairs,
 )
+from seqpar.plan.stages import Work
 
 TINY = ModelShape(layers=1, hidden=64, heads=8, kv_heads=2, ffn_hidden=128, vocab=256)  # head_dim 8, GQA
 SHAPE = {"batch": 1, "heads": 8, "kv_heads": 2, "head_dim": 8}
@@ -184,6 +185,27 @@ def test_mean_document_length_scales_attention_compute_not_bytes():
     assert plan(slow)[0].config.strategy != "ring"  # ring becomes bound by its K/V traffic
 
 
+def test_attention_efficiency_of_each_calls_length():
+    """With attn_half_tokens h a call of L tokens (L = 2 pairs / (q rows + kv rows): nk for a full
+    block, (n+1)/2 for a causal n x n one) runs at attn_efficiency x L / (L + h); None keeps one
+    efficiency for every call, exactly."""
+    half, eff, rows, head_dim = 512, 0.7, 32, 128
+    curve = Cluster(8, tflops=312.0, attn_efficiency=eff, attn_half_tokens=half).hardware("bfloat16")
+    flat = Cluster(8, tflops=312.0, attn_efficiency=eff).hardware("bfloat16")
+    for nq, nk, causal, length in [(1024, 1024, False, 1024), (65536, 65536, False, 65536),
+                                   (2048, 1024, False, 1024 * 4 / 3), (1024, 1024, True, 512.5)]:
+        for backward in (False, True):
+            work = Work(((nq, nk, causal, 3.0),), rows, head_dim, backward)
+            pairs = nq * (nq + 1) // 2 if causal else nq * nk
+            flops = 3 * rows * pairs * 4 * head_dim * (2.5 if backward else 1.0)
+            assert work.seconds(flat) == flops / (312e12 * eff)
+            assert work.seconds(curve) == pytest.approx(flops / (312e12 * eff * length / (length + half)), rel=1e-12)
+    two = Work(((1024, 1024, False, 1.0), (8192, 8192, False, 2.0)), rows, head_dim, False)
+    parts = [Work((call,), rows, head_dim, False).seconds(curve) for call in two.calls]
+    assert two.seconds(curve) == pytest.approx(sum(parts), rel=1e-12)
+    assert Cluster(8).attn_half_tokens is None and flat.attn_half_tokens is None
+
+
 # -- errors ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("build,match", [
     (lambda: PlanInput(Cluster(8), TINY, 64, mean_doc_len=0.5), "mean document length must be"),
@@ -191,6 +213,8 @@ def test_mean_document_length_scales_attention_compute_not_bytes():
     (lambda: Cluster(12, 8), "not a multiple of ranks per node"),
     (lambda: Cluster(8, inter_bw=0), "inter_bw must be > 0"),
     (lambda: Cluster(8, efficiency=1.5), "efficiency"),
+    (lambda: Cluster(8, attn_half_tokens=0), "attn_half_tokens must be > 0 tokens"),
+    (lambda: Cluster(8, attn_half_tokens=-512), "attn_half_tokens must be > 0 tokens"),
     (lambda: ModelShape(2, 100, 8, 8, 10, 10), "not divisible by heads"),
     (lambda: ModelShape(2, 64, 8, 3, 10, 10), "multiple of kv_heads"),
     (lambda: PlanInput(Cluster(8), TINY, 100), "not divisible by the world size"),

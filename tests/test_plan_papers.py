@@ -111,9 +111,25 @@ def test_fpdt_fits_2m_tokens_only_as_a_chunked_block_pipeline():
     assert not any(c.fits for c in plan(without_offload, ["fpdt"], FPDT_CHUNKS) if c.valid)
 
 
+ASSUMPTIONS = ("efficiency", "attn_efficiency", "attn_half_tokens")  # not hardware facts: one set per generation
+GENERATIONS = {312.0: "A100 (A800: an A100 with cut NVLink)", 989.0: "H100"}  # by peak TFLOP/s
+
+
+def test_each_hardware_generation_shares_one_assumption_set():
+    """The presets of one GPU generation (same peak) share their efficiency assumptions, the
+    attention's call-length curve included; only links, NICs and memory (hardware) differ."""
+    sets: dict[float, set] = {}
+    for name, p in CLUSTER_PRESETS.items():
+        assert p.cluster.tflops in GENERATIONS, f"{name}: a preset of an unknown generation"
+        sets.setdefault(p.cluster.tflops, set()).add(tuple(getattr(p.cluster, f, None) for f in ASSUMPTIONS))
+    assert all(len(s) == 1 for s in sets.values()), sets
+    assert len(sets) == len(GENERATIONS)
+    assert all(half is not None for (_, _, half), in sets.values())  # every generation with the curve
+
+
 def test_presets_default_to_todays_model():
     plain = Cluster(8)
-    assert plain.attn_efficiency is None and plain.p2p_efficiency == 1.0
+    assert plain.attn_efficiency is None and plain.p2p_efficiency == 1.0 and plain.attn_half_tokens is None
     assert plain.node_inter_bw is None and not plain.zero_traffic
     assert plain.attn_flops_per_s == plain.flops_per_s
 
@@ -131,9 +147,10 @@ def test_cluster_flag_sets_preset_and_flags_override():
     assert (inp.seq_len, inp.zero, inp.model) == (preset.seq_len, preset.zero, MODEL_PRESETS[preset.model])
     inp = plan_input_from_args(_args("--cluster", "wallfacer-h100-32", "--world", "16", "--inter-bw", "25",
                                      "--attn-efficiency", "0.5", "--no-zero-traffic", "--seq-len", "4096",
-                                     "--model", "llama-3b", "--zero", "1"))
+                                     "--model", "llama-3b", "--zero", "1", "--attn-half-tokens", "2048"))
     c = inp.cluster
     assert (c.world, c.inter_bw, c.attn_efficiency, c.zero_traffic) == (16, 25.0, 0.5, False)
+    assert (c.attn_half_tokens, preset.cluster.attn_half_tokens) == (2048, 512)
     assert (c.node_inter_bw, c.tflops) == (200.0, 989.0)
     assert (inp.seq_len, inp.zero, inp.model) == (4096, 1, MODEL_PRESETS["llama-3b"])
 

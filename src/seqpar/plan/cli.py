@@ -64,7 +64,10 @@ def _cluster_arguments(topo) -> None:
     topo.add_argument("--tflops", type=float, help="device peak TFLOP/s in the dtype (default 312)")
     topo.add_argument("--efficiency", type=float, help="fraction of peak the kernels reach (default 0.5)")
     topo.add_argument("--attn-efficiency", type=float, help="fraction of peak the attention kernels reach "
-                      "(default: --efficiency)")
+                      "on long calls (default: --efficiency)")
+    topo.add_argument("--attn-half-tokens", type=int, help="call length (tokens) at which attention runs at half "
+                      "--attn-efficiency: a call of L tokens at attn_efficiency x L / (L + this), short ring blocks "
+                      "below long calls (default: none, every call at --attn-efficiency)")
     topo.add_argument("--p2p-efficiency", type=float,
                       help="fraction of the link bandwidth ring sends reach (default 1)")
     topo.add_argument("--node-inter-bw", type=float, help="GB/s of one node's NICs together, shared by its ranks "
@@ -125,7 +128,7 @@ def plan_input_from_args(args: argparse.Namespace) -> PlanInput:
     name = getattr(args, "cluster", None)
     preset = CLUSTER_PRESETS[name] if name else None
     base = {f: getattr(preset.cluster, f) for f in CLUSTER_FLAG_DEFAULTS} if preset else dict(CLUSTER_FLAG_DEFAULTS)
-    extra = ("attn_efficiency", "p2p_efficiency", "node_inter_bw", "zero_traffic")
+    extra = ("attn_efficiency", "attn_half_tokens", "p2p_efficiency", "node_inter_bw", "zero_traffic")
     base.update({f: getattr(preset.cluster, f) for f in extra} if preset else {})
     for f in (*CLUSTER_FLAG_DEFAULTS, *extra):
         if getattr(args, f, None) is not None:
@@ -269,12 +272,20 @@ def _profile_row(i: int, c: Candidate) -> str:
             f"{ratio:>9}  {pairs}  [{match}]")
 
 
+def _attention_summary(c) -> str:
+    """The attention kernels' efficiency where it differs from the dense layers'."""
+    if c.attn_half_tokens is not None:
+        eff = c.efficiency if c.attn_efficiency is None else c.attn_efficiency
+        return f", attention x {eff:g} x L/(L+{c.attn_half_tokens}) per call of L tokens"
+    return f", attention x {c.attn_efficiency:g}" if c.attn_efficiency is not None else ""
+
+
 def _describe(inp: PlanInput) -> str:
     c, m = inp.cluster, inp.model
     hw = (c.calibration.summary() if c.calibration else
           f"intra {c.intra_bw:g} GB/s {c.intra_lat:g} us, inter {c.inter_bw:g} GB/s {c.inter_lat:g} us, "
           f"{c.tflops:g} TFLOP/s x {c.efficiency:g}"
-          + (f", attention x {c.attn_efficiency:g}" if c.attn_efficiency is not None else "")
+          + _attention_summary(c)
           + (f", P2P x {c.p2p_efficiency:g}" if c.p2p_efficiency != 1.0 else "")
           + (f", node NICs {c.node_inter_bw:g} GB/s" if c.node_inter_bw is not None else "")
           + (", ZeRO traffic timed" if c.zero_traffic else ""))

@@ -89,8 +89,15 @@ class Cluster:
     Assumptions for reproducing published setups (docs/planner.md, "Against the papers' own
     tables"); their defaults keep the plain model:
 
-    - `attn_efficiency`: fraction of peak the attention (flash) kernels reach on one step's
-      blocks, when it differs from the dense layers' `efficiency` (None: the same);
+    - `attn_efficiency`: fraction of peak the attention (flash) kernels reach (on long calls
+      with `attn_half_tokens`), when it differs from the dense layers' `efficiency` (None: the same);
+    - `attn_half_tokens`: the attention efficiency depends on each kernel call's length: a
+      call of nq query and nk key rows computing p (query, key) pairs runs at
+      attn_efficiency x L / (L + attn_half_tokens), L = 2p / (nq + nk) (nk for a full nq x nk
+      block, about n / 2 for a causal n x n one): every query and key row costs a fixed
+      attn_half_tokens / 2 pairs' time (Q/K/V tile loads, O/lse or dK/dV writes, the merge,
+      the launch), so short ring blocks run far below the long-sequence efficiency
+      (None: every call at attn_efficiency);
     - `p2p_efficiency`: fraction of the link bandwidth a ring's send/recv pairs reach
       (collectives keep the full bandwidth);
     - `zero_traffic`: count the data-parallel / ZeRO traffic of every step over the world
@@ -119,6 +126,7 @@ class Cluster:
     p2p_efficiency: float = 1.0
     zero_traffic: bool = False
     node_inter_bw: float | None = None
+    attn_half_tokens: int | None = None
 
     def __post_init__(self):
         if self.world < 1:
@@ -129,6 +137,9 @@ class Cluster:
             raise ValueError(f"world size {self.world} is not a multiple of ranks per node {self.ranks_per_node}")
         if self.node_inter_bw is not None and not self.node_inter_bw > 0:
             raise ValueError(f"node_inter_bw must be > 0, got {self.node_inter_bw}")
+        if self.attn_half_tokens is not None and not self.attn_half_tokens > 0:
+            raise ValueError(f"attn_half_tokens must be > 0 tokens (or None: no call-length curve), "
+                             f"got {self.attn_half_tokens}")
         for name in ("intra_bw", "inter_bw", "tflops", "memory_gib", "host_bw"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -195,8 +206,9 @@ class Hardware:
     from the cluster's calibration when it has one (then `kernels` times each block).
 
     - `link(group)`: alpha-beta per collective kind of the link the group crosses;
-    - `kernels` / `flops_per_s`: attention block time (calibrated table, one rank alone and
-      every rank at once, else flops at peak x efficiency); `matmul_flops_per_s`: dense
+    - `kernels` / `flops_per_s`, `attn_half_tokens`: attention block time (calibrated table, one
+      rank alone and every rank at once, else flops at peak x efficiency, of each call's length
+      with the cluster's `attn_half_tokens`); `matmul_flops_per_s`: dense
       layers, every rank computing;
     - `overlap`: fraction of the shorter of (compute, P2P / host copy) hidden under the other;
     - `sync_s`: extra time of each collective call / ring step between computations (waking
@@ -242,8 +254,13 @@ class Hardware:
 
     @property
     def flops_per_s(self) -> float:
-        """Attention kernels (without a calibrated kernel table)."""
+        """Attention kernels on long calls (without a calibrated kernel table)."""
         return self.cluster.attn_flops_per_s
+
+    @property
+    def attn_half_tokens(self) -> int | None:
+        """The call length at which attention runs at half of `flops_per_s` (None: every call at it)."""
+        return self.cluster.attn_half_tokens
 
     @cached_property
     def matmul_flops_per_s(self) -> float:

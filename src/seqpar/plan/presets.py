@@ -1,6 +1,6 @@
-"""Named clusters of published results (`seqpar plan --cluster NAME`): each a `Cluster` with
-the assumptions that reproduce the paper's figure and the run it was measured on; see
-docs/planner.md "Against the papers' own tables" and tests/test_plan_papers.py."""
+"""Named clusters of published results (`seqpar plan --cluster NAME`): each a `Cluster` (its
+hardware, and the one assumption set of its GPU generation) and the run the paper's figure was
+measured on; see docs/planner.md "Against the papers' own tables" and tests/test_plan_papers.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,8 +12,8 @@ __all__ = ["ClusterPreset", "CLUSTER_PRESETS"]
 
 @dataclass(frozen=True)
 class ClusterPreset:
-    """A published setup: the cluster (with the assumptions that reproduce the paper's figure,
-    docs/planner.md "Against the papers' own tables") and the run the figure was measured on
+    """A published setup: the cluster (its generation's assumptions, docs/planner.md "Against the
+    papers' own tables") and the run the figure was measured on
     (`seqpar plan --cluster NAME` uses them where no flag is given)."""
 
     cluster: Cluster
@@ -29,24 +29,35 @@ class ClusterPreset:
     optimizer_offload: bool = False
 
 
-_H100 = dict(intra_bw=450.0, inter_bw=50.0, intra_lat=5.0, inter_lat=20.0, tflops=989.0, memory_gib=80.0)
-_A100 = dict(intra_bw=300.0, inter_bw=25.0, intra_lat=5.0, inter_lat=20.0, tflops=312.0)
-# A800: an A100 with NVLink cut to 400 GB/s bidirectional (200 per direction); both USP presets share
-# these numbers (one node, or two with 4 x 200 Gb/s NICs each), efficiencies included
-_A800 = dict(_A100, intra_bw=200.0, memory_gib=80.0, efficiency=0.6, attn_efficiency=0.7, zero_traffic=True,
-             node_inter_bw=100.0)
+# One set of assumptions per hardware generation (docs/planner.md, "Against the papers' own
+# tables"): dense layers at `efficiency`; attention (FlashAttention-2) at `attn_efficiency` on long
+# calls and below it on short ones, a call of L tokens at attn_efficiency x L / (L + 512): each
+# query and key row costs a fixed 256 pairs' time (tile loads, O/lse or dK/dV writes, the
+# ring's merge of out/lse in fp32, the launch). 512 is the order of the merge alone on either
+# generation: ~1.5-3 KB of HBM traffic per query row and head (0.75-1.5 ns on A100, 0.45-0.9 ns
+# on H100) against 4 x 128 flops per key (2.3 ps at 0.7 x 312 TFLOP/s, 1.5 ps at 0.35 x 989):
+# 300-650 keys. FA2 reaches ~70% of A100 peak on long calls but only ~35% of H100's: it is not
+# Hopper-tuned (no wgmma/TMA); the dense layers reach 0.6 on both.
+_A100_SET = dict(efficiency=0.6, attn_efficiency=0.7, attn_half_tokens=512)
+_H100_SET = dict(efficiency=0.6, attn_efficiency=0.35, attn_half_tokens=512)
+# hardware facts (links, peak, memory) per cluster, the generation's assumptions with them
+_H100 = dict(intra_bw=450.0, inter_bw=50.0, intra_lat=5.0, inter_lat=20.0, tflops=989.0, memory_gib=80.0,
+             **_H100_SET)
+_A100 = dict(intra_bw=300.0, inter_bw=25.0, intra_lat=5.0, inter_lat=20.0, tflops=312.0, **_A100_SET)
+# A800: an A100 with NVLink cut to 400 GB/s bidirectional (200 per direction); the three USP presets
+# share these numbers (one node, or two with 4 x 200 Gb/s NICs each)
+_A800 = dict(_A100, intra_bw=200.0, memory_gib=80.0, zero_traffic=True, node_inter_bw=100.0)
 
 CLUSTER_PRESETS: dict[str, ClusterPreset] = {
     # 4 nodes x 8 H100 (NVLink 450 GB/s per direction); 400 Gb/s per GPU port, 4 NDR NICs per
-    # node shared by its 8 GPUs (200 GB/s); FA2-class attention at 35% of peak; ZeRO-3 traffic.
+    # node shared by its 8 GPUs (200 GB/s); ZeRO-3 traffic.
     "wallfacer-h100-32": ClusterPreset(
-        Cluster(32, 8, **_H100, efficiency=0.5, attn_efficiency=0.35, zero_traffic=True, node_inter_bw=200.0),
+        Cluster(32, 8, **_H100, zero_traffic=True, node_inter_bw=200.0),
         "llama-7b", 65536, 3, False, "WallFacer: +77.12% throughput over ring attention (7B, 64K, 32 H100)",
         "ratio", 1.7712, "wallfacer"),
     # 2 nodes x 16 A100 (NVSwitch 300 GB/s); 4 HDR 200 Gb/s NICs per node (100 GB/s) shared by 16 GPUs.
     "wallfacer-a100-32": ClusterPreset(
-        Cluster(32, 16, **_A100, memory_gib=80.0, efficiency=0.5, attn_efficiency=0.35, zero_traffic=True,
-                node_inter_bw=100.0),
+        Cluster(32, 16, **_A100, memory_gib=80.0, zero_traffic=True, node_inter_bw=100.0),
         "llama-3b", 65536, 3, False, "WallFacer: +62.87% throughput over ring attention (3B, 64K, 32 A100, 16/node)",
         "ratio", 1.6287, "wallfacer"),
     # 2 nodes x 8 A800 (NVLink 400 GB/s bidirectional: 200 per direction); 4 x 200 Gb/s NICs per node.
@@ -69,7 +80,7 @@ CLUSTER_PRESETS: dict[str, ClusterPreset] = {
     # projections and MLP, attention not recomputed: no block checkpointing) with chunks, K/V and
     # AdamW states in host memory: ZeRO-3's 30 GiB of states per GPU leave no room otherwise.
     "fpdt-a100-4": ClusterPreset(
-        Cluster(4, 4, **_A100, memory_gib=40.0, efficiency=0.6, attn_efficiency=0.7, zero_traffic=True),
+        Cluster(4, 4, **_A100, memory_gib=40.0, zero_traffic=True),
         "llama3-8b", 2097152, 3, False, "FPDT: 8B at 2M tokens on 4 A100-40GB, > 55% MFU", "mfu", 0.55, "fpdt",
         optimizer_offload=True),
 }

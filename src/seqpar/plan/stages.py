@@ -46,16 +46,27 @@ class Work:
 
     @cached_property
     def flops(self) -> float:
-        pairs = sum(c * (nq * (nq + 1) // 2 if causal else nq * nk) for nq, nk, causal, c in self.calls)
+        return self._flops_of(sum(c * (nq * (nq + 1) // 2 if causal else nq * nk) for nq, nk, causal, c in self.calls))
+
+    def _flops_of(self, pairs: float) -> float:
         flops = float(self.rows) * pairs * ATTENTION_FLOPS_PER_PAIR * self.head_dim
         return ATTN_BWD_FACTOR * flops if self.backward else flops
 
+    def curve_flops(self, half_tokens: float) -> float:
+        """Flops timed at the long-call attention speed when a call of p (query, key) pairs on
+        nq + nk rows runs at L / (L + half_tokens) of it, L = 2p / (nq + nk) (the call's length:
+        nk for nq x nk, n / 2 for a causal n x n): each call pays half_tokens / 2 pairs per
+        query and key row (`Cluster.attn_half_tokens`)."""
+        rows = sum(c * (nq + nk) for nq, nk, _, c in self.calls)
+        return self.flops + self._flops_of(half_tokens * rows / 2)
+
     def seconds(self, hw: Hardware, together: bool = False) -> float:
-        """flops at peak x efficiency, or the calibrated kernel time of each call (one rank
-        alone, or while every rank computes)."""
+        """flops at peak x efficiency (of each call's length with `attn_half_tokens`), or the
+        calibrated kernel time of each call (one rank alone, or while every rank computes)."""
         table = hw.kernels
         if table is None:
-            return self.flops / hw.flops_per_s
+            half = hw.attn_half_tokens
+            return (self.flops if half is None else self.curve_flops(half)) / hw.flops_per_s
         t = sum(c * table.seconds(nq, nk, causal, self.backward, self.rows, self.head_dim, together)
                 for nq, nk, causal, c in self.calls)
         if self.merged and not self.backward:
