@@ -74,9 +74,9 @@ def _mesh_run(kv_heads):
 
 
 def test_auto_chooses_tensor_parallelism_and_the_trainer_takes_it():
-    """4 ranks, heads 4 / kv 2: tp2 x sp2 predicted fastest (half the matmuls per rank); the chosen
-    run carries --tp 2 and passes the trainer's checks."""
-    cfg, cal = _mesh_run(2), hand_calibration()
+    """4 ranks on their own cores, heads 4 / kv 2: tp2 x sp2 predicted fastest (half the matmuls
+    per rank); the chosen run carries --tp 2 and passes the trainer's checks."""
+    cfg, cal = _mesh_run(2), hand_calibration(matmul=(5e10, 5e10))
     chosen, line = choose(cfg, 4, cal, memory_gib=8.0)
     chosen.validate(4)
     best = next(c for c in plan(plan_input(cfg, 4, cal, memory_gib=8.0)) if c.valid and c.fits)
@@ -99,7 +99,7 @@ def test_auto_skips_what_the_trainer_refuses():
     """With FPDT's MLP chunks, which tensor and pipeline parallelism replace and the trainer refuses
     beside them (TrainConfig.validate, the one check), the planner's fastest tp2 x sp2 is skipped
     and auto runs the best candidate without tp or pp."""
-    cfg, cal = _mesh_run(2).replace(mlp_chunks=2), hand_calibration()
+    cfg, cal = _mesh_run(2).replace(mlp_chunks=2), hand_calibration(matmul=(5e10, 5e10))
     fitting = [c for c in plan(plan_input(cfg, 4, cal, memory_gib=8.0)) if c.valid and c.fits]
     assert fitting[0].config.tp == 2
     chosen, line = choose(cfg, 4, cal, memory_gib=8.0)

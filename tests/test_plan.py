@@ -461,3 +461,26 @@ def test_window_changes_the_chosen_strategy_and_says_why(capsys):
     assert "1 of 7 ring distances" in out and "ring traffic is local" in out
     with pytest.raises(ValueError, match="window must be >= 1"):
         PlanInput(Cluster(8), TINY, 64, causal=False, window=8)
+
+
+def test_ranks_sharing_cores_reclaim_the_pipeline_bubble():
+    """A calibration whose 4 ranks run matmuls together at half their speed alone has 2 cores:
+    while a pipeline slot keeps only some stages busy they run faster (`slot_compute_scales`),
+    so pp2 is predicted faster than with the same together speed on 4 cores; without a pipeline
+    (and on devices of their own) nothing changes."""
+    from seqpar.plan.hybrid import active_stages, slot_compute_scales
+    from test_plan_calibration import hand_calibration
+    pp2, pp2m4 = (Config(Config.of("ring", 2).settings, pp=2, microbatches=m) for m in (1, 4))
+    assert [active_stages(pp2m4, k) for k in range(5)] == [1, 2, 2, 2, 1]
+    assert slot_compute_scales(pp2m4, 4, 2.0) == [0.5, 1.0, 1.0, 1.0, 0.5]
+    assert slot_compute_scales(pp2, 4, 2.0) == [0.5] * 2
+    assert slot_compute_scales(pp2, 4, 4.0) == [1.0, 1.0]
+    assert slot_compute_scales(Config.of("ring", 4), 4, 1.0) == [1.0]
+    model = ModelShape(4, 256, 8, 4, 512, 1024)
+    shared, own = (PlanInput(Cluster(4, 4, calibration=hand_calibration(matmul=m)), model, 4096, dtype="float32")
+                   for m in ((1e11, 5e10), (5e10, 5e10)))
+    assert (shared.hardware.compute_cores, own.hardware.compute_cores) == (2.0, 4.0)
+    pipelined = [evaluate(inp, mesh_candidate(inp, "ring", 2, pp=2)).step_time for inp in (shared, own)]
+    flat = [evaluate(inp, candidate("ring", 4)).step_time for inp in (shared, own)]
+    assert pipelined[0] < pipelined[1] and flat[0] == flat[1]
+    assert PlanInput(Cluster(4, 4), model, 4096).hardware.compute_cores == 4.0  # devices: no sharing

@@ -40,9 +40,11 @@ def quick_calibration(worlds, ranks_per_node=4, **kw):
     return measure(run, 4, ranks_per_node=ranks_per_node, heads=2, kv_heads=1, head_dim=8, **QUICK, **kw)
 
 
-def hand_calibration(a2a_beta=1e-9, slots=4.0, world=4, together_factor=1.0, sync_s=0.0) -> Calibration:
+def hand_calibration(a2a_beta=1e-9, slots=4.0, world=4, together_factor=1.0, sync_s=0.0,
+                     matmul=(1e11, 5e10)) -> Calibration:
     """Known numbers: every link 10 us + 1 ns/B (all-to-all: a2a_beta), kernel time = pairs x 1 ns
-    per row alone (`together_factor` x when every rank computes), matmul 1e11 / 5e10 FLOP/s."""
+    per row alone (`together_factor` x when every rank computes), matmul FLOP/s (alone, every
+    rank at once): 1e11 / 5e10, i.e. 4 ranks sharing 2 cores."""
     sizes = (64, 256, 1024)
     alone = {c: tuple((n * (n + 1) / 2 if c.startswith("causal") else n * n) * 1e-9 * (2.5 if c.endswith("bwd")
                                                                                         else 1.0) for n in sizes)
@@ -51,7 +53,7 @@ def hand_calibration(a2a_beta=1e-9, slots=4.0, world=4, together_factor=1.0, syn
     fits = {k: LinkFit(1e-5, a2a_beta if k == "all_to_all" else 1e-9) for k in CALIBRATED_KINDS}
     return Calibration(world, world, 1, 2, "cpu", "gloo", "test", "2026-01-01", slots, 0.0, sync_s, 1e9,
                        {"intra": fits}, {"float32": KernelTable(1, 1, 8, sizes, alone, together)},
-                       {"float32": (1e11, 5e10)})
+                       {"float32": matmul})
 
 
 # -- calibration: measurement shape, JSON --------------------------------------------------------------

@@ -32,7 +32,8 @@ from .stages import Collective, Send, Stage
 from .tensor import tensor_parallel_collectives, tensor_parallel_traffic
 
 __all__ = ["PLANNED_SCHEDULES", "divisors", "meshes", "check", "sp_input", "group_view", "microbatch_rows", "in_flight",
-           "bubble", "stage_layers", "stage_params", "tensor_collectives", "tensor_step_bytes", "pipeline_sends",
+           "bubble", "active_stages", "slot_compute_scales",
+           "stage_layers", "stage_params", "tensor_collectives", "tensor_step_bytes", "pipeline_sends",
            "pipeline_step_bytes", "norm_params", "norm_grad_collective"]
 
 #: the pipeline schedules the planner models (seqpar.pipeline.PP_SCHEDULES also runs interleaved-1f1b,
@@ -123,6 +124,25 @@ def in_flight(cfg: Config, stage: int) -> int:
 def bubble(cfg: Config) -> float:
     """Idle fraction of a pipeline step, gpipe and 1f1b alike: (p - 1) / (m + p - 1)."""
     return (cfg.pp - 1) / (cfg.microbatches + cfg.pp - 1)
+
+
+def active_stages(cfg: Config, slot: int) -> int:
+    """Stages computing in pipeline slot `slot` (0 .. m + p - 2) of the wave: the microbatches
+    j and stages s with s + j = slot (gpipe's forward and backward waves; 1f1b keeps the same
+    count per slot)."""
+    m, p = cfg.microbatches, cfg.pp
+    return min(slot + 1, p, m, m + p - 1 - slot)
+
+
+def slot_compute_scales(cfg: Config, world: int, cores: float) -> list[float]:
+    """Per pipeline slot, the compute time relative to every rank computing at once, when the
+    `world` ranks share `cores` (`Hardware.compute_cores`): a slot's a active stages keep
+    a x world / p ranks busy, each at min(1, cores / busy) of its speed alone. Ranks on their
+    own devices (cores = world): 1 in every slot; on 4 processes sharing 2 cores the idle
+    stages of a bubble give their cores to the busy ones."""
+    together = max(1.0, world / cores)
+    return [max(1.0, active_stages(cfg, k) * world / cfg.pp / cores) / together
+            for k in range(cfg.microbatches + cfg.pp - 1)]
 
 
 def stage_layers(inp: PlanInput, cfg: Config) -> int:

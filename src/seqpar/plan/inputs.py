@@ -267,6 +267,17 @@ class Hardware:
         cal = self.cluster.calibration
         return cal.matmul_flops_per_s(self.dtype) if cal else self.cluster.flops_per_s
 
+    @cached_property
+    def compute_cores(self) -> float:
+        """How many ranks compute at full speed at once: the world (each its own device), or on
+        a calibrated machine whose ranks share cores, world x matmul rate together / alone."""
+        cal = self.cluster.calibration
+        if cal is None:
+            return float(self.world)
+        together = cal.matmul_flops_per_s(self.dtype, together=True)
+        alone = cal.matmul_flops_per_s(self.dtype, together=False)
+        return min(float(self.world), max(1.0, self.world * together / alone))
+
     @property
     def sync_s(self) -> float:
         cal = self.cluster.calibration

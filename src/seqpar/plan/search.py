@@ -150,7 +150,8 @@ def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
 
     One microbatch on the busiest pipeline stage takes layers / pp x (attention layer) + dense
     matmuls + recompute + exposed tp collectives + the stage's activation sends; a step runs
-    m + p - 1 such slots (the bubble: p - 1 of them), then the exposed gradient / ZeRO traffic."""
+    m + p - 1 such slots (the bubble: p - 1 of them; on ranks sharing cores a slot's compute runs
+    faster while stages idle, `hybrid.slot_compute_scales`), then the exposed gradient / ZeRO traffic."""
     model = config_cost_model(cfg)
     try:
         val.check(inp, cfg)
@@ -164,9 +165,12 @@ def evaluate(inp: PlanInput, cfg: Config) -> Candidate:
     compute = max(sum(_compute_seconds(s, hw) for s in stages) for stages in schedules)
     dense = _dense_seconds(inp, cfg)
     mesh, mesh_bytes = _mesh_seconds(inp, cfg)
-    slot = hybrid.stage_layers(inp, cfg) * attn + dense + mesh + _recompute_seconds(inp, cfg, schedules, dense, hw)
-    slots = cfg.microbatches + cfg.pp - 1
-    step = slots * slot + _state_sync_seconds(inp, cfg, cfg.microbatches * dense)
+    layers = hybrid.stage_layers(inp, cfg)
+    slot_compute = layers * compute + dense + _recompute_seconds(inp, cfg, schedules, dense, hw)
+    slot_other = layers * (attn - compute) + mesh  # exposed communication
+    scales = hybrid.slot_compute_scales(cfg, inp.world, inp.hardware.compute_cores)
+    slots = len(scales)
+    step = sum(scales) * slot_compute + slots * slot_other + _state_sync_seconds(inp, cfg, cfg.microbatches * dense)
     host = max(sum(s.host_bytes for s in stages if isinstance(s, Compute)) for stages in schedules)
     return Candidate(cfg, step_time=step, attention_time=attn, exposed_comm_time=attn - compute,
                      comm_bytes=max_bytes_by_kind(schedules), host_bytes=host, memory=memory,
