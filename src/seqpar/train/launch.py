@@ -243,6 +243,17 @@ def launch_local(cfg: TrainConfig, signals: control.SignalCatcher | None = None)
 
 
 # -- torchrun ---------------------------------------------------------------------------------------------
+def _init_torchrun_group(cfg: TrainConfig) -> None:
+    """The torchrun world's default group, once: `--auto-profile` opens it before training, which
+    then keeps it (a second init_process_group on torchrun's store would wait forever)."""
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.faults.timeout))
+
+
 def launch_torchrun(cfg: TrainConfig) -> int:
     """Under torchrun: NCCL on GPUs (one per local rank), gloo otherwise; returns the exit code.
 
@@ -253,10 +264,7 @@ def launch_torchrun(cfg: TrainConfig) -> int:
     control.install_stop_handlers()
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # started by torchrun's agent: die with it
         control.die_with_parent(os.getppid())
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.faults.timeout))
+    _init_torchrun_group(cfg)
     try:
         train(cfg)
     except CheckpointWriteError as e:
@@ -293,6 +301,8 @@ def resolve_auto(cfg: TrainConfig, world: int, lead: bool = True, under_torchrun
         if lead:
             print(f"seqpar train: {line}", file=sys.stderr)
         return cfg
+    if under_torchrun:  # the profile and the run share one default group
+        _init_torchrun_group(cfg)
     return _measured_choice(cfg, world, calibration, ranks_per_node, lead)
 
 
