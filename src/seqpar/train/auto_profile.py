@@ -40,9 +40,10 @@ Runner = Callable[[list[TrainConfig], int, int], list[dict]]
 
 def _max_over_ranks(values: list[float]) -> list[float]:
     """Element-wise max over the world's ranks (a control comm: not counted in any run's stats)."""
-    t = torch.tensor(values, dtype=torch.float64)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     Comm(None, CommStats()).all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    return t.cpu().tolist()
 
 
 def _busiest(sent: dict[str, int]) -> dict[str, int]:
