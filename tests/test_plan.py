@@ -259,6 +259,33 @@ def test_cli_table_and_errors(capsys):
     assert "--calibration-repeats must be >= 1" in capsys.readouterr().err
 
 
+def test_profile_confirms_the_regret_only_by_re_measuring():
+    """The predicted best measured slower than another: with --profile-confirm N the two run
+    again (their ratio), with 0 the confirmed regret stays unknown (it used to read 1.0)."""
+    import argparse
+    import math
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    from seqpar.plan import plan_input_from_args
+    for confirm, expected in (("0", math.nan), ("3", 1.5)):
+        args = parser.parse_args(["--world", "4", "--model", "tiny", "--seq-len", "256", "--profile-top", "3",
+                                  "--profile-confirm", confirm])
+        inp = plan_input_from_args(args)
+        calls = []
+
+        def runner(world, configs, kw, calls=calls):
+            calls.append(len(configs))
+            times = [2.0, 1.0, 3.0] if len(calls) == 1 else [1.5, 1.0]
+            return [{"seconds": t, "times": [t], "bytes": {}} for t in times[:len(configs)]]
+
+        report = profile(inp, plan(inp), args, runner=runner)
+        assert report.regret == pytest.approx(2.0) and report.predicted_best != report.measured_best
+        assert calls == ([3] if confirm == "0" else [3, 2])
+        assert (math.isnan(report.confirmed_regret) if math.isnan(expected)
+                else report.confirmed_regret == pytest.approx(expected))
+
+
 def test_profile_ranks_by_measured_time(worlds):
     import argparse
 

@@ -33,7 +33,8 @@ from .search import Candidate, attention_schedule, evaluate
 from .stages import max_bytes_by_kind
 from .worlds import open_world
 
-__all__ = ["KINDS", "attention_iteration", "profile_rank", "profile", "profile_input", "spearman", "ProfileReport"]
+__all__ = ["KINDS", "attention_iteration", "backend_device", "profile_rank", "profile", "profile_input", "spearman",
+           "score", "confirm_regret", "ProfileReport"]
 
 KINDS = ("p2p", "all_to_all", "all_gather", "reduce_scatter", "all_reduce")
 
@@ -62,6 +63,11 @@ def _full_inputs(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int,
     return tuple(t.to(device=device, dtype=getattr(torch, dtype)) for t in (q, k, v, dout))
 
 
+def backend_device() -> torch.device:
+    """Where this rank's collectives take tensors: its GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def profile_rank(configs: list[tuple[str, dict]], *, batch: int, seq: int, heads: int, kv_heads: int,
                  head_dim: int, dtype: str, causal: bool, iters: int, warmup: int, seed: int = 0) -> list[dict]:
     """Per rank: `warmup` then `iters` interleaved fwd+bwd iterations of each (strategy,
@@ -72,7 +78,7 @@ def profile_rank(configs: list[tuple[str, dict]], *, batch: int, seq: int, heads
 
 
     control = Comm(None, CommStats())  # timing/bytes reductions, kept out of the measured stats
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = backend_device()
     full = _full_inputs(batch, seq, heads, kv_heads, head_dim, dtype, seed, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     runs, results = [], []
@@ -208,16 +214,38 @@ def profile(inp: PlanInput, candidates: list[Candidate], args, runner: Runner | 
         with open_world(inp.world) as run:
             return profile(inp, candidates, args, lambda w, c, kw: run(profile_rank, c, **kw), calibration)
     report = _report(small, chosen, runner(inp.world, configs, kwargs), shape, args, calibration)
-    confirm = getattr(args, "profile_confirm", 0)
-    if confirm and report.predicted_best and report.predicted_best != report.measured_best:
-        pair = [next(c for c in chosen if c.label == label) for label in (report.predicted_best, report.measured_best)]
-        again = runner(inp.world, [(c.config.strategy, c.config.init_kwargs(inp.cluster.ranks_per_node)) for c in pair],
-                       {**kwargs, "iters": confirm})
+    config_of = {c.label: (c.config.strategy, c.config.init_kwargs(inp.cluster.ranks_per_node)) for c in chosen}
+    confirm_regret(report, getattr(args, "profile_confirm", 0),
+                   lambda labels, iters: runner(inp.world, [config_of[x] for x in labels], {**kwargs, "iters": iters}))
+    return report
+
+
+def score(report: ProfileReport, ok: list[Candidate]) -> None:
+    """Fill the report's Spearman correlation, regret and the two bests from the candidates
+    `ok` (in the planner's order), each measured {seconds, predicted_seconds}."""
+    if not ok:
+        return
+    pred = [c.measured["predicted_seconds"] for c in ok]
+    meas = [c.measured["seconds"] for c in ok]
+    best_pred = min(ok, key=lambda c: c.measured["predicted_seconds"])
+    best_meas = min(ok, key=lambda c: c.measured["seconds"])
+    report.spearman = spearman(pred, meas)
+    report.regret = best_pred.measured["seconds"] / best_meas.measured["seconds"]
+    report.predicted_best, report.measured_best = best_pred.label, best_meas.label
+
+
+def confirm_regret(report: ProfileReport, iters: int, rerun: Callable[[list[str], int], list[dict]]) -> None:
+    """The confirmed regret: 1 when the predicted best measured best; else the two re-measured
+    alone, `rerun([predicted_best, measured_best], iters)`, their time ratio (at least 1); not
+    re-measured (iters 0, or a failed run): stays nan."""
+    if not report.predicted_best:
+        return
+    if report.predicted_best == report.measured_best:
+        report.confirmed_regret = 1.0
+    elif iters:
+        again = rerun([report.predicted_best, report.measured_best], iters)
         if all("seconds" in r for r in again):
             report.confirmed_regret = max(1.0, again[0]["seconds"] / again[1]["seconds"])
-    elif report.predicted_best:
-        report.confirmed_regret = 1.0
-    return report
 
 
 def _report(small: PlanInput, chosen: list[Candidate], results: list[dict], shape: dict, args,
@@ -234,12 +262,5 @@ def _report(small: PlanInput, chosen: list[Candidate], results: list[dict], shap
     report = ProfileReport(sorted(chosen, key=lambda c: c.measured.get("seconds", math.inf)), shape,
                            args.profile_iters, args.profile_warmup,
                            calibration=calibration.summary() if calibration else "cluster flags (not calibrated)")
-    if ok:
-        pred = [c.measured["predicted_seconds"] for c in ok]
-        meas = [c.measured["seconds"] for c in ok]
-        best_pred = min(ok, key=lambda c: c.measured["predicted_seconds"])
-        best_meas = min(ok, key=lambda c: c.measured["seconds"])
-        report.spearman = spearman(pred, meas)
-        report.regret = best_pred.measured["seconds"] / best_meas.measured["seconds"]
-        report.predicted_best, report.measured_best = best_pred.label, best_meas.label
+    score(report, ok)
     return report

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import Comm, CommStats
-from ..plan.profiling import ProfileReport, spearman
+from ..plan.profiling import ProfileReport, backend_device, confirm_regret, score
 from ..plan.worlds import open_world
 from .auto import runnable_candidates
 from .config import TrainConfig
@@ -40,8 +40,7 @@ Runner = Callable[[list[TrainConfig], int, int], list[dict]]
 
 def _max_over_ranks(values: list[float]) -> list[float]:
     """Element-wise max over the world's ranks (a control comm: not counted in any run's stats)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.tensor(values, dtype=torch.float64, device=backend_device())
     Comm(None, CommStats()).all_reduce(t, op=dist.ReduceOp.MAX)
     return t.cpu().tolist()
 
@@ -121,19 +120,9 @@ def profile_candidates(runs: list[tuple], world: int, *, steps: int, warmup: int
              "world": world, "what": "training step"} if runs else {}
     report = ProfileReport(sorted(chosen, key=lambda c: c.measured.get("seconds", math.inf)), shape, steps, warmup,
                            calibration="the run's calibration")
-    ok = [c for c in chosen if "seconds" in c.measured]
-    if not ok:
-        return report
-    best_pred, best_meas = ok[0], min(ok, key=lambda c: c.measured["seconds"])  # `runs` is in the planner's order
-    report.spearman = spearman([c.step_time for c in ok], [c.measured["seconds"] for c in ok])
-    report.regret = best_pred.measured["seconds"] / best_meas.measured["seconds"]
-    report.predicted_best, report.measured_best = best_pred.label, best_meas.label
-    report.confirmed_regret = 1.0 if best_pred is best_meas else math.nan
-    if confirm and best_pred is not best_meas:
-        config_of = {id(c): cfg for c, cfg in runs}
-        again = runner([config_of[id(best_pred)], config_of[id(best_meas)]], confirm, warmup)
-        if all("seconds" in r for r in again):
-            report.confirmed_regret = max(1.0, again[0]["seconds"] / again[1]["seconds"])
+    score(report, [c for c in chosen if "seconds" in c.measured])
+    config_of = {c.label: cfg for c, cfg in runs}
+    confirm_regret(report, confirm, lambda labels, iters: runner([config_of[x] for x in labels], iters, warmup))
     return report
 
 
