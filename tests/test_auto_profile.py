@@ -110,3 +110,22 @@ def test_auto_profile_options_are_validated():
         TrainConfig.of(strategy="auto", auto_profile=2, auto_profile_steps=0).validate(4)
     with pytest.raises(ValueError, match="auto_profile must be >= 0"):
         TrainConfig.of(strategy="auto", auto_profile=-1).validate(4)
+
+
+def test_a_profile_runs_under_the_output_directorys_lock(tmp_path, capsys):
+    """A run already holds the output directory: --auto-profile refuses in one line before it
+    trains anything there (it used to profile first, beside the other run's files)."""
+    from seqpar import cli
+    from seqpar.train.control import RunLock
+    out, cal = tmp_path / "run", tmp_path / "cal.json"
+    out.mkdir()
+    hand_calibration().save(cal)
+    held = RunLock(out).acquire()  # this live process holds it
+    try:
+        rc = cli.main(["train", "--config", "tiny", "--strategy", "auto", "--auto-profile", "1", "--calibration",
+                       str(cal), "--nproc", "4", "--seq-len", "256", "--no-progress", "--out-dir", str(out)])
+    finally:
+        held.release()
+    err = capsys.readouterr().err
+    assert rc == 2 and "is in use by pid" in err and len(err.strip().splitlines()) == 1, err
+    assert not (out / "auto_profile").exists() and not (out / "auto_profile.json").exists()

@@ -303,13 +303,21 @@ def resolve_auto(cfg: TrainConfig, world: int, lead: bool = True, under_torchrun
         return cfg
     if under_torchrun:  # the profile and the run share one default group
         _init_torchrun_group(cfg)
-    return _measured_choice(cfg, world, calibration, ranks_per_node, lead)
+    return _measured_choice(cfg, world, calibration, ranks_per_node, lead, under_torchrun)
 
 
-def _measured_choice(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None, lead: bool) -> TrainConfig:
-    """--auto-profile K: the profile's trainers read the run's (prepared) data; rank 0 prints."""
-    data = resolve_inputs(cfg, lead).data.data
-    chosen, report, line = choose_by_measurement(cfg, world, calibration, data, ranks_per_node, write=lead)
+def _measured_choice(cfg: TrainConfig, world: int, calibration, ranks_per_node: int | None, lead: bool,
+                     under_torchrun: bool) -> TrainConfig:
+    """--auto-profile K: the profile's trainers read the run's (prepared) data and write under
+    the output directory, so they run under its lock as training does (rank 0 takes it and
+    prints; one process per node prepares a corpus)."""
+    check_out_dir(cfg.output.out_dir)
+    with control.RunLock(cfg.output.out_dir) if lead else contextlib.nullcontext() as lock:
+        if lead and lock.note:
+            print(lock.note, file=sys.stderr)
+        prepares = not under_torchrun or int(os.environ.get("LOCAL_RANK", "0")) == 0
+        data = resolve_inputs(cfg, prepares).data.data
+        chosen, report, line = choose_by_measurement(cfg, world, calibration, data, ranks_per_node, write=lead)
     if lead:
         print(format_step_profile(report), file=sys.stderr)
         print(f"seqpar train: {line}", file=sys.stderr)
